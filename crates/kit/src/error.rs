@@ -1,0 +1,125 @@
+//! One error type for every service, mapped to canonical gRPC status codes with
+//! `google.rpc` details in one place (ARCHITECTURE §7). Internal details are logged, never sent.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::validate::Violations;
+
+/// The `ErrorInfo.domain` of every error the suite returns.
+pub const ERROR_DOMAIN: &str = "crm";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("invalid argument")]
+    InvalidArgument(Violations),
+    #[error("{0}")]
+    NotFound(String),
+    /// A record with the same key exists; `metadata` names it (ErrorInfo).
+    #[error("{message}")]
+    AlreadyExists { message: String, reason: &'static str, metadata: Vec<(String, String)> },
+    /// Optimistic concurrency: the record changed since the caller read it.
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A single-field INVALID_ARGUMENT.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        let mut v = Violations::new();
+        v.add(field, description);
+        ApiError::InvalidArgument(v)
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(err: sqlx::Error) -> Self {
+        match err {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                ApiError::Unavailable(format!("database unavailable: {err}"))
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Status {
+        match err {
+            ApiError::InvalidArgument(violations) => {
+                let message = violations
+                    .iter()
+                    .map(|(f, d)| format!("{f}: {d}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let mut details = ErrorDetails::new();
+                for (field, description) in violations.iter() {
+                    details.add_bad_request_violation(field.clone(), description.clone());
+                }
+                Status::with_error_details(Code::InvalidArgument, message, details)
+            }
+            ApiError::NotFound(msg) => Status::not_found(msg),
+            ApiError::AlreadyExists { message, reason, metadata } => {
+                let details = ErrorDetails::with_error_info(
+                    reason,
+                    ERROR_DOMAIN,
+                    metadata.into_iter().collect::<std::collections::HashMap<_, _>>(),
+                );
+                Status::with_error_details(Code::AlreadyExists, message, details)
+            }
+            ApiError::Aborted(msg) => Status::aborted(msg),
+            ApiError::FailedPrecondition(msg) => Status::failed_precondition(msg),
+            ApiError::Unavailable(msg) => {
+                tracing::warn!(error = %msg, "unavailable");
+                Status::unavailable("a backing store is unavailable; retry later")
+            }
+            ApiError::Internal(msg) => {
+                tracing::error!(error = %msg, "internal error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_carries_bad_request() {
+        let mut v = Violations::new();
+        v.add("person.full_name", "is required");
+        v.add("person.emails[0]", "is not an e-mail address");
+        let status = Status::from(ApiError::InvalidArgument(v));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("person.full_name: is required"));
+        let bad = status.get_details_bad_request().expect("BadRequest details");
+        assert_eq!(bad.field_violations.len(), 2);
+        assert_eq!(bad.field_violations[1].field, "person.emails[0]");
+    }
+
+    #[test]
+    fn internal_details_are_masked() {
+        let status = Status::from(ApiError::Internal("password=hunter2 in query".into()));
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("hunter2"));
+    }
+
+    #[test]
+    fn already_exists_names_the_record() {
+        let status = Status::from(ApiError::AlreadyExists {
+            message: "exists".into(),
+            reason: "DUPLICATE",
+            metadata: vec![("record_id".into(), "abc".into())],
+        });
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "DUPLICATE");
+        assert_eq!(info.metadata.get("record_id").map(String::as_str), Some("abc"));
+    }
+}

@@ -1,0 +1,466 @@
+//! List filters: a small subset of AIP-160, parsed into an expression tree and compiled into a
+//! SQL condition whose every value is a bound parameter — never concatenated into the SQL.
+//!
+//! ```text
+//! filter     := or
+//! or         := and ("OR" and)*
+//! and        := unary ("AND" unary)*
+//! unary      := "NOT" unary | "-" unary | "(" or ")" | comparison
+//! comparison := FIELD op VALUE        op := = | != | < | <= | > | >= | :
+//! VALUE      := "double quoted" | 'single quoted' | bare word (letters, digits, @ . + - _ / *)
+//! ```
+//! `:` means "has" and applies to list fields (`tags:vip`); `<`/`>` to times and numbers.
+//! Times are RFC 3339 and must be quoted (`create_time > "2026-01-01T00:00:00Z"`).
+//! Keywords are upper case. Input is bounded: 2,000 characters, 32 comparisons, nesting 8.
+
+use crate::db::Sql;
+use crate::error::ApiError;
+
+pub const MAX_FILTER_CHARS: usize = 2000;
+pub const MAX_COMPARISONS: usize = 32;
+pub const MAX_DEPTH: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Has,
+}
+
+impl Op {
+    fn sql(self) -> &'static str {
+        match self {
+            Op::Eq | Op::Has => "=",
+            Op::Ne => "<>",
+            Op::Lt => "<",
+            Op::Le => "<=",
+            Op::Gt => ">",
+            Op::Ge => ">=",
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            Op::Eq => "=",
+            Op::Ne => "!=",
+            Op::Lt => "<",
+            Op::Le => "<=",
+            Op::Gt => ">",
+            Op::Ge => ">=",
+            Op::Has => ":",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expr {
+    And(Vec<Expr>),
+    Or(Vec<Expr>),
+    Not(Box<Expr>),
+    Cmp { field: String, op: Op, value: String },
+}
+
+/// What a filterable field is and how it maps to SQL.
+#[derive(Debug, Clone, Copy)]
+pub enum FieldKind {
+    /// A TEXT column compared for equality.
+    Text,
+    /// An integer column holding an enum; values are named with or without `prefix`.
+    Enum { prefix: &'static str, values: &'static [(&'static str, i64)] },
+    /// A BIGINT column of epoch microseconds; values are RFC 3339.
+    Time,
+    /// A BIGINT 0/1 column; values `true`/`false`.
+    Bool,
+    /// A list kept in a side table: `field:value` becomes `{prefix}$n{suffix}`.
+    Collection { prefix: &'static str, suffix: &'static str },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Field {
+    pub name: &'static str,
+    pub column: &'static str,
+    pub kind: FieldKind,
+}
+
+fn invalid(description: impl Into<String>) -> ApiError {
+    ApiError::invalid("filter", description)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Word(String),
+    Quoted(String),
+    Op(Op),
+    Open,
+    Close,
+    Minus,
+}
+
+fn lex(text: &str) -> Result<Vec<Token>, ApiError> {
+    let mut tokens = Vec::new();
+    let mut chars = text.char_indices().peekable();
+    while let Some(&(pos, c)) = chars.peek() {
+        match c {
+            c if c.is_whitespace() => {
+                chars.next();
+            }
+            '(' | ')' => {
+                chars.next();
+                tokens.push(if c == '(' { Token::Open } else { Token::Close });
+            }
+            '"' | '\'' => {
+                chars.next();
+                let mut value = String::new();
+                loop {
+                    match chars.next() {
+                        None => return Err(invalid(format!("unterminated string starting at {pos}"))),
+                        Some((_, '\\')) => match chars.next() {
+                            Some((_, e)) => value.push(e),
+                            None => return Err(invalid("dangling escape at end")),
+                        },
+                        Some((_, q)) if q == c => break,
+                        Some((_, other)) => value.push(other),
+                    }
+                }
+                tokens.push(Token::Quoted(value));
+            }
+            '=' | ':' => {
+                chars.next();
+                tokens.push(Token::Op(if c == '=' { Op::Eq } else { Op::Has }));
+            }
+            '!' | '<' | '>' => {
+                chars.next();
+                let eq = chars.next_if(|&(_, n)| n == '=').is_some();
+                tokens.push(Token::Op(match (c, eq) {
+                    ('!', true) => Op::Ne,
+                    ('<', false) => Op::Lt,
+                    ('<', true) => Op::Le,
+                    ('>', false) => Op::Gt,
+                    ('>', true) => Op::Ge,
+                    _ => return Err(invalid(format!("unexpected '!' at {pos}; did you mean '!='?"))),
+                }));
+            }
+            '-' if tokens.last().is_none_or(|t| !matches!(t, Token::Op(_))) => {
+                chars.next();
+                tokens.push(Token::Minus);
+            }
+            c if is_word_char(c) => {
+                let mut word = String::new();
+                while let Some((_, c)) = chars.next_if(|&(_, c)| is_word_char(c)) {
+                    word.push(c);
+                }
+                tokens.push(Token::Word(word));
+            }
+            other => return Err(invalid(format!("unexpected character {other:?} at {pos}"))),
+        }
+    }
+    Ok(tokens)
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric() || matches!(c, '_' | '.' | '@' | '+' | '-' | '/' | '*')
+}
+
+struct Parser {
+    tokens: Vec<Token>,
+    pos: usize,
+    comparisons: usize,
+}
+
+impl Parser {
+    fn peek(&self) -> Option<&Token> {
+        self.tokens.get(self.pos)
+    }
+
+    fn next(&mut self) -> Option<Token> {
+        let t = self.tokens.get(self.pos).cloned();
+        self.pos += 1;
+        t
+    }
+
+    fn keyword(&mut self, kw: &str) -> bool {
+        if matches!(self.peek(), Some(Token::Word(w)) if w == kw) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn or(&mut self, depth: usize) -> Result<Expr, ApiError> {
+        if depth > MAX_DEPTH {
+            return Err(invalid(format!("nests deeper than {MAX_DEPTH} levels")));
+        }
+        let mut parts = vec![self.and(depth)?];
+        while self.keyword("OR") {
+            parts.push(self.and(depth)?);
+        }
+        Ok(if parts.len() == 1 { parts.pop().expect("one part") } else { Expr::Or(parts) })
+    }
+
+    fn and(&mut self, depth: usize) -> Result<Expr, ApiError> {
+        let mut parts = vec![self.unary(depth)?];
+        loop {
+            if self.keyword("AND") {
+                parts.push(self.unary(depth)?);
+            } else if matches!(self.peek(), None | Some(Token::Close))
+                || matches!(self.peek(), Some(Token::Word(w)) if w == "OR")
+            {
+                break;
+            } else {
+                // AIP-160: juxtaposition means AND.
+                parts.push(self.unary(depth)?);
+            }
+        }
+        Ok(if parts.len() == 1 { parts.pop().expect("one part") } else { Expr::And(parts) })
+    }
+
+    fn unary(&mut self, depth: usize) -> Result<Expr, ApiError> {
+        if self.keyword("NOT") || matches!(self.peek(), Some(Token::Minus)) && self.next().is_some() {
+            if depth + 1 > MAX_DEPTH {
+                return Err(invalid(format!("nests deeper than {MAX_DEPTH} levels")));
+            }
+            return Ok(Expr::Not(Box::new(self.unary(depth + 1)?)));
+        }
+        match self.next() {
+            Some(Token::Open) => {
+                let inner = self.or(depth + 1)?;
+                match self.next() {
+                    Some(Token::Close) => Ok(inner),
+                    _ => Err(invalid("missing ')'")),
+                }
+            }
+            Some(Token::Word(field)) if !matches!(field.as_str(), "AND" | "OR" | "NOT") => {
+                let op = match self.next() {
+                    Some(Token::Op(op)) => op,
+                    _ => return Err(invalid(format!("expected an operator after '{field}'"))),
+                };
+                let value = match self.next() {
+                    Some(Token::Word(v)) | Some(Token::Quoted(v)) => v,
+                    _ => return Err(invalid(format!("expected a value after '{field} {}'", op.text()))),
+                };
+                self.comparisons += 1;
+                if self.comparisons > MAX_COMPARISONS {
+                    return Err(invalid(format!("has more than {MAX_COMPARISONS} comparisons")));
+                }
+                Ok(Expr::Cmp { field, op, value })
+            }
+            Some(Token::Close) => Err(invalid("unexpected ')'")),
+            Some(other) => Err(invalid(format!("expected a comparison, found {other:?}"))),
+            None => Err(invalid("ends where a comparison was expected")),
+        }
+    }
+}
+
+/// Parses a filter; `None` for an empty one.
+pub fn parse(text: &str) -> Result<Option<Expr>, ApiError> {
+    if text.chars().count() > MAX_FILTER_CHARS {
+        return Err(invalid(format!("must be at most {MAX_FILTER_CHARS} characters")));
+    }
+    let tokens = lex(text)?;
+    if tokens.is_empty() {
+        return Ok(None);
+    }
+    let mut parser = Parser { tokens, pos: 0, comparisons: 0 };
+    let expr = parser.or(0)?;
+    if parser.pos < parser.tokens.len() {
+        return Err(invalid("unexpected ')'"));
+    }
+    Ok(Some(expr))
+}
+
+/// Appends `AND (condition)` for `filter` to `sql`; nothing for an empty filter.
+pub fn apply(filter: &str, fields: &[Field], sql: &mut Sql) -> Result<(), ApiError> {
+    if let Some(expr) = parse(filter)? {
+        sql.push(" AND (");
+        compile(&expr, fields, sql)?;
+        sql.push(")");
+    }
+    Ok(())
+}
+
+/// Compiles an expression into `sql`.
+pub fn compile(expr: &Expr, fields: &[Field], sql: &mut Sql) -> Result<(), ApiError> {
+    match expr {
+        Expr::And(parts) | Expr::Or(parts) => {
+            let joiner = if matches!(expr, Expr::And(_)) { " AND " } else { " OR " };
+            sql.push("(");
+            for (i, part) in parts.iter().enumerate() {
+                if i > 0 {
+                    sql.push(joiner);
+                }
+                compile(part, fields, sql)?;
+            }
+            sql.push(")");
+        }
+        Expr::Not(inner) => {
+            sql.push("NOT (");
+            compile(inner, fields, sql)?;
+            sql.push(")");
+        }
+        Expr::Cmp { field, op, value } => {
+            let spec = fields.iter().find(|f| f.name == field.as_str()).ok_or_else(|| {
+                let names: Vec<_> = fields.iter().map(|f| f.name).collect();
+                invalid(format!("unknown field '{field}'; filterable fields: {}", names.join(", ")))
+            })?;
+            comparison(spec, *op, value, sql)?;
+        }
+    }
+    Ok(())
+}
+
+fn comparison(spec: &Field, op: Op, value: &str, sql: &mut Sql) -> Result<(), ApiError> {
+    let unsupported = || invalid(format!("operator '{}' does not apply to '{}'", op.text(), spec.name));
+    match spec.kind {
+        FieldKind::Collection { prefix, suffix } => {
+            if op != Op::Has {
+                return Err(invalid(format!("'{}' is a list: use '{}:value'", spec.name, spec.name)));
+            }
+            sql.push(prefix).bind(value.to_string()).push(suffix);
+            return Ok(());
+        }
+        FieldKind::Text => {
+            if !matches!(op, Op::Eq | Op::Ne) {
+                return Err(unsupported());
+            }
+            sql.push(spec.column).push(" ").push(op.sql()).push(" ").bind(value.to_string());
+        }
+        FieldKind::Enum { prefix, values } => {
+            if !matches!(op, Op::Eq | Op::Ne) {
+                return Err(unsupported());
+            }
+            let upper = value.to_ascii_uppercase();
+            let short = upper.strip_prefix(prefix).unwrap_or(&upper);
+            let number = values.iter().find(|(name, _)| *name == short).map(|(_, n)| *n).ok_or_else(|| {
+                let names: Vec<_> = values.iter().map(|(n, _)| *n).collect();
+                invalid(format!("'{value}' is not a {} value; one of: {}", spec.name, names.join(", ")))
+            })?;
+            sql.push(spec.column).push(" ").push(op.sql()).push(" ").bind(number);
+        }
+        FieldKind::Time => {
+            if op == Op::Has {
+                return Err(unsupported());
+            }
+            let micros = crate::time::parse_rfc3339(value).ok_or_else(|| {
+                invalid(format!("'{value}' is not an RFC 3339 time such as \"2026-01-31T00:00:00Z\""))
+            })?;
+            sql.push(spec.column).push(" ").push(op.sql()).push(" ").bind(micros);
+        }
+        FieldKind::Bool => {
+            if !matches!(op, Op::Eq | Op::Ne) {
+                return Err(unsupported());
+            }
+            let flag = match value {
+                "true" => 1,
+                "false" => 0,
+                _ => return Err(invalid(format!("'{}' takes true or false", spec.name))),
+            };
+            sql.push(spec.column).push(" ").push(op.sql()).push(" ").bind(flag as i64);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::Bind;
+
+    const STAGES: &[(&str, i64)] = &[("LEAD", 1), ("CUSTOMER", 3)];
+    const FIELDS: &[Field] = &[
+        Field { name: "owner_id", column: "owner_id", kind: FieldKind::Text },
+        Field { name: "stage", column: "stage", kind: FieldKind::Enum { prefix: "LIFECYCLE_STAGE_", values: STAGES } },
+        Field { name: "create_time", column: "created_at", kind: FieldKind::Time },
+        Field { name: "do_not_contact", column: "do_not_contact", kind: FieldKind::Bool },
+        Field {
+            name: "tags",
+            column: "",
+            kind: FieldKind::Collection { prefix: "id IN (SELECT record_id FROM tags WHERE tag = ", suffix: ")" },
+        },
+    ];
+
+    fn sql(filter: &str) -> Result<(String, Vec<Bind>), ApiError> {
+        let mut sql = Sql::new("SELECT 1 WHERE 1=1");
+        apply(filter, FIELDS, &mut sql)?;
+        Ok(sql.into_parts())
+    }
+
+    #[test]
+    fn compiles_to_bound_parameters() {
+        let (text, binds) = sql(r#"stage = CUSTOMER AND tags:vip AND create_time > "2026-01-01T00:00:00Z""#).unwrap();
+        assert_eq!(
+            text,
+            "SELECT 1 WHERE 1=1 AND ((stage = $1 AND id IN (SELECT record_id FROM tags WHERE tag = $2) AND created_at > $3))"
+        );
+        assert_eq!(binds, vec![Bind::Int(3), Bind::Text("vip".into()), Bind::Int(1_767_225_600_000_000)]);
+    }
+
+    #[test]
+    fn or_not_and_parentheses() {
+        let (text, binds) = sql("(stage = LEAD OR stage = LIFECYCLE_STAGE_CUSTOMER) NOT do_not_contact = true").unwrap();
+        assert_eq!(text, "SELECT 1 WHERE 1=1 AND (((stage = $1 OR stage = $2) AND NOT (do_not_contact = $3)))");
+        assert_eq!(binds, vec![Bind::Int(1), Bind::Int(3), Bind::Int(1)]);
+        let (text, _) = sql("-owner_id = abc").unwrap();
+        assert!(text.ends_with("AND (NOT (owner_id = $1))"), "{text}");
+    }
+
+    #[test]
+    fn empty_filter_adds_nothing() {
+        assert_eq!(sql("   ").unwrap().0, "SELECT 1 WHERE 1=1");
+    }
+
+    #[test]
+    fn malicious_values_stay_parameters() {
+        for attack in [
+            r#"owner_id = "x' OR '1'='1""#,
+            r#"owner_id = "1; DROP TABLE people; --""#,
+            "owner_id = 'a\\'b'",
+        ] {
+            let (text, binds) = sql(attack).unwrap();
+            assert_eq!(text, "SELECT 1 WHERE 1=1 AND (owner_id = $1)", "{attack}");
+            assert_eq!(binds.len(), 1);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_input_clearly() {
+        let cases = [
+            ("owner_id = 'open", "unterminated"),
+            ("name = x", "unknown field 'name'"),
+            ("owner_id; DROP TABLE people", "unexpected character"),
+            ("stage = WON", "one of: LEAD, CUSTOMER"),
+            ("stage > LEAD", "does not apply"),
+            ("tags = vip", "is a list"),
+            ("create_time > yesterday", "RFC 3339"),
+            ("owner_id =", "expected a value"),
+            ("(owner_id = a", "missing ')'"),
+            ("owner_id = a)", "unexpected ')'"),
+            ("AND", "expected a comparison"),
+            ("do_not_contact = maybe", "true or false"),
+            ("owner_id ! a", "did you mean"),
+        ];
+        for (filter, expected) in cases {
+            let err = sql(filter).expect_err(filter);
+            let ApiError::InvalidArgument(v) = err else { panic!("{filter}: not INVALID_ARGUMENT") };
+            let (field, description) = v.iter().next().unwrap();
+            assert_eq!(field, "filter");
+            assert!(description.contains(expected), "{filter}: {description}");
+        }
+    }
+
+    #[test]
+    fn bounds_size_depth_and_count() {
+        assert!(sql(&"(".repeat(50)).is_err());
+        assert!(sql(&format!("{}owner_id = a{}", "(".repeat(20), ")".repeat(20))).is_err());
+        assert!(sql(&"NOT ".repeat(20).to_string().replace("NOT ", "NOT ")).is_err());
+        let many = vec!["owner_id = a"; MAX_COMPARISONS + 1].join(" AND ");
+        assert!(sql(&many).is_err());
+        assert!(sql(&"x".repeat(MAX_FILTER_CHARS + 1)).is_err());
+        let ok = vec!["owner_id = a"; MAX_COMPARISONS].join(" OR ");
+        assert!(sql(&ok).is_ok());
+    }
+}

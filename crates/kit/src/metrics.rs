@@ -1,0 +1,279 @@
+//! Prometheus metrics with OpenTelemetry semantic-convention names, and the tower layer that
+//! gives every gRPC call a span (with W3C trace context from its headers) and a duration
+//! observation labelled by service, method and status code.
+
+use std::pin::Pin;
+use std::sync::{LazyLock, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{HeaderMap, Request, Response};
+use http_body::{Body as HttpBody, Frame};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tonic::body::Body;
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+const DURATION_BUCKETS: [f64; 15] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// Which process role served the call: "gateway", "contacts"…
+    pub crm_role: &'static str,
+    pub rpc_service: String,
+    pub rpc_method: String,
+    pub rpc_grpc_status_code: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool_name: String,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+    pub endpoint: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// rpc.server.call.duration, seconds.
+    pub rpc_server_duration: HistogramFamily<RpcLabels>,
+    /// db.client.connection.count by state (idle/used), refreshed at scrape time.
+    pub db_connections: Family<PoolLabels, Gauge>,
+    /// 1 when the gateway considers an upstream endpoint healthy, else 0.
+    pub upstream_up: Family<UpstreamLabels, Gauge>,
+    pools: Mutex<Vec<(String, sqlx::AnyPool)>>,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = Registry::default();
+    let rpc_server_duration: HistogramFamily<RpcLabels> = Family::new_with_constructor(duration_histogram);
+    registry.register_with_unit(
+        "rpc_server_call_duration",
+        "Duration of gRPC calls handled by this process",
+        prometheus_client::registry::Unit::Seconds,
+        rpc_server_duration.clone(),
+    );
+    let db_connections = Family::<PoolLabels, Gauge>::default();
+    registry.register("db_client_connection_count", "Database connections by state", db_connections.clone());
+    let upstream_up = Family::<UpstreamLabels, Gauge>::default();
+    registry.register("crm_gateway_upstream_up", "Whether an upstream endpoint is healthy", upstream_up.clone());
+    Metrics { registry, rpc_server_duration, db_connections, upstream_up, pools: Mutex::new(Vec::new()) }
+});
+
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// Reports a database pool's connections on `/metrics`.
+pub fn register_pool(name: &str, pool: sqlx::AnyPool) {
+    METRICS.pools.lock().expect("pools lock").push((name.to_string(), pool));
+}
+
+/// The Prometheus text exposition of every metric of this process.
+pub fn render() -> String {
+    let m = metrics();
+    for (name, pool) in m.pools.lock().expect("pools lock").iter() {
+        let idle = pool.num_idle() as i64;
+        let size = i64::from(pool.size());
+        m.db_connections.get_or_create(&PoolLabels { pool_name: name.clone(), state: "idle" }).set(idle);
+        m.db_connections.get_or_create(&PoolLabels { pool_name: name.clone(), state: "used" }).set(size - idle);
+    }
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &m.registry).expect("metrics encode");
+    out
+}
+
+/// Splits "/crm.contacts.v1.ContactsService/GetPerson" into service and method.
+pub fn grpc_route(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix('/')?;
+    let (service, method) = rest.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<i32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Span + duration histogram for every gRPC call passing through.
+#[derive(Clone, Copy, Debug)]
+pub struct RpcLayer {
+    role: &'static str,
+}
+
+impl RpcLayer {
+    pub fn new(role: &'static str) -> Self {
+        RpcLayer { role }
+    }
+}
+
+impl<S> Layer<S> for RpcLayer {
+    type Service = RpcService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcService { inner, role: self.role }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RpcService<S> {
+    inner: S,
+    role: &'static str,
+}
+
+impl<S, B> Service<Request<B>> for RpcService<S>
+where
+    S: Service<Request<B>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let route = grpc_route(req.uri().path()).filter(|_| is_grpc(req.headers()));
+        let Some((service, method)) = route else {
+            return Box::pin(self.inner.call(req));
+        };
+        let labels = RpcLabels {
+            crm_role: self.role,
+            rpc_service: service.to_string(),
+            rpc_method: method.to_string(),
+            rpc_grpc_status_code: 0,
+        };
+        let span = crate::telemetry::rpc_span(self.role, service, method, req.headers());
+        crate::telemetry::inject_context(&span, req.headers_mut());
+        let start = Instant::now();
+        let future = self.inner.call(req);
+        Box::pin(
+            async move {
+                let response = future.await?;
+                let (parts, body) = response.into_parts();
+                let mut recorder = Recorder { labels, start, done: false };
+                if let Some(code) = grpc_status(&parts.headers) {
+                    recorder.finish(code);
+                }
+                Ok(Response::from_parts(parts, Body::new(RecordedBody { inner: body, recorder })))
+            }
+            .instrument(span),
+        )
+    }
+}
+
+struct Recorder {
+    labels: RpcLabels,
+    start: Instant,
+    done: bool,
+}
+
+impl Recorder {
+    fn finish(&mut self, code: i32) {
+        if !self.done {
+            self.done = true;
+            self.labels.rpc_grpc_status_code = code;
+            metrics().rpc_server_duration.get_or_create(&self.labels).observe(self.start.elapsed().as_secs_f64());
+            if code != 0 {
+                tracing::debug!(rpc.grpc.status_code = code, "call failed");
+            }
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // The body was dropped before its trailers: the client went away.
+        self.finish(1);
+    }
+}
+
+struct RecordedBody {
+    inner: Body,
+    recorder: Recorder,
+}
+
+impl HttpBody for RecordedBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    this.recorder.finish(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.recorder.finish(13),
+            Poll::Ready(None) => this.recorder.finish(0),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_grpc_paths() {
+        assert_eq!(
+            grpc_route("/crm.contacts.v1.ContactsService/GetPerson"),
+            Some(("crm.contacts.v1.ContactsService", "GetPerson"))
+        );
+        assert_eq!(grpc_route("/metrics"), None);
+        assert_eq!(grpc_route("/a/b/c"), None);
+    }
+
+    #[test]
+    fn renders_registered_metrics() {
+        let labels = RpcLabels {
+            crm_role: "test",
+            rpc_service: "svc".into(),
+            rpc_method: "M".into(),
+            rpc_grpc_status_code: 5,
+        };
+        metrics().rpc_server_duration.get_or_create(&labels).observe(0.002);
+        let text = render();
+        assert!(text.contains("rpc_server_call_duration_seconds_bucket"), "{text}");
+        assert!(text.contains("rpc_grpc_status_code=\"5\""), "{text}");
+    }
+}

@@ -1,0 +1,189 @@
+//! The gRPC server every process runs: the services of its role plus `grpc.health.v1`, server
+//! reflection (v1 and v1alpha), gRPC-Web and HTTP/1.1, `/healthz`, `/readyz` and `/metrics` on
+//! the same port, a span and metrics for every call, and a graceful drain on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::response::IntoResponse;
+use axum::routing::get;
+use http::{Request, StatusCode};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tower::Service;
+
+use crate::metrics::RpcLayer;
+use crate::shutdown::Shutdown;
+
+/// Answers whether the process can do its work (database reachable…); `Err` says why not.
+pub type ReadyCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// How often readiness is re-checked and reflected in `grpc.health.v1`.
+const READY_INTERVAL: Duration = Duration::from_secs(2);
+
+pub struct Server {
+    role: &'static str,
+    routes: RoutesBuilder,
+    health: HealthReporter,
+    names: Vec<String>,
+    ready: ReadyCheck,
+    fallback: Option<axum::Router>,
+}
+
+impl Server {
+    /// A server for the process role `role` ("contacts", "gateway"…).
+    pub fn new(role: &'static str) -> Server {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(health_service);
+        Server {
+            role,
+            routes,
+            health,
+            names: Vec::new(),
+            ready: Arc::new(|| Box::pin(async { Ok(()) })),
+            fallback: None,
+        }
+    }
+
+    /// Serves a tonic service; its health is reported under its full name.
+    pub fn add_service<S>(mut self, service: S) -> Server
+    where
+        S: Service<Request<Body>, Error = Infallible> + NamedService + Clone + Send + Sync + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.names.push(S::NAME.to_string());
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Reports health for a service that this process answers for without serving it itself
+    /// (the gateway, for the services behind it).
+    pub fn health_reporter(&self) -> HealthReporter {
+        self.health.clone()
+    }
+
+    /// What `/readyz` and the health service consult.
+    pub fn ready_check(mut self, check: ReadyCheck) -> Server {
+        self.ready = check;
+        self
+    }
+
+    /// Everything that matches no service goes here (the gateway's proxy).
+    pub fn fallback(mut self, router: axum::Router) -> Server {
+        self.fallback = Some(router);
+        self
+    }
+
+    /// Serves until `shutdown` fires, then stops accepting, reports NOT_SERVING and drains the
+    /// calls in flight.
+    pub async fn serve(self, listener: TcpListener, shutdown: Shutdown) -> Result<(), tonic::transport::Error> {
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crm_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("descriptor sets are valid");
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crm_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .expect("descriptor sets are valid");
+
+        let Server { role, mut routes, health, names, ready, fallback } = self;
+        routes.add_service(reflection_v1).add_service(reflection_v1alpha);
+
+        let ops = {
+            let ready = ready.clone();
+            axum::Router::new()
+                .route("/healthz", get(|| async { "ok\n" }))
+                .route(
+                    "/readyz",
+                    get(move || {
+                        let ready = ready.clone();
+                        async move {
+                            match ready().await {
+                                Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                                Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                            }
+                        }
+                    }),
+                )
+                .route("/metrics", get(|| async { metrics_response() }))
+        };
+        let mut router = routes.routes().into_axum_router().merge(ops);
+        if let Some(fallback) = fallback {
+            router = router.fallback_service(fallback);
+        }
+        let routes = Routes::from(router);
+
+        let watcher = tokio::spawn(watch_readiness(health.clone(), names.clone(), ready, shutdown.clone()));
+        let drain = {
+            let health = health.clone();
+            async move {
+                shutdown.wait().await;
+                set_all(&health, &names, ServingStatus::NotServing).await;
+            }
+        };
+
+        let result = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(tonic_web::GrpcWebLayer::new())
+            .layer(RpcLayer::new(role))
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+            .await;
+        watcher.abort();
+        result
+    }
+}
+
+fn metrics_response() -> impl IntoResponse {
+    (
+        [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        crate::metrics::render(),
+    )
+}
+
+async fn set_all(health: &HealthReporter, names: &[String], status: ServingStatus) {
+    health.set_service_status("", status).await;
+    for name in names {
+        health.set_service_status(name, status).await;
+    }
+}
+
+async fn watch_readiness(health: HealthReporter, names: Vec<String>, ready: ReadyCheck, shutdown: Shutdown) {
+    let mut last = None;
+    loop {
+        if shutdown.is_fired() {
+            return;
+        }
+        let status = match tokio::time::timeout(READY_INTERVAL, ready()).await {
+            Ok(Ok(())) => ServingStatus::Serving,
+            Ok(Err(why)) => {
+                if last != Some(ServingStatus::NotServing) {
+                    tracing::warn!(reason = %why, "not ready");
+                }
+                ServingStatus::NotServing
+            }
+            Err(_) => ServingStatus::NotServing,
+        };
+        if last != Some(status) {
+            set_all(&health, &names, status).await;
+            last = Some(status);
+        }
+        tokio::time::sleep(READY_INTERVAL).await;
+    }
+}
