@@ -177,6 +177,12 @@ impl From<&str> for Bind {
     }
 }
 
+impl From<&String> for Bind {
+    fn from(v: &String) -> Self {
+        Bind::Text(v.clone())
+    }
+}
+
 impl From<i64> for Bind {
     fn from(v: i64) -> Self {
         Bind::Int(v)

@@ -102,6 +102,10 @@ pub trait Record: prost::Message + Default + Clone + PartialEq + Send + Sync + U
     fn etag(&self) -> &str;
     fn owner_id(&self) -> &str;
     fn set_meta(&mut self, meta: &Meta);
+    /// The output-only values, as set by [`Record::set_meta`].
+    fn meta(&self) -> Meta;
+    /// Tags, normalised.
+    fn tags(&self) -> &[String];
     /// Clears output-only fields before storing the document.
     fn clear_meta(&mut self);
     fn columns(&self) -> Columns;
@@ -475,6 +479,21 @@ macro_rules! meta_fields {
             self.create_time = crm_kit::time::to_timestamp(meta.created_at);
             self.update_time = crm_kit::time::to_timestamp(meta.updated_at);
             self.last_activity_time = crm_kit::time::to_timestamp(meta.last_activity_at);
+        }
+
+        fn meta(&self) -> Meta {
+            let micros = |t: &Option<prost_types::Timestamp>| t.as_ref().map(crm_kit::time::from_timestamp).unwrap_or(0);
+            Meta {
+                id: self.id.clone(),
+                version: self.etag.parse().unwrap_or(0),
+                created_at: micros(&self.create_time),
+                updated_at: micros(&self.update_time),
+                last_activity_at: micros(&self.last_activity_time),
+            }
+        }
+
+        fn tags(&self) -> &[String] {
+            &self.tags
         }
 
         fn clear_meta(&mut self) {
