@@ -79,9 +79,8 @@ impl Db {
             Backend::Postgres => url.to_string(),
             Backend::Sqlite => prepare_sqlite(url).await?,
         };
-        let mut options = AnyPoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(10));
+        let mut options =
+            AnyPoolOptions::new().max_connections(max_connections.max(1)).acquire_timeout(Duration::from_secs(10));
         if backend == Backend::Sqlite {
             options = options.after_connect(|conn, _| {
                 Box::pin(async move {
@@ -142,8 +141,7 @@ async fn prepare_sqlite(url: &str) -> Result<String, DbError> {
         )));
     }
     if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| DbError::DataDir { path: dir.display().to_string(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| DbError::DataDir { path: dir.display().to_string(), source })?;
     }
     let url = format!("sqlite://{path}?mode=rwc");
     // journal_mode is a property of the file: set it once, on one connection.

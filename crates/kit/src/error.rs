@@ -53,11 +53,7 @@ impl From<ApiError> for Status {
     fn from(err: ApiError) -> Status {
         match err {
             ApiError::InvalidArgument(violations) => {
-                let message = violations
-                    .iter()
-                    .map(|(f, d)| format!("{f}: {d}"))
-                    .collect::<Vec<_>>()
-                    .join("; ");
+                let message = violations.iter().map(|(f, d)| format!("{f}: {d}")).collect::<Vec<_>>().join("; ");
                 let mut details = ErrorDetails::new();
                 for (field, description) in violations.iter() {
                     details.add_bad_request_violation(field.clone(), description.clone());

@@ -401,7 +401,8 @@ mod tests {
 
     #[test]
     fn or_not_and_parentheses() {
-        let (text, binds) = sql("(stage = LEAD OR stage = LIFECYCLE_STAGE_CUSTOMER) NOT do_not_contact = true").unwrap();
+        let (text, binds) =
+            sql("(stage = LEAD OR stage = LIFECYCLE_STAGE_CUSTOMER) NOT do_not_contact = true").unwrap();
         assert_eq!(text, "SELECT 1 WHERE 1=1 AND (((stage = $1 OR stage = $2) AND NOT (do_not_contact = $3)))");
         assert_eq!(binds, vec![Bind::Int(1), Bind::Int(3), Bind::Int(1)]);
         let (text, _) = sql("-owner_id = abc").unwrap();
@@ -415,11 +416,8 @@ mod tests {
 
     #[test]
     fn malicious_values_stay_parameters() {
-        for attack in [
-            r#"owner_id = "x' OR '1'='1""#,
-            r#"owner_id = "1; DROP TABLE people; --""#,
-            "owner_id = 'a\\'b'",
-        ] {
+        for attack in [r#"owner_id = "x' OR '1'='1""#, r#"owner_id = "1; DROP TABLE people; --""#, "owner_id = 'a\\'b'"]
+        {
             let (text, binds) = sql(attack).unwrap();
             assert_eq!(text, "SELECT 1 WHERE 1=1 AND (owner_id = $1)", "{attack}");
             assert_eq!(binds.len(), 1);
@@ -456,7 +454,8 @@ mod tests {
     fn bounds_size_depth_and_count() {
         assert!(sql(&"(".repeat(50)).is_err());
         assert!(sql(&format!("{}owner_id = a{}", "(".repeat(20), ")".repeat(20))).is_err());
-        assert!(sql(&"NOT ".repeat(20).to_string().replace("NOT ", "NOT ")).is_err());
+        assert!(sql(&format!("{}owner_id = a", "NOT ".repeat(20))).is_err());
+        assert!(sql(&format!("{}owner_id = a", "NOT ".repeat(3))).is_ok());
         let many = vec!["owner_id = a"; MAX_COMPARISONS + 1].join(" AND ");
         assert!(sql(&many).is_err());
         assert!(sql(&"x".repeat(MAX_FILTER_CHARS + 1)).is_err());

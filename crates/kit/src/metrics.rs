@@ -265,12 +265,8 @@ mod tests {
 
     #[test]
     fn renders_registered_metrics() {
-        let labels = RpcLabels {
-            crm_role: "test",
-            rpc_service: "svc".into(),
-            rpc_method: "M".into(),
-            rpc_grpc_status_code: 5,
-        };
+        let labels =
+            RpcLabels { crm_role: "test", rpc_service: "svc".into(), rpc_method: "M".into(), rpc_grpc_status_code: 5 };
         metrics().rpc_server_duration.get_or_create(&labels).observe(0.002);
         let text = render();
         assert!(text.contains("rpc_server_call_duration_seconds_bucket"), "{text}");

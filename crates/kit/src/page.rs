@@ -72,10 +72,7 @@ impl Cursor {
         let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
         let cursor: Cursor = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
         if cursor.fingerprint != fingerprint {
-            return Err(ApiError::invalid(
-                "page_token",
-                "was issued for a different filter, order_by or query",
-            ));
+            return Err(ApiError::invalid("page_token", "was issued for a different filter, order_by or query"));
         }
         Ok(Some(cursor))
     }

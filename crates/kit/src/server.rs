@@ -24,8 +24,7 @@ use crate::metrics::RpcLayer;
 use crate::shutdown::Shutdown;
 
 /// Answers whether the process can do its work (database reachable…); `Err` says why not.
-pub type ReadyCheck =
-    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+pub type ReadyCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 /// How often readiness is re-checked and reflected in `grpc.health.v1`.
 const READY_INTERVAL: Duration = Duration::from_secs(2);
@@ -140,7 +139,7 @@ impl Server {
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(tonic_web::GrpcWebLayer::new())
+            .layer(GrpcWebSwitchLayer)
             .layer(RpcLayer::new(role))
             .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
@@ -185,5 +184,58 @@ async fn watch_readiness(health: HealthReporter, names: Vec<String>, ready: Read
             last = Some(status);
         }
         tokio::time::sleep(READY_INTERVAL).await;
+    }
+}
+
+/// Sends gRPC-Web requests through the gRPC-Web translation and everything else (gRPC, and
+/// plain HTTP/1.1 such as `/healthz` probes, which the translation would refuse) straight on.
+#[derive(Clone, Copy, Debug)]
+struct GrpcWebSwitchLayer;
+
+impl<S> tower::Layer<S> for GrpcWebSwitchLayer {
+    type Service = GrpcWebSwitch<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcWebSwitch { plain: inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct GrpcWebSwitch<S> {
+    plain: S,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S> Service<Request<Body>> for GrpcWebSwitch<S>
+where
+    S: Service<Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<http::Response<Body>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.plain.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let is_web = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc-web"));
+        // The router is always ready: take the polled one, leave a clone for the next call.
+        let plain = self.plain.clone();
+        let plain = std::mem::replace(&mut self.plain, plain);
+        if is_web {
+            let mut web = tower::Layer::layer(&tonic_web::GrpcWebLayer::new(), plain);
+            Box::pin(web.call(req))
+        } else {
+            let mut plain = plain;
+            Box::pin(plain.call(req))
+        }
     }
 }

@@ -22,7 +22,12 @@ pub use store::Store;
 #[derive(clap::Args, Debug, Clone)]
 pub struct ContactsArgs {
     /// Address the contacts service listens on (gRPC, gRPC-Web, /healthz, /readyz, /metrics).
-    #[arg(long = "contacts-listen", env = "CRM_CONTACTS_LISTEN", default_value = "0.0.0.0:50051")]
+    #[arg(
+        id = "contacts_listen",
+        long = "contacts-listen",
+        env = "CRM_CONTACTS_LISTEN",
+        default_value = "0.0.0.0:50051"
+    )]
     pub listen: SocketAddr,
     /// Database of the contacts service: postgres://user:password@host/db or sqlite://path/contacts.db.
     #[arg(long = "contacts-database-url", env = "CRM_CONTACTS_DATABASE_URL")]

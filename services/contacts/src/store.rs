@@ -189,6 +189,13 @@ impl Store {
         Ok(Store { db })
     }
 
+    /// How many records of a kind are stored.
+    pub async fn count(&self, kind: Kind) -> Result<i64, ApiError> {
+        let mut sql = Sql::new("SELECT COUNT(*) AS n FROM ");
+        sql.push(table(kind));
+        Ok(sql.query().fetch_one(self.db.pool()).await?.try_get("n")?)
+    }
+
     pub fn db(&self) -> &Db {
         &self.db
     }
@@ -206,9 +213,8 @@ impl Store {
         let mut tx = self.db.begin_write().await?;
         let id = crm_kit::validate::new_id();
         if !request_id.is_empty() {
-            let mut sql = Sql::new(
-                "INSERT INTO create_requests (request_id, record_type, record_id, created_at) VALUES (",
-            );
+            let mut sql =
+                Sql::new("INSERT INTO create_requests (request_id, record_type, record_id, created_at) VALUES (");
             sql.bind(request_id)
                 .push(", ")
                 .bind(R::KIND.record_type() as i64)
@@ -244,9 +250,9 @@ impl Store {
         self.get(&record_id).await
     }
 
-    /// Inserts many normalised records in batches (bulk load); every record gets its keys,
-    /// tags and a creation revision, exactly as one by one.
-    pub async fn create_many<R: Record>(&self, records: Vec<R>, actor: &str) -> Result<usize, ApiError> {
+    /// Inserts many normalised records in one transaction (bulk load) and returns their ids;
+    /// every record gets its keys, tags and a creation revision, exactly as one by one.
+    pub async fn create_many<R: Record>(&self, records: Vec<R>, actor: &str) -> Result<Vec<String>, ApiError> {
         let now = now_micros();
         let mut tx = self.db.begin_write().await?;
         let mut prepared = Vec::with_capacity(records.len());
@@ -270,10 +276,14 @@ impl Store {
             self.insert_rows(&mut tx, chunk, actor).await?;
         }
         tx.commit().await?;
-        Ok(prepared.len())
+        Ok(prepared.iter().map(|r| r.id().to_string()).collect())
     }
 
-    async fn check_references<R: Record>(&self, tx: &mut Transaction<'static, Any>, record: &R) -> Result<(), ApiError> {
+    async fn check_references<R: Record>(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        record: &R,
+    ) -> Result<(), ApiError> {
         let company_id = record.columns().company_id;
         if company_id.is_empty() {
             return Ok(());
@@ -316,7 +326,7 @@ impl Store {
         else {
             return Ok(());
         };
-        let holder = self.find_duplicates_in(&mut **tx, R::KIND, std::slice::from_ref(key)).await?;
+        let holder = self.find_duplicates_in(tx, R::KIND, std::slice::from_ref(key)).await?;
         let message = match holder.first() {
             Some(d) if rows.iter().any(|(id, _)| *id == d.record_id) => {
                 format!("the {} {} appears twice in this batch", key.field, key.value)
@@ -507,8 +517,12 @@ impl Store {
         sql.query().execute(&mut *tx).await?;
         let version = old.meta().version;
         let changes = domain::diff(Some(&old), None);
-        self.insert_revisions::<R>(&mut tx, &[(id.to_string(), version + 1, ACTION_DELETE, changes, now_micros())], actor)
-            .await?;
+        self.insert_revisions::<R>(
+            &mut tx,
+            &[(id.to_string(), version + 1, ACTION_DELETE, changes, now_micros())],
+            actor,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -612,7 +626,11 @@ impl Store {
                 create_time: crm_kit::time::to_timestamp(row.try_get("created_at")?),
                 changes: changes
                     .into_iter()
-                    .map(|c| crm_proto::contacts::v1::FieldChange { field: c.field, old_value: c.old, new_value: c.new })
+                    .map(|c| crm_proto::contacts::v1::FieldChange {
+                        field: c.field,
+                        old_value: c.old,
+                        new_value: c.new,
+                    })
                     .collect(),
             });
         }
@@ -626,7 +644,7 @@ impl Store {
     /// Records of `kind` holding any of `keys`.
     pub async fn find_duplicates(&self, kind: Kind, keys: &[Key]) -> Result<Vec<Duplicate>, ApiError> {
         let mut conn = self.db.pool().acquire().await?;
-        self.find_duplicates_in(&mut *conn, kind, keys).await
+        self.find_duplicates_in(&mut conn, kind, keys).await
     }
 
     async fn find_duplicates_in(
@@ -638,7 +656,8 @@ impl Store {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut sql = Sql::new("SELECT k.field, k.value, k.record_id, t.owner_id, t.display_name FROM contact_keys k JOIN ");
+        let mut sql =
+            Sql::new("SELECT k.field, k.value, k.record_id, t.owner_id, t.display_name FROM contact_keys k JOIN ");
         sql.push(table(kind)).push(" t ON t.id = k.record_id WHERE k.record_type = ").bind(kind.record_type() as i64);
         sql.push(" AND (");
         for (i, key) in keys.iter().enumerate() {

@@ -72,7 +72,14 @@ async fn create_company(api: &ContactsApi, name: &str) -> Company {
         .into_inner()
 }
 
-async fn list_people(api: &ContactsApi, filter: &str, query: &str, order_by: &str, size: i32, token: &str) -> Result<ListPeopleResponse, Status> {
+async fn list_people(
+    api: &ContactsApi,
+    filter: &str,
+    query: &str,
+    order_by: &str,
+    size: i32,
+    token: &str,
+) -> Result<ListPeopleResponse, Status> {
     api.list_people(Request::new(ListPeopleRequest {
         page_size: size,
         page_token: token.into(),
@@ -100,7 +107,13 @@ async fn people_crud(env: Env) {
     let got = api.get_person(Request::new(GetPersonRequest { id: created.id.clone() })).await.unwrap().into_inner();
     assert_eq!(got, created);
 
-    let patch = Person { id: created.id.clone(), etag: created.etag.clone(), notes: "Prefers calls".into(), full_name: "ignored".into(), ..Default::default() };
+    let patch = Person {
+        id: created.id.clone(),
+        etag: created.etag.clone(),
+        notes: "Prefers calls".into(),
+        full_name: "ignored".into(),
+        ..Default::default()
+    };
     let updated = api
         .update_person(Request::new(UpdatePersonRequest { person: Some(patch), update_mask: mask(&["notes"]) }))
         .await
@@ -120,7 +133,10 @@ async fn people_crud(env: Env) {
     api.delete_person(Request::new(DeletePersonRequest { id: created.id.clone(), etag: String::new() })).await.unwrap();
     let err = api.get_person(Request::new(GetPersonRequest { id: created.id.clone() })).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = api.delete_person(Request::new(DeletePersonRequest { id: created.id.clone(), etag: String::new() })).await.unwrap_err();
+    let err = api
+        .delete_person(Request::new(DeletePersonRequest { id: created.id.clone(), etag: String::new() }))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     // The phone is free again.
     create_person(api, person("Anna P.", "+79161234567", "anna@example.com")).await.unwrap();
@@ -130,9 +146,17 @@ async fn companies_crud(env: Env) {
     let api = &env.api;
     let acme = create_company(api, "Acme, Inc.").await;
     assert_eq!(acme.name, "Acme, Inc.");
-    let patch = Company { id: acme.id.clone(), stage: LifecycleStage::Customer as i32, tags: vec!["Key Account".into()], ..Default::default() };
+    let patch = Company {
+        id: acme.id.clone(),
+        stage: LifecycleStage::Customer as i32,
+        tags: vec!["Key Account".into()],
+        ..Default::default()
+    };
     let updated = api
-        .update_company(Request::new(UpdateCompanyRequest { company: Some(patch), update_mask: mask(&["stage", "tags"]) }))
+        .update_company(Request::new(UpdateCompanyRequest {
+            company: Some(patch),
+            update_mask: mask(&["stage", "tags"]),
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -146,7 +170,10 @@ async fn companies_crud(env: Env) {
         .into_inner();
     assert_eq!(listed.companies, vec![updated.clone()]);
     let listed = api
-        .list_companies(Request::new(ListCompaniesRequest { filter: "industry = retail AND tags:\"key account\"".into(), ..Default::default() }))
+        .list_companies(Request::new(ListCompaniesRequest {
+            filter: "industry = retail AND tags:\"key account\"".into(),
+            ..Default::default()
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -184,7 +211,11 @@ async fn duplicates_are_refused_naming_the_holder(env: Env) {
 
     // Updating another record onto a taken e-mail is refused too.
     let other = create_person(api, person("Petr", "+7 900 000-00-02", "petr@corp.ru")).await.unwrap();
-    let patch = Person { id: other.id.clone(), emails: vec![Email { address: "ivan@corp.ru".into(), label: String::new() }], ..Default::default() };
+    let patch = Person {
+        id: other.id.clone(),
+        emails: vec![Email { address: "ivan@corp.ru".into(), label: String::new() }],
+        ..Default::default()
+    };
     let err = api
         .update_person(Request::new(UpdatePersonRequest { person: Some(patch), update_mask: mask(&["emails"]) }))
         .await
@@ -235,7 +266,8 @@ async fn check_duplicates_reports_matches(env: Env) {
         .check_duplicates(Request::new(CheckDuplicatesRequest { phones: vec!["abc".into()], ..Default::default() }))
         .await
         .unwrap_err();
-    let fields: Vec<String> = err.get_details_bad_request().unwrap().field_violations.into_iter().map(|v| v.field).collect();
+    let fields: Vec<String> =
+        err.get_details_bad_request().unwrap().field_violations.into_iter().map(|v| v.field).collect();
     assert_eq!(fields, ["record_type", "phones[0]"]);
 }
 
@@ -243,15 +275,25 @@ async fn revisions_record_every_change(env: Env) {
     let api = &env.api;
     let p = create_person(api, person("Maria", "+7 901 111-22-33", "maria@x.ru")).await.unwrap();
     let patch = Person { id: p.id.clone(), stage: LifecycleStage::Customer as i32, ..Default::default() };
-    api.update_person(Request::new(UpdatePersonRequest { person: Some(patch), update_mask: mask(&["stage"]) })).await.unwrap();
+    api.update_person(Request::new(UpdatePersonRequest { person: Some(patch), update_mask: mask(&["stage"]) }))
+        .await
+        .unwrap();
     // An update that changes nothing writes no revision.
     let same = Person { id: p.id.clone(), stage: LifecycleStage::Customer as i32, ..Default::default() };
-    let unchanged = api.update_person(Request::new(UpdatePersonRequest { person: Some(same), update_mask: mask(&["stage"]) })).await.unwrap().into_inner();
+    let unchanged = api
+        .update_person(Request::new(UpdatePersonRequest { person: Some(same), update_mask: mask(&["stage"]) }))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(unchanged.etag, "2");
     api.delete_person(Request::new(DeletePersonRequest { id: p.id.clone(), etag: "2".into() })).await.unwrap();
 
     let first = api
-        .list_revisions(Request::new(ListRevisionsRequest { record_id: p.id.clone(), page_size: 2, page_token: String::new() }))
+        .list_revisions(Request::new(ListRevisionsRequest {
+            record_id: p.id.clone(),
+            page_size: 2,
+            page_token: String::new(),
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -267,7 +309,11 @@ async fn revisions_record_every_change(env: Env) {
     assert!(update.create_time.is_some());
 
     let rest = api
-        .list_revisions(Request::new(ListRevisionsRequest { record_id: p.id.clone(), page_size: 2, page_token: first.next_page_token }))
+        .list_revisions(Request::new(ListRevisionsRequest {
+            record_id: p.id.clone(),
+            page_size: 2,
+            page_token: first.next_page_token,
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -282,14 +328,17 @@ async fn stale_etag_is_aborted(env: Env) {
     let api = &env.api;
     let p = create_person(api, person("Egor", "+7 902 000-00-00", "egor@x.ru")).await.unwrap();
     let first = Person { id: p.id.clone(), etag: p.etag.clone(), notes: "first".into(), ..Default::default() };
-    api.update_person(Request::new(UpdatePersonRequest { person: Some(first), update_mask: mask(&["notes"]) })).await.unwrap();
+    api.update_person(Request::new(UpdatePersonRequest { person: Some(first), update_mask: mask(&["notes"]) }))
+        .await
+        .unwrap();
     let stale = Person { id: p.id.clone(), etag: p.etag.clone(), notes: "second".into(), ..Default::default() };
     let err = api
         .update_person(Request::new(UpdatePersonRequest { person: Some(stale), update_mask: mask(&["notes"]) }))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Aborted);
-    let err = api.delete_person(Request::new(DeletePersonRequest { id: p.id.clone(), etag: "1".into() })).await.unwrap_err();
+    let err =
+        api.delete_person(Request::new(DeletePersonRequest { id: p.id.clone(), etag: "1".into() })).await.unwrap_err();
     assert_eq!(err.code(), Code::Aborted);
     let now = api.get_person(Request::new(GetPersonRequest { id: p.id })).await.unwrap().into_inner();
     assert_eq!(now.notes, "first");
@@ -306,10 +355,15 @@ async fn bad_input_lists_field_violations(env: Env) {
     };
     let err = create_person(api, bad).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let fields: Vec<String> = err.get_details_bad_request().unwrap().field_violations.into_iter().map(|v| v.field).collect();
-    assert_eq!(fields, ["person.full_name", "person.company_id", "person.phones[0].number", "person.emails[0].address"]);
+    let fields: Vec<String> =
+        err.get_details_bad_request().unwrap().field_violations.into_iter().map(|v| v.field).collect();
+    assert_eq!(
+        fields,
+        ["person.full_name", "person.company_id", "person.phones[0].number", "person.emails[0].address"]
+    );
 
-    let missing_company = Person { full_name: "X".into(), company_id: uuid::Uuid::now_v7().to_string(), ..Default::default() };
+    let missing_company =
+        Person { full_name: "X".into(), company_id: uuid::Uuid::now_v7().to_string(), ..Default::default() };
     let err = create_person(api, missing_company).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("person.company_id"), "{}", err.message());
@@ -321,12 +375,18 @@ async fn bad_input_lists_field_violations(env: Env) {
 
     let p = create_person(api, person("Valid", "+7 903 000-00-00", "valid@x.ru")).await.unwrap();
     let err = api
-        .update_person(Request::new(UpdatePersonRequest { person: Some(Person { id: p.id.clone(), ..Default::default() }), update_mask: None }))
+        .update_person(Request::new(UpdatePersonRequest {
+            person: Some(Person { id: p.id.clone(), ..Default::default() }),
+            update_mask: None,
+        }))
         .await
         .unwrap_err();
     assert_eq!(err.get_details_bad_request().unwrap().field_violations[0].field, "update_mask");
     let err = api
-        .update_person(Request::new(UpdatePersonRequest { person: Some(Person { id: p.id.clone(), ..Default::default() }), update_mask: mask(&["full_name"]) }))
+        .update_person(Request::new(UpdatePersonRequest {
+            person: Some(Person { id: p.id.clone(), ..Default::default() }),
+            update_mask: mask(&["full_name"]),
+        }))
         .await
         .unwrap_err();
     assert_eq!(err.get_details_bad_request().unwrap().field_violations[0].field, "person.full_name");
@@ -378,11 +438,28 @@ async fn filters_and_search(env: Env) {
     assert_eq!(names(by("stage = CUSTOMER").await.unwrap()), ["Ekaterina Ivanova", "Zhang Wei"]);
     assert_eq!(names(by("tags:vip AND tags:wholesale").await.unwrap()), ["Ekaterina Ivanova"]);
     assert_eq!(names(by("stage != CUSTOMER AND region = Seoul").await.unwrap()), ["Jo Lee"]);
-    assert_eq!(names(by("(region = Manila OR region = Moscow) AND NOT stage = LOST").await.unwrap()), ["Ekaterina Ivanova", "Juan dela Cruz"]);
+    assert_eq!(
+        names(by("(region = Manila OR region = Moscow) AND NOT stage = LOST").await.unwrap()),
+        ["Ekaterina Ivanova", "Juan dela Cruz"]
+    );
     let owner_filter = format!("owner_id = \"{alice}\"");
-    assert_eq!(names(list_people(api, &owner_filter, "", "full_name desc", 50, "").await.unwrap()), ["Zhang Wei", "Juan dela Cruz"]);
-    assert_eq!(names(list_people(api, &format!("company_id = \"{}\"", company.id), "", "", 50, "").await.unwrap()), ["Zhang Wei"]);
-    assert_eq!(names(by("create_time > \"2000-01-01T00:00:00Z\" AND last_activity_time < \"2000-01-01T00:00:00Z\"").await.unwrap()).len(), 4);
+    assert_eq!(
+        names(list_people(api, &owner_filter, "", "full_name desc", 50, "").await.unwrap()),
+        ["Zhang Wei", "Juan dela Cruz"]
+    );
+    assert_eq!(
+        names(list_people(api, &format!("company_id = \"{}\"", company.id), "", "", 50, "").await.unwrap()),
+        ["Zhang Wei"]
+    );
+    assert_eq!(
+        names(
+            by("create_time > \"2000-01-01T00:00:00Z\" AND last_activity_time < \"2000-01-01T00:00:00Z\"")
+                .await
+                .unwrap()
+        )
+        .len(),
+        4
+    );
     assert!(names(by("create_time > \"2999-01-01T00:00:00Z\"").await.unwrap()).is_empty());
 
     let search = |q: &'static str| list_people(api, "", q, "full_name", 50, "");
@@ -409,7 +486,9 @@ async fn filters_and_search(env: Env) {
 async fn pagination_is_stable_under_concurrent_inserts(env: Env) {
     let api = &env.api;
     for i in 0..25 {
-        create_person(api, person(&format!("Early {i:02}"), &format!("+7 911 000-00-{i:02}"), &format!("e{i}@x.ru"))).await.unwrap();
+        create_person(api, person(&format!("Early {i:02}"), &format!("+7 911 000-00-{i:02}"), &format!("e{i}@x.ru")))
+            .await
+            .unwrap();
     }
     for order in ["", "create_time", "full_name", "full_name desc", "update_time desc"] {
         let mut seen = Vec::new();
@@ -419,7 +498,16 @@ async fn pagination_is_stable_under_concurrent_inserts(env: Env) {
             let page = list_people(api, "", "", order, 7, &token).await.unwrap();
             seen.extend(page.people.iter().map(|p| p.full_name.clone()));
             // Someone inserts while we page.
-            create_person(api, person(&format!("Late {order} {round}"), &format!("+7 922 {:03}-{round:02}-00", order.len()), &format!("l{}{round}@x.ru", order.len()))).await.unwrap();
+            create_person(
+                api,
+                person(
+                    &format!("Late {order} {round}"),
+                    &format!("+7 922 {:03}-{round:02}-00", order.len()),
+                    &format!("l{}{round}@x.ru", order.len()),
+                ),
+            )
+            .await
+            .unwrap();
             round += 1;
             if page.next_page_token.is_empty() {
                 break;
@@ -445,13 +533,19 @@ async fn pagination_is_stable_under_concurrent_inserts(env: Env) {
 
 async fn create_is_idempotent_by_request_id(env: Env) {
     let api = &env.api;
-    let request = || CreatePersonRequest { person: Some(person("Retry", "+7 904 000-00-00", "retry@x.ru")), request_id: "req-42".into() };
+    let request = || CreatePersonRequest {
+        person: Some(person("Retry", "+7 904 000-00-00", "retry@x.ru")),
+        request_id: "req-42".into(),
+    };
     let a = api.create_person(Request::new(request())).await.unwrap().into_inner();
     let b = api.create_person(Request::new(request())).await.unwrap().into_inner();
     assert_eq!(a, b);
     assert_eq!(list_people(api, "", "", "", 10, "").await.unwrap().people.len(), 1);
     let err = api
-        .create_company(Request::new(CreateCompanyRequest { company: Some(Company { name: "Other".into(), ..Default::default() }), request_id: "req-42".into() }))
+        .create_company(Request::new(CreateCompanyRequest {
+            company: Some(Company { name: "Other".into(), ..Default::default() }),
+            request_id: "req-42".into(),
+        }))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -463,7 +557,10 @@ async fn company_with_people_cannot_be_deleted(env: Env) {
     let mut p = person("Hank", "+7 905 000-00-00", "hank@globex.com");
     p.company_id = c.id.clone();
     let p = create_person(api, p).await.unwrap();
-    let err = api.delete_company(Request::new(DeleteCompanyRequest { id: c.id.clone(), etag: String::new() })).await.unwrap_err();
+    let err = api
+        .delete_company(Request::new(DeleteCompanyRequest { id: c.id.clone(), etag: String::new() }))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     api.delete_person(Request::new(DeletePersonRequest { id: p.id, etag: String::new() })).await.unwrap();
     api.delete_company(Request::new(DeleteCompanyRequest { id: c.id, etag: String::new() })).await.unwrap();
@@ -474,7 +571,9 @@ async fn concurrent_creates_of_one_phone_admit_one(env: Env) {
     let tasks: Vec<_> = (0..8)
         .map(|i| {
             let api = api.clone();
-            tokio::spawn(async move { create_person(&api, person(&format!("Racer {i}"), "+7 906 000-00-00", &format!("r{i}@x.ru"))).await })
+            tokio::spawn(async move {
+                create_person(&api, person(&format!("Racer {i}"), "+7 906 000-00-00", &format!("r{i}@x.ru"))).await
+            })
         })
         .collect();
     let mut ok = 0;

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crm_kit::Violations;
 use crm_proto::contacts::v1::{
-    Company, CustomValue, Email, ImportantDate, LifecycleStage, Person, Phone, PostalAddress, RecordType,
-    SocialHandle, custom_value,
+    Company, CustomValue, Email, ImportantDate, LifecycleStage, Person, Phone, PostalAddress, RecordType, SocialHandle,
+    custom_value,
 };
 
 /// The two kinds of customer record.
@@ -149,7 +149,8 @@ pub struct Change {
 pub fn diff<R: Record>(old: Option<&R>, new: Option<&R>) -> Vec<Change> {
     let before: BTreeMap<_, _> = old.map(|r| r.revision_fields()).unwrap_or_default().into_iter().collect();
     let after: BTreeMap<_, _> = new.map(|r| r.revision_fields()).unwrap_or_default().into_iter().collect();
-    let fields: Vec<&'static str> = R::PATHS.iter().copied().filter(|p| before.contains_key(p) || after.contains_key(p)).collect();
+    let fields: Vec<&'static str> =
+        R::PATHS.iter().copied().filter(|p| before.contains_key(p) || after.contains_key(p)).collect();
     fields
         .into_iter()
         .filter_map(|field| {
@@ -381,7 +382,10 @@ impl Common<'_> {
     fn render(&self, out: &mut Vec<(&'static str, String)>) {
         out.push(("phones", json_list(self.phones.iter().map(|p| p.e164.clone()))));
         out.push(("emails", json_list(self.emails.iter().map(|e| e.address.clone()))));
-        out.push(("social_handles", json_list(self.social_handles.iter().map(|s| format!("{}:{}", s.network, s.handle)))));
+        out.push((
+            "social_handles",
+            json_list(self.social_handles.iter().map(|s| format!("{}:{}", s.network, s.handle))),
+        ));
         out.push((
             "addresses",
             json_list(self.addresses.iter().map(|a| {
@@ -482,7 +486,8 @@ macro_rules! meta_fields {
         }
 
         fn meta(&self) -> Meta {
-            let micros = |t: &Option<prost_types::Timestamp>| t.as_ref().map(crm_kit::time::from_timestamp).unwrap_or(0);
+            let micros =
+                |t: &Option<prost_types::Timestamp>| t.as_ref().map(crm_kit::time::from_timestamp).unwrap_or(0);
             Meta {
                 id: self.id.clone(),
                 version: self.etag.parse().unwrap_or(0),
@@ -516,8 +521,23 @@ impl Record for Company {
     const FIELD: &'static str = "company";
 
     mask_paths!(
-        name, industry, region, website, phones, emails, social_handles, addresses, tags, source, stage, owner_id,
-        do_not_contact, do_not_contact_reason, important_dates, notes, custom_fields,
+        name,
+        industry,
+        region,
+        website,
+        phones,
+        emails,
+        social_handles,
+        addresses,
+        tags,
+        source,
+        stage,
+        owner_id,
+        do_not_contact,
+        do_not_contact_reason,
+        important_dates,
+        notes,
+        custom_fields,
     );
     meta_fields!();
 
@@ -551,11 +571,8 @@ impl Record for Company {
     }
 
     fn revision_fields(&self) -> Vec<(&'static str, String)> {
-        let mut out = vec![
-            ("name", self.name.clone()),
-            ("industry", self.industry.clone()),
-            ("website", self.website.clone()),
-        ];
+        let mut out =
+            vec![("name", self.name.clone()), ("industry", self.industry.clone()), ("website", self.website.clone())];
         let mut copy = self.clone();
         common!(copy).render(&mut out);
         out
@@ -576,8 +593,23 @@ impl Record for Person {
     const FIELD: &'static str = "person";
 
     mask_paths!(
-        full_name, company_id, company_role, phones, emails, social_handles, addresses, tags, source, stage,
-        owner_id, region, do_not_contact, do_not_contact_reason, important_dates, notes, custom_fields,
+        full_name,
+        company_id,
+        company_role,
+        phones,
+        emails,
+        social_handles,
+        addresses,
+        tags,
+        source,
+        stage,
+        owner_id,
+        region,
+        do_not_contact,
+        do_not_contact_reason,
+        important_dates,
+        notes,
+        custom_fields,
     );
     meta_fields!();
 
@@ -690,7 +722,13 @@ mod tests {
             owner_id: "bob".into(),
             stage: 42,
             do_not_contact: true,
-            important_dates: vec![ImportantDate { kind: "birthday".into(), month: 2, day: 30, year: 1990, note: String::new() }],
+            important_dates: vec![ImportantDate {
+                kind: "birthday".into(),
+                month: 2,
+                day: 30,
+                year: 1990,
+                note: String::new(),
+            }],
             custom_fields: HashMap::from([
                 ("Bad Key".to_string(), CustomValue { kind: Some(custom_value::Kind::IntValue(1)) }),
                 ("budget".to_string(), CustomValue { kind: Some(custom_value::Kind::DecimalValue("1.2.3".into())) }),
@@ -753,7 +791,11 @@ mod tests {
         assert_eq!(
             changes,
             vec![
-                Change { field: "tags".into(), old: r#"["vip","wholesale"]"#.into(), new: r#"["vip","wholesale","churned"]"#.into() },
+                Change {
+                    field: "tags".into(),
+                    old: r#"["vip","wholesale"]"#.into(),
+                    new: r#"["vip","wholesale","churned"]"#.into()
+                },
                 Change { field: "stage".into(), old: "CUSTOMER".into(), new: "LOST".into() },
             ]
         );

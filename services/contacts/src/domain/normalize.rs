@@ -85,9 +85,42 @@ pub fn email(input: &str) -> Option<String> {
 
 /// Legal forms dropped from company names before comparison.
 const LEGAL_FORMS: &[&str] = &[
-    "llc", "inc", "incorporated", "ltd", "limited", "co", "corp", "corporation", "company", "plc", "gmbh", "ag",
-    "sa", "sas", "srl", "bv", "nv", "oy", "ab", "as", "pte", "pty", "kk", "ooo", "ооо", "зао", "оао", "пао", "ао",
-    "ип", "тоо", "corp.", "有限公司", "股份有限公司", "有限责任公司", "集团",
+    "llc",
+    "inc",
+    "incorporated",
+    "ltd",
+    "limited",
+    "co",
+    "corp",
+    "corporation",
+    "company",
+    "plc",
+    "gmbh",
+    "ag",
+    "sa",
+    "sas",
+    "srl",
+    "bv",
+    "nv",
+    "oy",
+    "ab",
+    "as",
+    "pte",
+    "pty",
+    "kk",
+    "ooo",
+    "ооо",
+    "зао",
+    "оао",
+    "пао",
+    "ао",
+    "ип",
+    "тоо",
+    "corp.",
+    "有限公司",
+    "股份有限公司",
+    "有限责任公司",
+    "集团",
 ];
 
 /// The comparison form of a company name: "ООО «Ромашка»" and "ромашка" are the same company,
@@ -101,11 +134,7 @@ pub fn company_name(input: &str) -> String {
     }
     let spaced: String = cleaned.chars().map(|c| if c.is_alphanumeric() { c } else { ' ' }).collect();
     let words: Vec<&str> = spaced.split_whitespace().filter(|w| !LEGAL_FORMS.contains(w)).collect();
-    if words.is_empty() {
-        spaced.split_whitespace().collect::<Vec<_>>().join(" ")
-    } else {
-        words.join(" ")
-    }
+    if words.is_empty() { spaced.split_whitespace().collect::<Vec<_>>().join(" ") } else { words.join(" ") }
 }
 
 #[cfg(test)]

@@ -1,0 +1,323 @@
+//! Edge policy and the gateway's own gRPC answers: trailers-only error responses, the
+//! `grpc-timeout` header, the deadline until upstream response headers, and load shedding.
+
+use std::convert::Infallible;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use http::header::CONTENT_TYPE;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use tokio::time::error::Elapsed;
+use tonic::Code;
+use tower::{Layer, Service};
+
+/// Body of every response the proxy hands back.
+pub(crate) type HttpBody = axum::body::Body;
+
+/// A trailers-only gRPC error: HTTP 200, `content-type: application/grpc`, `grpc-status` and a
+/// percent-encoded `grpc-message`, no body.
+pub(crate) fn grpc_error(code: Code, message: &str) -> Response<HttpBody> {
+    let mut response = Response::new(HttpBody::empty());
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", HeaderValue::from(code as i32));
+    if !message.is_empty() {
+        headers.insert("grpc-message", grpc_message(message));
+    }
+    response
+}
+
+/// Percent-encodes a status message as gRPC requires: bytes outside printable ASCII, and '%'.
+fn grpc_message(message: &str) -> HeaderValue {
+    let plain = |b: &u8| (0x20..=0x7e).contains(b) && *b != b'%';
+    if message.bytes().all(|b| plain(&b))
+        && let Ok(value) = HeaderValue::from_str(message)
+    {
+        return value;
+    }
+    let mut encoded = String::with_capacity(message.len() + 16);
+    for b in message.bytes() {
+        if plain(&b) {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    HeaderValue::from_str(&encoded).unwrap_or_else(|_| HeaderValue::from_static("error"))
+}
+
+/// The `grpc-timeout` header: 1 to 8 digits and a unit (H, M, S, m, u, n). Malformed: `None`.
+pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.as_bytes();
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits.iter().fold(0_u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The time a call may wait for upstream response headers: the gateway's limit, or the
+/// client's `grpc-timeout` when that is shorter. `None`: no limit.
+pub(crate) fn deadline(limit: Option<Duration>, headers: &HeaderMap) -> Option<Duration> {
+    match (limit, grpc_timeout(headers)) {
+        (Some(limit), Some(client)) => Some(limit.min(client)),
+        (limit, client) => limit.or(client),
+    }
+}
+
+/// Answers DEADLINE_EXCEEDED when upstream response headers do not arrive in time (see
+/// [`deadline`]). A response body streaming after its headers is never cut off.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DeadlineLayer {
+    limit: Option<Duration>,
+}
+
+impl DeadlineLayer {
+    /// `limit` zero: only the client's `grpc-timeout` applies.
+    pub(crate) fn new(limit: Duration) -> DeadlineLayer {
+        DeadlineLayer { limit: (!limit.is_zero()).then_some(limit) }
+    }
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+
+    fn layer(&self, inner: S) -> Deadline<S> {
+        Deadline { inner, limit: self.limit }
+    }
+}
+
+/// See [`DeadlineLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct Deadline<S> {
+    inner: S,
+    limit: Option<Duration>,
+}
+
+type Timed<E> = Result<Result<Response<HttpBody>, E>, Elapsed>;
+
+/// The future of a call under a deadline.
+pub(crate) type DeadlineFuture<F, E> =
+    futures_util::future::Map<tokio::time::Timeout<F>, fn(Timed<E>) -> Result<Response<HttpBody>, E>>;
+
+fn on_deadline<E>(timed: Timed<E>) -> Result<Response<HttpBody>, E> {
+    timed.unwrap_or_else(|_| Ok(grpc_error(Code::DeadlineExceeded, "deadline exceeded waiting for the upstream")))
+}
+
+impl<S, B> Service<Request<B>> for Deadline<S>
+where
+    S: Service<Request<B>, Response = Response<HttpBody>>,
+{
+    type Response = Response<HttpBody>;
+    type Error = S::Error;
+    type Future = DeadlineFuture<S::Future, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        // Duration::MAX sets no timer at all.
+        let limit = deadline(self.limit, request.headers()).unwrap_or(Duration::MAX);
+        tokio::time::timeout(limit, self.inner.call(request)).map(on_deadline::<S::Error> as fn(_) -> _)
+    }
+}
+
+/// Turns the edge layers' errors into gRPC answers: a call refused by load shedding gets
+/// RESOURCE_EXHAUSTED.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct AnswerErrorsLayer;
+
+impl<S> Layer<S> for AnswerErrorsLayer {
+    type Service = AnswerErrors<S>;
+
+    fn layer(&self, inner: S) -> AnswerErrors<S> {
+        AnswerErrors { inner, refused: None }
+    }
+}
+
+/// See [`AnswerErrorsLayer`].
+#[derive(Debug)]
+pub(crate) struct AnswerErrors<S> {
+    inner: S,
+    /// Why the inner service could not take the next call (answered by that call).
+    refused: Option<tower::BoxError>,
+}
+
+impl<S: Clone> Clone for AnswerErrors<S> {
+    fn clone(&self) -> Self {
+        AnswerErrors { inner: self.inner.clone(), refused: None }
+    }
+}
+
+fn answer<E: Into<tower::BoxError>>(result: Result<Response<HttpBody>, E>) -> Result<Response<HttpBody>, Infallible> {
+    Ok(result.unwrap_or_else(|e| error_response(e.into())))
+}
+
+fn error_response(error: tower::BoxError) -> Response<HttpBody> {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        grpc_error(Code::ResourceExhausted, "the gateway is at its concurrency limit; retry later")
+    } else {
+        grpc_error(Code::Internal, &format!("gateway: {error}"))
+    }
+}
+
+/// The future of a call whose errors become answers.
+pub(crate) type AnswerFuture<F, E> = futures_util::future::Either<
+    std::future::Ready<Result<Response<HttpBody>, Infallible>>,
+    futures_util::future::Map<F, fn(Result<Response<HttpBody>, E>) -> Result<Response<HttpBody>, Infallible>>,
+>;
+
+impl<S, B> Service<Request<B>> for AnswerErrors<S>
+where
+    S: Service<Request<B>, Response = Response<HttpBody>>,
+    S::Error: Into<tower::BoxError>,
+{
+    type Response = Response<HttpBody>;
+    type Error = Infallible;
+    type Future = AnswerFuture<S::Future, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        if self.refused.is_none()
+            && let Err(e) = std::task::ready!(self.inner.poll_ready(cx))
+        {
+            self.refused = Some(e.into());
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        match self.refused.take() {
+            Some(e) => futures_util::future::Either::Left(std::future::ready(Ok(error_response(e)))),
+            None => futures_util::future::Either::Right(self.inner.call(request).map(answer::<S::Error> as fn(_) -> _)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::Pin;
+
+    use tower::{ServiceBuilder, ServiceExt};
+
+    use super::*;
+
+    fn headers(timeout: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("grpc-timeout", HeaderValue::from_str(timeout).unwrap());
+        h
+    }
+
+    fn status(response: &Response<HttpBody>) -> (Option<&str>, Option<&str>, Option<&str>) {
+        let h = response.headers();
+        let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+        (get("content-type"), get("grpc-status"), get("grpc-message"))
+    }
+
+    #[test]
+    fn parses_grpc_timeouts() {
+        assert_eq!(grpc_timeout(&headers("1H")), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout(&headers("2M")), Some(Duration::from_secs(120)));
+        assert_eq!(grpc_timeout(&headers("30S")), Some(Duration::from_secs(30)));
+        assert_eq!(grpc_timeout(&headers("250m")), Some(Duration::from_millis(250)));
+        assert_eq!(grpc_timeout(&headers("99999999u")), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(grpc_timeout(&headers("5n")), Some(Duration::from_nanos(5)));
+        for bad in ["", "S", "123456789S", "10x", "-1S", "1.5S", "10s"] {
+            assert_eq!(grpc_timeout(&headers(bad)), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn the_shorter_deadline_wins() {
+        let limit = Some(Duration::from_secs(30));
+        assert_eq!(deadline(limit, &headers("1S")), Some(Duration::from_secs(1)));
+        assert_eq!(deadline(limit, &headers("1H")), limit);
+        assert_eq!(deadline(limit, &HeaderMap::new()), limit);
+        assert_eq!(deadline(None, &headers("5m")), Some(Duration::from_millis(5)));
+        assert_eq!(deadline(None, &headers("garbage")), None);
+    }
+
+    #[test]
+    fn errors_are_trailers_only() {
+        let response = grpc_error(Code::Unavailable, "no replica of crm.x.v1.X answered");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        assert_eq!(
+            status(&response),
+            (Some("application/grpc"), Some("14"), Some("no replica of crm.x.v1.X answered"))
+        );
+        assert!(http_body::Body::is_end_stream(response.body()));
+        let encoded = grpc_error(Code::Internal, "100% déjà\nvu");
+        assert_eq!(status(&encoded).2, Some("100%25 d%C3%A9j%C3%A0%0Avu"));
+        assert_eq!(status(&grpc_error(Code::Unimplemented, "")), (Some("application/grpc"), Some("12"), None));
+        // What a gRPC client makes of it.
+        let parsed = tonic::Status::from_header_map(encoded.headers()).unwrap();
+        assert_eq!((parsed.code(), parsed.message()), (Code::Internal, "100% déjà\nvu"));
+    }
+
+    /// Never answers.
+    #[derive(Clone)]
+    struct Stuck;
+
+    impl Service<Request<()>> for Stuck {
+        type Response = Response<HttpBody>;
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Response<HttpBody>, Infallible>> + Send>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _request: Request<()>) -> Self::Future {
+            Box::pin(std::future::pending())
+        }
+    }
+
+    fn request(timeout: Option<&str>) -> Request<()> {
+        let mut request = Request::new(());
+        if let Some(t) = timeout {
+            request.headers_mut().insert("grpc-timeout", HeaderValue::from_str(t).unwrap());
+        }
+        request
+    }
+
+    #[tokio::test]
+    async fn a_client_deadline_ends_a_call_without_headers() {
+        let service = DeadlineLayer::new(Duration::from_secs(3600)).layer(Stuck);
+        let response = service.oneshot(request(Some("20m"))).await.unwrap();
+        assert_eq!(status(&response).1, Some("4"));
+        let service = DeadlineLayer::new(Duration::from_millis(20)).layer(Stuck);
+        let response = service.oneshot(request(None)).await.unwrap();
+        assert_eq!(status(&response).1, Some("4"));
+    }
+
+    #[tokio::test]
+    async fn calls_over_the_limit_are_shed() {
+        let stack = ServiceBuilder::new()
+            .layer(AnswerErrorsLayer)
+            .load_shed()
+            .concurrency_limit(1)
+            .layer(DeadlineLayer::new(Duration::from_millis(20)))
+            .service(Stuck);
+        // The first call holds the only permit (its future is never polled, so it never ends).
+        let mut first = stack.clone();
+        let held = first.ready().await.unwrap().call(request(None));
+        let shed = stack.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(status(&shed).1, Some("8"));
+        drop(held);
+        // Once it is gone, calls are taken again: this one reaches the stuck upstream and times out.
+        let taken = stack.clone().oneshot(request(None)).await.unwrap();
+        assert_eq!(status(&taken).1, Some("4"));
+    }
+}

@@ -1,0 +1,378 @@
+//! The HTTP/2 proxy: routes a gRPC call by its service's package to that upstream, sends it to a
+//! replica chosen by power of two choices, and streams headers, body and trailers back as they
+//! come (messages are never decoded or buffered).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
+use http_body::Frame;
+use hyper::body::Incoming;
+use tonic::Code;
+use tower::{Service, ServiceBuilder};
+
+use crate::Settings;
+use crate::balance::{InFlight, Pool};
+use crate::edge::{AnswerErrorsLayer, DeadlineLayer, HttpBody, grpc_error};
+
+/// Replicas tried for one call before it fails with UNAVAILABLE.
+const MAX_ATTEMPTS: usize = 3;
+
+/// The proxy behind the edge policy (load shedding over a concurrency limit, then the deadline
+/// until upstream response headers), as the kit server's fallback router.
+pub(crate) fn router(pools: Arc<[Arc<Pool>]>, settings: &Settings) -> axum::Router {
+    let service = ServiceBuilder::new()
+        .layer(AnswerErrorsLayer)
+        .load_shed()
+        .concurrency_limit(settings.max_concurrency)
+        .layer(DeadlineLayer::new(settings.request_timeout))
+        .service(Proxy { pools });
+    axum::Router::new().fallback_service(service)
+}
+
+/// Where a request goes.
+enum Route<'a> {
+    /// A gRPC call of an upstream's package.
+    Upstream(&'a Arc<Pool>),
+    /// A gRPC call nobody here serves.
+    UnknownGrpc,
+    /// Not gRPC, on a path that names an upstream's method.
+    NotGrpc,
+    /// Not gRPC and nothing here.
+    NotFound,
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The upstream whose package holds the service of `/package.Service/Method`.
+fn upstream_for<'a>(pools: &'a [Arc<Pool>], path: &str) -> Option<&'a Arc<Pool>> {
+    let (service, _method) = crm_kit::metrics::grpc_route(path)?;
+    let (package, _name) = service.rsplit_once('.')?;
+    pools.iter().find(|p| p.package() == package)
+}
+
+fn route<'a>(pools: &'a [Arc<Pool>], path: &str, headers: &HeaderMap) -> Route<'a> {
+    match (upstream_for(pools, path), is_grpc(headers)) {
+        (Some(pool), true) => Route::Upstream(pool),
+        (None, true) => Route::UnknownGrpc,
+        (Some(_), false) => Route::NotGrpc,
+        (None, false) => Route::NotFound,
+    }
+}
+
+/// Removes what belongs to one HTTP hop only: `connection` and the headers it names,
+/// `keep-alive`, `proxy-*`, `transfer-encoding`, `upgrade`, `host` (the target goes in the URI),
+/// and `te` unless it asks for trailers (then it becomes exactly `te: trailers`).
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| *name != TE)
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(CONNECTION);
+    }
+    for name in [TRANSFER_ENCODING, UPGRADE, HOST] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    if headers.keys().any(|k| k.as_str().starts_with("proxy-")) {
+        let proxy: Vec<HeaderName> = headers.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+        for name in proxy {
+            headers.remove(name);
+        }
+    }
+    let mut te = headers.get_all(TE).iter();
+    match (te.next(), te.next()) {
+        (None, _) => {}
+        (Some(only), None) if only.as_bytes() == b"trailers" => {}
+        _ => {
+            let trailers = headers.get_all(TE).iter().any(|v| {
+                v.to_str().is_ok_and(|v| {
+                    v.split(',').any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")))
+                })
+            });
+            headers.remove(TE);
+            if trailers {
+                headers.insert(TE, HeaderValue::from_static("trailers"));
+            }
+        }
+    }
+}
+
+/// Sends each gRPC call to a replica of its upstream; answers the rest itself.
+#[derive(Clone)]
+struct Proxy {
+    pools: Arc<[Arc<Pool>]>,
+}
+
+type ProxyFuture = Pin<Box<dyn Future<Output = Result<Response<HttpBody>, Infallible>> + Send>>;
+
+impl Service<Request<HttpBody>> for Proxy {
+    type Response = Response<HttpBody>;
+    type Error = Infallible;
+    type Future = ProxyFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<HttpBody>) -> ProxyFuture {
+        let response = match route(&self.pools, request.uri().path(), request.headers()) {
+            Route::Upstream(pool) => {
+                let pool = pool.clone();
+                return Box::pin(async move { Ok(forward(&pool, request).await) });
+            }
+            Route::UnknownGrpc => {
+                let path = request.uri().path();
+                let what = match crm_kit::metrics::grpc_route(path) {
+                    Some((service, _)) => format!("unknown service {service}"),
+                    None => format!("{path:?} is not a gRPC method path"),
+                };
+                grpc_error(Code::Unimplemented, &what)
+            }
+            Route::NotGrpc => {
+                plain(StatusCode::UNSUPPORTED_MEDIA_TYPE, "gRPC calls need content-type application/grpc\n")
+            }
+            Route::NotFound => plain(StatusCode::NOT_FOUND, "not found\n"),
+        };
+        Box::pin(std::future::ready(Ok(response)))
+    }
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<HttpBody> {
+    let mut response = Response::new(HttpBody::from(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+/// Forwards one call. A replica whose connection cannot be had (or turns out closed before the
+/// call was handed to it) is marked unhealthy and the call goes to another: nothing of it has
+/// been sent yet, so this is safe for any method.
+async fn forward(pool: &Pool, request: Request<HttpBody>) -> Response<HttpBody> {
+    let (mut parts, body) = request.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_2;
+    let path = parts.uri.path_and_query().cloned();
+    let mut request = Request::from_parts(parts, tonic::body::Body::new(body));
+
+    let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_ATTEMPTS];
+    let mut last_error = None;
+    for attempt in 0..MAX_ATTEMPTS {
+        let Some(endpoint) = pool.pick(&tried[..attempt]) else { break };
+        tried[attempt] = endpoint.addr();
+        let in_flight = endpoint.track();
+        let mut sender = match endpoint.sender().await {
+            Ok(sender) => sender,
+            Err(e) => {
+                endpoint.set_healthy(false);
+                last_error = Some(e.to_string());
+                continue;
+            }
+        };
+        if let Err(e) = sender.ready().await {
+            endpoint.connection_lost();
+            endpoint.set_healthy(false);
+            last_error = Some(format!("connection to {} closed: {e}", endpoint.addr()));
+            continue;
+        }
+        *request.uri_mut() = endpoint.uri(path.clone());
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                return response.map(|body| HttpBody::new(ProxyBody { inner: body, in_flight: Some(in_flight) }));
+            }
+            Err(mut e) => {
+                let closed = sender.is_closed();
+                if closed {
+                    endpoint.connection_lost();
+                    endpoint.set_healthy(false);
+                }
+                match e.take_message() {
+                    Some(unsent) => {
+                        request = unsent;
+                        last_error = Some(format!("{} refused the call: {}", endpoint.addr(), e.into_error()));
+                    }
+                    None => {
+                        let error = e.into_error();
+                        // The call was on its way: it must not be sent twice.
+                        let message =
+                            format!("{}: call to replica {} failed: {error}", pool.service(), endpoint.addr());
+                        let code = if closed { Code::Unavailable } else { code_of(error) };
+                        return grpc_error(code, &message);
+                    }
+                }
+            }
+        }
+    }
+    let message = match last_error {
+        Some(e) => format!("no replica of {} could take the call; last error: {e}", pool.service()),
+        None => format!("no replica of {} is available", pool.service()),
+    };
+    grpc_error(Code::Unavailable, &message)
+}
+
+/// The gRPC code for an HTTP/2 failure of a call in flight (a reset stream keeps its meaning;
+/// anything the client did not ask for is UNAVAILABLE).
+fn code_of(error: hyper::Error) -> Code {
+    match tonic::Status::from_error(Box::new(error)).code() {
+        Code::Unknown | Code::Cancelled | Code::Ok => Code::Unavailable,
+        code => code,
+    }
+}
+
+/// An upstream response body, passed through frame by frame; the call stops counting as in
+/// flight on its replica when the body ends or is dropped.
+struct ProxyBody {
+    inner: Incoming,
+    in_flight: Option<InFlight>,
+}
+
+impl http_body::Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None | Some(Err(_))) => this.in_flight = None,
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => this.in_flight = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pools() -> Arc<[Arc<Pool>]> {
+        Arc::from(vec![
+            Arc::new(Pool::new("crm.contacts.v1", "crm.contacts.v1.ContactsService", vec![])),
+            Arc::new(Pool::new("crm.deals.v1", "crm.deals.v1.DealsService", vec![])),
+        ])
+    }
+
+    fn grpc_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc+proto"));
+        h
+    }
+
+    #[test]
+    fn routes_by_package_prefix() {
+        let pools = pools();
+        let service = |path: &str| upstream_for(&pools, path).map(|p| p.service());
+        assert_eq!(service("/crm.contacts.v1.ContactsService/GetPerson"), Some("crm.contacts.v1.ContactsService"));
+        assert_eq!(service("/crm.contacts.v1.OtherService/Do"), Some("crm.contacts.v1.ContactsService"));
+        assert_eq!(service("/crm.deals.v1.DealsService/ListDeals"), Some("crm.deals.v1.DealsService"));
+        // The package must match exactly, not merely start the same.
+        assert_eq!(service("/crm.contacts.v1beta.ContactsService/GetPerson"), None);
+        assert_eq!(service("/crm.contacts.v1.sub.Service/Do"), None);
+        assert_eq!(service("/crm.contacts.v1/GetPerson"), None);
+        assert_eq!(service("/ContactsService/GetPerson"), None);
+        assert_eq!(service("/crm.contacts.v1.ContactsService/"), None);
+        assert_eq!(service("/crm.contacts.v1.ContactsService/GetPerson/x"), None);
+        assert_eq!(service("/"), None);
+        assert_eq!(service(""), None);
+
+        let grpc = grpc_headers();
+        let plain = HeaderMap::new();
+        let path = "/crm.contacts.v1.ContactsService/GetPerson";
+        assert!(matches!(route(&pools, path, &grpc), Route::Upstream(_)));
+        assert!(matches!(route(&pools, path, &plain), Route::NotGrpc));
+        assert!(matches!(route(&pools, "/crm.nope.v1.X/Y", &grpc), Route::UnknownGrpc));
+        assert!(matches!(route(&pools, "/index.html", &plain), Route::NotFound));
+    }
+
+    #[tokio::test]
+    async fn answers_what_it_cannot_route() {
+        let mut proxy = Proxy { pools: pools() };
+        let request = |path: &str, grpc: bool| {
+            let mut r = Request::builder().method("POST").uri(path);
+            if grpc {
+                r = r.header(CONTENT_TYPE, "application/grpc");
+            }
+            r.body(HttpBody::empty()).unwrap()
+        };
+        let unknown = proxy.call(request("/crm.nope.v1.X/Y", true)).await.unwrap();
+        assert_eq!(unknown.status(), StatusCode::OK);
+        assert_eq!(unknown.headers()["grpc-status"], "12");
+        assert_eq!(unknown.headers()["grpc-message"], "unknown service crm.nope.v1.X");
+        let missing = proxy.call(request("/nothing-here", false)).await.unwrap();
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+        let not_grpc = proxy.call(request("/crm.contacts.v1.ContactsService/GetPerson", false)).await.unwrap();
+        assert_eq!(not_grpc.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        // An upstream without any replica: UNAVAILABLE naming it.
+        let none = proxy.call(request("/crm.deals.v1.DealsService/ListDeals", true)).await.unwrap();
+        assert_eq!(none.headers()["grpc-status"], "14");
+        let message = none.headers()["grpc-message"].to_str().unwrap();
+        assert!(message.contains("crm.deals.v1.DealsService"), "{message}");
+    }
+
+    #[test]
+    fn strips_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic abc"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("host", "gateway:8080"),
+            ("te", "trailers"),
+            ("content-type", "application/grpc"),
+            ("grpc-timeout", "1S"),
+            ("authorization", "Bearer t"),
+            ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        ] {
+            h.append(name, HeaderValue::from_static(value));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["authorization", "content-type", "grpc-timeout", "te", "traceparent"]);
+        assert_eq!(h["te"], "trailers");
+
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("gzip, trailers;q=1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h["te"], "trailers");
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("te").is_none());
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("te, close"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["te"], "trailers");
+    }
+}

@@ -1,0 +1,398 @@
+//! The gateway in front of in-process contacts replicas (a small test implementation of the
+//! real `ContactsService`): routing, balancing, failover, status and metadata passthrough,
+//! edge policy, ops endpoints and gRPC-Web.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crm_gateway::{Gateway, Settings, Upstream};
+use crm_kit::server::Server;
+use crm_kit::shutdown::{Shutdown, Trigger};
+use crm_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
+use crm_proto::contacts::v1::contacts_service_server::{ContactsService, ContactsServiceServer};
+use crm_proto::contacts::v1::*;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const CONTACTS_SERVICE: &str = "crm.contacts.v1.ContactsService";
+
+/// A replica that answers GetPerson with its own name, sits in ListPeople until released,
+/// and implements nothing else.
+struct TestContacts {
+    name: String,
+    entered: Arc<Notify>,
+    release: Arc<Notify>,
+}
+
+fn unimplemented<T>() -> Result<Response<T>, Status> {
+    Err(Status::unimplemented("not in this test replica"))
+}
+
+#[tonic::async_trait]
+impl ContactsService for TestContacts {
+    async fn create_company(&self, _: Request<CreateCompanyRequest>) -> Result<Response<Company>, Status> {
+        unimplemented()
+    }
+    async fn get_company(&self, _: Request<GetCompanyRequest>) -> Result<Response<Company>, Status> {
+        unimplemented()
+    }
+    async fn update_company(&self, _: Request<UpdateCompanyRequest>) -> Result<Response<Company>, Status> {
+        unimplemented()
+    }
+    async fn delete_company(&self, _: Request<DeleteCompanyRequest>) -> Result<Response<()>, Status> {
+        unimplemented()
+    }
+    async fn list_companies(
+        &self,
+        _: Request<ListCompaniesRequest>,
+    ) -> Result<Response<ListCompaniesResponse>, Status> {
+        unimplemented()
+    }
+    async fn create_person(&self, _: Request<CreatePersonRequest>) -> Result<Response<Person>, Status> {
+        unimplemented()
+    }
+    async fn get_person(&self, request: Request<GetPersonRequest>) -> Result<Response<Person>, Status> {
+        let metadata = request.metadata();
+        let header = |name: &str| metadata.get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+        let notes = format!(
+            "authorization={} x-request-id={} grpc-timeout={}",
+            header("authorization"),
+            header("x-request-id"),
+            if metadata.contains_key("grpc-timeout") { "set" } else { "-" },
+        );
+        let id = request.into_inner().id;
+        if id == "missing" {
+            return Err(Status::not_found(format!("no person {id} at {} — sorry", self.name)));
+        }
+        Ok(Response::new(Person { id, full_name: self.name.clone(), notes, ..Default::default() }))
+    }
+    async fn update_person(&self, _: Request<UpdatePersonRequest>) -> Result<Response<Person>, Status> {
+        unimplemented()
+    }
+    async fn delete_person(&self, _: Request<DeletePersonRequest>) -> Result<Response<()>, Status> {
+        unimplemented()
+    }
+    async fn list_people(&self, _: Request<ListPeopleRequest>) -> Result<Response<ListPeopleResponse>, Status> {
+        self.entered.notify_one();
+        self.release.notified().await;
+        Ok(Response::new(ListPeopleResponse::default()))
+    }
+    async fn check_duplicates(
+        &self,
+        _: Request<CheckDuplicatesRequest>,
+    ) -> Result<Response<CheckDuplicatesResponse>, Status> {
+        unimplemented()
+    }
+    async fn list_revisions(
+        &self,
+        _: Request<ListRevisionsRequest>,
+    ) -> Result<Response<ListRevisionsResponse>, Status> {
+        unimplemented()
+    }
+}
+
+struct Replica {
+    addr: SocketAddr,
+    entered: Arc<Notify>,
+    release: Arc<Notify>,
+    trigger: Trigger,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl Replica {
+    async fn start(name: &str) -> Replica {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Replica::serve(name, listener)
+    }
+
+    fn serve(name: &str, listener: TcpListener) -> Replica {
+        let addr = listener.local_addr().unwrap();
+        let (trigger, shutdown) = crm_kit::shutdown::channel();
+        let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let service = TestContacts { name: name.to_string(), entered: entered.clone(), release: release.clone() };
+        let server = Server::new("test").add_service(ContactsServiceServer::new(service));
+        let task = tokio::spawn(server.serve(listener, shutdown));
+        Replica { addr, entered, release, trigger, task }
+    }
+
+    /// Stops the replica gracefully and waits until it is gone.
+    async fn stop(self) {
+        self.trigger.fire();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the replica drains within 10s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+struct TestGateway {
+    addr: SocketAddr,
+    _trigger: Trigger,
+}
+
+async fn gateway(addrs: Vec<String>, settings: Settings) -> TestGateway {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (trigger, shutdown): (Trigger, Shutdown) = crm_kit::shutdown::channel();
+    let gateway = Gateway::new(vec![Upstream::contacts(addrs)], settings);
+    tokio::spawn(gateway.serve(listener, shutdown));
+    TestGateway { addr, _trigger: trigger }
+}
+
+fn fast_settings() -> Settings {
+    Settings {
+        health_interval: Duration::from_millis(100),
+        discovery_interval: Duration::from_millis(200),
+        ..Settings::default()
+    }
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(20))
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn health(channel: &Channel, service: &str) -> Option<ServingStatus> {
+    let mut client = HealthClient::new(channel.clone());
+    let response = client.check(HealthCheckRequest { service: service.to_string() }).await.ok()?;
+    ServingStatus::try_from(response.into_inner().status).ok()
+}
+
+/// Waits (at most 10s) until the gateway reports `service` as `status`.
+async fn wait_for_health(channel: &Channel, service: &str, status: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while health(channel, service).await != Some(status) {
+        assert!(Instant::now() < deadline, "{service} did not become {status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn get_person(client: &mut ContactsServiceClient<Channel>, id: &str) -> Result<Person, Status> {
+    client.get_person(GetPersonRequest { id: id.into() }).await.map(Response::into_inner)
+}
+
+/// A raw HTTP/1.1 exchange (the connection is closed after it): status, headers, body.
+async fn http1(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, HashMap<String, String>, Vec<u8>) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("{head}\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len());
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw)).await.expect("response").unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers.get("transfer-encoding").is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
+        body = dechunk(&body);
+    }
+    (status, headers, body)
+}
+
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = raw.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
+        let size_text = String::from_utf8_lossy(&raw[..line_end]).to_string();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16).expect("chunk size");
+        raw = &raw[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
+}
+
+/// gRPC-Web frames of a response body: (flag, payload).
+fn grpc_web_frames(mut body: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    while body.len() >= 5 {
+        let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        frames.push((body[0], body[5..5 + len].to_vec()));
+        body = &body[5 + len..];
+    }
+    frames
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_balances_and_fails_over() {
+    let replicas = [Replica::start("replica-0").await, Replica::start("replica-1").await];
+    let gw = gateway(replicas.iter().map(|r| r.addr.to_string()).collect(), fast_settings()).await;
+    let channel = channel(gw.addr).await;
+    wait_for_health(&channel, CONTACTS_SERVICE, ServingStatus::Serving).await;
+    wait_for_health(&channel, "", ServingStatus::Serving).await;
+    let mut client = ContactsServiceClient::new(channel.clone());
+
+    // Calls reach the replicas, spread over both.
+    let mut served: HashMap<String, usize> = HashMap::new();
+    for i in 0..40 {
+        let person = get_person(&mut client, &format!("p{i}")).await.expect("a call through the gateway");
+        assert_eq!(person.id, format!("p{i}"));
+        *served.entry(person.full_name).or_default() += 1;
+    }
+    assert_eq!(served.len(), 2, "both replicas served calls: {served:?}");
+
+    // Metadata goes through as sent, status and message come back unchanged.
+    let mut request = Request::new(GetPersonRequest { id: "p".into() });
+    request.metadata_mut().insert("authorization", "Bearer secret-token".parse().unwrap());
+    request.metadata_mut().insert("x-request-id", "req-42".parse().unwrap());
+    request.set_timeout(Duration::from_secs(5));
+    let person = client.get_person(request).await.unwrap().into_inner();
+    assert_eq!(person.notes, "authorization=Bearer secret-token x-request-id=req-42 grpc-timeout=set");
+    let missing = get_person(&mut client, "missing").await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert!(missing.message().starts_with("no person missing at replica-") && missing.message().ends_with("— sorry"));
+    let unimplemented = client.get_company(GetCompanyRequest::default()).await.unwrap_err();
+    assert_eq!((unimplemented.code(), unimplemented.message()), (Code::Unimplemented, "not in this test replica"));
+
+    // Unknown methods: of a routed package (the replica answers), of an unknown package (the gateway does).
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    for (path, needle) in [
+        ("/crm.contacts.v1.ContactsService/NoSuchMethod", ""),
+        ("/crm.nothing.v1.NothingService/Call", "unknown service crm.nothing.v1.NothingService"),
+    ] {
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<GetPersonRequest, Person>::default();
+        let status =
+            grpc.unary(Request::new(GetPersonRequest::default()), path.parse().unwrap(), codec).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unimplemented, "{path}: {status:?}");
+        assert!(status.message().contains(needle), "{path}: {status:?}");
+    }
+
+    // Ops endpoints over HTTP/1.1.
+    let (status, _, body) = http1(gw.addr, "GET /healthz HTTP/1.1", b"").await;
+    assert_eq!((status, String::from_utf8_lossy(&body).trim()), (200, "ok"));
+    let (status, _, body) = http1(gw.addr, "GET /readyz HTTP/1.1", b"").await;
+    assert_eq!((status, String::from_utf8_lossy(&body).trim()), (200, "ready"));
+    let (status, _, body) = http1(gw.addr, "GET /metrics HTTP/1.1", b"").await;
+    let metrics = String::from_utf8_lossy(&body);
+    assert_eq!(status, 200);
+    for replica in &replicas {
+        let line =
+            format!("crm_gateway_upstream_up{{upstream=\"{CONTACTS_SERVICE}\",endpoint=\"{}\"}} 1", replica.addr);
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+    let (status, _, _) = http1(gw.addr, "GET /no/such/page HTTP/1.1", b"").await;
+    assert_eq!(status, 404);
+
+    // gRPC-Web over HTTP/1.1.
+    let message = GetPersonRequest { id: "web".into() }.encode_to_vec();
+    let mut frame = vec![0_u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    let head = "POST /crm.contacts.v1.ContactsService/GetPerson HTTP/1.1\r\n\
+                Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\nAccept: application/grpc-web+proto";
+    let (status, headers, body) = http1(gw.addr, head, &frame).await;
+    assert_eq!(status, 200, "{headers:?}");
+    assert!(headers["content-type"].starts_with("application/grpc-web"), "{headers:?}");
+    let frames = grpc_web_frames(&body);
+    let (flag, data) = frames.first().expect("a message frame");
+    assert_eq!(*flag, 0);
+    let person = Person::decode(data.as_slice()).unwrap();
+    assert_eq!(person.id, "web");
+    assert!(person.full_name.starts_with("replica-"));
+    let (flag, trailers) = frames.last().unwrap();
+    assert_eq!(*flag, 0x80, "a trailer frame ends the body");
+    let trailers = String::from_utf8_lossy(trailers).to_ascii_lowercase();
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+
+    // One replica stops: after a short settle time every call succeeds, on the other one.
+    let [first, second] = replicas;
+    let survivor = first.addr;
+    second.stop().await;
+    let settle = Instant::now() + Duration::from_secs(3);
+    loop {
+        let ok = get_person(&mut client, "x").await.is_ok_and(|p| p.full_name == "replica-0");
+        if ok || Instant::now() >= settle {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..50 {
+        let person = get_person(&mut client, "after").await.expect("served by the remaining replica");
+        assert_eq!(person.full_name, "replica-0");
+    }
+    let (status, _, _) = http1(gw.addr, "GET /readyz HTTP/1.1", b"").await;
+    assert_eq!(status, 200);
+    assert_eq!(health(&channel, CONTACTS_SERVICE).await, Some(ServingStatus::Serving));
+
+    // The last one stops: calls fail with UNAVAILABLE naming the upstream, and the gateway
+    // reports the service (and itself) not ready.
+    first.stop().await;
+    let status = get_person(&mut client, "none").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(CONTACTS_SERVICE), "{status:?}");
+    wait_for_health(&channel, CONTACTS_SERVICE, ServingStatus::NotServing).await;
+    wait_for_health(&channel, "", ServingStatus::NotServing).await;
+    let (status, _, body) = http1(gw.addr, "GET /readyz HTTP/1.1", b"").await;
+    assert_eq!(status, 503);
+    assert!(String::from_utf8_lossy(&body).contains(CONTACTS_SERVICE), "{}", String::from_utf8_lossy(&body));
+    let metrics = String::from_utf8_lossy(&http1(gw.addr, "GET /metrics HTTP/1.1", b"").await.2).to_string();
+    let line = format!("crm_gateway_upstream_up{{upstream=\"{CONTACTS_SERVICE}\",endpoint=\"{survivor}\"}} 0");
+    assert!(metrics.contains(&line), "{line} in\n{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sheds_load_and_enforces_the_deadline() {
+    let replica = Replica::start("slow").await;
+    let settings = Settings { max_concurrency: 1, request_timeout: Duration::from_secs(1), ..fast_settings() };
+    let gw = gateway(vec![replica.addr.to_string()], settings).await;
+    let channel = channel(gw.addr).await;
+    wait_for_health(&channel, CONTACTS_SERVICE, ServingStatus::Serving).await;
+    let mut client = ContactsServiceClient::new(channel.clone());
+
+    // A call that waits in the replica holds the only slot...
+    let mut slow_client = client.clone();
+    let slow = tokio::spawn(async move { slow_client.list_people(ListPeopleRequest::default()).await });
+    tokio::time::timeout(Duration::from_secs(10), replica.entered.notified()).await.expect("the slow call arrives");
+    // ...so another is refused at once...
+    let refused = get_person(&mut client, "p").await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // ...and the slow one ends at the gateway's deadline, as no response headers came.
+    let status = slow.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    // The slot is free again.
+    assert_eq!(get_person(&mut client, "p").await.unwrap().full_name, "slow");
+
+    replica.release.notify_waiters();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_comes_up_later_takes_calls() {
+    // The port is taken but nothing answers on it yet: connections hang, health checks fail.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gw = gateway(vec![format!("localhost:{}", addr.port())], fast_settings()).await;
+    let channel = channel(gw.addr).await;
+    wait_for_health(&channel, CONTACTS_SERVICE, ServingStatus::NotServing).await;
+    let (status, _, body) = http1(gw.addr, "GET /readyz HTTP/1.1", b"").await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+
+    let replica = Replica::serve("late", listener);
+    wait_for_health(&channel, CONTACTS_SERVICE, ServingStatus::Serving).await;
+    let mut client = ContactsServiceClient::new(channel);
+    assert_eq!(get_person(&mut client, "p").await.unwrap().full_name, "late");
+    replica.stop().await;
+}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The one test command (README, CI): makes sure PostgreSQL and Redis are installed and running,
+# points the tests at them, then checks formatting and lints and runs every test.
+#
+#   CRM_TEST_POSTGRES_URL  PostgreSQL server the tests create their databases on
+#                          (default postgres://postgres@127.0.0.1:5432/postgres)
+#   CRM_TEST_REDIS_URL     Redis server (default redis://127.0.0.1:6379)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "need root to run: $*" >&2; return 1; fi
+}
+
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_postgres() {
+  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then return; fi
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    log "installing PostgreSQL"
+    apt_install postgresql postgresql-contrib
+    # Local test server: trust connections from this machine only.
+    for hba in /etc/postgresql/*/main/pg_hba.conf; do
+      as_root sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
+    done
+  fi
+  log "starting PostgreSQL"
+  for version in $(ls /etc/postgresql); do
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  done
+  for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && return; sleep 1; done
+  echo "PostgreSQL did not start on 127.0.0.1:5432" >&2; exit 1
+}
+
+ensure_redis() {
+  if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then return; fi
+  if ! command -v redis-server >/dev/null; then
+    log "installing Redis"
+    apt_install redis-server
+  fi
+  log "starting Redis"
+  as_root mkdir -p /var/lib/redis /var/log/redis
+  as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/test.log
+  for _ in $(seq 1 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && return; sleep 1; done
+  echo "Redis did not start on 127.0.0.1:6379" >&2; exit 1
+}
+
+ensure_postgres
+ensure_redis
+export CRM_TEST_POSTGRES_URL="${CRM_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+export CRM_TEST_REDIS_URL="${CRM_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+
+log "format"
+cargo fmt --all --check
+log "lint"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "build"
+cargo build --workspace --locked --bins
+log "test"
+cargo test --workspace --locked

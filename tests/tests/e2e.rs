@@ -1,0 +1,320 @@
+//! End-to-end: the real `crm` binary as separate processes, driven only over the network.
+//! Cluster mode: `crm migrate`, two contacts replicas on one PostgreSQL database and a gateway
+//! balancing over them. Embedded mode: `crm dev` on SQLite.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crm_kit::testing::TestDb;
+use crm_proto::contacts::v1::*;
+use crm_tests::*;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_reflection::pb::{v1, v1alpha};
+use tonic_types::StatusExt;
+
+struct Cluster {
+    gateway: SocketAddr,
+    replicas: Vec<(SocketAddr, Process)>,
+    gateway_process: Process,
+    _db: TestDb,
+}
+
+async fn cluster() -> Cluster {
+    let db = TestDb::postgres().await;
+    let mut migrate = Process::start("migrate", &["migrate", "contacts", "--database-url", db.url()], &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while migrate.output().is_empty() || !migrate.output().contains("up to date") {
+        assert!(Instant::now() < deadline, "crm migrate did not finish:\n{}", migrate.output());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(migrate.terminate(Duration::from_secs(5)) || migrate.output().contains("up to date"));
+
+    let mut replicas = Vec::new();
+    for i in 0..2 {
+        let addr = free_addr();
+        let listen = addr.to_string();
+        let mut p = Process::start(
+            &format!("contacts-{i}"),
+            &["serve", "contacts", "--contacts-listen", &listen, "--contacts-database-url", db.url()],
+            &[("CRM_DEFAULT_CALLING_CODE", "7")],
+        );
+        p.wait_serving(addr, CONTACTS_SERVICE).await;
+        replicas.push((addr, p));
+    }
+    let gateway = free_addr();
+    let upstreams = replicas.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>().join(",");
+    let mut gateway_process = Process::start(
+        "gateway",
+        &["serve", "gateway", "--gateway-listen", &gateway.to_string(), "--contacts-addr", &upstreams],
+        &[],
+    );
+    gateway_process.wait_serving(gateway, CONTACTS_SERVICE).await;
+    Cluster { gateway, replicas, gateway_process, _db: db }
+}
+
+fn person(name: &str, phone: &str) -> Person {
+    Person {
+        full_name: name.into(),
+        phones: vec![Phone { number: phone.into(), ..Default::default() }],
+        stage: LifecycleStage::Lead as i32,
+        ..Default::default()
+    }
+}
+
+/// Every contacts call through the gateway, as a client would make them.
+async fn exercise_contacts(gateway: SocketAddr) {
+    let mut c = contacts(gateway).await;
+    let company = c
+        .create_company(CreateCompanyRequest {
+            company: Some(Company {
+                name: "Vostok Logistics".into(),
+                industry: "logistics".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .expect("create company")
+        .into_inner();
+    let mut p = person("Nikolai Orlov", "8 (912) 000-00-01");
+    p.company_id = company.id.clone();
+    let created = c
+        .create_person(CreatePersonRequest { person: Some(p), request_id: "e2e-1".into() })
+        .await
+        .expect("create person")
+        .into_inner();
+    assert_eq!(created.phones[0].e164, "+79120000001");
+
+    let dup = c
+        .create_person(CreatePersonRequest {
+            person: Some(person("Someone", "+7 912 000 00 01")),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    assert!(dup.message().contains(&created.id), "{}", dup.message());
+
+    let got = c.get_person(GetPersonRequest { id: created.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(got, created);
+
+    let updated = c
+        .update_person(UpdatePersonRequest {
+            person: Some(Person {
+                id: created.id.clone(),
+                etag: created.etag.clone(),
+                stage: LifecycleStage::Customer as i32,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["stage".into()] }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.etag, "2");
+    let stale = c
+        .update_person(UpdatePersonRequest {
+            person: Some(Person {
+                id: created.id.clone(),
+                etag: created.etag.clone(),
+                notes: "x".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["notes".into()] }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+
+    let listed = c
+        .list_people(ListPeopleRequest {
+            filter: "stage = CUSTOMER".into(),
+            query: "orlov".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.people, vec![updated.clone()]);
+    let companies = c
+        .list_companies(ListCompaniesRequest { query: "vostok".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(companies.companies.len(), 1);
+
+    let bad = c
+        .list_people(ListPeopleRequest { filter: "stage = ; DROP TABLE people".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert_eq!(bad.get_details_bad_request().expect("BadRequest").field_violations[0].field, "filter");
+
+    let dups = c
+        .check_duplicates(CheckDuplicatesRequest {
+            record_type: RecordType::Company as i32,
+            company_name: "VOSTOK logistics LLC".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dups.matches[0].record_id, company.id);
+
+    c.delete_person(DeletePersonRequest { id: created.id.clone(), etag: updated.etag.clone() }).await.unwrap();
+    assert_eq!(c.get_person(GetPersonRequest { id: created.id.clone() }).await.unwrap_err().code(), Code::NotFound);
+    let revisions = c
+        .list_revisions(ListRevisionsRequest { record_id: created.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let actions: Vec<i32> = revisions.revisions.iter().map(|r| r.action).collect();
+    assert_eq!(
+        actions,
+        [revision::Action::Delete as i32, revision::Action::Update as i32, revision::Action::Create as i32]
+    );
+}
+
+async fn reflection_lists_services(gateway: SocketAddr) {
+    let expected = [CONTACTS_SERVICE, "grpc.health.v1.Health"];
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel(gateway).await);
+    let mut stream =
+        client.server_reflection_info(tonic::codegen::tokio_stream::iter(vec![request])).await.unwrap().into_inner();
+    let response = stream.message().await.unwrap().expect("a reflection response");
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = response.message_response
+    else {
+        panic!("unexpected reflection response")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for name in expected {
+        assert!(names.iter().any(|n| n == name), "v1 lists {name}: {names:?}");
+    }
+
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+            CONTACTS_SERVICE.into(),
+        )),
+    };
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel(gateway).await);
+    let mut stream =
+        client.server_reflection_info(tonic::codegen::tokio_stream::iter(vec![request])).await.unwrap().into_inner();
+    let response = stream.message().await.unwrap().expect("a reflection response");
+    assert!(matches!(
+        response.message_response,
+        Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+    ));
+}
+
+async fn ops_endpoints(addr: SocketAddr) {
+    let (status, body) = http_get(addr, "/healthz").await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let (status, _) = http_get(addr, "/readyz").await;
+    assert_eq!(status, 200);
+    let (status, metrics) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("rpc_server_call_duration_seconds"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_serves_every_call_through_the_gateway() {
+    let cluster = cluster().await;
+    exercise_contacts(cluster.gateway).await;
+    reflection_lists_services(cluster.gateway).await;
+    assert_eq!(health(cluster.gateway, "").await, Some(ServingStatus::Serving));
+    assert_eq!(health(cluster.gateway, CONTACTS_SERVICE).await, Some(ServingStatus::Serving));
+    ops_endpoints(cluster.gateway).await;
+    ops_endpoints(cluster.replicas[0].0).await;
+    // Calls are spread over both replicas.
+    let (_, m0) = http_get(cluster.replicas[0].0, "/metrics").await;
+    let (_, m1) = http_get(cluster.replicas[1].0, "/metrics").await;
+    for m in [m0, m1] {
+        assert!(
+            m.contains("rpc_method=\"GetPerson\"")
+                || m.contains("rpc_method=\"CreatePerson\"")
+                || m.contains("rpc_method=\"ListPeople\""),
+            "{m}"
+        );
+    }
+    drop(cluster.gateway_process);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_keeps_serving_when_a_replica_dies() {
+    let mut cluster = cluster().await;
+    let mut c = contacts(cluster.gateway).await;
+    let created = c
+        .create_person(CreatePersonRequest {
+            person: Some(person("Failover Test", "+7 913 000 00 01")),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Crash one replica (SIGKILL, no goodbye).
+    cluster.replicas[0].1.kill();
+    // Within a short settle time the gateway stops routing to it...
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut streak = 0;
+    while streak < 20 {
+        match c.get_person(GetPersonRequest { id: created.id.clone() }).await {
+            Ok(_) => streak += 1,
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                streak = 0;
+            }
+        }
+        assert!(Instant::now() < deadline, "gateway did not route around the dead replica");
+    }
+    // ...and then every call succeeds.
+    for _ in 0..100 {
+        c.get_person(GetPersonRequest { id: created.id.clone() }).await.expect("served by the live replica");
+    }
+    assert_eq!(health(cluster.gateway, CONTACTS_SERVICE).await, Some(ServingStatus::Serving));
+    // A graceful stop of the last replica exits cleanly.
+    assert!(cluster.replicas[1].1.terminate(Duration::from_secs(15)), "{}", cluster.replicas[1].1.output());
+    assert!(cluster.gateway_process.terminate(Duration::from_secs(15)), "{}", cluster.gateway_process.output());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_runs_the_suite_on_sqlite() {
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().join("crm-data");
+    let addr = free_addr();
+    let args =
+        ["dev", "--data-dir", data_dir.to_str().unwrap(), "--listen", &addr.to_string(), "--default-calling-code", "7"];
+    let mut dev = Process::start("dev", &args, &[]);
+    dev.wait_serving(addr, CONTACTS_SERVICE).await;
+    // The banner says how to call it once the suite is ready.
+    let banner = format!("grpcurl -plaintext {addr} list");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dev.output().contains(&banner) {
+        assert!(Instant::now() < deadline, "no banner:\n{}", dev.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    exercise_contacts(addr).await;
+    reflection_lists_services(addr).await;
+    ops_endpoints(addr).await;
+    let mut c = contacts(addr).await;
+    let kept = c
+        .create_person(CreatePersonRequest {
+            person: Some(person("Persisted", "+7 914 000 00 01")),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(dev.terminate(Duration::from_secs(15)), "{}", dev.output());
+    assert!(data_dir.join("contacts.db").exists());
+
+    // Restart on the same data: nothing lost.
+    let mut dev = Process::start("dev-again", &args, &[]);
+    dev.wait_serving(addr, CONTACTS_SERVICE).await;
+    let mut c = contacts(addr).await;
+    assert_eq!(c.get_person(GetPersonRequest { id: kept.id }).await.unwrap().into_inner().full_name, "Persisted");
+}
