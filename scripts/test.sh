@@ -65,4 +65,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "build"
 cargo build --workspace --locked --bins
 log "test"
-cargo test --workspace --locked
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+set +e
+cargo test --workspace --locked --all-targets 2>&1 | tee "$results"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line with the totals of every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "\ntests: %d passed, %d failed\n", p, f }' "$results"
+exit "$status"

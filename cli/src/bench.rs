@@ -58,8 +58,10 @@ enum Op {
     List,
     /// ListPeople filtered by one owner, first page of 50.
     ListOwner,
-    /// ListPeople with a text query (a random surname fragment), first page of 50.
+    /// ListPeople with a text query (a random 4-letter surname fragment; broad), first page of 50.
     Search,
+    /// ListPeople with a text query of 7 phone digits (selective, like finding a caller), first page.
+    SearchPhone,
 }
 
 #[derive(clap::Args, Debug)]
@@ -276,6 +278,7 @@ struct Plan {
     op: Op,
     ids: Vec<String>,
     owners: Vec<String>,
+    phones: Vec<String>,
 }
 
 enum Call {
@@ -301,6 +304,11 @@ impl Plan {
                 let last = pick(&mut rng, LAST).to_lowercase();
                 let start = rng.random_range(0..=last.len().saturating_sub(4));
                 list(String::new(), last[start..(start + 4).min(last.len())].to_string())
+            }
+            Op::SearchPhone => {
+                // The last 7 digits of a known person's phone.
+                let phone = self.phones.choose(&mut rng).cloned().unwrap_or_default();
+                list(String::new(), phone[phone.len().saturating_sub(7)..].to_string())
             }
         }
     }
@@ -341,7 +349,8 @@ async fn measure(args: RunArgs) -> anyhow::Result<()> {
     let mut owners: Vec<String> = sample.people.iter().map(|p| p.owner_id.clone()).filter(|o| !o.is_empty()).collect();
     owners.sort();
     owners.dedup();
-    let plan = Arc::new(Plan { op: args.op, ids, owners });
+    let phones = sample.people.iter().flat_map(|p| p.phones.iter().map(|ph| ph.e164.clone())).collect();
+    let plan = Arc::new(Plan { op: args.op, ids, owners, phones });
 
     let warmup = Duration::from_secs(2);
     let measure_for = Duration::from_secs(args.seconds.max(1));

@@ -50,6 +50,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let shutdown = shutdown.clone();
         tasks.spawn(async move { crm_contacts::run(&contacts, contacts_listener, shutdown).await.context("contacts") });
     }
+    // The gateway starts once contacts answers, so its first health check finds it serving.
+    wait_ready(contacts_addr).await?;
     {
         let shutdown = shutdown.clone();
         tasks.spawn(async move { gateway.serve(gateway_listener, shutdown).await.context("gateway") });
@@ -78,7 +80,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     result
 }
 
-/// Waits until the gateway reports the contacts service SERVING, so that the banner is true.
+/// Waits until `addr` (the contacts service, or the gateway in front of it) reports the contacts
+/// service SERVING, so that the banner is true.
 async fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
@@ -96,6 +99,6 @@ async fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {
         if Instant::now() > deadline {
             anyhow::bail!("the suite did not become ready within 60 s; see the log above");
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }

@@ -147,6 +147,8 @@ impl Default for Settings {
 }
 
 /// Shortest discovery or health-check interval; smaller values are raised to it.
+/// How often the health of each upstream (and of the gateway) is published.
+const REPORT_INTERVAL: Duration = Duration::from_millis(100);
 const MIN_INTERVAL: Duration = Duration::from_millis(10);
 
 /// A service behind the gateway: every call whose service name lies in `package` goes to one of
@@ -303,7 +305,9 @@ async fn maintain(pools: Arc<[Arc<Pool>]>, settings: Settings, health: HealthRep
         }
     };
     let report = async {
-        let mut tick = interval(settings.health_interval);
+        // Publishing only reads counters, so it runs often: a replica's change of health shows
+        // within REPORT_INTERVAL of its check, not a whole health interval later.
+        let mut tick = interval(REPORT_INTERVAL.min(settings.health_interval));
         // Last reported status of each upstream service, then of the gateway as a whole ("").
         let mut reported: Vec<Option<ServingStatus>> = vec![None; pools.len() + 1];
         loop {

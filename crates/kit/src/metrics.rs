@@ -2,6 +2,7 @@
 //! gives every gRPC call a span (with W3C trace context from its headers) and a duration
 //! observation labelled by service, method and status code.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::{LazyLock, Mutex};
 use std::task::{Context, Poll};
@@ -105,6 +106,39 @@ pub fn grpc_route(path: &str) -> Option<(&str, &str)> {
     (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
 }
 
+/// Every method of every service a CRM process can serve ("pkg.Service/Method"), from the
+/// descriptor sets. Calls to anything else share one label value, so that arbitrary paths sent
+/// by clients cannot grow the metric series without bound.
+static KNOWN_METHODS: LazyLock<HashSet<String>> = LazyLock::new(|| {
+    let sets = [
+        crm_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    let mut known = HashSet::new();
+    for bytes in sets {
+        let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(bytes) else { continue };
+        for file in set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    known.insert(format!("{}.{}/{}", file.package(), service.name(), method.name()));
+                }
+            }
+        }
+    }
+    known
+});
+
+/// The metric labels of a call: its service and method if known, else "unknown".
+fn method_labels(service: &str, method: &str) -> (String, String) {
+    if KNOWN_METHODS.contains(&format!("{service}/{method}")) {
+        (service.to_string(), method.to_string())
+    } else {
+        ("unknown".to_string(), "unknown".to_string())
+    }
+}
+
 fn grpc_status(headers: &HeaderMap) -> Option<i32> {
     headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
@@ -161,12 +195,8 @@ where
         let Some((service, method)) = route else {
             return Box::pin(self.inner.call(req));
         };
-        let labels = RpcLabels {
-            crm_role: self.role,
-            rpc_service: service.to_string(),
-            rpc_method: method.to_string(),
-            rpc_grpc_status_code: 0,
-        };
+        let (rpc_service, rpc_method) = method_labels(service, method);
+        let labels = RpcLabels { crm_role: self.role, rpc_service, rpc_method, rpc_grpc_status_code: 0 };
         let span = crate::telemetry::rpc_span(self.role, service, method, req.headers());
         crate::telemetry::inject_context(&span, req.headers_mut());
         let start = Instant::now();
@@ -261,6 +291,17 @@ mod tests {
         );
         assert_eq!(grpc_route("/metrics"), None);
         assert_eq!(grpc_route("/a/b/c"), None);
+    }
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        assert_eq!(
+            method_labels("crm.contacts.v1.ContactsService", "GetPerson"),
+            ("crm.contacts.v1.ContactsService".to_string(), "GetPerson".to_string())
+        );
+        assert_eq!(method_labels("grpc.health.v1.Health", "Check").1, "Check");
+        assert_eq!(method_labels("x.Junk", "A1b2c3"), ("unknown".to_string(), "unknown".to_string()));
+        assert_eq!(method_labels("crm.contacts.v1.ContactsService", "Nope").1, "unknown");
     }
 
     #[test]

@@ -136,13 +136,12 @@ impl Server {
 
         let result = tonic::transport::Server::builder()
             .accept_http1(true)
-            .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(GrpcWebSwitchLayer)
             .layer(RpcLayer::new(role))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), drain)
+            .serve_with_incoming_shutdown(incoming(listener), drain)
             .await;
         watcher.abort();
         result
@@ -154,6 +153,17 @@ fn metrics_response() -> impl IntoResponse {
         [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         crate::metrics::render(),
     )
+}
+
+/// Accepted connections with Nagle's algorithm off: tonic applies its own `tcp_nodelay` only to
+/// listeners it binds itself, and small gRPC frames otherwise wait for delayed ACKs (~40 ms).
+fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
 }
 
 async fn set_all(health: &HealthReporter, names: &[String], status: ServingStatus) {

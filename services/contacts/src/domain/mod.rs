@@ -212,6 +212,24 @@ struct Common<'a> {
     custom_fields: &'a mut HashMap<String, CustomValue>,
 }
 
+/// The shared parts, read-only: for rendering, search text and keys.
+struct View<'a> {
+    phones: &'a [Phone],
+    emails: &'a [Email],
+    social_handles: &'a [SocialHandle],
+    addresses: &'a [PostalAddress],
+    tags: &'a [String],
+    source: &'a str,
+    stage: i32,
+    owner_id: &'a str,
+    region: &'a str,
+    do_not_contact: bool,
+    do_not_contact_reason: &'a str,
+    important_dates: &'a [ImportantDate],
+    notes: &'a str,
+    custom_fields: &'a HashMap<String, CustomValue>,
+}
+
 fn trim(s: &mut String) {
     let t = s.trim();
     if t.len() != s.len() {
@@ -378,7 +396,9 @@ impl Common<'_> {
             }
         }
     }
+}
 
+impl View<'_> {
     fn render(&self, out: &mut Vec<(&'static str, String)>) {
         out.push(("phones", json_list(self.phones.iter().map(|p| p.e164.clone()))));
         out.push(("emails", json_list(self.emails.iter().map(|e| e.address.clone()))));
@@ -395,12 +415,12 @@ impl Common<'_> {
             })),
         ));
         out.push(("tags", json_list(self.tags.iter().cloned())));
-        out.push(("source", self.source.clone()));
+        out.push(("source", self.source.to_string()));
         out.push(("stage", stage_name(self.stage)));
-        out.push(("owner_id", self.owner_id.clone()));
-        out.push(("region", self.region.clone()));
+        out.push(("owner_id", self.owner_id.to_string()));
+        out.push(("region", self.region.to_string()));
         out.push(("do_not_contact", if self.do_not_contact { "true".into() } else { String::new() }));
-        out.push(("do_not_contact_reason", self.do_not_contact_reason.clone()));
+        out.push(("do_not_contact_reason", self.do_not_contact_reason.to_string()));
         out.push((
             "important_dates",
             json_list(self.important_dates.iter().map(|d| {
@@ -412,7 +432,7 @@ impl Common<'_> {
                 format!("{} {date} {}", d.kind, d.note).trim().to_string()
             })),
         ));
-        out.push(("notes", self.notes.clone()));
+        out.push(("notes", self.notes.to_string()));
         out.push(("custom_fields", render_custom(self.custom_fields)));
     }
 
@@ -459,6 +479,27 @@ macro_rules! common {
             important_dates: &mut $r.important_dates,
             notes: &mut $r.notes,
             custom_fields: &mut $r.custom_fields,
+        }
+    };
+}
+
+macro_rules! view {
+    ($r:expr) => {
+        View {
+            phones: &$r.phones,
+            emails: &$r.emails,
+            social_handles: &$r.social_handles,
+            addresses: &$r.addresses,
+            tags: &$r.tags,
+            source: &$r.source,
+            stage: $r.stage,
+            owner_id: &$r.owner_id,
+            region: &$r.region,
+            do_not_contact: $r.do_not_contact,
+            do_not_contact_reason: &$r.do_not_contact_reason,
+            important_dates: &$r.important_dates,
+            notes: &$r.notes,
+            custom_fields: &$r.custom_fields,
         }
     };
 }
@@ -543,8 +584,7 @@ impl Record for Company {
 
     fn columns(&self) -> Columns {
         let mut parts = vec![self.name.to_lowercase(), self.industry.to_lowercase(), self.website.to_lowercase()];
-        let mut copy = self.clone();
-        common!(copy).search_parts(&mut parts);
+        view!(self).search_parts(&mut parts);
         Columns {
             display_name: self.name.clone(),
             owner_id: self.owner_id.clone(),
@@ -573,15 +613,13 @@ impl Record for Company {
     fn revision_fields(&self) -> Vec<(&'static str, String)> {
         let mut out =
             vec![("name", self.name.clone()), ("industry", self.industry.clone()), ("website", self.website.clone())];
-        let mut copy = self.clone();
-        common!(copy).render(&mut out);
+        view!(self).render(&mut out);
         out
     }
 
     fn keys(&self) -> Vec<Key> {
         let mut keys = vec![Key { field: "name", value: normalize::company_name(&self.name) }];
-        let mut copy = self.clone();
-        common!(copy).keys(&mut keys);
+        view!(self).keys(&mut keys);
         keys.sort();
         keys.dedup();
         keys
@@ -615,8 +653,7 @@ impl Record for Person {
 
     fn columns(&self) -> Columns {
         let mut parts = vec![self.full_name.to_lowercase(), self.company_role.to_lowercase()];
-        let mut copy = self.clone();
-        common!(copy).search_parts(&mut parts);
+        view!(self).search_parts(&mut parts);
         Columns {
             display_name: self.full_name.clone(),
             owner_id: self.owner_id.clone(),
@@ -648,15 +685,13 @@ impl Record for Person {
             ("company_id", self.company_id.clone()),
             ("company_role", self.company_role.clone()),
         ];
-        let mut copy = self.clone();
-        common!(copy).render(&mut out);
+        view!(self).render(&mut out);
         out
     }
 
     fn keys(&self) -> Vec<Key> {
         let mut keys = Vec::new();
-        let mut copy = self.clone();
-        common!(copy).keys(&mut keys);
+        view!(self).keys(&mut keys);
         keys.sort();
         keys.dedup();
         keys
