@@ -108,7 +108,7 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpLis
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (_trigger, shutdown) = crm_kit::shutdown::on_os_signal();
+    let (trigger, shutdown) = crm_kit::shutdown::on_os_signal();
     let mut tasks = tokio::task::JoinSet::new();
     let mut roles = args.roles.clone();
     roles.dedup();
@@ -134,7 +134,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let outcome = joined.context("role task panicked").and_then(|r| r);
         if let Err(err) = outcome {
             tracing::error!(error = %format!("{err:#}"), "role failed");
-            _trigger.fire();
+            trigger.fire();
             result = Err(err);
         }
     }

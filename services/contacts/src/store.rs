@@ -366,8 +366,7 @@ impl Store {
             " (id, display_name, owner_id, stage, source, region, industry, company_id, do_not_contact, \
              search_text, created_at, updated_at, last_activity_at, version, doc) VALUES ",
         );
-        let mut tags = Sql::new("INSERT INTO tags (tag, record_id) VALUES ");
-        let mut tag_count = 0;
+        let mut tags: Vec<(&str, &str)> = Vec::new();
         let mut revisions = Vec::with_capacity(records.len());
         for (i, record) in records.iter().enumerate() {
             let c = record.columns();
@@ -380,19 +379,11 @@ impl Store {
             push_columns(&mut sql, c.clone());
             sql.push(", ").bind(created_at).push(", ").bind(created_at).push(", ").bind(0_i64);
             sql.push(", ").bind(1_i64).push(", ").bind(document(record)).push(")");
-            for tag in record.tags() {
-                if tag_count > 0 {
-                    tags.push(", ");
-                }
-                tags.push("(").bind(tag).push(", ").bind(id.as_str()).push(")");
-                tag_count += 1;
-            }
+            tags.extend(record.tags().iter().map(|t| (t.as_str(), record.id())));
             revisions.push((id, 1, ACTION_CREATE, domain::diff(None, Some(record)), created_at));
         }
         sql.query().execute(&mut **tx).await?;
-        if tag_count > 0 {
-            tags.query().execute(&mut **tx).await?;
-        }
+        insert_tags(tx, &tags).await?;
         self.insert_revisions::<R>(tx, &revisions, actor).await
     }
 
@@ -467,11 +458,8 @@ impl Store {
             let mut sql = Sql::new("DELETE FROM tags WHERE record_id = ");
             sql.bind(id);
             sql.query().execute(&mut *tx).await?;
-            for tag in new_tags {
-                let mut sql = Sql::new("INSERT INTO tags (tag, record_id) VALUES (");
-                sql.bind(tag).push(", ").bind(id).push(") ON CONFLICT DO NOTHING");
-                sql.query().execute(&mut *tx).await?;
-            }
+            let pairs: Vec<(&str, &str)> = new_tags.iter().map(|t| (t.as_str(), id)).collect();
+            insert_tags(&mut tx, &pairs).await?;
         }
         let c = new.columns();
         let mut sql = Sql::new("UPDATE ");
@@ -682,6 +670,21 @@ impl Store {
             .collect::<Result<_, sqlx::Error>>()
             .map_err(ApiError::from)
     }
+}
+
+/// Inserts (tag, record id) pairs in one statement per 1,000.
+async fn insert_tags(tx: &mut Transaction<'static, Any>, pairs: &[(&str, &str)]) -> Result<(), ApiError> {
+    for chunk in pairs.chunks(1000) {
+        let mut sql = Sql::new("INSERT INTO tags (tag, record_id) VALUES ");
+        for (i, (tag, record_id)) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.push("(").bind(*tag).push(", ").bind(*record_id).push(")");
+        }
+        sql.query().execute(&mut **tx).await?;
+    }
+    Ok(())
 }
 
 fn check_etag(kind: Kind, id: &str, sent: &str, stored: &str) -> Result<(), ApiError> {
