@@ -219,6 +219,27 @@ impl Sql {
         self
     }
 
+    /// Appends another statement (e.g. as a subquery), renumbering its placeholders.
+    pub fn push_sql(&mut self, other: Sql) -> &mut Sql {
+        let offset = self.binds.len();
+        let mut chars = other.text.chars().peekable();
+        while let Some(c) = chars.next() {
+            self.text.push(c);
+            if c == '$' {
+                let mut digits = String::new();
+                while let Some(d) = chars.next_if(|d| d.is_ascii_digit()) {
+                    digits.push(d);
+                }
+                match digits.parse::<usize>() {
+                    Ok(n) => self.text.push_str(&(n + offset).to_string()),
+                    Err(_) => self.text.push_str(&digits),
+                }
+            }
+        }
+        self.binds.extend(other.binds);
+        self
+    }
+
     pub fn text(&self) -> &str {
         &self.text
     }
@@ -257,6 +278,24 @@ mod tests {
         let mut sql = Sql::new("SELECT * FROM t WHERE a = ");
         sql.bind("x").push(" AND b > ").bind(3_i64);
         assert_eq!(sql.text(), "SELECT * FROM t WHERE a = $1 AND b > $2");
+    }
+
+    #[test]
+    fn nests_statements_renumbering_placeholders() {
+        let mut inner = Sql::new("SELECT id FROM t WHERE a = ");
+        inner.bind("x").push(" LIMIT ").bind(10_i64);
+        let mut outer = Sql::new("SELECT * FROM (");
+        outer.push_sql(inner).push(") s WHERE b = ").bind("y");
+        let mut first = Sql::new("WHERE c = ");
+        first.bind(1_i64).push(" AND d IN (").push_sql({
+            let mut sub = Sql::new("SELECT 1 WHERE e = ");
+            sub.bind(2_i64);
+            sub
+        });
+        assert_eq!(outer.text(), "SELECT * FROM (SELECT id FROM t WHERE a = $1 LIMIT $2) s WHERE b = $3");
+        assert_eq!(first.text(), "WHERE c = $1 AND d IN (SELECT 1 WHERE e = $2");
+        let (_, binds) = first.into_parts();
+        assert_eq!(binds, vec![Bind::Int(1), Bind::Int(2)]);
     }
 
     #[test]

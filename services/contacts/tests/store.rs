@@ -46,6 +46,7 @@ both_backends!(
     create_is_idempotent_by_request_id,
     company_with_people_cannot_be_deleted,
     concurrent_creates_of_one_phone_admit_one,
+    search_results_do_not_depend_on_the_window,
 );
 
 fn person(name: &str, phone: &str, email: &str) -> Person {
@@ -585,4 +586,50 @@ async fn concurrent_creates_of_one_phone_admit_one(env: Env) {
     }
     assert_eq!(ok, 1);
     assert_eq!(list_people(&api, "", "", "", 10, "").await.unwrap().people.len(), 1);
+}
+
+async fn search_results_do_not_depend_on_the_window(env: Env) {
+    for i in 0..40 {
+        let name = if i % 3 == 0 { format!("Petrov {i:02}") } else { format!("Smith {i:02}") };
+        let mut p = person(&name, &format!("+7 915 000-00-{i:02}"), &format!("w{i}@x.ru"));
+        p.stage = if i % 2 == 0 { LifecycleStage::Customer as i32 } else { LifecycleStage::Lead as i32 };
+        create_person(&env.api, p).await.unwrap();
+    }
+    let rules = || Rules { default_calling_code: "7".into() };
+    let mut by_window = Vec::new();
+    for window in [Some(3), Some(10), None] {
+        let store = Store::open(env._db.url(), 4).await.unwrap();
+        let store = match window {
+            Some(rows) => store.with_search_window(rows),
+            None => store,
+        };
+        let api = ContactsApi::new(store, rules());
+        let mut results = Vec::new();
+        for (filter, query, order) in [
+            ("", "petrov", ""),
+            ("", "petrov", "full_name"),
+            ("stage = CUSTOMER", "petrov", "full_name desc"),
+            ("", "smith", "create_time"),
+            ("", "nobody", ""),
+        ] {
+            let mut names = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = list_people(&api, filter, query, order, 4, &token).await.unwrap();
+                names.extend(page.people.into_iter().map(|p| p.full_name));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            results.push(names);
+        }
+        by_window.push(results);
+    }
+    assert_eq!(by_window[0][0].len(), 14);
+    assert_eq!(by_window[0][2].len(), 7);
+    assert_eq!(by_window[0][3].len(), 26);
+    assert!(by_window[0][4].is_empty());
+    assert_eq!(by_window[0], by_window[1]);
+    assert_eq!(by_window[0], by_window[2]);
 }
