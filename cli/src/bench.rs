@@ -15,7 +15,21 @@ use crm_proto::contacts::v1::*;
 use hdrhistogram::Histogram;
 use rand::Rng;
 use rand::seq::IndexedRandom;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+
+/// A contacts client whose every call carries the bench user's access token.
+type Client = ContactsServiceClient<InterceptedService<Channel, Bearer>>;
+
+#[derive(Clone)]
+struct Bearer(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -29,6 +43,16 @@ enum BenchCommand {
     Seed(SeedArgs),
     /// Call a running suite (gateway or contacts service) and report latency percentiles.
     Run(RunArgs),
+    /// Measure what every process pays per call to verify an access token (in-process: a
+    /// suite-shaped token signed with a fresh key, verified from the cached key set).
+    Tokens(TokensArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TokensArgs {
+    /// Verifications to time (after 1,000 warm-up ones).
+    #[arg(long, default_value_t = 100_000)]
+    count: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -81,13 +105,69 @@ struct RunArgs {
     /// HTTP/2 connections to spread the calls over.
     #[arg(long, default_value_t = 1)]
     connections: usize,
+    /// Where to sign in (the gateway); default: the target. Set it when the target is a
+    /// contacts replica.
+    #[arg(long)]
+    sign_in_at: Option<String>,
+    /// User the calls run as; their data scope applies.
+    #[arg(long, env = "CRM_BENCH_EMAIL", default_value = "admin@crm.local")]
+    email: String,
+    /// That user's password (environment only, so that it never shows in a process list).
+    #[arg(skip = std::env::var("CRM_BENCH_PASSWORD").unwrap_or_default())]
+    password: String,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Seed(a) => seed(a).await,
         BenchCommand::Run(a) => measure(a).await,
+        BenchCommand::Tokens(a) => tokens(a).await,
     }
+}
+
+/// Serves the key set of one key, as the auth service's GetJwks would.
+struct OneKey(crm_proto::auth::v1::Jwks);
+
+impl crm_kit::auth::KeySource for OneKey {
+    fn fetch(&self) -> futures_util::future::BoxFuture<'_, Result<crm_proto::auth::v1::Jwks, String>> {
+        let jwks = self.0.clone();
+        Box::pin(async move { Ok(jwks) })
+    }
+}
+
+async fn tokens(args: TokensArgs) -> anyhow::Result<()> {
+    use crm_kit::auth::{Claims, SigningKey, Verifier};
+    let key = SigningKey::generate();
+    let verifier = Verifier::new(Arc::new(OneKey(crm_proto::auth::v1::Jwks { keys: vec![key.jwk()] })));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    let claims = Claims {
+        iss: crm_kit::auth::ISSUER.into(),
+        sub: crm_kit::validate::new_id(),
+        iat: now,
+        exp: now + 900,
+        jti: crm_kit::validate::new_id(),
+        svc: false,
+        name: "Bench User".into(),
+        email: "bench.user@example.com".into(),
+        dept: crm_kit::validate::new_id(),
+        perms: crm_kit::auth::PERMISSIONS.iter().map(|p| p.to_string()).collect(),
+    };
+    let token = key.sign(&claims);
+    for _ in 0..1_000 {
+        verifier.verify(&token).await?;
+    }
+    let count = args.count.max(1);
+    let start = Instant::now();
+    for _ in 0..count {
+        verifier.verify(&token).await?;
+    }
+    let per_call = start.elapsed() / count;
+    println!(
+        "token verification: {count} calls, {:.1} µs per call on one core ({} bytes token, EdDSA)",
+        per_call.as_secs_f64() * 1e6,
+        token.len()
+    );
+    Ok(())
 }
 
 const FIRST: &[&str] = &[
@@ -313,7 +393,7 @@ impl Plan {
         }
     }
 
-    async fn call(&self, client: &mut ContactsServiceClient<Channel>) -> Result<(), tonic::Status> {
+    async fn call(&self, client: &mut Client) -> Result<(), tonic::Status> {
         match self.next() {
             Call::Get(request) => client.get_person(request).await.map(|_| ()),
             Call::List(request) => client.list_people(request).await.map(|_| ()),
@@ -336,7 +416,21 @@ async fn measure(args: RunArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot connect to {}", args.target))?,
         );
     }
-    let mut client = ContactsServiceClient::new(channels[0].clone());
+    if args.password.is_empty() {
+        bail!("set CRM_BENCH_PASSWORD to the password of {} (the user the calls run as)", args.email);
+    }
+    let sign_in_at = args.sign_in_at.clone().unwrap_or_else(|| args.target.clone());
+    let auth_channel = Channel::from_shared(format!("http://{sign_in_at}"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {sign_in_at}"))?;
+    let signed_in = crm_proto::auth::v1::auth_service_client::AuthServiceClient::new(auth_channel)
+        .sign_in(crm_proto::auth::v1::SignInRequest { email: args.email.clone(), password: args.password.clone() })
+        .await
+        .with_context(|| format!("sign in as {} at {sign_in_at}", args.email))?
+        .into_inner();
+    let bearer = Bearer(format!("Bearer {}", signed_in.access_token).parse().context("access token")?);
+    let mut client = ContactsServiceClient::with_interceptor(channels[0].clone(), bearer.clone());
     let sample = client
         .list_people(ListPeopleRequest { page_size: 1000, order_by: "update_time desc".into(), ..Default::default() })
         .await
@@ -357,7 +451,7 @@ async fn measure(args: RunArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..args.concurrency {
-        let mut client = ContactsServiceClient::new(channels[i % channels.len()].clone());
+        let mut client = ContactsServiceClient::with_interceptor(channels[i % channels.len()].clone(), bearer.clone());
         let plan = plan.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");

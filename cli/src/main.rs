@@ -12,8 +12,10 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use crm_auth::AuthArgs;
 use crm_contacts::ContactsArgs;
 use crm_gateway::GatewayArgs;
+use crm_kit::auth::AuthClientArgs;
 use crm_kit::config::LogArgs;
 use crm_kit::telemetry::LogFormat;
 
@@ -35,7 +37,7 @@ enum Command {
     /// Run the whole suite in one process with embedded SQLite storage: no other setup.
     Dev(dev::DevArgs),
     /// Run one or more cluster roles (each its own port) against PostgreSQL.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply a service's database migrations and exit (for a migration Job).
     Migrate(MigrateArgs),
     /// Load volume into a database and measure calls against a running suite.
@@ -44,6 +46,7 @@ enum Command {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Role {
+    Auth,
     Contacts,
     Gateway,
 }
@@ -54,13 +57,18 @@ struct ServeArgs {
     #[arg(required = true, value_enum)]
     roles: Vec<Role>,
     #[command(flatten)]
+    auth: AuthArgs,
+    #[command(flatten)]
     contacts: ContactsArgs,
     #[command(flatten)]
     gateway: GatewayArgs,
+    #[command(flatten)]
+    auth_client: AuthClientArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Service {
+    Auth,
     Contacts,
 }
 
@@ -85,14 +93,21 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Serve(args) => {
                 let _telemetry = crm_kit::telemetry::init("crm", cli.log.format_or(LogFormat::Json));
-                serve(args).await
+                serve(*args).await
             }
             Command::Migrate(args) => {
                 let _telemetry = crm_kit::telemetry::init("crm-migrate", cli.log.format_or(LogFormat::Pretty));
-                match args.service {
-                    Service::Contacts => crm_contacts::migrate(&args.database_url).await?,
-                }
-                println!("contacts database is up to date: {}", crm_kit::db::redact(&args.database_url));
+                let name = match args.service {
+                    Service::Auth => {
+                        crm_auth::migrate(&args.database_url).await?;
+                        "auth"
+                    }
+                    Service::Contacts => {
+                        crm_contacts::migrate(&args.database_url).await?;
+                        "contacts"
+                    }
+                };
+                println!("{name} database is up to date: {}", crm_kit::db::redact(&args.database_url));
                 Ok(())
             }
             Command::Bench(args) => {
@@ -111,17 +126,33 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (trigger, shutdown) = crm_kit::shutdown::on_os_signal();
     let mut tasks = tokio::task::JoinSet::new();
     let mut roles = args.roles.clone();
+    roles.sort_by_key(|r| *r as u8);
     roles.dedup();
+    // Roles served together find auth in the same process unless told otherwise.
+    let mut auth_client = args.auth_client.clone();
+    if auth_client.addrs().is_empty() && roles.contains(&Role::Auth) {
+        let listen = args.auth.listen;
+        let host = if listen.ip().is_unspecified() { "127.0.0.1".to_string() } else { listen.ip().to_string() };
+        auth_client.auth_addr = vec![format!("{host}:{}", listen.port())];
+    }
     for role in roles {
         match role {
+            Role::Auth => {
+                let listener = bind(args.auth.listen, "auth").await?;
+                let (auth, shutdown) = (args.auth.clone(), shutdown.clone());
+                tasks.spawn(async move { crm_auth::run(&auth, listener, shutdown).await.context("auth") });
+            }
             Role::Contacts => {
                 let listener = bind(args.contacts.listen, "contacts").await?;
-                let (contacts, shutdown) = (args.contacts.clone(), shutdown.clone());
-                tasks.spawn(async move { crm_contacts::run(&contacts, listener, shutdown).await.context("contacts") });
+                let (contacts, auth, shutdown) = (args.contacts.clone(), auth_client.clone(), shutdown.clone());
+                tasks.spawn(async move {
+                    crm_contacts::run(&contacts, &auth, listener, shutdown).await.context("contacts")
+                });
             }
             Role::Gateway => {
                 let listener = bind(args.gateway.listen, "gateway").await?;
-                let gateway = crm_gateway::Gateway::from_args(&args.gateway).context("gateway settings")?;
+                let gateway =
+                    crm_gateway::Gateway::from_args(&args.gateway, &auth_client).context("gateway settings")?;
                 let shutdown = shutdown.clone();
                 tracing::info!(addr = %args.gateway.listen, "gateway listening");
                 tasks.spawn(async move { gateway.serve(listener, shutdown).await.context("gateway") });
@@ -148,5 +179,37 @@ mod tests {
     #[test]
     fn command_line_is_consistent() {
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_role_takes_its_own_settings_in_one_process() {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from([
+            "crm",
+            "serve",
+            "auth",
+            "contacts",
+            "gateway",
+            "--auth-database-url",
+            "postgres://db/auth",
+            "--auth-max-connections",
+            "3",
+            "--contacts-database-url",
+            "postgres://db/contacts",
+            "--contacts-max-connections",
+            "5",
+            "--contacts-addr",
+            "127.0.0.1:50051",
+            "--auth-addr",
+            "127.0.0.1:50052",
+        ])
+        .expect("parses");
+        let super::Command::Serve(args) = cli.command else { panic!("serve") };
+        assert_eq!(args.auth.database_url.as_deref(), Some("postgres://db/auth"));
+        assert_eq!(args.auth.max_connections, 3);
+        assert_eq!(args.contacts.database_url.as_deref(), Some("postgres://db/contacts"));
+        assert_eq!(args.contacts.max_connections, 5);
+        assert_eq!(args.auth_client.addrs(), ["127.0.0.1:50052"]);
+        assert_eq!(args.roles.len(), 3);
     }
 }

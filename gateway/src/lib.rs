@@ -16,6 +16,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crm_kit::auth::{AuthClientArgs, Verifier};
+use crm_kit::config::parse_duration;
 use crm_kit::server::{ReadyCheck, Server};
 use crm_kit::shutdown::Shutdown;
 use tokio::net::TcpListener;
@@ -116,9 +118,9 @@ impl GatewayArgs {
     }
 
     /// The upstream services and their configured replica addresses.
-    pub fn upstreams(&self) -> Vec<Upstream> {
+    pub fn upstreams(&self, auth: &AuthClientArgs) -> Vec<Upstream> {
         let clean = |addrs: &[String]| addrs.iter().map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect();
-        vec![Upstream::contacts(clean(&self.contacts_addr))]
+        vec![Upstream::auth(auth.addrs()), Upstream::contacts(clean(&self.contacts_addr))]
     }
 }
 
@@ -161,15 +163,28 @@ pub struct Upstream {
     pub service: &'static str,
     /// `host:port` targets; each address a name resolves to is one replica.
     pub addrs: Vec<String>,
+    /// The setting that configures `addrs`, for error messages.
+    pub flag: &'static str,
 }
 
 impl Upstream {
+    /// The auth service (sign-in, tokens, the organisation) at `addrs`.
+    pub fn auth(addrs: Vec<String>) -> Upstream {
+        Upstream {
+            package: "crm.auth.v1",
+            service: crm_proto::auth::v1::auth_service_server::SERVICE_NAME,
+            addrs,
+            flag: "--auth-addr (CRM_AUTH_ADDR)",
+        }
+    }
+
     /// The contacts service at `addrs`.
     pub fn contacts(addrs: Vec<String>) -> Upstream {
         Upstream {
             package: "crm.contacts.v1",
             service: crm_proto::contacts::v1::contacts_service_server::SERVICE_NAME,
             addrs,
+            flag: "--contacts-addr (CRM_CONTACTS_ADDR)",
         }
     }
 }
@@ -205,6 +220,7 @@ pub enum GatewayError {
 pub struct Gateway {
     pools: Arc<[Arc<Pool>]>,
     settings: Settings,
+    verifier: Option<Verifier>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -226,12 +242,20 @@ impl Gateway {
             ..settings
         };
         let pools = upstreams.into_iter().map(|u| Arc::new(Pool::new(u.package, u.service, u.addrs))).collect();
-        Gateway { pools, settings }
+        Gateway { pools, settings, verifier: None }
+    }
+
+    /// Verifies access tokens at the edge: calls that need one and lack a valid one are refused
+    /// with UNAUTHENTICATED before they reach a service (which verifies again), and the
+    /// verification keys are published at `/.well-known/jwks.json`.
+    pub fn authenticate(mut self, verifier: Verifier) -> Gateway {
+        self.verifier = Some(verifier);
+        self
     }
 
     /// A gateway from command-line settings; refuses missing or malformed replica addresses and
     /// out-of-range settings.
-    pub fn from_args(args: &GatewayArgs) -> Result<Gateway, GatewayError> {
+    pub fn from_args(args: &GatewayArgs, auth: &AuthClientArgs) -> Result<Gateway, GatewayError> {
         let settings = args.settings();
         if settings.max_concurrency == 0 {
             return Err(GatewayError::BadSetting("--max-concurrency must be at least 1".into()));
@@ -243,35 +267,60 @@ impl Gateway {
                 return Err(GatewayError::BadSetting(format!("{name} must be at least 10ms, got {value:?}")));
             }
         }
-        let upstreams = args.upstreams();
+        let upstreams = args.upstreams(auth);
         for upstream in &upstreams {
             if upstream.addrs.is_empty() {
-                return Err(GatewayError::NoReplicas {
-                    service: upstream.service,
-                    flag: "--contacts-addr (CRM_CONTACTS_ADDR)",
-                });
+                return Err(GatewayError::NoReplicas { service: upstream.service, flag: upstream.flag });
             }
             if let Some(bad) = upstream.addrs.iter().find(|a| !is_host_port(a)) {
                 return Err(GatewayError::BadAddress { service: upstream.service, addr: bad.clone() });
             }
         }
-        Ok(Gateway::new(upstreams, settings))
+        let verifier = auth.verifier().map_err(GatewayError::BadSetting)?;
+        Ok(Gateway::new(upstreams, settings).authenticate(verifier))
     }
 
     /// Serves on `listener` until `shutdown` fires, then drains the calls in flight.
     pub async fn serve(self, listener: TcpListener, shutdown: Shutdown) -> Result<(), GatewayError> {
-        let Gateway { pools, settings } = self;
-        let server = Server::new("gateway");
+        let Gateway { pools, settings, verifier } = self;
+        let mut server = Server::new("gateway");
         let health = server.health_reporter();
         for pool in pools.iter() {
             health.set_service_status(pool.service(), ServingStatus::NotServing).await;
         }
         let maintenance = tokio::spawn(maintain(pools.clone(), settings.clone(), health, shutdown.clone()));
-        let fallback = proxy::router(pools.clone(), &settings);
+        let mut fallback = proxy::router(pools.clone(), &settings);
+        if let Some(verifier) = verifier {
+            let keys = verifier.clone();
+            fallback = fallback.route("/.well-known/jwks.json", axum::routing::get(move || jwks(keys.clone())));
+            server = server.authenticate(verifier);
+        }
         let result = server.ready_check(ready_check(pools)).fallback(fallback).serve(listener, shutdown).await;
         maintenance.abort();
         result.map_err(GatewayError::Serve)
     }
+}
+
+/// The token verification keys as JSON (RFC 7517), fetched from auth when none are known yet.
+async fn jwks(verifier: Verifier) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if verifier.jwks().keys.is_empty()
+        && let Err(err) = verifier.fetch(Duration::from_secs(1)).await
+    {
+        tracing::warn!(error = %err, "cannot fetch the verification keys");
+        return (http::StatusCode::SERVICE_UNAVAILABLE, "verification keys unavailable; retry later\n").into_response();
+    }
+    let keys: Vec<serde_json::Value> = verifier
+        .jwks()
+        .keys
+        .iter()
+        .map(|k| serde_json::json!({"kty": k.kty, "crv": k.crv, "kid": k.kid, "x": k.x, "alg": k.alg, "use": k.r#use}))
+        .collect();
+    (
+        [(http::header::CONTENT_TYPE, "application/json"), (http::header::CACHE_CONTROL, "max-age=60")],
+        serde_json::json!({ "keys": keys }).to_string(),
+    )
+        .into_response()
 }
 
 /// Ready when every upstream has at least one healthy replica; otherwise names those without.
@@ -360,58 +409,32 @@ fn is_host_port(addr: &str) -> bool {
     addr.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
-/// Parses "30s", "500ms", "2m", "1h", "250us" or a bare number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let value: u64 = digits.parse().map_err(|_| format!("{text:?} is not a duration such as 30s, 500ms or 2m"))?;
-    let duration = match unit.trim() {
-        "" | "s" => Duration::from_secs(value),
-        "ms" => Duration::from_millis(value),
-        "us" => Duration::from_micros(value),
-        "m" => Duration::from_secs(value.saturating_mul(60)),
-        "h" => Duration::from_secs(value.saturating_mul(3600)),
-        other => return Err(format!("unknown unit {other:?} in {text:?}; use ms, s, m or h")),
-    };
-    Ok(duration)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_durations() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("3 days").is_err());
-        assert!(parse_duration("99999999999999999999999s").is_err());
-    }
-
-    #[test]
-    fn validates_args() {
+    #[tokio::test]
+    async fn validates_args() {
         let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let ok = GatewayArgs::for_upstreams(listen, vec!["contacts:50051".into(), " 10.0.0.1:1 ".into(), "".into()]);
-        let gateway = Gateway::from_args(&ok).unwrap();
-        assert_eq!(gateway.pools.len(), 1);
-        assert_eq!(ok.upstreams()[0].addrs, ["contacts:50051", "10.0.0.1:1"]);
-        assert_eq!(ok.upstreams()[0].service, "crm.contacts.v1.ContactsService");
+        let auth = AuthClientArgs::new(vec!["auth:50052".into()]);
+        let gateway = Gateway::from_args(&ok, &auth).unwrap();
+        assert_eq!(gateway.pools.len(), 2);
+        assert!(gateway.verifier.is_some(), "a gateway from settings always verifies tokens");
+        assert_eq!(ok.upstreams(&auth)[1].addrs, ["contacts:50051", "10.0.0.1:1"]);
+        assert_eq!(ok.upstreams(&auth)[1].service, "crm.contacts.v1.ContactsService");
+        assert_eq!(ok.upstreams(&auth)[0].service, "crm.auth.v1.AuthService");
+        let no_auth = Gateway::from_args(&ok, &AuthClientArgs::new(vec![]));
+        assert!(matches!(no_auth, Err(GatewayError::NoReplicas { service: "crm.auth.v1.AuthService", .. })));
 
         let none = GatewayArgs::for_upstreams(listen, vec![]);
-        assert!(matches!(Gateway::from_args(&none), Err(GatewayError::NoReplicas { .. })));
+        assert!(matches!(Gateway::from_args(&none, &auth), Err(GatewayError::NoReplicas { .. })));
         let bad = GatewayArgs::for_upstreams(listen, vec!["contacts".into()]);
-        assert!(matches!(Gateway::from_args(&bad), Err(GatewayError::BadAddress { .. })));
+        assert!(matches!(Gateway::from_args(&bad, &auth), Err(GatewayError::BadAddress { .. })));
         let zero = GatewayArgs { max_concurrency: 0, ..ok.clone() };
-        assert!(matches!(Gateway::from_args(&zero), Err(GatewayError::BadSetting(_))));
+        assert!(matches!(Gateway::from_args(&zero, &auth), Err(GatewayError::BadSetting(_))));
         let fast = GatewayArgs { health_interval: Duration::ZERO, ..ok };
-        assert!(matches!(Gateway::from_args(&fast), Err(GatewayError::BadSetting(_))));
+        assert!(matches!(Gateway::from_args(&fast, &auth), Err(GatewayError::BadSetting(_))));
         assert!(is_host_port("[::1]:50051"));
         assert!(!is_host_port(":50051"));
     }

@@ -161,12 +161,29 @@ fn plain(status: StatusCode, text: &'static str) -> Response<HttpBody> {
     response
 }
 
+/// Names the client for the services (security audit): the peer address is appended to
+/// `x-forwarded-for`, so a proxy in front of the gateway keeps its entries first.
+fn forwarded_for(parts: &mut http::request::Parts) {
+    let Some(peer) = parts.extensions.get::<tonic::transport::server::TcpConnectInfo>().and_then(|i| i.remote_addr())
+    else {
+        return;
+    };
+    let value = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(earlier) if !earlier.trim().is_empty() => format!("{earlier}, {}", peer.ip()),
+        _ => peer.ip().to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        parts.headers.insert("x-forwarded-for", value);
+    }
+}
+
 /// Forwards one call. A replica whose connection cannot be had (or turns out closed before the
 /// call was handed to it) is marked unhealthy and the call goes to another: nothing of it has
 /// been sent yet, so this is safe for any method.
 async fn forward(pool: &Pool, request: Request<HttpBody>) -> Response<HttpBody> {
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    forwarded_for(&mut parts);
     parts.version = Version::HTTP_2;
     let path = parts.uri.path_and_query().cloned();
     let mut request = Request::from_parts(parts, tonic::body::Body::new(body));

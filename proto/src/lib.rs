@@ -15,3 +15,9 @@ pub mod contacts {
         tonic::include_proto!("crm.contacts.v1");
     }
 }
+
+pub mod auth {
+    pub mod v1 {
+        tonic::include_proto!("crm.auth.v1");
+    }
+}

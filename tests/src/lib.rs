@@ -1,17 +1,34 @@
 //! The end-to-end harness: starts the real `crm` binary as separate processes, waits until
-//! they answer health checks, and hands out gRPC clients. Processes are stopped when dropped.
+//! they answer health checks, and hands out gRPC clients, signed in where calls need it.
+//! Processes are stopped when dropped; a failing test prints what they logged.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use crm_kit::testing::TestDb;
+use crm_proto::auth::v1::auth_service_client::AuthServiceClient;
+use crm_proto::auth::v1::org_service_client::OrgServiceClient;
+use crm_proto::auth::v1::{SignInRequest, TokenPair};
 use crm_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+
+pub const CONTACTS_SERVICE: &str = "crm.contacts.v1.ContactsService";
+pub const AUTH_SERVICE: &str = "crm.auth.v1.AuthService";
+pub const ORG_SERVICE: &str = "crm.auth.v1.OrgService";
+
+/// The first administrator of every suite the harness starts.
+pub const ADMIN_EMAIL: &str = "admin@example.com";
+/// Their password, handed to the suite in `CRM_ADMIN_PASSWORD`.
+pub const ADMIN_PASSWORD: &str = "first-admin-password-1";
 
 /// The `crm` binary, built once per test run so that it is never stale.
 pub fn crm_bin() -> &'static Path {
@@ -45,14 +62,15 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts `crm <args>` with `env` on top of the test's environment.
+    /// Starts `crm <args>` with `env` on top of the test's environment (minus the
+    /// administrator password, which only a test sets).
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(crm_bin());
         cmd.args(args).stdin(Stdio::null()).stdout(file.try_clone().expect("clone log")).stderr(file);
-        cmd.env("RUST_LOG", "info").env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+        cmd.env("RUST_LOG", "info").env_remove("OTEL_EXPORTER_OTLP_ENDPOINT").env_remove("CRM_ADMIN_PASSWORD");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -95,6 +113,22 @@ impl Process {
         }
     }
 
+    /// Waits up to `within` for the process to exit on its own; `None` if it is still running.
+    pub async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until the process answers `grpc.health.v1` SERVING for `service` at `addr`.
     pub async fn wait_serving(&mut self, addr: SocketAddr, service: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -113,6 +147,15 @@ impl Process {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+
+    /// Waits up to `within` until the output contains `text`.
+    pub async fn wait_output(&self, text: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.output().contains(text) {
+            assert!(Instant::now() < deadline, "{} never printed {text:?}:\n{}", self.name, self.output());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl Drop for Process {
@@ -122,6 +165,151 @@ impl Drop for Process {
         }
         self.kill();
     }
+}
+
+/// Runs `crm migrate <service> --database-url <url>` to completion.
+pub async fn migrate(service: &str, url: &str) {
+    let mut migrate = Process::start(&format!("migrate-{service}"), &["migrate", service, "--database-url", url], &[]);
+    let status = migrate.wait_exit(Duration::from_secs(60)).await;
+    assert!(
+        status.is_some_and(|s| s.success()) && migrate.output().contains("is up to date"),
+        "crm migrate {service} ended with {status:?}:\n{}",
+        migrate.output()
+    );
+}
+
+/// How [`Cluster::start`] runs the suite.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    /// Contacts replicas behind the gateway, sharing one database.
+    pub replicas: usize,
+    /// Extra flags for `crm serve auth`, e.g. `--access-token-ttl 2s`.
+    pub auth_flags: Vec<String>,
+    /// Extra flags for every `crm serve contacts`, e.g. `--visibility-cache-ttl 0`.
+    pub contacts_flags: Vec<String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> ClusterConfig {
+        ClusterConfig { replicas: 1, auth_flags: Vec::new(), contacts_flags: Vec::new() }
+    }
+}
+
+/// The suite in cluster mode: one process per role, one PostgreSQL database per service.
+/// Processes are listed before the databases so that they stop first.
+pub struct Cluster {
+    pub gateway: SocketAddr,
+    pub auth: SocketAddr,
+    /// The contacts replicas: address and process.
+    pub replicas: Vec<(SocketAddr, Process)>,
+    pub gateway_process: Process,
+    pub auth_process: Process,
+    _auth_db: TestDb,
+    _contacts_db: TestDb,
+}
+
+impl Cluster {
+    /// Migrates fresh auth and contacts databases, then starts auth (with [`ADMIN_EMAIL`] /
+    /// [`ADMIN_PASSWORD`] as its first administrator), the contacts replicas and a gateway in
+    /// front of them, and waits until the gateway serves both services.
+    pub async fn start(config: ClusterConfig) -> Cluster {
+        let (auth_db, contacts_db) = tokio::join!(TestDb::postgres(), TestDb::postgres());
+        tokio::join!(migrate("auth", auth_db.url()), migrate("contacts", contacts_db.url()));
+
+        let auth = free_addr();
+        let mut args = vec![
+            "serve",
+            "auth",
+            "--auth-listen",
+            &auth.to_string(),
+            "--auth-database-url",
+            auth_db.url(),
+            "--admin-email",
+            ADMIN_EMAIL,
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(config.auth_flags.iter().cloned());
+        let mut auth_process = Process::start("auth", &strs(&args), &[("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD)]);
+
+        let mut replicas = Vec::new();
+        for i in 0..config.replicas {
+            let addr = free_addr();
+            let mut args = vec![
+                "serve".to_string(),
+                "contacts".into(),
+                "--contacts-listen".into(),
+                addr.to_string(),
+                "--contacts-database-url".into(),
+                contacts_db.url().into(),
+                "--auth-addr".into(),
+                auth.to_string(),
+            ];
+            args.extend(config.contacts_flags.iter().cloned());
+            let p = Process::start(&format!("contacts-{i}"), &strs(&args), &[("CRM_DEFAULT_CALLING_CODE", "7")]);
+            replicas.push((addr, p));
+        }
+
+        // The gateway starts once every replica serves, so that its first health checks find
+        // them all and it balances over all of them from its first call.
+        auth_process.wait_serving(auth, AUTH_SERVICE).await;
+        for (addr, p) in &mut replicas {
+            p.wait_serving(*addr, CONTACTS_SERVICE).await;
+        }
+        let gateway = free_addr();
+        let upstreams = replicas.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>().join(",");
+        let mut gateway_process = Process::start(
+            "gateway",
+            &[
+                "serve",
+                "gateway",
+                "--gateway-listen",
+                &gateway.to_string(),
+                "--contacts-addr",
+                &upstreams,
+                "--auth-addr",
+                &auth.to_string(),
+            ],
+            &[],
+        );
+
+        gateway_process.wait_serving(gateway, CONTACTS_SERVICE).await;
+        gateway_process.wait_serving(gateway, AUTH_SERVICE).await;
+        Cluster { gateway, auth, replicas, gateway_process, auth_process, _auth_db: auth_db, _contacts_db: contacts_db }
+    }
+
+    /// The address of contacts replica `i`, to call it directly (not through the gateway).
+    pub fn replica(&self, i: usize) -> SocketAddr {
+        self.replicas[i].0
+    }
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// Starts `crm dev` on `data_dir`, its gateway on `addr`, with [`ADMIN_EMAIL`] as the first
+/// administrator and `env` (e.g. `CRM_ADMIN_PASSWORD`); waits until it serves every service
+/// and has printed its banner.
+pub async fn start_dev(name: &str, data_dir: &Path, addr: SocketAddr, env: &[(&str, &str)]) -> Process {
+    let args = [
+        "dev",
+        "--data-dir",
+        data_dir.to_str().expect("UTF-8 path"),
+        "--listen",
+        &addr.to_string(),
+        "--admin-email",
+        ADMIN_EMAIL,
+        "--default-calling-code",
+        "7",
+    ];
+    let mut dev = Process::start(name, &args, env);
+    dev.wait_serving(addr, CONTACTS_SERVICE).await;
+    dev.wait_serving(addr, AUTH_SERVICE).await;
+    // The banner says how to call it once the suite is ready.
+    dev.wait_output(&format!("grpcurl -plaintext {addr} list"), Duration::from_secs(10)).await;
+    dev
 }
 
 /// A channel to `addr`.
@@ -135,8 +323,65 @@ pub async fn channel(addr: SocketAddr) -> Channel {
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
 }
 
+/// Adds `authorization: Bearer <token>` to every call made through it.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl Bearer {
+    pub fn new(token: &str) -> Bearer {
+        Bearer(format!("Bearer {token}").parse().expect("the token is a valid header value"))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry an access token.
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// A channel to `addr` whose calls carry `token`.
+pub async fn authed(addr: SocketAddr, token: &str) -> Authed {
+    InterceptedService::new(channel(addr).await, Bearer::new(token))
+}
+
+/// Contacts at `addr` without a token (only health-like behaviour is expected of it).
 pub async fn contacts(addr: SocketAddr) -> ContactsServiceClient<Channel> {
     ContactsServiceClient::new(channel(addr).await)
+}
+
+/// Contacts at `addr`, calling as the holder of `token`.
+pub async fn contacts_as(addr: SocketAddr, token: &str) -> ContactsServiceClient<Authed> {
+    ContactsServiceClient::new(authed(addr, token).await)
+}
+
+/// The organisation service at `addr`, calling as the holder of `token`.
+pub async fn org_as(addr: SocketAddr, token: &str) -> OrgServiceClient<Authed> {
+    OrgServiceClient::new(authed(addr, token).await)
+}
+
+/// The auth service at `addr` without a token: sign-in, refresh, sign-out, keys.
+pub async fn auth(addr: SocketAddr) -> AuthServiceClient<Channel> {
+    AuthServiceClient::new(channel(addr).await)
+}
+
+/// The auth service at `addr`, calling as the holder of `token`.
+pub async fn auth_as(addr: SocketAddr, token: &str) -> AuthServiceClient<Authed> {
+    AuthServiceClient::new(authed(addr, token).await)
+}
+
+/// Signs in with an e-mail and password at `addr` (the gateway, or auth itself).
+pub async fn sign_in(addr: SocketAddr, email: &str, password: &str) -> Result<TokenPair, tonic::Status> {
+    let request = SignInRequest { email: email.into(), password: password.into() };
+    auth(addr).await.sign_in(request).await.map(tonic::Response::into_inner)
+}
+
+/// An access token of the first administrator.
+pub async fn admin_token(addr: SocketAddr) -> String {
+    sign_in(addr, ADMIN_EMAIL, ADMIN_PASSWORD).await.expect("the administrator signs in").access_token
 }
 
 /// The health of `service` ("" for the whole process) at `addr`, if it answers.
@@ -165,5 +410,3 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }
-
-pub const CONTACTS_SERVICE: &str = "crm.contacts.v1.ContactsService";

@@ -1,11 +1,13 @@
-//! End-to-end: the real `crm` binary as separate processes, driven only over the network.
-//! Cluster mode: `crm migrate`, two contacts replicas on one PostgreSQL database and a gateway
-//! balancing over them. Embedded mode: `crm dev` on SQLite.
+//! End-to-end: the real `crm` binary as separate processes, driven only over the network,
+//! signed in as the first administrator. Cluster mode: `crm migrate`, auth, two contacts
+//! replicas on one PostgreSQL database and a gateway balancing over them. Embedded mode:
+//! `crm dev` on SQLite.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crm_kit::testing::TestDb;
+use crm_proto::auth::v1::org_service_client::OrgServiceClient;
+use crm_proto::auth::v1::{GetMeRequest, ListUsersRequest};
 use crm_proto::contacts::v1::*;
 use crm_tests::*;
 use tonic::Code;
@@ -13,44 +15,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_reflection::pb::{v1, v1alpha};
 use tonic_types::StatusExt;
 
-struct Cluster {
-    gateway: SocketAddr,
-    replicas: Vec<(SocketAddr, Process)>,
-    gateway_process: Process,
-    _db: TestDb,
-}
-
 async fn cluster() -> Cluster {
-    let db = TestDb::postgres().await;
-    let mut migrate = Process::start("migrate", &["migrate", "contacts", "--database-url", db.url()], &[]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while migrate.output().is_empty() || !migrate.output().contains("up to date") {
-        assert!(Instant::now() < deadline, "crm migrate did not finish:\n{}", migrate.output());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(migrate.terminate(Duration::from_secs(5)) || migrate.output().contains("up to date"));
-
-    let mut replicas = Vec::new();
-    for i in 0..2 {
-        let addr = free_addr();
-        let listen = addr.to_string();
-        let mut p = Process::start(
-            &format!("contacts-{i}"),
-            &["serve", "contacts", "--contacts-listen", &listen, "--contacts-database-url", db.url()],
-            &[("CRM_DEFAULT_CALLING_CODE", "7")],
-        );
-        p.wait_serving(addr, CONTACTS_SERVICE).await;
-        replicas.push((addr, p));
-    }
-    let gateway = free_addr();
-    let upstreams = replicas.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>().join(",");
-    let mut gateway_process = Process::start(
-        "gateway",
-        &["serve", "gateway", "--gateway-listen", &gateway.to_string(), "--contacts-addr", &upstreams],
-        &[],
-    );
-    gateway_process.wait_serving(gateway, CONTACTS_SERVICE).await;
-    Cluster { gateway, replicas, gateway_process, _db: db }
+    Cluster::start(ClusterConfig { replicas: 2, ..ClusterConfig::default() }).await
 }
 
 fn person(name: &str, phone: &str) -> Person {
@@ -63,8 +29,8 @@ fn person(name: &str, phone: &str) -> Person {
 }
 
 /// Every contacts call through the gateway, as a client would make them.
-async fn exercise_contacts(gateway: SocketAddr) {
-    let mut c = contacts(gateway).await;
+async fn exercise_contacts(gateway: SocketAddr, token: &str) {
+    let mut c = contacts_as(gateway, token).await;
     let company = c
         .create_company(CreateCompanyRequest {
             company: Some(Company {
@@ -177,7 +143,7 @@ async fn exercise_contacts(gateway: SocketAddr) {
 }
 
 async fn reflection_lists_services(gateway: SocketAddr) {
-    let expected = [CONTACTS_SERVICE, "grpc.health.v1.Health"];
+    let expected = [CONTACTS_SERVICE, AUTH_SERVICE, ORG_SERVICE, "grpc.health.v1.Health"];
     let request = v1::ServerReflectionRequest {
         host: String::new(),
         message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
@@ -221,18 +187,50 @@ async fn ops_endpoints(addr: SocketAddr) {
     assert!(metrics.contains("rpc_server_call_duration_seconds"), "{metrics}");
 }
 
+/// Without a token every CRM call but sign-in and its kin is refused; health and reflection
+/// stay open.
+async fn anonymous_calls(addr: SocketAddr) {
+    let err = contacts(addr).await.list_people(ListPeopleRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = contacts(addr)
+        .await
+        .create_person(CreatePersonRequest {
+            person: Some(person("Anonymous", "+7 915 000 00 01")),
+            request_id: "".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let mut org = OrgServiceClient::new(channel(addr).await);
+    let err = org.list_users(ListUsersRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = auth(addr).await.get_me(GetMeRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    // A wrong scheme is no token either.
+    let mut request = tonic::Request::new(ListPeopleRequest::default());
+    request.metadata_mut().insert("authorization", "Basic YWRtaW46YWRtaW4=".parse().unwrap());
+    assert_eq!(contacts(addr).await.list_people(request).await.unwrap_err().code(), Code::Unauthenticated);
+
+    assert_eq!(health(addr, "").await, Some(ServingStatus::Serving));
+    assert_eq!(health(addr, CONTACTS_SERVICE).await, Some(ServingStatus::Serving));
+    reflection_lists_services(addr).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_serves_every_call_through_the_gateway() {
     let cluster = cluster().await;
-    exercise_contacts(cluster.gateway).await;
-    reflection_lists_services(cluster.gateway).await;
-    assert_eq!(health(cluster.gateway, "").await, Some(ServingStatus::Serving));
-    assert_eq!(health(cluster.gateway, CONTACTS_SERVICE).await, Some(ServingStatus::Serving));
+    let token = admin_token(cluster.gateway).await;
+    exercise_contacts(cluster.gateway, &token).await;
+    anonymous_calls(cluster.gateway).await;
+    // The replicas check tokens themselves: going around the gateway does not go around sign-in.
+    let err = contacts(cluster.replica(0)).await.list_people(ListPeopleRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(health(cluster.gateway, AUTH_SERVICE).await, Some(ServingStatus::Serving));
     ops_endpoints(cluster.gateway).await;
-    ops_endpoints(cluster.replicas[0].0).await;
+    ops_endpoints(cluster.replica(0)).await;
     // Calls are spread over both replicas.
-    let (_, m0) = http_get(cluster.replicas[0].0, "/metrics").await;
-    let (_, m1) = http_get(cluster.replicas[1].0, "/metrics").await;
+    let (_, m0) = http_get(cluster.replica(0), "/metrics").await;
+    let (_, m1) = http_get(cluster.replica(1), "/metrics").await;
     for m in [m0, m1] {
         assert!(
             m.contains("rpc_method=\"GetPerson\"")
@@ -247,7 +245,7 @@ async fn cluster_serves_every_call_through_the_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_keeps_serving_when_a_replica_dies() {
     let mut cluster = cluster().await;
-    let mut c = contacts(cluster.gateway).await;
+    let mut c = contacts_as(cluster.gateway, &admin_token(cluster.gateway).await).await;
     let created = c
         .create_person(CreatePersonRequest {
             person: Some(person("Failover Test", "+7 913 000 00 01")),
@@ -286,21 +284,12 @@ async fn dev_mode_runs_the_suite_on_sqlite() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().join("crm-data");
     let addr = free_addr();
-    let args =
-        ["dev", "--data-dir", data_dir.to_str().unwrap(), "--listen", &addr.to_string(), "--default-calling-code", "7"];
-    let mut dev = Process::start("dev", &args, &[]);
-    dev.wait_serving(addr, CONTACTS_SERVICE).await;
-    // The banner says how to call it once the suite is ready.
-    let banner = format!("grpcurl -plaintext {addr} list");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !dev.output().contains(&banner) {
-        assert!(Instant::now() < deadline, "no banner:\n{}", dev.output());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    exercise_contacts(addr).await;
-    reflection_lists_services(addr).await;
+    let mut dev = start_dev("dev", &data_dir, addr, &[("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD)]).await;
+    let token = admin_token(addr).await;
+    exercise_contacts(addr, &token).await;
+    anonymous_calls(addr).await;
     ops_endpoints(addr).await;
-    let mut c = contacts(addr).await;
+    let mut c = contacts_as(addr, &token).await;
     let kept = c
         .create_person(CreatePersonRequest {
             person: Some(person("Persisted", "+7 914 000 00 01")),
@@ -312,9 +301,9 @@ async fn dev_mode_runs_the_suite_on_sqlite() {
     assert!(dev.terminate(Duration::from_secs(15)), "{}", dev.output());
     assert!(data_dir.join("contacts.db").exists());
 
-    // Restart on the same data: nothing lost.
-    let mut dev = Process::start("dev-again", &args, &[]);
-    dev.wait_serving(addr, CONTACTS_SERVICE).await;
-    let mut c = contacts(addr).await;
+    // Restart on the same data, without the password in the environment: the administrator
+    // and the records are still there.
+    let _dev = start_dev("dev-again", &data_dir, addr, &[]).await;
+    let mut c = contacts_as(addr, &admin_token(addr).await).await;
     assert_eq!(c.get_person(GetPersonRequest { id: kept.id }).await.unwrap().into_inner().full_name, "Persisted");
 }

@@ -23,6 +23,12 @@ pub enum ApiError {
     Aborted(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// No valid credentials: missing, malformed, expired or badly signed token, failed sign-in.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Valid credentials without the permission the call needs.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -71,6 +77,8 @@ impl From<ApiError> for Status {
             }
             ApiError::Aborted(msg) => Status::aborted(msg),
             ApiError::FailedPrecondition(msg) => Status::failed_precondition(msg),
+            ApiError::Unauthenticated(msg) => Status::unauthenticated(msg),
+            ApiError::PermissionDenied(msg) => Status::permission_denied(msg),
             ApiError::Unavailable(msg) => {
                 tracing::warn!(error = %msg, "unavailable");
                 Status::unavailable("a backing store is unavailable; retry later")

@@ -1,7 +1,8 @@
 //! What every CRM service is built from (ARCHITECTURE §2): configuration, telemetry, storage and
 //! migrations, the gRPC server with health, reflection and graceful shutdown, the error model,
-//! keyset pagination, filters and input validation.
+//! keyset pagination, filters, input validation, and token verification with data scope.
 
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod error;

@@ -36,6 +36,7 @@ pub struct Server {
     names: Vec<String>,
     ready: ReadyCheck,
     fallback: Option<axum::Router>,
+    auth: Option<crate::auth::Verifier>,
 }
 
 impl Server {
@@ -51,6 +52,7 @@ impl Server {
             names: Vec::new(),
             ready: Arc::new(|| Box::pin(async { Ok(()) })),
             fallback: None,
+            auth: None,
         }
     }
 
@@ -78,6 +80,13 @@ impl Server {
         self
     }
 
+    /// Verifies the access token of every call that needs one (see `crate::auth::needs_token`)
+    /// and hands handlers the caller as a `crate::auth::Principal`.
+    pub fn authenticate(mut self, verifier: crate::auth::Verifier) -> Server {
+        self.auth = Some(verifier);
+        self
+    }
+
     /// Everything that matches no service goes here (the gateway's proxy).
     pub fn fallback(mut self, router: axum::Router) -> Server {
         self.fallback = Some(router);
@@ -98,7 +107,7 @@ impl Server {
             .build_v1alpha()
             .expect("descriptor sets are valid");
 
-        let Server { role, mut routes, health, names, ready, fallback } = self;
+        let Server { role, mut routes, health, names, ready, fallback, auth } = self;
         routes.add_service(reflection_v1).add_service(reflection_v1alpha);
 
         let ops = {
@@ -140,6 +149,7 @@ impl Server {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(GrpcWebSwitchLayer)
             .layer(RpcLayer::new(role))
+            .layer(tower::util::option_layer(auth.map(crate::auth::AuthLayer::new)))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming(listener), drain)
             .await;

@@ -1,6 +1,7 @@
 //! The gRPC surface: decode and validate each request, apply the domain rules, call the store,
 //! map the result back to protobuf. Errors become statuses in `crm_kit::error`.
 
+use crm_kit::auth::{CONTACTS_READ, CONTACTS_WRITE, OwnerScope, Principal, Visibility};
 use crm_kit::page::page_size;
 use crm_kit::{ApiError, Violations};
 use crm_proto::contacts::v1::contacts_service_server::ContactsService;
@@ -10,24 +11,50 @@ use tonic::{Request, Response, Status};
 use crate::domain::{self, Key, Kind, Record, Rules};
 use crate::store::{ListQuery, Store};
 
-/// Who the revision history names for a change. Calls carry no identity until sign-in exists
-/// in the suite; then this becomes the signed-in principal.
-const ANONYMOUS: &str = "anonymous";
 const MAX_REQUEST_ID: usize = 100;
 const MAX_QUERY: usize = 200;
 
+/// Every call runs as the signed-in caller (`crm_kit::auth::Principal`, put there by the
+/// server's authentication layer): reads need `contacts.read`, changes `contacts.write`, and the
+/// store sees only the owners the caller's data scope allows (resolved by the auth service,
+/// cached by `Visibility`).
 #[derive(Clone, Debug)]
 pub struct ContactsApi {
     store: Store,
     rules: Rules,
+    visibility: Visibility,
+}
+
+/// The caller of a call, and whose records they may see.
+struct Caller {
+    principal: Principal,
+    scope: OwnerScope,
 }
 
 impl ContactsApi {
-    pub fn new(store: Store, rules: Rules) -> Self {
-        ContactsApi { store, rules }
+    pub fn new(store: Store, rules: Rules, visibility: Visibility) -> Self {
+        ContactsApi { store, rules, visibility }
     }
 
-    async fn create<R: Record>(&self, record: Option<R>, request_id: &str) -> Result<R, ApiError> {
+    async fn caller<T>(&self, request: &Request<T>, permission: &str) -> Result<Caller, ApiError> {
+        let principal = crm_kit::auth::principal(request)?;
+        principal.require(permission)?;
+        let scope = self.visibility.resolve(&principal).await?;
+        Ok(Caller { principal, scope })
+    }
+
+    /// An owner the caller may give a record to: anyone in their scope.
+    fn check_owner(caller: &Caller, field: &str, owner_id: &str) -> Result<(), ApiError> {
+        if caller.scope.allows(owner_id) {
+            Ok(())
+        } else {
+            Err(ApiError::PermissionDenied(format!(
+                "{field}: {owner_id} is outside your data scope; records can go only to users you may see"
+            )))
+        }
+    }
+
+    async fn create<R: Record>(&self, caller: Caller, record: Option<R>, request_id: &str) -> Result<R, ApiError> {
         let mut v = Violations::new();
         let Some(mut record) = record else {
             return Err(ApiError::invalid(R::FIELD, "is required"));
@@ -36,17 +63,26 @@ impl ContactsApi {
         record.clear_meta();
         record.normalize(&self.rules, &mut v);
         v.check()?;
-        self.store.create(record, request_id.trim(), ANONYMOUS).await
+        if record.owner_id().is_empty() {
+            record.set_owner_id(caller.principal.subject.clone());
+        }
+        Self::check_owner(&caller, &format!("{}.owner_id", R::FIELD), record.owner_id())?;
+        self.store.create(record, request_id.trim(), &caller.principal.subject, &caller.scope).await
     }
 
-    async fn get<R: Record>(&self, id: &str) -> Result<R, ApiError> {
+    async fn get<R: Record>(&self, caller: Caller, id: &str) -> Result<R, ApiError> {
         let mut v = Violations::new();
         v.uuid("id", id);
         v.check()?;
-        self.store.get(id).await
+        self.store.get(id, &caller.scope).await
     }
 
-    async fn update<R: Record>(&self, patch: Option<R>, mask: Option<prost_types::FieldMask>) -> Result<R, ApiError> {
+    async fn update<R: Record>(
+        &self,
+        caller: Caller,
+        patch: Option<R>,
+        mask: Option<prost_types::FieldMask>,
+    ) -> Result<R, ApiError> {
         let Some(patch) = patch else {
             return Err(ApiError::invalid(R::FIELD, "is required"));
         };
@@ -57,27 +93,33 @@ impl ContactsApi {
         let rules = self.rules.clone();
         let id = patch.id().to_string();
         let etag = patch.etag().to_string();
+        let owner_field = format!("{}.owner_id", R::FIELD);
         self.store
-            .update(&id, &etag, ANONYMOUS, move |record: &mut R| {
+            .update(&id, &etag, &caller.principal.subject, &caller.scope, |record: &mut R| {
                 let mut v = Violations::new();
                 domain::apply_mask(record, &patch, &paths, &mut v);
                 v.check()?;
                 let mut v = Violations::new();
                 record.normalize(&rules, &mut v);
-                v.check()
+                v.check()?;
+                if record.owner_id().is_empty() {
+                    return Err(ApiError::invalid(owner_field, "is required"));
+                }
+                Self::check_owner(&caller, &owner_field, record.owner_id())
             })
             .await
     }
 
-    async fn delete<R: Record>(&self, id: &str, etag: &str) -> Result<(), ApiError> {
+    async fn delete<R: Record>(&self, caller: Caller, id: &str, etag: &str) -> Result<(), ApiError> {
         let mut v = Violations::new();
         v.uuid("id", id);
         v.check()?;
-        self.store.delete::<R>(id, etag, ANONYMOUS).await
+        self.store.delete::<R>(id, etag, &caller.principal.subject, &caller.scope).await
     }
 
     async fn list<R: Record>(
         &self,
+        caller: Caller,
         page_size_requested: i32,
         page_token: String,
         filter: String,
@@ -88,7 +130,7 @@ impl ContactsApi {
         if query.chars().count() > MAX_QUERY {
             return Err(ApiError::invalid("query", format!("must be at most {MAX_QUERY} characters")));
         }
-        self.store.list(&ListQuery { filter, query, order_by, page_size: size, page_token }).await
+        self.store.list(&ListQuery { filter, query, order_by, page_size: size, page_token, scope: caller.scope }).await
     }
 }
 
@@ -99,58 +141,68 @@ fn ok<T>(result: Result<T, ApiError>) -> Result<Response<T>, Status> {
 #[tonic::async_trait]
 impl ContactsService for ContactsApi {
     async fn create_company(&self, request: Request<CreateCompanyRequest>) -> Result<Response<Company>, Status> {
+        let caller = self.caller(&request, CONTACTS_WRITE).await?;
         let r = request.into_inner();
-        ok(self.create(r.company, &r.request_id).await)
+        ok(self.create(caller, r.company, &r.request_id).await)
     }
 
     async fn get_company(&self, request: Request<GetCompanyRequest>) -> Result<Response<Company>, Status> {
-        ok(self.get(&request.into_inner().id).await)
+        let caller = self.caller(&request, CONTACTS_READ).await?;
+        ok(self.get(caller, &request.into_inner().id).await)
     }
 
     async fn update_company(&self, request: Request<UpdateCompanyRequest>) -> Result<Response<Company>, Status> {
+        let caller = self.caller(&request, CONTACTS_WRITE).await?;
         let r = request.into_inner();
-        ok(self.update(r.company, r.update_mask).await)
+        ok(self.update(caller, r.company, r.update_mask).await)
     }
 
     async fn delete_company(&self, request: Request<DeleteCompanyRequest>) -> Result<Response<()>, Status> {
+        let caller = self.caller(&request, CONTACTS_WRITE).await?;
         let r = request.into_inner();
-        ok(self.delete::<Company>(&r.id, &r.etag).await)
+        ok(self.delete::<Company>(caller, &r.id, &r.etag).await)
     }
 
     async fn list_companies(
         &self,
         request: Request<ListCompaniesRequest>,
     ) -> Result<Response<ListCompaniesResponse>, Status> {
+        let caller = self.caller(&request, CONTACTS_READ).await?;
         let r = request.into_inner();
         ok(self
-            .list(r.page_size, r.page_token, r.filter, r.order_by, r.query)
+            .list(caller, r.page_size, r.page_token, r.filter, r.order_by, r.query)
             .await
             .map(|(companies, next_page_token)| ListCompaniesResponse { companies, next_page_token }))
     }
 
     async fn create_person(&self, request: Request<CreatePersonRequest>) -> Result<Response<Person>, Status> {
+        let caller = self.caller(&request, CONTACTS_WRITE).await?;
         let r = request.into_inner();
-        ok(self.create(r.person, &r.request_id).await)
+        ok(self.create(caller, r.person, &r.request_id).await)
     }
 
     async fn get_person(&self, request: Request<GetPersonRequest>) -> Result<Response<Person>, Status> {
-        ok(self.get(&request.into_inner().id).await)
+        let caller = self.caller(&request, CONTACTS_READ).await?;
+        ok(self.get(caller, &request.into_inner().id).await)
     }
 
     async fn update_person(&self, request: Request<UpdatePersonRequest>) -> Result<Response<Person>, Status> {
+        let caller = self.caller(&request, CONTACTS_WRITE).await?;
         let r = request.into_inner();
-        ok(self.update(r.person, r.update_mask).await)
+        ok(self.update(caller, r.person, r.update_mask).await)
     }
 
     async fn delete_person(&self, request: Request<DeletePersonRequest>) -> Result<Response<()>, Status> {
+        let caller = self.caller(&request, CONTACTS_WRITE).await?;
         let r = request.into_inner();
-        ok(self.delete::<Person>(&r.id, &r.etag).await)
+        ok(self.delete::<Person>(caller, &r.id, &r.etag).await)
     }
 
     async fn list_people(&self, request: Request<ListPeopleRequest>) -> Result<Response<ListPeopleResponse>, Status> {
+        let caller = self.caller(&request, CONTACTS_READ).await?;
         let r = request.into_inner();
         ok(self
-            .list(r.page_size, r.page_token, r.filter, r.order_by, r.query)
+            .list(caller, r.page_size, r.page_token, r.filter, r.order_by, r.query)
             .await
             .map(|(people, next_page_token)| ListPeopleResponse { people, next_page_token }))
     }
@@ -159,6 +211,7 @@ impl ContactsService for ContactsApi {
         &self,
         request: Request<CheckDuplicatesRequest>,
     ) -> Result<Response<CheckDuplicatesResponse>, Status> {
+        self.caller(&request, CONTACTS_READ).await?;
         let r = request.into_inner();
         ok(self.check_duplicates(r).await)
     }
@@ -167,13 +220,15 @@ impl ContactsService for ContactsApi {
         &self,
         request: Request<ListRevisionsRequest>,
     ) -> Result<Response<ListRevisionsResponse>, Status> {
+        let caller = self.caller(&request, CONTACTS_READ).await?;
         let r = request.into_inner();
         let result = async {
             let mut v = Violations::new();
             v.uuid("record_id", &r.record_id);
             v.check()?;
             let size = page_size(r.page_size, "page_size")?;
-            let (revisions, next_page_token) = self.store.revisions(&r.record_id, size, &r.page_token).await?;
+            let (revisions, next_page_token) =
+                self.store.revisions(&r.record_id, size, &r.page_token, &caller.scope).await?;
             Ok(ListRevisionsResponse { revisions, next_page_token })
         };
         ok(result.await)

@@ -9,7 +9,9 @@ pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use crm_kit::auth::{AuthClientArgs, Visibility};
 use crm_kit::server::Server;
 use crm_kit::shutdown::Shutdown;
 use crm_proto::contacts::v1::contacts_service_server::ContactsServiceServer;
@@ -30,15 +32,31 @@ pub struct ContactsArgs {
     )]
     pub listen: SocketAddr,
     /// Database of the contacts service: postgres://user:password@host/db or sqlite://path/contacts.db.
-    #[arg(long = "contacts-database-url", env = "CRM_CONTACTS_DATABASE_URL")]
+    #[arg(id = "contacts_database_url", long = "contacts-database-url", env = "CRM_CONTACTS_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Most database connections one process holds.
-    #[arg(long = "contacts-max-connections", env = "CRM_CONTACTS_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(
+        id = "contacts_max_connections",
+        long = "contacts-max-connections",
+        env = "CRM_CONTACTS_MAX_CONNECTIONS",
+        default_value_t = 16
+    )]
     pub max_connections: u32,
     /// Country calling code applied to phone numbers entered without one, e.g. 7, 49, 63, 1;
     /// empty: such numbers are refused.
     #[arg(long = "default-calling-code", env = "CRM_DEFAULT_CALLING_CODE", default_value = "")]
     pub default_calling_code: String,
+    /// How long a caller's visible owners (their data scope, resolved by the auth service) are
+    /// reused: an organisation change (a user moved, a role's scope changed) shows within it;
+    /// "0" asks the auth service on every call.
+    #[arg(
+        long = "visibility-cache-ttl",
+        value_name = "DURATION",
+        env = "CRM_VISIBILITY_CACHE_TTL",
+        default_value = "2s",
+        value_parser = crm_kit::config::parse_duration
+    )]
+    pub visibility_cache_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +65,8 @@ pub enum ContactsError {
     NoDatabase,
     #[error("--default-calling-code must be 1 to 3 digits, got {0:?}")]
     BadCallingCode(String),
+    #[error("{0}")]
+    Auth(String),
     #[error(transparent)]
     Db(#[from] crm_kit::db::DbError),
     #[error("server: {0}")]
@@ -74,11 +94,19 @@ pub async fn migrate(url: &str) -> Result<(), ContactsError> {
     Ok(())
 }
 
-/// Runs the contacts service on `listener` until `shutdown` fires.
-pub async fn run(args: &ContactsArgs, listener: TcpListener, shutdown: Shutdown) -> Result<(), ContactsError> {
+/// Runs the contacts service on `listener` until `shutdown` fires, verifying tokens and
+/// resolving data scopes with the auth service that `auth` names.
+pub async fn run(
+    args: &ContactsArgs,
+    auth: &AuthClientArgs,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), ContactsError> {
     let rules = args.rules()?;
     let url = args.database_url()?;
     let store = Store::open(url, args.max_connections).await?;
+    let verifier = auth.verifier().map_err(ContactsError::Auth)?;
+    let visibility = Visibility::remote(&auth.addrs(), args.visibility_cache_ttl).map_err(ContactsError::Auth)?;
     tracing::info!(
         addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         database = %crm_kit::db::redact(url),
@@ -90,7 +118,8 @@ pub async fn run(args: &ContactsArgs, listener: TcpListener, shutdown: Shutdown)
         Box::pin(async move { db.ping().await.map_err(|e| format!("contacts database: {e}")) })
     });
     let result = Server::new("contacts")
-        .add_service(ContactsServiceServer::new(ContactsApi::new(store.clone(), rules)))
+        .add_service(ContactsServiceServer::new(ContactsApi::new(store.clone(), rules, visibility)))
+        .authenticate(verifier)
         .ready_check(ready)
         .serve(listener, shutdown)
         .await;

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 
 use crm_kit::ApiError;
+use crm_kit::auth::OwnerScope;
 use crm_kit::db::{Backend, Db, DbError, Migrations, Sql};
 use crm_kit::filter::{self, Field, FieldKind};
 use crm_kit::page::{Cursor, KeyValue, fingerprint};
@@ -105,13 +106,15 @@ pub fn parse_order(kind: Kind, order_by: &str) -> Result<Order, ApiError> {
 }
 
 /// A list or search request, validated.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ListQuery {
     pub filter: String,
     pub query: String,
     pub order_by: String,
     pub page_size: i64,
     pub page_token: String,
+    /// Whose records the caller may see.
+    pub scope: OwnerScope,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -183,6 +186,17 @@ fn document<R: Record>(record: &R) -> Vec<u8> {
     doc.encode_to_vec()
 }
 
+/// A revision about to be written; `owner_id` is the record's owner after the change (before it,
+/// for a deletion).
+struct NewRevision {
+    record_id: String,
+    version: i64,
+    action: i64,
+    changes: Vec<Change>,
+    at: i64,
+    owner_id: String,
+}
+
 fn not_found(kind: Kind, id: &str) -> ApiError {
     ApiError::NotFound(format!("{} {id} not found", kind.noun()))
 }
@@ -214,16 +228,25 @@ impl Store {
         &self.db
     }
 
-    pub async fn get<R: Record>(&self, id: &str) -> Result<R, ApiError> {
+    /// A record the scope allows; any other is NOT_FOUND, exactly like a missing one.
+    pub async fn get<R: Record>(&self, id: &str, scope: &OwnerScope) -> Result<R, ApiError> {
         let mut sql = Sql::new("SELECT ");
         sql.push(COLUMNS).push(" FROM ").push(table(R::KIND)).push(" WHERE id = ").bind(id);
+        scope.push_condition(&mut sql, self.db.backend(), "owner_id");
         let row = sql.query().fetch_optional(self.db.pool()).await?.ok_or_else(|| not_found(R::KIND, id))?;
         decode(&row)
     }
 
     /// Creates a normalised record. With a `request_id`, a repeated call returns the record the
     /// first one created.
-    pub async fn create<R: Record>(&self, mut record: R, request_id: &str, actor: &str) -> Result<R, ApiError> {
+    /// `scope` applies to the replay only: the caller checks the new record's owner.
+    pub async fn create<R: Record>(
+        &self,
+        mut record: R,
+        request_id: &str,
+        actor: &str,
+        scope: &OwnerScope,
+    ) -> Result<R, ApiError> {
         let mut tx = self.db.begin_write().await?;
         let id = crm_kit::validate::new_id();
         if !request_id.is_empty() {
@@ -239,7 +262,7 @@ impl Store {
                 .push(") ON CONFLICT (request_id) DO NOTHING");
             if sql.query().execute(&mut *tx).await?.rows_affected() == 0 {
                 tx.rollback().await?;
-                return self.replay::<R>(request_id).await;
+                return self.replay::<R>(request_id, scope).await;
             }
         }
         let now = now_micros();
@@ -253,7 +276,7 @@ impl Store {
         Ok(record)
     }
 
-    async fn replay<R: Record>(&self, request_id: &str) -> Result<R, ApiError> {
+    async fn replay<R: Record>(&self, request_id: &str, scope: &OwnerScope) -> Result<R, ApiError> {
         let mut sql = Sql::new("SELECT record_type, record_id FROM create_requests WHERE request_id = ");
         sql.bind(request_id);
         let row = sql.query().fetch_one(self.db.pool()).await?;
@@ -261,7 +284,7 @@ impl Store {
         if record_type != R::KIND.record_type() as i64 {
             return Err(ApiError::invalid("request_id", "was already used to create a different kind of record"));
         }
-        self.get(&record_id).await
+        self.get(&record_id, scope).await
     }
 
     /// Inserts many normalised records in one transaction (bulk load) and returns their ids;
@@ -394,7 +417,15 @@ impl Store {
             sql.push(", ").bind(created_at).push(", ").bind(created_at).push(", ").bind(0_i64);
             sql.push(", ").bind(1_i64).push(", ").bind(document(record)).push(")");
             tags.extend(record.tags().iter().map(|t| (t.as_str(), record.id())));
-            revisions.push((id, 1, ACTION_CREATE, domain::diff(None, Some(record)), created_at));
+            let owner = record.columns().owner_id.to_string();
+            revisions.push(NewRevision {
+                record_id: id,
+                version: 1,
+                action: ACTION_CREATE,
+                changes: domain::diff(None, Some(record)),
+                at: created_at,
+                owner_id: owner,
+            });
         }
         sql.query().execute(&mut **tx).await?;
         insert_tags(tx, &tags).await?;
@@ -404,13 +435,15 @@ impl Store {
     async fn insert_revisions<R: Record>(
         &self,
         tx: &mut Transaction<'static, Any>,
-        revisions: &[(String, i64, i64, Vec<Change>, i64)],
+        revisions: &[NewRevision],
         actor: &str,
     ) -> Result<(), ApiError> {
         let mut sql = Sql::new(
-            "INSERT INTO revisions (record_id, version, record_type, action, actor, created_at, changes) VALUES ",
+            "INSERT INTO revisions (record_id, version, record_type, action, actor, created_at, changes, owner_id) VALUES ",
         );
-        for (i, (record_id, version, action, changes, at)) in revisions.iter().enumerate() {
+        for (i, NewRevision { record_id, version, action, changes, at, owner_id: owner }) in
+            revisions.iter().enumerate()
+        {
             let stored: Vec<StoredChange> = changes
                 .iter()
                 .map(|c| StoredChange { field: c.field.clone(), old: c.old.clone(), new: c.new.clone() })
@@ -421,15 +454,21 @@ impl Store {
             }
             sql.push("(").bind(record_id.as_str()).push(", ").bind(*version).push(", ");
             sql.bind(R::KIND.record_type() as i64).push(", ").bind(*action).push(", ").bind(actor);
-            sql.push(", ").bind(*at).push(", ").bind(json).push(")");
+            sql.push(", ").bind(*at).push(", ").bind(json).push(", ").bind(owner.as_str()).push(")");
         }
         sql.query().execute(&mut **tx).await?;
         Ok(())
     }
 
-    async fn lock<R: Record>(&self, tx: &mut Transaction<'static, Any>, id: &str) -> Result<R, ApiError> {
+    async fn lock<R: Record>(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        id: &str,
+        scope: &OwnerScope,
+    ) -> Result<R, ApiError> {
         let mut sql = Sql::new("SELECT ");
         sql.push(COLUMNS).push(" FROM ").push(table(R::KIND)).push(" WHERE id = ").bind(id);
+        scope.push_condition(&mut sql, self.db.backend(), "owner_id");
         if self.db.backend() == Backend::Postgres {
             sql.push(" FOR UPDATE");
         }
@@ -439,13 +478,20 @@ impl Store {
 
     /// Reads the record under a write lock, checks `etag`, lets `change` modify it (rules and
     /// validation live there), and stores the result with its revision. No change, no write.
-    pub async fn update<R, F>(&self, id: &str, etag: &str, actor: &str, change: F) -> Result<R, ApiError>
+    pub async fn update<R, F>(
+        &self,
+        id: &str,
+        etag: &str,
+        actor: &str,
+        scope: &OwnerScope,
+        change: F,
+    ) -> Result<R, ApiError>
     where
         R: Record,
         F: FnOnce(&mut R) -> Result<(), ApiError>,
     {
         let mut tx = self.db.begin_write().await?;
-        let old: R = self.lock(&mut tx, id).await?;
+        let old: R = self.lock(&mut tx, id, scope).await?;
         check_etag(R::KIND, id, etag, old.etag())?;
         let mut new = old.clone();
         change(&mut new)?;
@@ -488,17 +534,35 @@ impl Store {
         if sql.query().execute(&mut *tx).await?.rows_affected() != 1 {
             return Err(ApiError::Aborted(format!("{} {id} changed concurrently; read it again", R::KIND.noun())));
         }
-        self.insert_revisions::<R>(&mut tx, &[(id.to_string(), version + 1, ACTION_UPDATE, changes, now)], actor)
-            .await?;
+        let owner = new.columns().owner_id.to_string();
+        self.insert_revisions::<R>(
+            &mut tx,
+            &[NewRevision {
+                record_id: id.to_string(),
+                version: version + 1,
+                action: ACTION_UPDATE,
+                changes,
+                at: now,
+                owner_id: owner,
+            }],
+            actor,
+        )
+        .await?;
         tx.commit().await?;
         new.set_meta(&Meta { version: version + 1, updated_at: now, ..old.meta() });
         Ok(new)
     }
 
     /// Deletes a record; its revisions stay, the last one holding every value it had.
-    pub async fn delete<R: Record>(&self, id: &str, etag: &str, actor: &str) -> Result<(), ApiError> {
+    pub async fn delete<R: Record>(
+        &self,
+        id: &str,
+        etag: &str,
+        actor: &str,
+        scope: &OwnerScope,
+    ) -> Result<(), ApiError> {
         let mut tx = self.db.begin_write().await?;
-        let old: R = self.lock(&mut tx, id).await?;
+        let old: R = self.lock(&mut tx, id, scope).await?;
         check_etag(R::KIND, id, etag, old.etag())?;
         if R::KIND == Kind::Company {
             let mut sql = Sql::new("SELECT id FROM people WHERE company_id = ");
@@ -521,7 +585,14 @@ impl Store {
         let changes = domain::diff(Some(&old), None);
         self.insert_revisions::<R>(
             &mut tx,
-            &[(id.to_string(), version + 1, ACTION_DELETE, changes, now_micros())],
+            &[NewRevision {
+                record_id: id.to_string(),
+                version: version + 1,
+                action: ACTION_DELETE,
+                changes,
+                at: now_micros(),
+                owner_id: old.columns().owner_id.to_string(),
+            }],
             actor,
         )
         .await?;
@@ -529,7 +600,8 @@ impl Store {
         Ok(())
     }
 
-    /// One page of a filtered, searched, sorted listing, and the token of the next page.
+    /// One page of a filtered, searched, sorted listing within `q.scope`, and the token of the
+    /// next page.
     pub async fn list<R: Record>(&self, q: &ListQuery) -> Result<(Vec<R>, String), ApiError> {
         let kind = R::KIND;
         let order = parse_order(kind, &q.order_by)?;
@@ -593,6 +665,7 @@ impl Store {
         }
         sql.push(" FROM ").push(table(kind)).push(" WHERE 1=1");
         filter::apply(&q.filter, fields, &mut sql)?;
+        q.scope.push_condition(&mut sql, self.db.backend(), "owner_id");
         if window.is_none() {
             self.push_search(&mut sql, kind, &q.query);
         }
@@ -645,14 +718,24 @@ impl Store {
     }
 
     /// Revisions of a record, newest first.
+    /// Revisions of a record whose owner (as of its latest revision, so also after deletion)
+    /// the scope allows; any other record's history is NOT_FOUND.
     pub async fn revisions(
         &self,
         record_id: &str,
         page_size: i64,
         page_token: &str,
+        scope: &OwnerScope,
     ) -> Result<(Vec<Revision>, String), ApiError> {
         let fp = fingerprint(&["revisions", record_id]);
         let cursor = Cursor::decode(page_token, fp)?;
+        let mut latest = Sql::new("SELECT owner_id FROM revisions WHERE record_id = ");
+        latest.bind(record_id).push(" ORDER BY version DESC LIMIT 1");
+        let owner: Option<String> =
+            latest.query().fetch_optional(self.db.pool()).await?.map(|row| row.try_get("owner_id")).transpose()?;
+        if !owner.is_some_and(|owner| scope.allows(&owner)) {
+            return Err(ApiError::NotFound(format!("record {record_id} not found")));
+        }
         let mut sql = Sql::new(
             "SELECT record_id, version, record_type, action, actor, created_at, changes FROM revisions WHERE record_id = ",
         );

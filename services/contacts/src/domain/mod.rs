@@ -101,6 +101,7 @@ pub trait Record: prost::Message + Default + Clone + PartialEq + Send + Sync + U
     fn id(&self) -> &str;
     fn etag(&self) -> &str;
     fn owner_id(&self) -> &str;
+    fn set_owner_id(&mut self, owner_id: String);
     fn set_meta(&mut self, meta: &Meta);
     /// The output-only values, as set by [`Record::set_meta`].
     fn meta(&self) -> Meta;
@@ -516,6 +517,10 @@ macro_rules! meta_fields {
 
         fn owner_id(&self) -> &str {
             &self.owner_id
+        }
+
+        fn set_owner_id(&mut self, owner_id: String) {
+            self.owner_id = owner_id;
         }
 
         fn set_meta(&mut self, meta: &Meta) {

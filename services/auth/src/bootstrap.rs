@@ -1,0 +1,116 @@
+//! The organisation a fresh database starts with: four roles, one department and an
+//! administrator, created once (by whichever replica gets there first).
+
+use crm_kit::auth::{CONTACTS_READ, CONTACTS_WRITE, ORG_READ, PERMISSIONS};
+use crm_proto::auth::v1::{DataScope, Role};
+
+use crate::AuthError;
+use crate::domain::{self, secrets};
+use crate::store::{BootstrapPlan, Store};
+
+pub const ADMINISTRATOR: &str = "Administrator";
+pub const EXECUTIVE: &str = "Executive";
+pub const HEAD_OF_DEPARTMENT: &str = "Head of department";
+pub const SALESPERSON: &str = "Salesperson";
+pub const HEAD_OFFICE: &str = "Head office";
+
+/// What [`bootstrap`] did. Its Debug output never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Bootstrap {
+    /// Whether this call created the organisation (false: it already had users).
+    pub created: bool,
+    /// The administrator's e-mail, normalised.
+    pub email: String,
+    /// The administrator's password when it was generated (no password was given); show it
+    /// to the operator once.
+    pub generated_password: Option<String>,
+}
+
+impl std::fmt::Debug for Bootstrap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bootstrap")
+            .field("created", &self.created)
+            .field("email", &self.email)
+            .field("generated_password", &self.generated_password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The roles a new organisation starts with.
+pub fn starting_roles() -> Vec<Role> {
+    let role = |name: &str, permissions: &[&str], scope: DataScope| Role {
+        name: name.into(),
+        permissions: permissions.iter().map(|p| p.to_string()).collect(),
+        data_scope: scope as i32,
+        ..Default::default()
+    };
+    vec![
+        role(ADMINISTRATOR, PERMISSIONS, DataScope::All),
+        role(EXECUTIVE, &[CONTACTS_READ, CONTACTS_WRITE, ORG_READ], DataScope::All),
+        role(HEAD_OF_DEPARTMENT, &[CONTACTS_READ, CONTACTS_WRITE, ORG_READ], DataScope::DepartmentTree),
+        role(SALESPERSON, &[CONTACTS_READ, CONTACTS_WRITE], DataScope::Own),
+    ]
+}
+
+/// When the database has no users, creates in one transaction the starting roles, the
+/// department "Head office" and the administrator (`admin_email`, role Administrator) with
+/// `admin_password`, or a generated password returned in [`Bootstrap::generated_password`].
+/// When users exist it does nothing. Safe when several replicas run it at once.
+pub async fn bootstrap(
+    store: &Store,
+    admin_email: &str,
+    admin_password: Option<String>,
+) -> Result<Bootstrap, AuthError> {
+    let email = domain::normalize_email(admin_email);
+    if !domain::is_email(&email) {
+        return Err(AuthError::BadSetting(format!(
+            "the administrator's e-mail {admin_email:?} is not an e-mail address"
+        )));
+    }
+    if store.has_users().await? {
+        return Ok(Bootstrap { created: false, email, generated_password: None });
+    }
+    let (password, generated) = match admin_password.filter(|p| !p.is_empty()) {
+        Some(password) => {
+            let mut v = crm_kit::Violations::new();
+            domain::check_new_password(&mut v, "CRM_ADMIN_PASSWORD", &password);
+            if let Some((field, why)) = v.iter().next() {
+                return Err(AuthError::BadSetting(format!("{field} {why}")));
+            }
+            (password, false)
+        }
+        None => (secrets::generate_password(), true),
+    };
+    let plan = BootstrapPlan {
+        roles: starting_roles(),
+        department_name: HEAD_OFFICE.into(),
+        admin_email: email.clone(),
+        admin_display_name: "Administrator".into(),
+        admin_password_hash: secrets::hash_password_async(&password).await,
+        admin_role: ADMINISTRATOR.into(),
+    };
+    let created = store.bootstrap(&plan).await?;
+    Ok(Bootstrap { created, email, generated_password: (created && generated).then_some(password) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starting_roles_are_valid() {
+        for mut role in starting_roles() {
+            let before = role.clone();
+            let mut v = crm_kit::Violations::new();
+            domain::normalize_role(&mut role, &mut v);
+            assert!(v.is_empty(), "{}", before.name);
+            assert_eq!(role, before, "already normalised");
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let b = Bootstrap { created: true, email: "a@b.c".into(), generated_password: Some("hunter2hunter2".into()) };
+        assert!(!format!("{b:?}").contains("hunter2"));
+    }
+}
