@@ -341,30 +341,30 @@ impl Verifier {
 
     /// The principal a token names, if its signature, issuer and expiry hold.
     pub async fn verify(&self, token: &str) -> Result<Principal, ApiError> {
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|_| unauthenticated("the access token is malformed"))?;
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| ApiError::unauthenticated("the access token is malformed"))?;
         if header.alg != Algorithm::EdDSA {
-            return Err(unauthenticated("the access token is not signed with EdDSA"));
+            return Err(ApiError::unauthenticated("the access token is not signed with EdDSA"));
         }
-        let kid = header.kid.ok_or_else(|| unauthenticated("the access token names no signing key"))?;
+        let kid = header.kid.ok_or_else(|| ApiError::unauthenticated("the access token names no signing key"))?;
         let mut keys = self.keys();
         if !keys.by_kid.contains_key(&kid) {
             self.fetch_for(&kid).await?;
             keys = self.keys();
         }
-        let key =
-            keys.by_kid.get(&kid).ok_or_else(|| unauthenticated("the access token is signed by an unknown key"))?;
+        let key = keys
+            .by_kid
+            .get(&kid)
+            .ok_or_else(|| ApiError::unauthenticated("the access token is signed by an unknown key"))?;
         let data =
             jsonwebtoken::decode::<Claims>(token, key, &self.inner.validation).map_err(|err| match err.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => unauthenticated("the access token has expired"),
-                _ => unauthenticated("the access token is invalid"),
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                    ApiError::unauthenticated("the access token has expired")
+                }
+                _ => ApiError::unauthenticated("the access token is invalid"),
             })?;
         Ok(Principal::from_claims(data.claims, token.to_string()))
     }
-}
-
-fn unauthenticated(message: &str) -> ApiError {
-    ApiError::Unauthenticated(message.to_string())
 }
 
 /// Who is calling, as their verified access token says.
@@ -445,7 +445,11 @@ impl Principal {
 
 /// The caller of a call that passed the authentication layer.
 pub fn principal<T>(request: &tonic::Request<T>) -> Result<Principal, ApiError> {
-    request.extensions().get::<Principal>().cloned().ok_or_else(|| unauthenticated("this call needs an access token"))
+    request
+        .extensions()
+        .get::<Principal>()
+        .cloned()
+        .ok_or_else(|| ApiError::unauthenticated("this call needs an access token"))
 }
 
 /// The client's address: the first `x-forwarded-for` entry the gateway set, else the peer.
@@ -524,7 +528,9 @@ where
         let verifier = self.verifier.clone();
         Box::pin(async move {
             let verified = match token {
-                None => Err(unauthenticated("this call needs an access token: send `authorization: Bearer <token>`")),
+                None => Err(ApiError::unauthenticated(
+                    "this call needs an access token: send `authorization: Bearer <token>`",
+                )),
                 Some(token) => verifier.verify(&token).await,
             };
             match verified {

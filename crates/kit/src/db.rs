@@ -123,6 +123,17 @@ impl Db {
     }
 
     /// Whether the database answers.
+    /// ` FOR UPDATE` on PostgreSQL; nothing on SQLite, where a write transaction (see
+    /// `begin_write`) already holds the database's one write lock.
+    pub fn for_update(&self) -> &'static str {
+        if self.backend == Backend::Postgres { " FOR UPDATE" } else { "" }
+    }
+
+    /// ` FOR SHARE` on PostgreSQL (the row must not change or go until commit); nothing on SQLite.
+    pub fn for_share(&self) -> &'static str {
+        if self.backend == Backend::Postgres { " FOR SHARE" } else { "" }
+    }
+
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
     }

@@ -42,6 +42,11 @@ impl ApiError {
         v.add(field, description);
         ApiError::InvalidArgument(v)
     }
+
+    /// UNAUTHENTICATED with `message`.
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        ApiError::Unauthenticated(message.into())
+    }
 }
 
 impl From<sqlx::Error> for ApiError {

@@ -76,6 +76,47 @@ impl Violations {
     }
 }
 
+/// Longest e-mail address, in bytes (RFC 5321: 254 octets).
+pub const MAX_EMAIL_LEN: usize = 254;
+
+/// An e-mail address as stored and compared: trimmed and lower-cased.
+pub fn normalize_email(input: &str) -> String {
+    input.trim().to_lowercase()
+}
+
+/// Whether a normalised address looks like an e-mail address: one `@`, a non-empty local part
+/// of at most 64 bytes, a dotted domain without empty labels at its ends or inside, no spaces or
+/// control characters, at most [`MAX_EMAIL_LEN`] bytes in all.
+pub fn is_email(address: &str) -> bool {
+    let Some((local, domain)) = address.split_once('@') else { return false };
+    !local.is_empty()
+        && local.len() <= 64
+        && address.len() <= MAX_EMAIL_LEN
+        && !domain.contains('@')
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !domain.contains("..")
+        && !address.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// The normalised address, if `input` is an e-mail address.
+pub fn email(input: &str) -> Option<String> {
+    let address = normalize_email(input);
+    is_email(&address).then_some(address)
+}
+
+/// Optimistic concurrency: ABORTED when the caller sent an etag and the record's is `stored` now.
+pub fn check_etag(noun: &str, id: &str, sent: &str, stored: &str) -> Result<(), ApiError> {
+    if sent.is_empty() || sent == stored {
+        Ok(())
+    } else {
+        Err(ApiError::Aborted(format!(
+            "{noun} {id} was changed since you read it (etag {sent}, now {stored}); read it again and retry"
+        )))
+    }
+}
+
 /// A new time-ordered id (UUIDv7) as text.
 pub fn new_id() -> String {
     Uuid::now_v7().to_string()
@@ -97,5 +138,40 @@ mod tests {
         assert_eq!(fields, ["name", "notes", "id"]);
         assert!(matches!(v.check(), Err(ApiError::InvalidArgument(_))));
         assert!(Violations::new().check().is_ok());
+    }
+
+    #[test]
+    fn emails_are_normalised_and_checked() {
+        assert_eq!(email("  Anna.Petrova@Example.COM ").as_deref(), Some("anna.petrova@example.com"));
+        assert!(is_email("admin@crm.local"));
+        for bad in [
+            "",
+            "anna",
+            "anna@",
+            "@example.com",
+            "anna@example",
+            "a b@example.com",
+            "a@b@c.com",
+            "a@.com",
+            "a@b.",
+            "a@b..com",
+            "a@b",
+            "a@@b.com",
+            "a b@c.com",
+        ] {
+            assert_eq!(email(bad), None, "{bad}");
+        }
+        let long_local = format!("{}@example.com", "a".repeat(65));
+        assert_eq!(email(&long_local), None);
+        let long = format!("a@{}.com", "b".repeat(MAX_EMAIL_LEN));
+        assert_eq!(email(&long), None);
+    }
+
+    #[test]
+    fn stale_etags_are_aborted() {
+        assert!(check_etag("person", "p1", "", "3").is_ok());
+        assert!(check_etag("person", "p1", "3", "3").is_ok());
+        let err = check_etag("person", "p1", "2", "3").unwrap_err();
+        assert!(matches!(&err, ApiError::Aborted(m) if m.contains("person p1") && m.contains("now 3")));
     }
 }

@@ -72,10 +72,6 @@ fn ok<T>(result: Result<T, ApiError>) -> Result<Response<T>, Status> {
     result.map(Response::new).map_err(Status::from)
 }
 
-fn unauthenticated(message: &str) -> ApiError {
-    ApiError::Unauthenticated(message.to_string())
-}
-
 /// The first `max` characters of untrusted text kept in the audit.
 fn clip(text: &str, max: usize) -> String {
     text.chars().take(max).collect()
@@ -153,7 +149,7 @@ impl AuthApi {
     }
 
     async fn password_sign_in(&self, r: SignInRequest, client_address: String) -> Result<TokenPair, ApiError> {
-        let email = domain::normalize_email(&r.email);
+        let email = crm_kit::validate::normalize_email(&r.email);
         let plausible = !email.is_empty()
             && email.chars().count() <= MAX_EMAIL_CHARS
             && r.password.chars().count() <= MAX_PASSWORD_CHARS;
@@ -175,7 +171,7 @@ impl AuthApi {
         let Some(credentials) = credentials else {
             let event = Event { detail: "no account has this e-mail".into(), ..event };
             self.store.password_failed("", None, &event).await?;
-            return Err(unauthenticated(BAD_CREDENTIALS));
+            return Err(ApiError::unauthenticated(BAD_CREDENTIALS));
         };
         let refusal = if !credentials.active {
             Some(("the account is deactivated", None))
@@ -193,7 +189,7 @@ impl AuthApi {
         if let Some((detail, policy)) = refusal {
             let event = Event { detail: detail.into(), ..event };
             self.store.password_failed(&credentials.user_id, policy, &event).await?;
-            return Err(unauthenticated(BAD_CREDENTIALS));
+            return Err(ApiError::unauthenticated(BAD_CREDENTIALS));
         }
         let (refresh, stored) = self.new_refresh_token();
         let event = Event { kind: events::SIGN_IN, actor_id: credentials.user_id.clone(), ..event };
@@ -204,7 +200,7 @@ impl AuthApi {
     async fn exchange_refresh(&self, r: RefreshRequest, client_address: String) -> Result<TokenPair, ApiError> {
         let presented = r.refresh_token.trim();
         if presented.is_empty() || presented.len() > MAX_TOKEN_CHARS {
-            return Err(unauthenticated(BAD_REFRESH_TOKEN));
+            return Err(ApiError::unauthenticated(BAD_REFRESH_TOKEN));
         }
         let (refresh, stored) = self.new_refresh_token();
         let subject = self.store.refresh(&secrets::token_hash(presented), &stored, &client_address).await?;
@@ -247,7 +243,7 @@ impl AuthApi {
         let Some(subject) = subject else {
             let event = Event { kind: events::SERVICE_TOKEN_FAILED, ..event };
             self.store.record_event(&event).await?;
-            return Err(unauthenticated(BAD_CLIENT_CREDENTIALS));
+            return Err(ApiError::unauthenticated(BAD_CLIENT_CREDENTIALS));
         };
         let pair = self.token_pair(&subject, None).await?;
         let event = Event { kind: events::SERVICE_TOKEN_ISSUED, actor_id: subject.id.clone(), ..event };
@@ -259,7 +255,7 @@ impl AuthApi {
     async fn current_subject(&self, principal: &Principal) -> Result<Subject, ApiError> {
         match self.store.subject(&principal.subject, principal.service_account).await? {
             Some(subject) if subject.active => Ok(subject),
-            _ => Err(unauthenticated("the account of this access token no longer exists or is deactivated")),
+            _ => Err(ApiError::unauthenticated("the account of this access token no longer exists or is deactivated")),
         }
     }
 
@@ -422,7 +418,7 @@ impl AuthApi {
                 .store
                 .password_hash(&r.user_id)
                 .await?
-                .ok_or_else(|| unauthenticated("the account no longer exists"))?;
+                .ok_or_else(|| ApiError::unauthenticated("the account no longer exists"))?;
             let plausible = r.current_password.chars().count() <= MAX_PASSWORD_CHARS;
             let correct = secrets::check_password(
                 if plausible { &r.current_password } else { "" },

@@ -61,8 +61,8 @@ pub async fn bootstrap(
     admin_email: &str,
     admin_password: Option<String>,
 ) -> Result<Bootstrap, AuthError> {
-    let email = domain::normalize_email(admin_email);
-    if !domain::is_email(&email) {
+    let email = crm_kit::validate::normalize_email(admin_email);
+    if !crm_kit::validate::is_email(&email) {
         return Err(AuthError::BadSetting(format!(
             "the administrator's e-mail {admin_email:?} is not an e-mail address"
         )));

@@ -13,7 +13,7 @@ use crm_kit::db::{Backend, Db, DbError, Migrations, Sql};
 use crm_kit::filter::{self, Expr, Field, FieldKind};
 use crm_kit::page::{Cursor, KeyValue, fingerprint};
 use crm_kit::time::{now_micros, to_timestamp};
-use crm_kit::validate::new_id;
+use crm_kit::validate::{check_etag, new_id};
 use crm_proto::auth::v1::{DataScope, Department, Jwk, Role, SecurityEvent, ServiceAccount, User};
 use sqlx::any::AnyRow;
 use sqlx::{Any, AnyConnection, Row, Transaction};
@@ -152,26 +152,12 @@ pub struct Store {
     db: Db,
 }
 
-fn unauthenticated(message: &str) -> ApiError {
-    ApiError::Unauthenticated(message.to_string())
-}
-
 fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(e) if e.is_unique_violation())
 }
 
 fn etag(version: i64) -> String {
     version.to_string()
-}
-
-fn check_etag(noun: &str, id: &str, sent: &str, stored: i64) -> Result<(), ApiError> {
-    if sent.is_empty() || sent == etag(stored) {
-        Ok(())
-    } else {
-        Err(ApiError::Aborted(format!(
-            "{noun} {id} was changed since you read it (etag {sent}, now {stored}); read it again and retry"
-        )))
-    }
 }
 
 fn department_of(row: &AnyRow) -> Result<(Department, i64), sqlx::Error> {
@@ -291,7 +277,7 @@ fn normalize_email_values(expr: &mut Expr) {
         Expr::Not(inner) => normalize_email_values(inner),
         Expr::Cmp { field, value, .. } => {
             if field == "email" {
-                *value = domain::normalize_email(value);
+                *value = crm_kit::validate::normalize_email(value);
             }
         }
     }
@@ -416,16 +402,6 @@ impl Store {
             sql.query().execute(&mut **tx).await?;
         }
         Ok(())
-    }
-
-    /// Row lock for a row about to change (none needed on SQLite).
-    fn for_update(&self) -> &'static str {
-        if self.db.backend() == Backend::Postgres { " FOR UPDATE" } else { "" }
-    }
-
-    /// Row lock for a row referred to: it cannot be deleted before the transaction ends.
-    fn for_share(&self) -> &'static str {
-        if self.db.backend() == Backend::Postgres { " FOR SHARE" } else { "" }
     }
 
     // ----- security events -----
@@ -558,9 +534,10 @@ impl Store {
         let mut sql = Sql::new("UPDATE users SET failed_sign_ins = 0, locked_until = 0 WHERE id = ");
         sql.bind(user_id).push(" AND active = 1 AND locked_until <= ").bind(now);
         if sql.query().execute(&mut *tx).await?.rows_affected() != 1 {
-            return Err(unauthenticated(BAD_CREDENTIALS));
+            return Err(ApiError::unauthenticated(BAD_CREDENTIALS));
         }
-        let subject = load_subject(&mut tx, user_id, false).await?.ok_or_else(|| unauthenticated(BAD_CREDENTIALS))?;
+        let subject =
+            load_subject(&mut tx, user_id, false).await?.ok_or_else(|| ApiError::unauthenticated(BAD_CREDENTIALS))?;
         let family = new_id();
         let mut sql = Sql::new("INSERT INTO refresh_families (id, user_id, created_at) VALUES (");
         sql.bind(family.as_str()).push(", ").bind(user_id).push(", ").bind(now).push(")");
@@ -589,14 +566,14 @@ impl Store {
         );
         sql.bind(presented.to_vec());
         let Some(row) = sql.query().fetch_optional(&mut *tx).await? else {
-            return Err(unauthenticated(BAD_REFRESH_TOKEN));
+            return Err(ApiError::unauthenticated(BAD_REFRESH_TOKEN));
         };
         let family: String = row.try_get("family_id")?;
         let user_id: String = row.try_get("user_id")?;
         let revoked_at: i64 = row.try_get("revoked_at")?;
         let expires_at: i64 = row.try_get("expires_at")?;
         if revoked_at != 0 || expires_at <= now {
-            return Err(unauthenticated(BAD_REFRESH_TOKEN));
+            return Err(ApiError::unauthenticated(BAD_REFRESH_TOKEN));
         }
         // Mark it used only if nobody did: of two concurrent exchanges one wins, and the other is
         // a second presentation.
@@ -614,11 +591,11 @@ impl Store {
             };
             insert_event(&mut tx, &event).await?;
             tx.commit().await?;
-            return Err(unauthenticated(BAD_REFRESH_TOKEN));
+            return Err(ApiError::unauthenticated(BAD_REFRESH_TOKEN));
         }
         let subject = match load_subject(&mut tx, &user_id, false).await? {
             Some(subject) if subject.active => subject,
-            _ => return Err(unauthenticated(BAD_REFRESH_TOKEN)),
+            _ => return Err(ApiError::unauthenticated(BAD_REFRESH_TOKEN)),
         };
         insert_refresh_token(&mut tx, next, &family, &user_id, now).await?;
         tx.commit().await?;
@@ -792,7 +769,7 @@ impl Store {
         id: &str,
     ) -> Result<(), ApiError> {
         let mut sql = Sql::new("SELECT id FROM departments WHERE id = ");
-        sql.bind(id).push(self.for_share());
+        sql.bind(id).push(self.db.for_share());
         if sql.query().fetch_optional(&mut **tx).await?.is_none() {
             return Err(ApiError::invalid(field, "no department has this id"));
         }
@@ -861,7 +838,7 @@ impl Store {
         id: &str,
     ) -> Result<(Department, i64), ApiError> {
         let mut sql = Sql::new("SELECT ");
-        sql.push(DEPARTMENT_COLUMNS).push(" FROM departments WHERE id = ").bind(id).push(self.for_update());
+        sql.push(DEPARTMENT_COLUMNS).push(" FROM departments WHERE id = ").bind(id).push(self.db.for_update());
         let row = sql
             .query()
             .fetch_optional(&mut **tx)
@@ -886,7 +863,7 @@ impl Store {
         // Moves run one at a time, so that two concurrent moves cannot close a cycle together.
         self.serialize(&mut tx, LOCK_DEPARTMENT_TREE).await?;
         let (old, version) = self.lock_department(&mut tx, id).await?;
-        check_etag("department", id, etag_sent, version)?;
+        check_etag("department", id, etag_sent, &etag(version))?;
         let mut new = old.clone();
         change(&mut new)?;
         if new == old {
@@ -938,7 +915,7 @@ impl Store {
     pub async fn delete_department(&self, id: &str, etag_sent: &str, actor: &Actor) -> Result<(), ApiError> {
         let mut tx = self.db.begin_write().await?;
         let (old, version) = self.lock_department(&mut tx, id).await?;
-        check_etag("department", id, etag_sent, version)?;
+        check_etag("department", id, etag_sent, &etag(version))?;
         for (statement, what) in [
             ("SELECT id FROM departments WHERE parent_id = ", "sub-departments"),
             ("SELECT id FROM users WHERE department_id = ", "users"),
@@ -975,7 +952,7 @@ impl Store {
         }
         let mut sql = Sql::new("SELECT id FROM roles WHERE ");
         push_in(&mut sql, "id", ids);
-        sql.push(self.for_share());
+        sql.push(self.db.for_share());
         let found: Vec<String> =
             sql.query().fetch_all(&mut **tx).await?.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
         let mut v = crm_kit::Violations::new();
@@ -1086,7 +1063,7 @@ impl Store {
 
     async fn lock_role(&self, tx: &mut Transaction<'static, Any>, id: &str) -> Result<(Role, i64), ApiError> {
         let mut sql = Sql::new("SELECT ");
-        sql.push(ROLE_COLUMNS).push(" FROM roles WHERE id = ").bind(id).push(self.for_update());
+        sql.push(ROLE_COLUMNS).push(" FROM roles WHERE id = ").bind(id).push(self.db.for_update());
         let row = sql
             .query()
             .fetch_optional(&mut **tx)
@@ -1102,7 +1079,7 @@ impl Store {
     {
         let mut tx = self.db.begin_write().await?;
         let (old, version) = self.lock_role(&mut tx, id).await?;
-        check_etag("role", id, etag_sent, version)?;
+        check_etag("role", id, etag_sent, &etag(version))?;
         let mut new = old.clone();
         change(&mut new)?;
         if new == old {
@@ -1151,7 +1128,7 @@ impl Store {
     pub async fn delete_role(&self, id: &str, etag_sent: &str, actor: &Actor) -> Result<(), ApiError> {
         let mut tx = self.db.begin_write().await?;
         let (old, version) = self.lock_role(&mut tx, id).await?;
-        check_etag("role", id, etag_sent, version)?;
+        check_etag("role", id, etag_sent, &etag(version))?;
         for (statement, holders) in [
             ("SELECT user_id FROM user_roles WHERE role_id = ", "users"),
             ("SELECT account_id FROM service_account_roles WHERE role_id = ", "service accounts"),
@@ -1207,7 +1184,7 @@ impl Store {
         }
         if !new.supervisor_id.is_empty() && old.is_none_or(|o| o.supervisor_id != new.supervisor_id) {
             let mut sql = Sql::new("SELECT id FROM users WHERE id = ");
-            sql.bind(new.supervisor_id.as_str()).push(self.for_share());
+            sql.bind(new.supervisor_id.as_str()).push(self.db.for_share());
             if sql.query().fetch_optional(&mut **tx).await?.is_none() {
                 return Err(ApiError::invalid("user.supervisor_id", "no user has this id"));
             }
@@ -1287,7 +1264,7 @@ impl Store {
         let mut sql = Sql::new("SELECT ");
         sql.push(USER_COLUMNS).push(" FROM users WHERE id = ").bind(id);
         if lock {
-            sql.push(self.for_update());
+            sql.push(self.db.for_update());
         }
         let row = sql
             .query()
@@ -1341,7 +1318,7 @@ impl Store {
     {
         let mut tx = self.db.begin_write().await?;
         let (old, version) = self.read_user(&mut tx, id, true).await?;
-        check_etag("user", id, etag_sent, version)?;
+        check_etag("user", id, etag_sent, &etag(version))?;
         let mut new = old.clone();
         change(&mut new)?;
         if new == old {
@@ -1506,7 +1483,7 @@ impl Store {
     pub async fn delete_service_account(&self, id: &str, actor: &Actor) -> Result<(), ApiError> {
         let mut tx = self.db.begin_write().await?;
         let mut sql = Sql::new("SELECT name, client_id FROM service_accounts WHERE id = ");
-        sql.bind(id).push(self.for_update());
+        sql.bind(id).push(self.db.for_update());
         let row = sql
             .query()
             .fetch_optional(&mut *tx)

@@ -252,7 +252,7 @@ impl ContactsApi {
             }
         }
         for (i, email) in r.emails.iter().enumerate() {
-            match domain::normalize::email(email) {
+            match crm_kit::validate::email(email) {
                 Some(address) => keys.push(Key { field: "email", value: address }),
                 None => v.add(format!("emails[{i}]"), "is not an e-mail address"),
             }

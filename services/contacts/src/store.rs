@@ -10,6 +10,7 @@ use crm_kit::db::{Backend, Db, DbError, Migrations, Sql};
 use crm_kit::filter::{self, Field, FieldKind};
 use crm_kit::page::{Cursor, KeyValue, fingerprint};
 use crm_kit::time::now_micros;
+use crm_kit::validate::check_etag;
 use crm_proto::contacts::v1::Revision;
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
@@ -469,9 +470,7 @@ impl Store {
         let mut sql = Sql::new("SELECT ");
         sql.push(COLUMNS).push(" FROM ").push(table(R::KIND)).push(" WHERE id = ").bind(id);
         scope.push_condition(&mut sql, self.db.backend(), "owner_id");
-        if self.db.backend() == Backend::Postgres {
-            sql.push(" FOR UPDATE");
-        }
+        sql.push(self.db.for_update());
         let row = sql.query().fetch_optional(&mut **tx).await?.ok_or_else(|| not_found(R::KIND, id))?;
         decode(&row)
     }
@@ -492,7 +491,7 @@ impl Store {
     {
         let mut tx = self.db.begin_write().await?;
         let old: R = self.lock(&mut tx, id, scope).await?;
-        check_etag(R::KIND, id, etag, old.etag())?;
+        check_etag(R::KIND.noun(), id, etag, old.etag())?;
         let mut new = old.clone();
         change(&mut new)?;
         if new == old {
@@ -563,7 +562,7 @@ impl Store {
     ) -> Result<(), ApiError> {
         let mut tx = self.db.begin_write().await?;
         let old: R = self.lock(&mut tx, id, scope).await?;
-        check_etag(R::KIND, id, etag, old.etag())?;
+        check_etag(R::KIND.noun(), id, etag, old.etag())?;
         if R::KIND == Kind::Company {
             let mut sql = Sql::new("SELECT id FROM people WHERE company_id = ");
             sql.bind(id).push(" LIMIT 1");
@@ -831,17 +830,6 @@ async fn insert_tags(tx: &mut Transaction<'static, Any>, pairs: &[(&str, &str)])
         sql.query().execute(&mut **tx).await?;
     }
     Ok(())
-}
-
-fn check_etag(kind: Kind, id: &str, sent: &str, stored: &str) -> Result<(), ApiError> {
-    if sent.is_empty() || sent == stored {
-        Ok(())
-    } else {
-        Err(ApiError::Aborted(format!(
-            "{} {id} was changed since you read it (etag {sent}, now {stored}); read it again and retry",
-            kind.noun()
-        )))
-    }
 }
 
 fn push_columns(sql: &mut Sql, c: Columns) {

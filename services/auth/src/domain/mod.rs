@@ -53,25 +53,6 @@ pub mod events {
     pub const ORGANISATION_BOOTSTRAPPED: &str = "organisation_bootstrapped";
 }
 
-/// An e-mail address as stored and compared: trimmed and lower-cased.
-pub fn normalize_email(input: &str) -> String {
-    input.trim().to_lowercase()
-}
-
-/// Whether a normalised address looks like an e-mail address.
-pub fn is_email(address: &str) -> bool {
-    let Some((local, domain)) = address.split_once('@') else { return false };
-    !local.is_empty()
-        && local.chars().count() <= 64
-        && address.chars().count() <= MAX_EMAIL_CHARS
-        && !domain.contains('@')
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !domain.contains("..")
-        && !address.chars().any(|c| c.is_whitespace() || c.is_control())
-}
-
 /// How wide a scope is: OWN < DEPARTMENT < DEPARTMENT_TREE < ALL; 0 for anything else.
 fn scope_rank(scope: i32) -> i32 {
     match DataScope::try_from(scope) {
@@ -117,10 +98,10 @@ pub fn normalize_department(d: &mut Department, v: &mut Violations) {
 
 /// Normalises and validates a user's own fields; role ids come out sorted, each once.
 pub fn normalize_user(u: &mut User, v: &mut Violations) {
-    u.email = normalize_email(&u.email);
+    u.email = crm_kit::validate::normalize_email(&u.email);
     if u.email.is_empty() {
         v.add("user.email", "is required");
-    } else if !is_email(&u.email) {
+    } else if !crm_kit::validate::is_email(&u.email) {
         v.add("user.email", "is not an e-mail address");
     }
     name(v, "user.display_name", &mut u.display_name);
@@ -254,15 +235,6 @@ pub fn scope_name(scope: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn emails_are_normalised_and_checked() {
-        assert_eq!(normalize_email("  Anna.Petrova@Example.COM "), "anna.petrova@example.com");
-        assert!(is_email("admin@crm.local"));
-        for bad in ["", "anna", "anna@", "@example.com", "a@b", "a@@b.com", "a b@c.com", "a@.com", "a@b.", "a@b..com"] {
-            assert!(!is_email(bad), "{bad}");
-        }
-    }
 
     #[test]
     fn the_widest_scope_wins() {

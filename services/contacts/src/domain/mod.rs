@@ -287,7 +287,7 @@ impl Common<'_> {
         for (i, email) in self.emails.iter_mut().enumerate() {
             trim(&mut email.label);
             v.max_chars(&format!("{p}.emails[{i}].label"), &email.label, MAX_SHORT);
-            match normalize::email(&email.address) {
+            match crm_kit::validate::email(&email.address) {
                 Some(addr) => email.address = addr,
                 None => bad.push(i),
             }

@@ -68,21 +68,6 @@ pub fn phone_e164(input: &str, default_calling_code: &str) -> Result<String, Pho
     Ok(format!("+{full}"))
 }
 
-/// Lower-cases and checks an e-mail address; `None` when it is not one.
-pub fn email(input: &str) -> Option<String> {
-    let address = input.trim().to_lowercase();
-    let (local, domain) = address.split_once('@')?;
-    let valid = !local.is_empty()
-        && local.len() <= 64
-        && address.len() <= 254
-        && !domain.contains('@')
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !address.chars().any(|c| c.is_whitespace() || c.is_control());
-    valid.then_some(address)
-}
-
 /// Legal forms dropped from company names before comparison.
 const LEGAL_FORMS: &[&str] = &[
     "llc",
@@ -160,14 +145,6 @@ mod tests {
         assert_eq!(phone_e164("+12", ""), Err(PhoneError::BadLength));
         assert_eq!(phone_e164("+1234567890123456", ""), Err(PhoneError::BadLength));
         assert_eq!(phone_e164("1+2", ""), Err(PhoneError::BadCharacter));
-    }
-
-    #[test]
-    fn emails_are_lower_cased_and_checked() {
-        assert_eq!(email("  Anna.Petrova@Example.COM ").as_deref(), Some("anna.petrova@example.com"));
-        for bad in ["", "anna", "anna@", "@example.com", "anna@example", "a b@example.com", "a@b@c.com", "a@.com"] {
-            assert_eq!(email(bad), None, "{bad}");
-        }
     }
 
     #[test]
