@@ -38,15 +38,22 @@ const PURGE_EVERY: Duration = Duration::from_secs(3600);
 #[derive(clap::Args, Debug, Clone)]
 pub struct AuthArgs {
     /// Address the auth service listens on (gRPC, gRPC-Web, /healthz, /readyz, /metrics).
-    #[arg(id = "auth_listen", long = "auth-listen", env = "CRM_AUTH_LISTEN", default_value = "0.0.0.0:50052")]
+    #[arg(
+        id = "auth_listen",
+        long = "auth-listen",
+        value_name = "ADDR",
+        env = "CRM_AUTH_LISTEN",
+        default_value = "0.0.0.0:50052"
+    )]
     pub listen: SocketAddr,
     /// Database of the auth service: postgres://user:password@host/db or sqlite://path/auth.db.
-    #[arg(id = "auth_database_url", long = "auth-database-url", env = "CRM_AUTH_DATABASE_URL")]
+    #[arg(id = "auth_database_url", long = "auth-database-url", value_name = "URL", env = "CRM_AUTH_DATABASE_URL")]
     pub database_url: Option<String>,
     /// Most database connections one auth process holds.
     #[arg(
         id = "auth_max_connections",
         long = "auth-max-connections",
+        value_name = "N",
         env = "CRM_AUTH_MAX_CONNECTIONS",
         default_value_t = 16
     )]

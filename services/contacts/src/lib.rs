@@ -27,17 +27,24 @@ pub struct ContactsArgs {
     #[arg(
         id = "contacts_listen",
         long = "contacts-listen",
+        value_name = "ADDR",
         env = "CRM_CONTACTS_LISTEN",
         default_value = "0.0.0.0:50051"
     )]
     pub listen: SocketAddr,
     /// Database of the contacts service: postgres://user:password@host/db or sqlite://path/contacts.db.
-    #[arg(id = "contacts_database_url", long = "contacts-database-url", env = "CRM_CONTACTS_DATABASE_URL")]
+    #[arg(
+        id = "contacts_database_url",
+        long = "contacts-database-url",
+        value_name = "URL",
+        env = "CRM_CONTACTS_DATABASE_URL"
+    )]
     pub database_url: Option<String>,
     /// Most database connections one process holds.
     #[arg(
         id = "contacts_max_connections",
         long = "contacts-max-connections",
+        value_name = "N",
         env = "CRM_CONTACTS_MAX_CONNECTIONS",
         default_value_t = 16
     )]
