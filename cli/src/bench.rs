@@ -142,15 +142,15 @@ async fn tokens(args: TokensArgs) -> anyhow::Result<()> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
     let claims = Claims {
         iss: crm_kit::auth::ISSUER.into(),
-        sub: crm_kit::validate::new_id(),
+        sub: crm_kit::id::new(),
         iat: now,
         exp: now + 900,
-        jti: crm_kit::validate::new_id(),
+        jti: crm_kit::id::new(),
         svc: false,
         name: "Bench User".into(),
         email: "bench.user@example.com".into(),
-        dept: crm_kit::validate::new_id(),
-        perms: crm_kit::auth::PERMISSIONS.iter().map(|p| p.to_string()).collect(),
+        dept: crm_kit::id::new(),
+        perms: crate::SUITE.catalog().names().iter().map(|p| p.to_string()).collect(),
     };
     let token = key.sign(&claims);
     for _ in 0..1_000 {

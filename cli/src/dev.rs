@@ -1,39 +1,37 @@
-//! `crm dev`: every role in one process, each on its own loopback port like in a cluster,
-//! with SQLite files under the data directory.
+//! `crm dev`: every role in one process, each on its own loopback port like in a cluster (the
+//! front role on `--listen`), with SQLite files under the data directory and a service account
+//! of its own. Every role takes its settings as in `crm serve`, from flags or the environment.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use clap::Parser;
-use crm_auth::AuthArgs;
-use crm_contacts::ContactsArgs;
-use crm_kit::auth::AuthClientArgs;
+use anyhow::Context as _;
+use crm_kit::auth::ServiceCredentials;
+use crm_kit::peer::Peers;
+use crm_kit::role::{CommonArgs, Context, Database, Mode, callees};
+
+use crate::{RoleSettings, SUITE};
+
+/// The client id of the service account `crm dev` makes for itself (with a new secret at every
+/// start).
+const DEV_SERVICE_CLIENT_ID: &str = "crm-dev-services";
+/// How long a role may take to report SERVING.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(clap::Args, Debug)]
 pub struct DevArgs {
-    /// Directory for the SQLite databases (one file per service); created if missing.
-    #[arg(long, env = "CRM_DATA_DIR", default_value = "./crm-data")]
+    /// Directory for the SQLite databases (one file per role); created if missing.
+    #[arg(long, value_name = "DIR", env = "CRM_DATA_DIR", default_value = "./crm-data")]
     pub data_dir: PathBuf,
     /// Address of the gateway: gRPC, gRPC-Web, /healthz, /readyz and /metrics on one port.
-    #[arg(long, env = "CRM_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, value_name = "ADDR", env = "CRM_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Country calling code for phone numbers entered without one (e.g. 7, 49, 1).
-    #[arg(long = "default-calling-code", env = "CRM_DEFAULT_CALLING_CODE", default_value = "")]
-    pub default_calling_code: String,
-    /// E-mail of the administrator created at first start. The password comes from
-    /// CRM_ADMIN_PASSWORD, or is generated and printed once.
-    #[arg(long = "admin-email", env = "CRM_ADMIN_EMAIL", default_value = "admin@crm.local")]
-    pub admin_email: String,
-}
-
-/// The auth role's settings as `crm serve auth` would take them (so that its environment
-/// variables, e.g. CRM_ACCESS_TOKEN_TTL, apply in dev mode too).
-#[derive(Parser)]
-struct AuthSettings {
     #[command(flatten)]
-    auth: AuthArgs,
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub settings: RoleSettings,
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -43,82 +41,59 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create the data directory {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize().context("data directory")?;
 
-    let auth_listener = crate::bind("127.0.0.1:0".parse()?, "auth").await?;
-    let auth_addr = auth_listener.local_addr()?;
-    let auth_db = format!("sqlite://{}", data_dir.join("auth.db").display());
-    let auth = AuthSettings::try_parse_from([
-        "crm-dev",
-        "--auth-listen",
-        &auth_addr.to_string(),
-        "--auth-database-url",
-        &auth_db,
-        "--auth-max-connections",
-        "4",
-        "--admin-email",
-        &args.admin_email,
-    ])
-    .context("auth settings")?
-    .auth;
-    let auth_settings = auth.settings().context("auth settings")?;
-    let (auth_store, bootstrap) = crm_auth::open(&auth).await.context("auth")?;
-    let auth_client = AuthClientArgs::new(vec![auth_addr.to_string()]);
-
-    let contacts_listener = crate::bind("127.0.0.1:0".parse()?, "contacts").await?;
-    let contacts_addr = contacts_listener.local_addr()?;
-    let contacts = ContactsArgs {
-        listen: contacts_addr,
-        database_url: Some(format!("sqlite://{}", data_dir.join("contacts.db").display())),
-        max_connections: 4,
-        default_calling_code: args.default_calling_code.clone(),
-        visibility_cache_ttl: std::time::Duration::from_secs(2),
-    };
-    contacts.rules()?;
-    let gateway_listener = crate::bind(args.listen, "gateway").await?;
-    let listen = gateway_listener.local_addr()?;
-    let gateway = crm_gateway::Gateway::from_args(
-        &crm_gateway::GatewayArgs::for_upstreams(listen, vec![contacts_addr.to_string()]),
-        &auth_client,
-    )
-    .context("gateway settings")?;
+    let mut listeners = Vec::new();
+    let mut addrs = HashMap::new();
+    for role in SUITE.roles() {
+        let spec = role.spec();
+        let wanted = if spec.is_front() { args.listen } else { "127.0.0.1:0".parse()? };
+        let listener = crate::bind(wanted, spec.name).await?;
+        addrs.insert(spec.name, listener.local_addr()?);
+        listeners.push(listener);
+    }
+    let callees = callees(&SUITE, |spec| vec![addrs[spec.name].to_string()]);
+    let credentials = ServiceCredentials::generate(DEV_SERVICE_CLIENT_ID);
+    let intervals = args.common.intervals().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let peers = Peers::new(callees, intervals, args.common.keys_refresh_interval, Some(credentials), shutdown.clone());
 
     let mut tasks = tokio::task::JoinSet::new();
-    {
+    let mut banner = Vec::new();
+    let mut front = None;
+    for (role, listener) in SUITE.roles().iter().zip(listeners) {
+        let spec = role.spec();
+        let database = role.migrations().map(|_| Database {
+            url: format!("sqlite://{}", data_dir.join(format!("{}.db", spec.name)).display()),
+            max_connections: 4,
+        });
+        let ctx = Context::new(spec, SUITE, Mode::Embedded, database, peers.clone());
+        let opened = role.open(&args.settings.0, ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
+        banner.extend(opened.banner_lines().iter().cloned());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            crm_auth::serve(auth_store, auth_settings, auth_listener, shutdown).await.context("auth")
+            opened.serve(listener, shutdown).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))
         });
+        let addr = addrs[spec.name];
+        // The next role starts once this one serves, so the gateway's first health checks find
+        // every service serving; the banner appears once the whole suite answers through it.
+        let services: Vec<&str> = if spec.is_front() {
+            front = Some(addr);
+            SUITE.routed().flat_map(|s| s.services.iter().copied()).collect()
+        } else {
+            spec.services.to_vec()
+        };
+        for service in services {
+            crm_kit::server::wait_serving(addr, service, START_TIMEOUT)
+                .await
+                .map_err(|e| anyhow::anyhow!("the suite did not become ready: {e}; see the log above"))?;
+        }
     }
-    {
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            crm_contacts::run(&contacts, &auth_client, contacts_listener, shutdown).await.context("contacts")
-        });
-    }
-    // The gateway starts once auth and contacts answer, so its first health checks find them serving.
-    wait_ready(auth_addr, AUTH_SERVICE).await?;
-    wait_ready(contacts_addr, CONTACTS_SERVICE).await?;
-    {
-        let shutdown = shutdown.clone();
-        tasks.spawn(async move { gateway.serve(gateway_listener, shutdown).await.context("gateway") });
-    }
-    wait_ready(listen, AUTH_SERVICE).await?;
-    wait_ready(listen, CONTACTS_SERVICE).await?;
-    let email = &bootstrap.email;
-    let password = match (&bootstrap.generated_password, bootstrap.created) {
-        (Some(generated), _) => format!(
-            "{generated}\n  (generated now and shown only this once: note it, or start with CRM_ADMIN_PASSWORD set)"
-        ),
-        (None, true) => "the one in CRM_ADMIN_PASSWORD".to_string(),
-        (None, false) => "as set before (the administrator exists since an earlier start)".to_string(),
-    };
+    let listen = front.context("the suite has no front role")?;
     println!(
         "\nCRM is running (started in {} ms). Data: {}\n\n\
          Gateway (gRPC, gRPC-Web, /healthz, /readyz, /metrics, /.well-known/jwks.json): http://{listen}\n\n\
-         Administrator: {email}\n\
-         Password:      {password}\n\n\
+         {}\n\n\
          Try it:\n  \
          grpcurl -plaintext {listen} list\n  \
-         TOKEN=$(grpcurl -plaintext -d '{{\"email\": \"{email}\", \"password\": \"<password>\"}}' \\\n    \
+         TOKEN=$(grpcurl -plaintext -d '{{\"email\": \"<administrator>\", \"password\": \"<password>\"}}' \\\n    \
          {listen} crm.auth.v1.AuthService/SignIn | sed -n 's/.*\"accessToken\": \"\\(.*\\)\".*/\\1/p')\n  \
          grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" \\\n    \
          -d '{{\"person\": {{\"full_name\": \"Anna Petrova\", \"emails\": [{{\"address\": \"anna@example.com\"}}]}}}}' \\\n    \
@@ -128,40 +103,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          Stop with ctrl-c.\n",
         started.elapsed().as_millis(),
         data_dir.display(),
+        banner.join("\n"),
     );
-    let mut result = Ok(());
-    while let Some(joined) = tasks.join_next().await {
-        if let Err(err) = joined.context("role task panicked").and_then(|r| r) {
-            tracing::error!(error = %format!("{err:#}"), "role failed");
-            trigger.fire();
-            result = Err(err);
-        }
-    }
-    result
-}
-
-const AUTH_SERVICE: &str = "crm.auth.v1.AuthService";
-const CONTACTS_SERVICE: &str = "crm.contacts.v1.ContactsService";
-
-/// Waits until `addr` (a service, or the gateway in front of it) reports `service` SERVING, so
-/// that the banner is true.
-async fn wait_ready(addr: SocketAddr, service: &str) -> anyhow::Result<()> {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_client::HealthClient;
-    let deadline = Instant::now() + std::time::Duration::from_secs(60);
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
-    loop {
-        if let Ok(channel) = endpoint.connect().await {
-            let request = HealthCheckRequest { service: service.into() };
-            if let Ok(r) = HealthClient::new(channel).check(request).await
-                && r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-            {
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("the suite did not become ready within 60 s; see the log above");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    crate::run_roles(tasks, trigger).await
 }

@@ -1,45 +1,38 @@
-//! The HTTP/2 proxy: routes a gRPC call by its service's package to that upstream, sends it to a
-//! replica chosen by power of two choices, and streams headers, body and trailers back as they
-//! come (messages are never decoded or buffered).
+//! The HTTP/2 proxy: routes a gRPC call by its service's package to that upstream, sends it
+//! through the upstream's replica pool (power of two choices, failover while nothing was sent),
+//! and streams headers, body and trailers back as they come (messages are never decoded or
+//! buffered).
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Version};
-use http_body::Frame;
-use hyper::body::Incoming;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use tonic::Code;
 use tower::{Service, ServiceBuilder};
 
-use crate::Settings;
-use crate::balance::{InFlight, Pool};
 use crate::edge::{AnswerErrorsLayer, DeadlineLayer, HttpBody, grpc_error};
-
-/// Replicas tried for one call before it fails with UNAVAILABLE.
-const MAX_ATTEMPTS: usize = 3;
+use crate::{EdgePolicy, Upstream};
 
 /// The proxy behind the edge policy (load shedding over a concurrency limit, then the deadline
 /// until upstream response headers), as the kit server's fallback router.
-pub(crate) fn router(pools: Arc<[Arc<Pool>]>, settings: &Settings) -> axum::Router {
+pub(crate) fn router(upstreams: Arc<[Upstream]>, policy: &EdgePolicy) -> axum::Router {
     let service = ServiceBuilder::new()
         .layer(AnswerErrorsLayer)
         .load_shed()
-        .concurrency_limit(settings.max_concurrency)
-        .layer(DeadlineLayer::new(settings.request_timeout))
-        .service(Proxy { pools });
+        .concurrency_limit(policy.max_concurrency)
+        .layer(DeadlineLayer::new(policy.request_timeout))
+        .service(Proxy { upstreams });
     axum::Router::new().fallback_service(service)
 }
 
 /// Where a request goes.
 enum Route<'a> {
     /// A gRPC call of an upstream's package.
-    Upstream(&'a Arc<Pool>),
+    Upstream(&'a Upstream),
     /// A gRPC call nobody here serves.
     UnknownGrpc,
     /// Not gRPC, on a path that names an upstream's method.
@@ -53,15 +46,15 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// The upstream whose package holds the service of `/package.Service/Method`.
-fn upstream_for<'a>(pools: &'a [Arc<Pool>], path: &str) -> Option<&'a Arc<Pool>> {
-    let (service, _method) = crm_kit::metrics::grpc_route(path)?;
+fn upstream_for<'a>(upstreams: &'a [Upstream], path: &str) -> Option<&'a Upstream> {
+    let (service, _method) = crm_kit::metrics::split_grpc_path(path)?;
     let (package, _name) = service.rsplit_once('.')?;
-    pools.iter().find(|p| p.package() == package)
+    upstreams.iter().find(|u| u.packages.contains(&package))
 }
 
-fn route<'a>(pools: &'a [Arc<Pool>], path: &str, headers: &HeaderMap) -> Route<'a> {
-    match (upstream_for(pools, path), is_grpc(headers)) {
-        (Some(pool), true) => Route::Upstream(pool),
+fn route<'a>(upstreams: &'a [Upstream], path: &str, headers: &HeaderMap) -> Route<'a> {
+    match (upstream_for(upstreams, path), is_grpc(headers)) {
+        (Some(upstream), true) => Route::Upstream(upstream),
         (None, true) => Route::UnknownGrpc,
         (Some(_), false) => Route::NotGrpc,
         (None, false) => Route::NotFound,
@@ -117,7 +110,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Sends each gRPC call to a replica of its upstream; answers the rest itself.
 #[derive(Clone)]
 struct Proxy {
-    pools: Arc<[Arc<Pool>]>,
+    upstreams: Arc<[Upstream]>,
 }
 
 type ProxyFuture = Pin<Box<dyn Future<Output = Result<Response<HttpBody>, Infallible>> + Send>>;
@@ -132,14 +125,14 @@ impl Service<Request<HttpBody>> for Proxy {
     }
 
     fn call(&mut self, request: Request<HttpBody>) -> ProxyFuture {
-        let response = match route(&self.pools, request.uri().path(), request.headers()) {
-            Route::Upstream(pool) => {
-                let pool = pool.clone();
-                return Box::pin(async move { Ok(forward(&pool, request).await) });
+        let response = match route(&self.upstreams, request.uri().path(), request.headers()) {
+            Route::Upstream(upstream) => {
+                let upstream = upstream.clone();
+                return Box::pin(async move { Ok(forward(&upstream, request).await) });
             }
             Route::UnknownGrpc => {
                 let path = request.uri().path();
-                let what = match crm_kit::metrics::grpc_route(path) {
+                let what = match crm_kit::metrics::split_grpc_path(path) {
                     Some((service, _)) => format!("unknown service {service}"),
                     None => format!("{path:?} is not a gRPC method path"),
                 };
@@ -177,109 +170,16 @@ fn forwarded_for(parts: &mut http::request::Parts) {
     }
 }
 
-/// Forwards one call. A replica whose connection cannot be had (or turns out closed before the
-/// call was handed to it) is marked unhealthy and the call goes to another: nothing of it has
-/// been sent yet, so this is safe for any method.
-async fn forward(pool: &Pool, request: Request<HttpBody>) -> Response<HttpBody> {
+/// Forwards one call to a replica of `upstream`; a call no replica could take, or that failed
+/// on its way, is answered with the matching gRPC status.
+async fn forward(upstream: &Upstream, request: Request<HttpBody>) -> Response<HttpBody> {
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     forwarded_for(&mut parts);
-    parts.version = Version::HTTP_2;
-    let path = parts.uri.path_and_query().cloned();
-    let mut request = Request::from_parts(parts, tonic::body::Body::new(body));
-
-    let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_ATTEMPTS];
-    let mut last_error = None;
-    for attempt in 0..MAX_ATTEMPTS {
-        let Some(endpoint) = pool.pick(&tried[..attempt]) else { break };
-        tried[attempt] = endpoint.addr();
-        let in_flight = endpoint.track();
-        let mut sender = match endpoint.sender().await {
-            Ok(sender) => sender,
-            Err(e) => {
-                endpoint.set_healthy(false);
-                last_error = Some(e.to_string());
-                continue;
-            }
-        };
-        if let Err(e) = sender.ready().await {
-            endpoint.connection_lost();
-            endpoint.set_healthy(false);
-            last_error = Some(format!("connection to {} closed: {e}", endpoint.addr()));
-            continue;
-        }
-        *request.uri_mut() = endpoint.uri(path.clone());
-        match sender.try_send_request(request).await {
-            Ok(response) => {
-                return response.map(|body| HttpBody::new(ProxyBody { inner: body, in_flight: Some(in_flight) }));
-            }
-            Err(mut e) => {
-                let closed = sender.is_closed();
-                if closed {
-                    endpoint.connection_lost();
-                    endpoint.set_healthy(false);
-                }
-                match e.take_message() {
-                    Some(unsent) => {
-                        request = unsent;
-                        last_error = Some(format!("{} refused the call: {}", endpoint.addr(), e.into_error()));
-                    }
-                    None => {
-                        let error = e.into_error();
-                        // The call was on its way: it must not be sent twice.
-                        let message =
-                            format!("{}: call to replica {} failed: {error}", pool.service(), endpoint.addr());
-                        let code = if closed { Code::Unavailable } else { code_of(error) };
-                        return grpc_error(code, &message);
-                    }
-                }
-            }
-        }
-    }
-    let message = match last_error {
-        Some(e) => format!("no replica of {} could take the call; last error: {e}", pool.service()),
-        None => format!("no replica of {} is available", pool.service()),
-    };
-    grpc_error(Code::Unavailable, &message)
-}
-
-/// The gRPC code for an HTTP/2 failure of a call in flight (a reset stream keeps its meaning;
-/// anything the client did not ask for is UNAVAILABLE).
-fn code_of(error: hyper::Error) -> Code {
-    match tonic::Status::from_error(Box::new(error)).code() {
-        Code::Unknown | Code::Cancelled | Code::Ok => Code::Unavailable,
-        code => code,
-    }
-}
-
-/// An upstream response body, passed through frame by frame; the call stops counting as in
-/// flight on its replica when the body ends or is dropped.
-struct ProxyBody {
-    inner: Incoming,
-    in_flight: Option<InFlight>,
-}
-
-impl http_body::Body for ProxyBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None | Some(Err(_))) => this.in_flight = None,
-            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => this.in_flight = None,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+    let request = Request::from_parts(parts, tonic::body::Body::new(body));
+    match upstream.pool.send(request).await {
+        Ok(response) => response.map(HttpBody::new),
+        Err(err) => grpc_error(err.code(), &err.to_string()),
     }
 }
 
@@ -287,10 +187,20 @@ impl http_body::Body for ProxyBody {
 mod tests {
     use super::*;
 
-    fn pools() -> Arc<[Arc<Pool>]> {
+    use crm_kit::balance::Pool;
+
+    fn pools() -> Arc<[Upstream]> {
         Arc::from(vec![
-            Arc::new(Pool::new("crm.contacts.v1", "crm.contacts.v1.ContactsService", vec![])),
-            Arc::new(Pool::new("crm.deals.v1", "crm.deals.v1.DealsService", vec![])),
+            Upstream {
+                packages: &["crm.contacts.v1"],
+                services: &["crm.contacts.v1.ContactsService"],
+                pool: Arc::new(Pool::new("crm.contacts.v1.ContactsService", vec![])),
+            },
+            Upstream {
+                packages: &["crm.deals.v1"],
+                services: &["crm.deals.v1.DealsService"],
+                pool: Arc::new(Pool::new("crm.deals.v1.DealsService", vec![])),
+            },
         ])
     }
 
@@ -303,7 +213,7 @@ mod tests {
     #[test]
     fn routes_by_package_prefix() {
         let pools = pools();
-        let service = |path: &str| upstream_for(&pools, path).map(|p| p.service());
+        let service = |path: &str| upstream_for(&pools, path).map(|u| u.service());
         assert_eq!(service("/crm.contacts.v1.ContactsService/GetPerson"), Some("crm.contacts.v1.ContactsService"));
         assert_eq!(service("/crm.contacts.v1.OtherService/Do"), Some("crm.contacts.v1.ContactsService"));
         assert_eq!(service("/crm.deals.v1.DealsService/ListDeals"), Some("crm.deals.v1.DealsService"));
@@ -328,7 +238,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_what_it_cannot_route() {
-        let mut proxy = Proxy { pools: pools() };
+        let mut proxy = Proxy { upstreams: pools() };
         let request = |path: &str, grpc: bool| {
             let mut r = Request::builder().method("POST").uri(path);
             if grpc {

@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crm_gateway::{Gateway, Settings, Upstream};
+use crm_gateway::{EdgePolicy, Gateway, Upstream};
+use crm_kit::balance::Intervals;
+use crm_kit::peer::{Callee, Peers};
 use crm_kit::server::Server;
 use crm_kit::shutdown::{Shutdown, Trigger};
 use crm_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
@@ -141,21 +143,23 @@ struct TestGateway {
     _trigger: Trigger,
 }
 
-async fn gateway(addrs: Vec<String>, settings: Settings) -> TestGateway {
+/// A gateway in front of contacts replicas at `addrs`, its replica pool kept current as a
+/// process's pools are: re-resolved every 200 ms, health-checked every 100 ms.
+async fn gateway(addrs: Vec<String>, policy: EdgePolicy) -> TestGateway {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (trigger, shutdown): (Trigger, Shutdown) = crm_kit::shutdown::channel();
-    let gateway = Gateway::new(vec![Upstream::contacts(addrs)], settings);
-    tokio::spawn(gateway.serve(listener, shutdown));
+    let intervals = Intervals { health: Duration::from_millis(100), discovery: Duration::from_millis(200) };
+    let callee = Callee { role: "contacts", service: CONTACTS_SERVICE, addrs };
+    let peers = Peers::new([callee], intervals, Duration::from_secs(60), None, shutdown.clone());
+    let pool = peers.peer("contacts").unwrap().pool().clone();
+    let upstream = Upstream { packages: &["crm.contacts.v1"], services: &[CONTACTS_SERVICE], pool };
+    tokio::spawn(Gateway::new(vec![upstream], policy).serve(listener, shutdown));
     TestGateway { addr, _trigger: trigger }
 }
 
-fn fast_settings() -> Settings {
-    Settings {
-        health_interval: Duration::from_millis(100),
-        discovery_interval: Duration::from_millis(200),
-        ..Settings::default()
-    }
+fn fast_settings() -> EdgePolicy {
+    EdgePolicy::default()
 }
 
 async fn channel(addr: SocketAddr) -> Channel {
@@ -357,7 +361,7 @@ async fn proxies_balances_and_fails_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sheds_load_and_enforces_the_deadline() {
     let replica = Replica::start("slow").await;
-    let settings = Settings { max_concurrency: 1, request_timeout: Duration::from_secs(1), ..fast_settings() };
+    let settings = EdgePolicy { max_concurrency: 1, request_timeout: Duration::from_secs(1) };
     let gw = gateway(vec![replica.addr.to_string()], settings).await;
     let channel = channel(gw.addr).await;
     wait_for_health(&channel, CONTACTS_SERVICE, ServingStatus::Serving).await;
@@ -394,5 +398,23 @@ async fn a_replica_that_comes_up_later_takes_calls() {
     wait_for_health(&channel, CONTACTS_SERVICE, ServingStatus::Serving).await;
     let mut client = ContactsServiceClient::new(channel);
     assert_eq!(get_person(&mut client, "p").await.unwrap().full_name, "late");
+    replica.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_message_is_resource_exhausted() {
+    let replica = Replica::start("replica").await;
+    let gw = gateway(vec![replica.addr.to_string()], fast_settings()).await;
+    let through = channel(gw.addr).await;
+    wait_for_health(&through, CONTACTS_SERVICE, ServingStatus::Serving).await;
+    let huge = "x".repeat(crm_kit::limit::MAX_MESSAGE_BYTES + 1);
+    for (place, channel) in [("the replica", channel(replica.addr).await), ("the gateway", through)] {
+        let mut client = ContactsServiceClient::new(channel);
+        let refused = get_person(&mut client, &huge).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "at {place}: {refused:?}");
+        assert!(refused.message().contains("limit"), "at {place}: {}", refused.message());
+        // The connection stays usable.
+        assert_eq!(get_person(&mut client, "p").await.unwrap().full_name, "replica", "at {place}");
+    }
     replica.stop().await;
 }

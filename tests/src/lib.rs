@@ -1,6 +1,7 @@
-//! The end-to-end harness: starts the real `crm` binary as separate processes, waits until
-//! they answer health checks, and hands out gRPC clients, signed in where calls need it.
-//! Processes are stopped when dropped; a failing test prints what they logged.
+//! The end-to-end harness: starts the real `crm` binary as separate processes — every role of
+//! the suite's list ([`SUITE`]), each told where the roles it calls are — waits until they
+//! answer health checks, and hands out gRPC clients, signed in where calls need it. Processes
+//! are stopped when dropped; a failing test prints what they logged.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -21,6 +22,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+pub use crm::SUITE;
+
 pub const CONTACTS_SERVICE: &str = "crm.contacts.v1.ContactsService";
 pub const AUTH_SERVICE: &str = "crm.auth.v1.AuthService";
 pub const ORG_SERVICE: &str = "crm.auth.v1.OrgService";
@@ -29,6 +32,9 @@ pub const ORG_SERVICE: &str = "crm.auth.v1.OrgService";
 pub const ADMIN_EMAIL: &str = "admin@example.com";
 /// Their password, handed to the suite in `CRM_ADMIN_PASSWORD`.
 pub const ADMIN_PASSWORD: &str = "first-admin-password-1";
+/// The suite's service account in every cluster the harness starts (what a Secret would hold).
+pub const SERVICE_CLIENT_ID: &str = "crm-test-services";
+pub const SERVICE_CLIENT_SECRET: &str = "test-service-secret-0123456789abcdef";
 
 /// The `crm` binary, built once per test run so that it is never stale.
 pub fn crm_bin() -> &'static Path {
@@ -167,7 +173,7 @@ impl Drop for Process {
     }
 }
 
-/// Runs `crm migrate <service> --database-url <url>` to completion.
+/// Runs `crm migrate <role> --database-url <url>` to completion.
 pub async fn migrate(service: &str, url: &str) {
     let mut migrate = Process::start(&format!("migrate-{service}"), &["migrate", service, "--database-url", url], &[]);
     let status = migrate.wait_exit(Duration::from_secs(60)).await;
@@ -179,110 +185,135 @@ pub async fn migrate(service: &str, url: &str) {
 }
 
 /// How [`Cluster::start`] runs the suite.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ClusterConfig {
-    /// Contacts replicas behind the gateway, sharing one database.
-    pub replicas: usize,
-    /// Extra flags for `crm serve auth`, e.g. `--access-token-ttl 2s`.
-    pub auth_flags: Vec<String>,
-    /// Extra flags for every `crm serve contacts`, e.g. `--visibility-cache-ttl 0`.
-    pub contacts_flags: Vec<String>,
+    /// Replicas of a role (each its own process, sharing the role's database); 1 when not
+    /// named, e.g. `("contacts", 2)`.
+    pub replicas: Vec<(&'static str, usize)>,
+    /// Extra flags for every process of a role, e.g. `("auth", vec!["--access-token-ttl", "2s"])`.
+    pub flags: Vec<(&'static str, Vec<String>)>,
 }
 
-impl Default for ClusterConfig {
-    fn default() -> ClusterConfig {
-        ClusterConfig { replicas: 1, auth_flags: Vec::new(), contacts_flags: Vec::new() }
+impl ClusterConfig {
+    fn replicas(&self, role: &str) -> usize {
+        self.replicas.iter().find(|(r, _)| *r == role).map_or(1, |(_, n)| *n)
+    }
+
+    fn flags(&self, role: &str) -> Vec<String> {
+        self.flags.iter().filter(|(r, _)| *r == role).flat_map(|(_, f)| f.iter().cloned()).collect()
     }
 }
 
-/// The suite in cluster mode: one process per role, one PostgreSQL database per service.
-/// Processes are listed before the databases so that they stop first.
-pub struct Cluster {
-    pub gateway: SocketAddr,
-    pub auth: SocketAddr,
-    /// The contacts replicas: address and process.
+/// The processes of one role: each replica's address and process.
+pub struct Replicas {
+    pub role: &'static str,
     pub replicas: Vec<(SocketAddr, Process)>,
-    pub gateway_process: Process,
-    pub auth_process: Process,
-    _auth_db: TestDb,
-    _contacts_db: TestDb,
+}
+
+/// The environment every process of a suite the harness starts gets: the first administrator
+/// ([`ADMIN_EMAIL`], [`ADMIN_PASSWORD`]), calling code 7 and the suite's service account.
+fn suite_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("CRM_ADMIN_EMAIL", ADMIN_EMAIL),
+        ("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD),
+        ("CRM_DEFAULT_CALLING_CODE", "7"),
+        ("CRM_SERVICE_CLIENT_ID", SERVICE_CLIENT_ID),
+        ("CRM_SERVICE_CLIENT_SECRET", SERVICE_CLIENT_SECRET),
+    ]
+}
+
+/// The suite in cluster mode, from the role list: one process per replica of each role, one
+/// PostgreSQL database per role that has one, the front role (the gateway) in front. Processes
+/// are listed before the databases so that they stop first.
+pub struct Cluster {
+    /// The front role's address.
+    pub gateway: SocketAddr,
+    roles: Vec<Replicas>,
+    _dbs: Vec<TestDb>,
 }
 
 impl Cluster {
-    /// Migrates fresh auth and contacts databases, then starts auth (with [`ADMIN_EMAIL`] /
-    /// [`ADMIN_PASSWORD`] as its first administrator), the contacts replicas and a gateway in
-    /// front of them, and waits until the gateway serves both services.
+    /// Migrates a fresh database for every role that has one (`crm migrate`), starts every
+    /// role's replicas (`crm serve <role>`, each told where its callees are), waits until they
+    /// serve, then starts the front role and waits until it serves every service.
     pub async fn start(config: ClusterConfig) -> Cluster {
-        let (auth_db, contacts_db) = tokio::join!(TestDb::postgres(), TestDb::postgres());
-        tokio::join!(migrate("auth", auth_db.url()), migrate("contacts", contacts_db.url()));
+        let with_db: Vec<&str> =
+            SUITE.roles().iter().filter(|r| r.migrations().is_some()).map(|r| r.spec().name).collect();
+        let dbs = futures_util::future::join_all(with_db.iter().map(|_| TestDb::postgres())).await;
+        futures_util::future::join_all(with_db.iter().zip(&dbs).map(|(role, db)| migrate(role, db.url()))).await;
+        let database = |role: &str| with_db.iter().position(|r| *r == role).map(|i| dbs[i].url().to_string());
 
-        let auth = free_addr();
-        let mut args = vec![
-            "serve",
-            "auth",
-            "--auth-listen",
-            &auth.to_string(),
-            "--auth-database-url",
-            auth_db.url(),
-            "--admin-email",
-            ADMIN_EMAIL,
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
-        args.extend(config.auth_flags.iter().cloned());
-        let mut auth_process = Process::start("auth", &strs(&args), &[("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD)]);
-
-        let mut replicas = Vec::new();
-        for i in 0..config.replicas {
-            let addr = free_addr();
-            let mut args = vec![
-                "serve".to_string(),
-                "contacts".into(),
-                "--contacts-listen".into(),
-                addr.to_string(),
-                "--contacts-database-url".into(),
-                contacts_db.url().into(),
-                "--auth-addr".into(),
-                auth.to_string(),
-            ];
-            args.extend(config.contacts_flags.iter().cloned());
-            let p = Process::start(&format!("contacts-{i}"), &strs(&args), &[("CRM_DEFAULT_CALLING_CODE", "7")]);
-            replicas.push((addr, p));
+        let addrs: Vec<(&str, Vec<SocketAddr>)> = SUITE
+            .roles()
+            .iter()
+            .map(|r| (r.spec().name, (0..config.replicas(r.spec().name)).map(|_| free_addr()).collect()))
+            .collect();
+        let addrs_of = |role: &str| addrs.iter().find(|(r, _)| *r == role).map(|(_, a)| a.clone()).unwrap_or_default();
+        let env = suite_env();
+        let mut roles = Vec::new();
+        let mut gateway = None;
+        // Every role but the front one starts at once; the front one once they serve, so that
+        // its first health checks find them all and it balances over all of them from its
+        // first call.
+        for front in [false, true] {
+            for role in SUITE.roles().iter().filter(|r| r.spec().is_front() == front) {
+                let spec = role.spec();
+                let mut replicas = Vec::new();
+                for (i, addr) in addrs_of(spec.name).into_iter().enumerate() {
+                    let mut args = vec![
+                        "serve".to_string(),
+                        spec.name.into(),
+                        format!("--{}-listen", spec.name),
+                        addr.to_string(),
+                    ];
+                    if let Some(url) = database(spec.name) {
+                        args.extend([format!("--{}-database-url", spec.name), url]);
+                    }
+                    for callee in SUITE.callees(spec) {
+                        let list: Vec<String> = addrs_of(callee.name).iter().map(|a| a.to_string()).collect();
+                        args.extend([format!("--{}-addr", callee.name), list.join(",")]);
+                    }
+                    args.extend(config.flags(spec.name));
+                    let name = if front { spec.name.to_string() } else { format!("{}-{i}", spec.name) };
+                    replicas.push((addr, Process::start(&name, &strs(&args), &env)));
+                }
+                roles.push(Replicas { role: spec.name, replicas });
+            }
+            for group in roles.iter_mut().filter(|g| SUITE.get(g.role).is_some_and(|r| r.spec().is_front() == front)) {
+                let spec = SUITE.get(group.role).expect("a role of the suite").spec();
+                let services: Vec<&str> = if spec.is_front() { served_services() } else { spec.services.to_vec() };
+                for (addr, process) in &mut group.replicas {
+                    for service in &services {
+                        process.wait_serving(*addr, service).await;
+                    }
+                    if spec.is_front() {
+                        gateway = Some(*addr);
+                    }
+                }
+            }
         }
-
-        // The gateway starts once every replica serves, so that its first health checks find
-        // them all and it balances over all of them from its first call.
-        auth_process.wait_serving(auth, AUTH_SERVICE).await;
-        for (addr, p) in &mut replicas {
-            p.wait_serving(*addr, CONTACTS_SERVICE).await;
-        }
-        let gateway = free_addr();
-        let upstreams = replicas.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>().join(",");
-        let mut gateway_process = Process::start(
-            "gateway",
-            &[
-                "serve",
-                "gateway",
-                "--gateway-listen",
-                &gateway.to_string(),
-                "--contacts-addr",
-                &upstreams,
-                "--auth-addr",
-                &auth.to_string(),
-            ],
-            &[],
-        );
-
-        gateway_process.wait_serving(gateway, CONTACTS_SERVICE).await;
-        gateway_process.wait_serving(gateway, AUTH_SERVICE).await;
-        Cluster { gateway, auth, replicas, gateway_process, auth_process, _auth_db: auth_db, _contacts_db: contacts_db }
+        Cluster { gateway: gateway.expect("the suite has a front role"), roles, _dbs: dbs }
     }
 
-    /// The address of contacts replica `i`, to call it directly (not through the gateway).
-    pub fn replica(&self, i: usize) -> SocketAddr {
-        self.replicas[i].0
+    fn group(&self, role: &str) -> &Replicas {
+        self.roles.iter().find(|g| g.role == role).unwrap_or_else(|| panic!("no role {role} in the cluster"))
     }
+
+    /// The address of replica `i` of `role`, to call it directly (not through the gateway).
+    pub fn replica(&self, role: &str, i: usize) -> SocketAddr {
+        self.group(role).replicas[i].0
+    }
+
+    /// The process of replica `i` of `role`.
+    pub fn process(&mut self, role: &str, i: usize) -> &mut Process {
+        let group = self.roles.iter_mut().find(|g| g.role == role).unwrap_or_else(|| panic!("no role {role}"));
+        &mut group.replicas[i].1
+    }
+}
+
+/// Every service the suite serves, as the front role reports them.
+pub fn served_services() -> Vec<&'static str> {
+    SUITE.routed().flat_map(|spec| spec.services.iter().copied()).collect()
 }
 
 fn strs(args: &[String]) -> Vec<&str> {
@@ -305,8 +336,9 @@ pub async fn start_dev(name: &str, data_dir: &Path, addr: SocketAddr, env: &[(&s
         "7",
     ];
     let mut dev = Process::start(name, &args, env);
-    dev.wait_serving(addr, CONTACTS_SERVICE).await;
-    dev.wait_serving(addr, AUTH_SERVICE).await;
+    for service in served_services() {
+        dev.wait_serving(addr, service).await;
+    }
     // The banner says how to call it once the suite is ready.
     dev.wait_output(&format!("grpcurl -plaintext {addr} list"), Duration::from_secs(10)).await;
     dev

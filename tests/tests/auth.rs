@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use crm_kit::auth::{CONTACTS_READ, CONTACTS_WRITE, Claims, ORG_READ, PERMISSIONS, SigningKey};
+use crm_kit::auth::{Claims, SigningKey};
 use crm_proto::auth::v1::org_service_client::OrgServiceClient;
 use crm_proto::auth::v1::{
     CreateDepartmentRequest, CreateRoleRequest, CreateServiceAccountRequest, CreateUserRequest, DataScope,
@@ -39,6 +39,12 @@ use tonic::Code;
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
+
+const CONTACTS_READ: &str = crm_contacts::permissions::READ.name;
+const CONTACTS_WRITE: &str = crm_contacts::permissions::WRITE.name;
+const ORG_READ: &str = crm_auth::permissions::ORG_READ.name;
+/// Every permission of the suite.
+static PERMISSIONS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| SUITE.catalog().names());
 
 fn mask(paths: &[&str]) -> Option<FieldMask> {
     Some(FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() })
@@ -348,7 +354,7 @@ async fn visibility_matrix(addr: SocketAddr, settle: Duration) {
         }
     }
     let administrator = admin.role("Administrator");
-    for permission in PERMISSIONS {
+    for permission in PERMISSIONS.iter() {
         assert!(administrator.permissions.iter().any(|p| p == permission), "{administrator:?}");
     }
     admin.create_role("Team lead", &[CONTACTS_READ, CONTACTS_WRITE], DataScope::Department).await;
@@ -793,7 +799,7 @@ async fn service_accounts(cluster: &Cluster) {
     assert!(!everything.is_empty());
     let seen = people(&mut contacts_as(addr, &tokens.access_token).await, "", "").await.expect("list as the service");
     assert_eq!(seen, everything);
-    let direct = people(&mut contacts_as(cluster.replica(0), &tokens.access_token).await, "", "").await;
+    let direct = people(&mut contacts_as(cluster.replica("contacts", 0), &tokens.access_token).await, "", "").await;
     assert_eq!(direct.expect("list on the service directly"), everything);
 
     unauthenticated("a wrong secret", a.issue_service_token(issue("wrong-secret")).await);
@@ -903,7 +909,7 @@ async fn key_rotation(cluster: &Cluster) {
         people(&mut contacts_as(addr, token).await, "", "")
             .await
             .unwrap_or_else(|e| panic!("a token signed with the {name} through the gateway: {e:?}"));
-        people(&mut contacts_as(cluster.replica(0), token).await, "", "")
+        people(&mut contacts_as(cluster.replica("contacts", 0), token).await, "", "")
             .await
             .unwrap_or_else(|e| panic!("a token signed with the {name} on contacts: {e:?}"));
         org_as(addr, token)
@@ -911,7 +917,7 @@ async fn key_rotation(cluster: &Cluster) {
             .list_users(ListUsersRequest::default())
             .await
             .unwrap_or_else(|e| panic!("a token signed with the {name} on the organisation: {e:?}"));
-        auth_as(cluster.auth, token)
+        auth_as(cluster.replica("auth", 0), token)
             .await
             .get_me(GetMeRequest {})
             .await
@@ -941,9 +947,11 @@ async fn key_rotation(cluster: &Cluster) {
 async fn cluster_signs_in_and_scopes_data() {
     let lockout = Duration::from_secs(3);
     let cluster = Cluster::start(ClusterConfig {
-        replicas: 1,
-        auth_flags: ["--max-failed-sign-ins", "5", "--lockout", "3s"].map(String::from).to_vec(),
-        contacts_flags: ["--visibility-cache-ttl", "0"].map(String::from).to_vec(),
+        flags: vec![
+            ("auth", ["--max-failed-sign-ins", "5", "--lockout", "3s"].map(String::from).to_vec()),
+            ("contacts", ["--visibility-cache-ttl", "0"].map(String::from).to_vec()),
+        ],
+        ..ClusterConfig::default()
     })
     .await;
     visibility_matrix(cluster.gateway, Duration::ZERO).await;
@@ -961,7 +969,7 @@ async fn cluster_signs_in_and_scopes_data() {
 /// Calls `token` (none when `None`) at every place that verifies tokens: through the gateway to
 /// contacts and to the organisation, and directly on a contacts replica and on auth.
 async fn calls_with(cluster: &Cluster, token: Option<&str>) -> Vec<(&'static str, Result<(), tonic::Status>)> {
-    let targets = [("gateway", cluster.gateway), ("contacts replica", cluster.replica(0))];
+    let targets = [("gateway", cluster.gateway), ("contacts replica", cluster.replica("contacts", 0))];
     let mut results = Vec::new();
     for (name, addr) in targets {
         let result = match token {
@@ -979,8 +987,8 @@ async fn calls_with(cluster: &Cluster, token: Option<&str>) -> Vec<(&'static str
     };
     results.push(("gateway to OrgService", org));
     let me = match token {
-        Some(t) => auth_as(cluster.auth, t).await.get_me(GetMeRequest {}).await.map(|_| ()),
-        None => auth(cluster.auth).await.get_me(GetMeRequest {}).await.map(|_| ()),
+        Some(t) => auth_as(cluster.replica("auth", 0), t).await.get_me(GetMeRequest {}).await.map(|_| ()),
+        None => auth(cluster.replica("auth", 0)).await.get_me(GetMeRequest {}).await.map(|_| ()),
     };
     results.push(("auth directly", me));
     results
@@ -995,8 +1003,7 @@ async fn refused_everywhere(cluster: &Cluster, what: &str, token: Option<&str>) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_refuses_every_bad_token() {
     let cluster = Cluster::start(ClusterConfig {
-        replicas: 1,
-        auth_flags: ["--access-token-ttl", "2s"].map(String::from).to_vec(),
+        flags: vec![("auth", ["--access-token-ttl", "2s"].map(String::from).to_vec())],
         ..ClusterConfig::default()
     })
     .await;

@@ -16,7 +16,7 @@ use tonic_reflection::pb::{v1, v1alpha};
 use tonic_types::StatusExt;
 
 async fn cluster() -> Cluster {
-    Cluster::start(ClusterConfig { replicas: 2, ..ClusterConfig::default() }).await
+    Cluster::start(ClusterConfig { replicas: vec![("contacts", 2)], ..ClusterConfig::default() }).await
 }
 
 fn person(name: &str, phone: &str) -> Person {
@@ -213,6 +213,11 @@ async fn anonymous_calls(addr: SocketAddr) {
 
     assert_eq!(health(addr, "").await, Some(ServingStatus::Serving));
     assert_eq!(health(addr, CONTACTS_SERVICE).await, Some(ServingStatus::Serving));
+    // Every service reflection lists has a health status (OrgService included).
+    for service in served_services() {
+        assert_eq!(health(addr, service).await, Some(ServingStatus::Serving), "{service}");
+    }
+    assert_eq!(health(addr, ORG_SERVICE).await, Some(ServingStatus::Serving));
     reflection_lists_services(addr).await;
 }
 
@@ -223,14 +228,15 @@ async fn cluster_serves_every_call_through_the_gateway() {
     exercise_contacts(cluster.gateway, &token).await;
     anonymous_calls(cluster.gateway).await;
     // The replicas check tokens themselves: going around the gateway does not go around sign-in.
-    let err = contacts(cluster.replica(0)).await.list_people(ListPeopleRequest::default()).await.unwrap_err();
+    let err =
+        contacts(cluster.replica("contacts", 0)).await.list_people(ListPeopleRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert_eq!(health(cluster.gateway, AUTH_SERVICE).await, Some(ServingStatus::Serving));
     ops_endpoints(cluster.gateway).await;
-    ops_endpoints(cluster.replica(0)).await;
+    ops_endpoints(cluster.replica("contacts", 0)).await;
     // Calls are spread over both replicas.
-    let (_, m0) = http_get(cluster.replica(0), "/metrics").await;
-    let (_, m1) = http_get(cluster.replica(1), "/metrics").await;
+    let (_, m0) = http_get(cluster.replica("contacts", 0), "/metrics").await;
+    let (_, m1) = http_get(cluster.replica("contacts", 1), "/metrics").await;
     for m in [m0, m1] {
         assert!(
             m.contains("rpc_method=\"GetPerson\"")
@@ -239,7 +245,6 @@ async fn cluster_serves_every_call_through_the_gateway() {
             "{m}"
         );
     }
-    drop(cluster.gateway_process);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,7 +260,7 @@ async fn gateway_keeps_serving_when_a_replica_dies() {
         .unwrap()
         .into_inner();
     // Crash one replica (SIGKILL, no goodbye).
-    cluster.replicas[0].1.kill();
+    cluster.process("contacts", 0).kill();
     // Within a short settle time the gateway stops routing to it...
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut streak = 0;
@@ -275,8 +280,10 @@ async fn gateway_keeps_serving_when_a_replica_dies() {
     }
     assert_eq!(health(cluster.gateway, CONTACTS_SERVICE).await, Some(ServingStatus::Serving));
     // A graceful stop of the last replica exits cleanly.
-    assert!(cluster.replicas[1].1.terminate(Duration::from_secs(15)), "{}", cluster.replicas[1].1.output());
-    assert!(cluster.gateway_process.terminate(Duration::from_secs(15)), "{}", cluster.gateway_process.output());
+    let replica = cluster.process("contacts", 1);
+    assert!(replica.terminate(Duration::from_secs(15)), "{}", replica.output());
+    let gateway = cluster.process("gateway", 0);
+    assert!(gateway.terminate(Duration::from_secs(15)), "{}", gateway.output());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

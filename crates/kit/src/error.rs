@@ -49,6 +49,11 @@ impl ApiError {
     }
 }
 
+/// A handler's answer: the value as the response, or the error as its status.
+pub fn respond<T>(result: Result<T, ApiError>) -> Result<tonic::Response<T>, Status> {
+    result.map(tonic::Response::new).map_err(Status::from)
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
         match err {

@@ -12,6 +12,9 @@
 //! `:` means "has" and applies to list fields (`tags:vip`); `<`/`>` to times and numbers.
 //! Times are RFC 3339 and must be quoted (`create_time > "2026-01-01T00:00:00Z"`).
 //! Keywords are upper case. Input is bounded: 2,000 characters, 32 comparisons, nesting 8.
+//!
+//! A filter is parsed and checked against the listing's fields once, where the request is
+//! decoded ([`parse`]); the store receives the resulting [`Filter`], a ready SQL condition.
 
 use crate::db::Sql;
 use crate::error::ApiError;
@@ -69,6 +72,9 @@ pub enum Expr {
 pub enum FieldKind {
     /// A TEXT column compared for equality.
     Text,
+    /// A TEXT column holding trimmed, lower-cased values (e-mail addresses): values are
+    /// trimmed and lower-cased before the comparison.
+    Lowercase,
     /// An integer column holding an enum; values are named with or without `prefix`.
     Enum { prefix: &'static str, values: &'static [(&'static str, i64)] },
     /// A BIGINT column of epoch microseconds; values are RFC 3339.
@@ -256,8 +262,27 @@ impl Parser {
     }
 }
 
-/// Parses a filter; `None` for an empty one.
-pub fn parse(text: &str) -> Result<Option<Expr>, ApiError> {
+/// A parsed filter, checked against its listing's fields: a SQL condition whose values are
+/// all bound parameters.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    condition: Sql,
+}
+
+impl Filter {
+    /// Appends ` AND (condition)`.
+    pub fn push_onto(&self, sql: &mut Sql) {
+        sql.push(" AND (").push_sql(self.condition.clone()).push(")");
+    }
+
+    /// The condition alone.
+    pub fn condition(&self) -> &Sql {
+        &self.condition
+    }
+}
+
+/// Parses the text of a filter into its expression; `None` for an empty one.
+pub fn parse_expr(text: &str) -> Result<Option<Expr>, ApiError> {
     if text.chars().count() > MAX_FILTER_CHARS {
         return Err(invalid(format!("must be at most {MAX_FILTER_CHARS} characters")));
     }
@@ -273,28 +298,27 @@ pub fn parse(text: &str) -> Result<Option<Expr>, ApiError> {
     Ok(Some(expr))
 }
 
-/// Appends `AND (condition)` for `filter` to `sql`; nothing for an empty filter.
-pub fn apply(filter: &str, fields: &[Field], sql: &mut Sql) -> Result<(), ApiError> {
-    if let Some(expr) = parse(filter)? {
-        sql.push(" AND (");
-        compile(&expr, fields, sql)?;
-        sql.push(")");
-    }
-    Ok(())
+/// Parses a filter over `fields`: every field must be one of them and every value must suit
+/// its field. `None` for an empty filter.
+pub fn parse(text: &str, fields: &[Field]) -> Result<Option<Filter>, ApiError> {
+    let Some(expr) = parse_expr(text)? else { return Ok(None) };
+    let mut condition = Sql::default();
+    compile(&expr, fields, &mut condition)?;
+    Ok(Some(Filter { condition }))
 }
 
-/// Compiles an expression into `sql`.
-pub fn compile(expr: &Expr, fields: &[Field], sql: &mut Sql) -> Result<(), ApiError> {
+fn compile(expr: &Expr, fields: &[Field], sql: &mut Sql) -> Result<(), ApiError> {
     match expr {
         Expr::And(parts) | Expr::Or(parts) => {
             let joiner = if matches!(expr, Expr::And(_)) { " AND " } else { " OR " };
             sql.push("(");
-            for (i, part) in parts.iter().enumerate() {
-                if i > 0 {
-                    sql.push(joiner);
+            let mut result = Ok(());
+            sql.push_each(parts, joiner, |sql, part| {
+                if result.is_ok() {
+                    result = compile(part, fields, sql);
                 }
-                compile(part, fields, sql)?;
-            }
+            });
+            result?;
             sql.push(")");
         }
         Expr::Not(inner) => {
@@ -323,11 +347,13 @@ fn comparison(spec: &Field, op: Op, value: &str, sql: &mut Sql) -> Result<(), Ap
             sql.push(prefix).bind(value.to_string()).push(suffix);
             return Ok(());
         }
-        FieldKind::Text => {
+        FieldKind::Text | FieldKind::Lowercase => {
             if !matches!(op, Op::Eq | Op::Ne) {
                 return Err(unsupported());
             }
-            sql.push(spec.column).push(" ").push(op.sql()).push(" ").bind(value.to_string());
+            let value =
+                if matches!(spec.kind, FieldKind::Lowercase) { value.trim().to_lowercase() } else { value.to_string() };
+            sql.push(spec.column).push(" ").push(op.sql()).push(" ").bind(value);
         }
         FieldKind::Enum { prefix, values } => {
             if !matches!(op, Op::Eq | Op::Ne) {
@@ -373,6 +399,7 @@ mod tests {
     const STAGES: &[(&str, i64)] = &[("LEAD", 1), ("CUSTOMER", 3)];
     const FIELDS: &[Field] = &[
         Field { name: "owner_id", column: "owner_id", kind: FieldKind::Text },
+        Field { name: "email", column: "email", kind: FieldKind::Lowercase },
         Field { name: "stage", column: "stage", kind: FieldKind::Enum { prefix: "LIFECYCLE_STAGE_", values: STAGES } },
         Field { name: "create_time", column: "created_at", kind: FieldKind::Time },
         Field { name: "do_not_contact", column: "do_not_contact", kind: FieldKind::Bool },
@@ -385,7 +412,9 @@ mod tests {
 
     fn sql(filter: &str) -> Result<(String, Vec<Bind>), ApiError> {
         let mut sql = Sql::new("SELECT 1 WHERE 1=1");
-        apply(filter, FIELDS, &mut sql)?;
+        if let Some(filter) = parse(filter, FIELDS)? {
+            filter.push_onto(&mut sql);
+        }
         Ok(sql.into_parts())
     }
 
@@ -407,6 +436,13 @@ mod tests {
         assert_eq!(binds, vec![Bind::Int(1), Bind::Int(3), Bind::Int(1)]);
         let (text, _) = sql("-owner_id = abc").unwrap();
         assert!(text.ends_with("AND (NOT (owner_id = $1))"), "{text}");
+    }
+
+    #[test]
+    fn lower_cased_fields_compare_lower_cased_values() {
+        let (text, binds) = sql(r#"email = " Anna@Example.COM""#).unwrap();
+        assert_eq!(text, "SELECT 1 WHERE 1=1 AND (email = $1)");
+        assert_eq!(binds, vec![Bind::Text("anna@example.com".into())]);
     }
 
     #[test]

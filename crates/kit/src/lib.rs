@@ -1,14 +1,21 @@
-//! What every CRM service is built from (ARCHITECTURE §2): configuration, telemetry, storage and
-//! migrations, the gRPC server with health, reflection and graceful shutdown, the error model,
-//! keyset pagination, filters, input validation, and token verification with data scope.
+//! What every CRM service is built from (ARCHITECTURE §2): the role contract, storage and
+//! migrations, the gRPC server with health, reflection and graceful shutdown, clients of other
+//! services, token verification with data scope, the error model, keyset pagination, filters,
+//! update masks, input validation, configuration and telemetry.
 
 pub mod auth;
+pub mod balance;
 pub mod config;
 pub mod db;
 pub mod error;
 pub mod filter;
+pub mod id;
+pub mod limit;
+pub mod mask;
 pub mod metrics;
 pub mod page;
+pub mod peer;
+pub mod role;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
@@ -18,5 +25,5 @@ pub mod validate;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use error::ApiError;
+pub use error::{ApiError, respond};
 pub use validate::Violations;

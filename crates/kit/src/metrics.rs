@@ -100,7 +100,7 @@ pub fn render() -> String {
 }
 
 /// Splits "/crm.contacts.v1.ContactsService/GetPerson" into service and method.
-pub fn grpc_route(path: &str) -> Option<(&str, &str)> {
+pub fn split_grpc_path(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix('/')?;
     let (service, method) = rest.split_once('/')?;
     (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
@@ -191,7 +191,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let route = grpc_route(req.uri().path()).filter(|_| is_grpc(req.headers()));
+        let route = split_grpc_path(req.uri().path()).filter(|_| is_grpc(req.headers()));
         let Some((service, method)) = route else {
             return Box::pin(self.inner.call(req));
         };
@@ -286,11 +286,11 @@ mod tests {
     #[test]
     fn splits_grpc_paths() {
         assert_eq!(
-            grpc_route("/crm.contacts.v1.ContactsService/GetPerson"),
+            split_grpc_path("/crm.contacts.v1.ContactsService/GetPerson"),
             Some(("crm.contacts.v1.ContactsService", "GetPerson"))
         );
-        assert_eq!(grpc_route("/metrics"), None);
-        assert_eq!(grpc_route("/a/b/c"), None);
+        assert_eq!(split_grpc_path("/metrics"), None);
+        assert_eq!(split_grpc_path("/a/b/c"), None);
     }
 
     #[test]

@@ -1,13 +1,20 @@
-//! Keyset pagination: page sizes and opaque page tokens (ARCHITECTURE §7).
+//! Keyset pagination (ARCHITECTURE §7): page sizes, opaque page tokens, and the one pager every
+//! List uses.
 //!
-//! A token holds the sort key and id of the last row returned, plus a fingerprint of the
+//! A listing walks an index in a fixed [`Order`]: a sort column and the row id that breaks ties.
+//! A page token holds the sort key and id of the last row returned, plus a fingerprint of the
 //! request's filter, order and query, so that a token cannot be replayed against a different
-//! listing. Its values are only ever bound as SQL parameters.
+//! listing. The API decodes it once into a [`Page`]; the store asks the page for the keyset
+//! condition and the order, and hands the rows back to make the next token. Token values are
+//! only ever bound as SQL parameters.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::any::AnyRow;
 
+use crate::db::Sql;
 use crate::error::ApiError;
 
 pub const DEFAULT_PAGE_SIZE: i64 = 50;
@@ -68,13 +75,138 @@ impl Cursor {
         if token.is_empty() {
             return Ok(None);
         }
-        let invalid = || ApiError::invalid("page_token", "is not a token returned by this listing");
-        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
-        let cursor: Cursor = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| not_ours())?;
+        let cursor: Cursor = serde_json::from_slice(&bytes).map_err(|_| not_ours())?;
         if cursor.fingerprint != fingerprint {
             return Err(ApiError::invalid("page_token", "was issued for a different filter, order_by or query"));
         }
         Ok(Some(cursor))
+    }
+}
+
+fn not_ours() -> ApiError {
+    ApiError::invalid("page_token", "is not a token returned by this listing")
+}
+
+/// The order of a keyset listing: `column` (also the name the row carries it under), then the
+/// tie-breaking id column `tie`, both ascending or both descending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Order {
+    pub column: &'static str,
+    pub tie: &'static str,
+    /// Whether the column holds text (else a BIGINT).
+    pub text: bool,
+    pub desc: bool,
+}
+
+impl Order {
+    /// Ascending by a text column, ties by `id`.
+    pub const fn text(column: &'static str) -> Order {
+        Order { column, tie: "id", text: true, desc: false }
+    }
+
+    /// Descending by a BIGINT column (newest first), ties by `id`.
+    pub const fn newest(column: &'static str) -> Order {
+        Order { column, tie: "id", text: false, desc: true }
+    }
+
+    /// The same order on other column names (an outer query over a subquery, a join alias).
+    pub const fn on(self, column: &'static str, tie: &'static str) -> Order {
+        Order { column, tie, ..self }
+    }
+
+    fn direction(&self) -> &'static str {
+        if self.desc { " DESC" } else { " ASC" }
+    }
+}
+
+/// One page of a listing, as the request asked for it: its size, and the position after which
+/// it starts.
+#[derive(Debug, Clone)]
+pub struct Page {
+    size: i64,
+    after: Option<Cursor>,
+    fingerprint: u64,
+}
+
+impl Page {
+    /// Decodes `page_size` (AIP-158) and `page_token` of a listing in `order` whose request
+    /// `parts` (its name, filter, query, order…) must stay the same from page to page.
+    pub fn decode(parts: &[&str], page_size: i32, page_token: &str, order: &Order) -> Result<Page, ApiError> {
+        let size = self::page_size(page_size, "page_size")?;
+        let fingerprint = fingerprint(parts);
+        let after = Cursor::decode(page_token, fingerprint)?;
+        if let Some(cursor) = &after
+            && matches!(cursor.key, KeyValue::Text(_)) != order.text
+        {
+            return Err(not_ours());
+        }
+        Ok(Page { size, after, fingerprint })
+    }
+
+    /// How many rows the page holds at most.
+    pub fn size(&self) -> i64 {
+        self.size
+    }
+
+    /// Whether this is the first page.
+    pub fn is_first(&self) -> bool {
+        self.after.is_none()
+    }
+
+    /// ` AND (column, tie) > (key, id)` (`<` when descending): the rows after the previous
+    /// page. Nothing on the first page.
+    pub fn push_after(&self, sql: &mut Sql, order: &Order) {
+        let Some(cursor) = &self.after else { return };
+        sql.push(" AND (").push(order.column).push(", ").push(order.tie).push(") ");
+        sql.push(if order.desc { "< (" } else { "> (" });
+        match &cursor.key {
+            KeyValue::Int(v) => sql.bind(*v),
+            KeyValue::Text(v) => sql.bind(v.as_str()),
+        };
+        sql.push(", ").bind(cursor.id.as_str()).push(")");
+    }
+
+    /// ` ORDER BY column, tie` in the order's direction.
+    pub fn push_order(&self, sql: &mut Sql, order: &Order) {
+        let dir = order.direction();
+        sql.push(" ORDER BY ").push(order.column).push(dir).push(", ").push(order.tie).push(dir);
+    }
+
+    /// ` LIMIT size + 1`: one row more than the page tells whether another page follows.
+    pub fn push_limit(&self, sql: &mut Sql) {
+        sql.push(" LIMIT ").bind(self.size + 1);
+    }
+
+    /// [`Page::push_after`], [`Page::push_order`] and [`Page::push_limit`] in one.
+    pub fn push_keyset(&self, sql: &mut Sql, order: &Order) {
+        self.push_after(sql, order);
+        self.push_order(sql, order);
+        self.push_limit(sql);
+    }
+
+    /// The page's items from `rows` (fetched with [`Page::push_limit`]) and the next page's
+    /// token, empty after the last page. Each row carries the order's column and tie.
+    pub fn finish<T>(
+        &self,
+        rows: &[AnyRow],
+        order: &Order,
+        mut decode: impl FnMut(&AnyRow) -> Result<T, ApiError>,
+    ) -> Result<(Vec<T>, String), ApiError> {
+        let take = rows.len().min(self.size as usize);
+        let items = rows[..take].iter().map(&mut decode).collect::<Result<Vec<T>, ApiError>>()?;
+        let next = match rows[..take].last() {
+            Some(last) if rows.len() > take => {
+                let key = if order.text {
+                    KeyValue::Text(last.try_get(order.column)?)
+                } else {
+                    KeyValue::Int(last.try_get(order.column)?)
+                };
+                Cursor::new(key, last.try_get(order.tie)?, self.fingerprint).encode()
+            }
+            _ => String::new(),
+        };
+        Ok((items, next))
     }
 }
 
@@ -107,5 +239,26 @@ mod tests {
     #[test]
     fn fingerprint_separates_parts() {
         assert_ne!(fingerprint(&["ab", "c"]), fingerprint(&["a", "bc"]));
+    }
+
+    #[test]
+    fn pages_build_keyset_conditions() {
+        let order = Order::text("name");
+        let first = Page::decode(&["roles"], 2, "", &order).unwrap();
+        let mut sql = Sql::new("SELECT id, name FROM roles WHERE 1=1");
+        first.push_keyset(&mut sql, &order);
+        assert_eq!(sql.text(), "SELECT id, name FROM roles WHERE 1=1 ORDER BY name ASC, id ASC LIMIT $1");
+
+        let token = Cursor::new(KeyValue::Text("Sales".into()), "r-9".into(), fingerprint(&["roles"])).encode();
+        let next = Page::decode(&["roles"], 2, &token, &order).unwrap();
+        let mut sql = Sql::new("SELECT id, name FROM roles WHERE 1=1");
+        next.push_keyset(&mut sql, &order);
+        assert_eq!(
+            sql.text(),
+            "SELECT id, name FROM roles WHERE 1=1 AND (name, id) > ($1, $2) ORDER BY name ASC, id ASC LIMIT $3"
+        );
+        let events = Order::newest("occurred_at");
+        assert!(Page::decode(&["roles"], 2, &token, &events).is_err(), "a text key does not suit a time order");
+        assert!(Page::decode(&["users"], 2, &token, &order).is_err(), "another listing's token");
     }
 }

@@ -1,6 +1,7 @@
-//! The gRPC server every process runs: the services of its role plus `grpc.health.v1`, server
-//! reflection (v1 and v1alpha), gRPC-Web and HTTP/1.1, `/healthz`, `/readyz` and `/metrics` on
-//! the same port, a span and metrics for every call, and a graceful drain on shutdown.
+//! The gRPC server every role runs: its services plus `grpc.health.v1` (a status for every
+//! service served), server reflection (v1 and v1alpha), gRPC-Web and HTTP/1.1, `/healthz`,
+//! `/readyz` and `/metrics` on the same port, a span and metrics for every call, token checks,
+//! the request message limit, and a graceful drain on shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -36,11 +37,11 @@ pub struct Server {
     names: Vec<String>,
     ready: ReadyCheck,
     fallback: Option<axum::Router>,
-    auth: Option<crate::auth::Verifier>,
+    auth: Option<crate::auth::Authenticator>,
 }
 
 impl Server {
-    /// A server for the process role `role` ("contacts", "gateway"…).
+    /// A server for the role `role` ("contacts", "gateway"…).
     pub fn new(role: &'static str) -> Server {
         let (health, health_service) = tonic_health::server::health_reporter();
         let mut routes = RoutesBuilder::default();
@@ -54,6 +55,11 @@ impl Server {
             fallback: None,
             auth: None,
         }
+    }
+
+    /// The role it serves.
+    pub fn role(&self) -> &'static str {
+        self.role
     }
 
     /// Serves a tonic service; its health is reported under its full name.
@@ -80,10 +86,10 @@ impl Server {
         self
     }
 
-    /// Verifies the access token of every call that needs one (see `crate::auth::needs_token`)
-    /// and hands handlers the caller as a `crate::auth::Principal`.
-    pub fn authenticate(mut self, verifier: crate::auth::Verifier) -> Server {
-        self.auth = Some(verifier);
+    /// Verifies the access token of every call that needs one and hands handlers the caller as
+    /// a `crate::auth::Principal`.
+    pub fn authenticate(mut self, authenticator: crate::auth::Authenticator) -> Server {
+        self.auth = Some(authenticator);
         self
     }
 
@@ -128,7 +134,13 @@ impl Server {
                 )
                 .route("/metrics", get(|| async { metrics_response() }))
         };
-        let mut router = routes.routes().into_axum_router().merge(ops);
+        // The message limit applies to the services served here, not to what the fallback
+        // forwards (the service behind the gateway enforces its own).
+        let services = routes
+            .routes()
+            .into_axum_router()
+            .layer(crate::limit::MessageLimitLayer::new(crate::limit::MAX_MESSAGE_BYTES));
+        let mut router = services.merge(ops);
         if let Some(fallback) = fallback {
             router = router.fallback_service(fallback);
         }
@@ -155,6 +167,30 @@ impl Server {
             .await;
         watcher.abort();
         result
+    }
+}
+
+/// Waits until the server at `addr` reports `service` ("" for the whole process) SERVING over
+/// `grpc.health.v1`, for at most `within`.
+pub async fn wait_serving(addr: std::net::SocketAddr, service: &str, within: Duration) -> Result<(), String> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus as Status;
+    use tonic_health::pb::health_client::HealthClient;
+    let deadline = tokio::time::Instant::now() + within;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
+    loop {
+        if let Ok(channel) = endpoint.connect().await {
+            let request = HealthCheckRequest { service: service.into() };
+            if let Ok(r) = HealthClient::new(channel).check(request).await
+                && r.into_inner().status == Status::Serving as i32
+            {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("{service:?} at {addr} did not report SERVING within {within:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

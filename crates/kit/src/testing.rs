@@ -1,10 +1,23 @@
-//! Test databases: a uniquely named PostgreSQL database per test (dropped afterwards), or a
-//! SQLite file in a temporary directory, so that tests run in parallel.
+//! What tests of every service are built from: a uniquely named PostgreSQL database per test
+//! (dropped afterwards) or a SQLite file in a temporary directory, so that tests run in
+//! parallel; [`both_backends!`](crate::both_backends) to run store tests on both; fixtures for
+//! the caller and the organisation; and [`spawn`], which serves a role on a port of its own
+//! against a fresh database, as `crm serve` would (zero-to-production's `spawn_app`).
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
+use futures_util::future::BoxFuture;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, Executor};
+
+use crate::auth::{Claims, OwnerScope, Principal, ScopeSource, ServiceCredentials, UserDirectory, UserStatus};
+use crate::error::ApiError;
+use crate::peer::{Callee, Peers};
+use crate::role::{Context, Database, Mode, Service, Suite};
+use crate::shutdown::Trigger;
 
 /// The PostgreSQL server tests use. Missing is a test failure, never a silent pass.
 pub fn postgres_url() -> String {
@@ -76,6 +89,168 @@ impl Drop for TestDb {
             })
             .join();
         }
+    }
+}
+
+/// Runs store tests against SQLite and PostgreSQL: each named `async fn` gets a fresh
+/// [`TestDb`] of each backend, or what `setup` makes of it:
+///
+/// ```ignore
+/// crm_kit::both_backends!(people_crud, companies_crud);            // async fn people_crud(db: TestDb)
+/// crm_kit::both_backends!(env => people_crud, companies_crud);     // async fn people_crud(env: Env)
+/// ```
+#[macro_export]
+macro_rules! both_backends {
+    ($setup:ident => $($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::$setup($crate::testing::TestDb::sqlite()).await).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::$setup($crate::testing::TestDb::postgres().await).await).await })*
+        }
+    };
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::testing::TestDb::sqlite()).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::testing::TestDb::postgres().await).await })*
+        }
+    };
+}
+
+/// A caller holding `permissions`, as the authentication layer hands it on.
+pub fn principal(user: &str, permissions: &[&str]) -> Principal {
+    let claims =
+        Claims { sub: user.into(), perms: permissions.iter().map(|p| p.to_string()).collect(), ..Claims::default() };
+    Principal::from_claims(claims, format!("token-of-{user}"))
+}
+
+/// `message` as a request from `principal`.
+pub fn request<T>(principal: &Principal, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.extensions_mut().insert(principal.clone());
+    request
+}
+
+/// An organisation for tests: who sees whose records, and which users exist. A user without
+/// a scope of their own sees their own records only; an id not added is no user.
+#[derive(Debug, Clone, Default)]
+pub struct Org {
+    scopes: Arc<Mutex<HashMap<String, OwnerScope>>>,
+    users: Arc<Mutex<HashMap<String, UserStatus>>>,
+}
+
+impl Org {
+    pub fn new() -> Org {
+        Org::default()
+    }
+
+    /// An active user.
+    pub fn user(self, id: &str) -> Org {
+        self.set_status(id, UserStatus::Active);
+        self
+    }
+
+    /// `id` sees every record.
+    pub fn sees_all(self, id: &str) -> Org {
+        self.scopes.lock().expect("org lock").insert(id.into(), OwnerScope::All);
+        self.user(id)
+    }
+
+    /// `id` sees the records of `owners` (and their own).
+    pub fn sees(self, id: &str, owners: &[&str]) -> Org {
+        let mut visible: Vec<String> = owners.iter().map(|o| o.to_string()).collect();
+        visible.push(id.to_string());
+        visible.sort();
+        visible.dedup();
+        self.scopes.lock().expect("org lock").insert(id.into(), OwnerScope::Owners(visible.into()));
+        self.user(id)
+    }
+
+    /// Changes a user's status (deactivation, say).
+    pub fn set_status(&self, id: &str, status: UserStatus) {
+        self.users.lock().expect("org lock").insert(id.into(), status);
+    }
+}
+
+impl ScopeSource for Org {
+    fn resolve<'a>(&'a self, principal: &'a Principal) -> BoxFuture<'a, Result<OwnerScope, ApiError>> {
+        let scope = self.scopes.lock().expect("org lock").get(&principal.subject).cloned();
+        let scope = scope.unwrap_or_else(|| OwnerScope::Owners([principal.subject.clone()].into()));
+        Box::pin(async move { Ok(scope) })
+    }
+}
+
+impl UserDirectory for Org {
+    fn status<'a>(&'a self, user_id: &'a str) -> BoxFuture<'a, Result<UserStatus, ApiError>> {
+        let status = self.users.lock().expect("org lock").get(user_id).copied().unwrap_or(UserStatus::Unknown);
+        Box::pin(async move { Ok(status) })
+    }
+}
+
+/// Where [`spawn`] finds the roles the spawned one calls, and the suite it belongs to.
+#[derive(Debug, Clone)]
+pub struct Surroundings {
+    pub suite: Suite,
+    pub callees: Vec<Callee>,
+    pub credentials: Option<ServiceCredentials>,
+}
+
+/// A role serving on 127.0.0.1, stopped (and its database dropped) when this is dropped.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    trigger: Trigger,
+    task: Option<tokio::task::JoinHandle<Result<(), crate::role::Error>>>,
+    _db: Option<TestDb>,
+}
+
+impl TestApp {
+    /// A channel to it.
+    pub fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr)).expect("address").connect_lazy()
+    }
+
+    /// Stops it gracefully and answers how its serving ended.
+    pub async fn stop(mut self) -> Result<(), crate::role::Error> {
+        self.trigger.fire();
+        let task = self.task.take().expect("running");
+        task.await.expect("the role task does not panic")
+    }
+}
+
+/// Opens the role `S` with `args` on `db` (its migrations applied by opening) and serves it on a
+/// free port of 127.0.0.1 until the returned app is stopped or dropped.
+pub async fn spawn<S: Service>(args: S::Args, db: Option<TestDb>, around: Surroundings) -> TestApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a free port");
+    let addr = listener.local_addr().expect("local address");
+    let (trigger, shutdown) = crate::shutdown::channel();
+    let peers = Peers::new(
+        around.callees,
+        crate::balance::Intervals::default(),
+        std::time::Duration::from_secs(60),
+        around.credentials,
+        shutdown.clone(),
+    );
+    let database = db.as_ref().map(|db| Database { url: db.url().to_string(), max_connections: 4 });
+    let ctx = Context::new(&S::SPEC, around.suite, Mode::Cluster, database, peers);
+    let opened = S::open(args, ctx).await.unwrap_or_else(|e| panic!("open {}: {e}", S::SPEC.name));
+    let task = tokio::spawn(opened.serve(listener, shutdown));
+    for service in S::SPEC.services {
+        crate::server::wait_serving(addr, service, std::time::Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", S::SPEC.name));
+    }
+    TestApp { addr, trigger, task: Some(task), _db: db }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.trigger.fire();
     }
 }
 

@@ -106,22 +106,6 @@ pub fn email(input: &str) -> Option<String> {
     is_email(&address).then_some(address)
 }
 
-/// Optimistic concurrency: ABORTED when the caller sent an etag and the record's is `stored` now.
-pub fn check_etag(noun: &str, id: &str, sent: &str, stored: &str) -> Result<(), ApiError> {
-    if sent.is_empty() || sent == stored {
-        Ok(())
-    } else {
-        Err(ApiError::Aborted(format!(
-            "{noun} {id} was changed since you read it (etag {sent}, now {stored}); read it again and retry"
-        )))
-    }
-}
-
-/// A new time-ordered id (UUIDv7) as text.
-pub fn new_id() -> String {
-    Uuid::now_v7().to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,7 +116,7 @@ mod tests {
         v.required("name", "  ");
         v.max_chars("notes", "abcd", 3);
         assert_eq!(v.uuid("id", "nope"), None);
-        assert!(v.uuid("other", &new_id()).is_some());
+        assert!(v.uuid("other", &crate::id::new()).is_some());
         v.optional_uuid("company_id", "");
         let fields: Vec<_> = v.iter().map(|(f, _)| f.as_str()).collect();
         assert_eq!(fields, ["name", "notes", "id"]);
@@ -165,13 +149,5 @@ mod tests {
         assert_eq!(email(&long_local), None);
         let long = format!("a@{}.com", "b".repeat(MAX_EMAIL_LEN));
         assert_eq!(email(&long), None);
-    }
-
-    #[test]
-    fn stale_etags_are_aborted() {
-        assert!(check_etag("person", "p1", "", "3").is_ok());
-        assert!(check_etag("person", "p1", "3", "3").is_ok());
-        let err = check_etag("person", "p1", "2", "3").unwrap_err();
-        assert!(matches!(&err, ApiError::Aborted(m) if m.contains("person p1") && m.contains("now 3")));
     }
 }

@@ -1,18 +1,21 @@
 //! The organisation a fresh database starts with: four roles, one department and an
-//! administrator, created once (by whichever replica gets there first).
+//! administrator, created once (by whichever replica gets there first); and the suite's own
+//! service account, made sure of at every start.
 
-use crm_kit::auth::{CONTACTS_READ, CONTACTS_WRITE, ORG_READ, PERMISSIONS};
+use crm_kit::auth::{Catalog, Grant, ServiceCredentials};
 use crm_proto::auth::v1::{DataScope, Role};
 
 use crate::AuthError;
 use crate::domain::{self, secrets};
-use crate::store::{BootstrapPlan, Store};
+use crate::store::{BootstrapPlan, Store, SuiteAccount, SuiteAccountPlan};
 
 pub const ADMINISTRATOR: &str = "Administrator";
 pub const EXECUTIVE: &str = "Executive";
 pub const HEAD_OF_DEPARTMENT: &str = "Head of department";
 pub const SALESPERSON: &str = "Salesperson";
 pub const HEAD_OFFICE: &str = "Head office";
+/// The role and the service account with which the suite's services call each other.
+pub const SUITE_SERVICES: &str = "Suite services";
 
 /// What [`bootstrap`] did. Its Debug output never shows the password.
 #[derive(Clone, PartialEq, Eq)]
@@ -36,19 +39,20 @@ impl std::fmt::Debug for Bootstrap {
     }
 }
 
-/// The roles a new organisation starts with.
-pub fn starting_roles() -> Vec<Role> {
-    let role = |name: &str, permissions: &[&str], scope: DataScope| Role {
+/// The roles a new organisation starts with; each holds the suite's permissions granted to its
+/// level (every service declares who holds its permissions at first start).
+pub fn starting_roles(catalog: &Catalog) -> Vec<Role> {
+    let role = |name: &str, level: Grant, scope: DataScope| Role {
         name: name.into(),
-        permissions: permissions.iter().map(|p| p.to_string()).collect(),
+        permissions: catalog.granted(level),
         data_scope: scope as i32,
         ..Default::default()
     };
     vec![
-        role(ADMINISTRATOR, PERMISSIONS, DataScope::All),
-        role(EXECUTIVE, &[CONTACTS_READ, CONTACTS_WRITE, ORG_READ], DataScope::All),
-        role(HEAD_OF_DEPARTMENT, &[CONTACTS_READ, CONTACTS_WRITE, ORG_READ], DataScope::DepartmentTree),
-        role(SALESPERSON, &[CONTACTS_READ, CONTACTS_WRITE], DataScope::Own),
+        role(ADMINISTRATOR, Grant::Administrators, DataScope::All),
+        role(EXECUTIVE, Grant::Managers, DataScope::All),
+        role(HEAD_OF_DEPARTMENT, Grant::Managers, DataScope::DepartmentTree),
+        role(SALESPERSON, Grant::Everyone, DataScope::Own),
     ]
 }
 
@@ -58,6 +62,7 @@ pub fn starting_roles() -> Vec<Role> {
 /// When users exist it does nothing. Safe when several replicas run it at once.
 pub async fn bootstrap(
     store: &Store,
+    catalog: &Catalog,
     admin_email: &str,
     admin_password: Option<String>,
 ) -> Result<Bootstrap, AuthError> {
@@ -82,7 +87,7 @@ pub async fn bootstrap(
         None => (secrets::generate_password(), true),
     };
     let plan = BootstrapPlan {
-        roles: starting_roles(),
+        roles: starting_roles(catalog),
         department_name: HEAD_OFFICE.into(),
         admin_email: email.clone(),
         admin_display_name: "Administrator".into(),
@@ -93,16 +98,35 @@ pub async fn bootstrap(
     Ok(Bootstrap { created, email, generated_password: (created && generated).then_some(password) })
 }
 
+/// Makes sure the suite's service account exists with `credentials`, holding the role
+/// [`SUITE_SERVICES`]: every permission the catalog gives services, scope ALL. Safe when several
+/// replicas start at once.
+pub async fn ensure_suite_account(
+    store: &Store,
+    catalog: &Catalog,
+    credentials: &ServiceCredentials,
+) -> Result<SuiteAccount, AuthError> {
+    let plan = SuiteAccountPlan {
+        role_name: SUITE_SERVICES.into(),
+        permissions: catalog.for_services(),
+        account_name: SUITE_SERVICES.into(),
+        client_id: credentials.client_id().to_string(),
+        secret_hash: secrets::token_hash(credentials.secret()),
+    };
+    Ok(store.ensure_suite_account(&plan).await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn starting_roles_are_valid() {
-        for mut role in starting_roles() {
+        let catalog = crate::suite_catalog_for_tests();
+        for mut role in starting_roles(&catalog) {
             let before = role.clone();
             let mut v = crm_kit::Violations::new();
-            domain::normalize_role(&mut role, &mut v);
+            domain::normalize_role(&mut role, &catalog, &mut v);
             assert!(v.is_empty(), "{}", before.name);
             assert_eq!(role, before, "already normalised");
         }

@@ -2,9 +2,9 @@
 //! accounts), sign-in with access and refresh tokens, published verification keys, visibility
 //! resolution and the security audit.
 //!
-//! Wiring only: [`run`] = [`open`] (store, signing key, first-start organisation) + [`serve`].
-//! `crm dev` calls [`open`] itself to show the administrator's credentials in its own banner,
-//! then [`serve`] with the opened store.
+//! [`Auth`] is the role: opening it applies the migrations, makes sure a signing key exists,
+//! creates the starting organisation on first start and the suite's service account, then
+//! serves both gRPC services with a job that deletes expired refresh tokens.
 
 pub mod api;
 pub mod bootstrap;
@@ -12,20 +12,40 @@ pub mod domain;
 pub mod keys;
 pub mod store;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use crm_kit::server::Server;
+use crm_kit::auth::{Grant, Permission, SigningKey};
+use crm_kit::db::Migrations;
+use crm_kit::role::{self, Calls, Context, Opened, RoleSpec};
 use crm_kit::shutdown::Shutdown;
-use crm_proto::auth::v1::auth_service_server::AuthServiceServer;
-use crm_proto::auth::v1::org_service_server::OrgServiceServer;
-use tokio::net::TcpListener;
+use crm_proto::auth::v1::auth_service_server::{self, AuthServiceServer};
+use crm_proto::auth::v1::org_service_server::{self, OrgServiceServer};
 
-pub use api::{AuthApi, Settings};
+pub use api::{AuthApi, Policy};
 pub use bootstrap::{Bootstrap, bootstrap};
 pub use keys::{KeyRing, StoreKeys};
 pub use store::Store;
+
+/// The permissions the auth service's calls check.
+pub mod permissions {
+    use super::{Grant, Permission};
+
+    /// Read the organisation: departments, users, roles, service accounts.
+    pub const ORG_READ: Permission = Permission {
+        name: "org.read",
+        about: "read the organisation: departments, users, roles, service accounts",
+        grant: Grant::Managers,
+        for_services: true,
+    };
+    /// Change the organisation, service accounts and signing keys; read the security audit.
+    pub const ORG_ADMIN: Permission = Permission {
+        name: "org.admin",
+        about: "change the organisation, service accounts and signing keys; read the security audit",
+        grant: Grant::Administrators,
+        for_services: false,
+    };
+    pub const ALL: &[Permission] = &[ORG_READ, ORG_ADMIN];
+}
 
 /// The environment variable the first administrator's password is read from (never a flag:
 /// flags show in process listings).
@@ -37,27 +57,6 @@ const PURGE_EVERY: Duration = Duration::from_secs(3600);
 /// Settings of the auth role.
 #[derive(clap::Args, Debug, Clone)]
 pub struct AuthArgs {
-    /// Address the auth service listens on (gRPC, gRPC-Web, /healthz, /readyz, /metrics).
-    #[arg(
-        id = "auth_listen",
-        long = "auth-listen",
-        value_name = "ADDR",
-        env = "CRM_AUTH_LISTEN",
-        default_value = "0.0.0.0:50052"
-    )]
-    pub listen: SocketAddr,
-    /// Database of the auth service: postgres://user:password@host/db or sqlite://path/auth.db.
-    #[arg(id = "auth_database_url", long = "auth-database-url", value_name = "URL", env = "CRM_AUTH_DATABASE_URL")]
-    pub database_url: Option<String>,
-    /// Most database connections one auth process holds.
-    #[arg(
-        id = "auth_max_connections",
-        long = "auth-max-connections",
-        value_name = "N",
-        env = "CRM_AUTH_MAX_CONNECTIONS",
-        default_value_t = 16
-    )]
-    pub max_connections: u32,
     /// How long an access token is valid (15m, 1h…); services verify it without asking auth.
     #[arg(long, env = "CRM_ACCESS_TOKEN_TTL", default_value = "15m", value_parser = crm_kit::config::parse_duration)]
     pub access_token_ttl: Duration,
@@ -78,25 +77,17 @@ pub struct AuthArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("no database configured: set --auth-database-url or CRM_AUTH_DATABASE_URL")]
-    NoDatabase,
     #[error("{0}")]
     BadSetting(String),
     #[error(transparent)]
     Db(#[from] crm_kit::db::DbError),
     #[error("auth store: {0}")]
     Store(#[from] crm_kit::ApiError),
-    #[error("server: {0}")]
-    Serve(#[from] tonic::transport::Error),
 }
 
 impl AuthArgs {
-    pub fn database_url(&self) -> Result<&str, AuthError> {
-        self.database_url.as_deref().filter(|u| !u.is_empty()).ok_or(AuthError::NoDatabase)
-    }
-
     /// Token lifetimes and the lock-out rule, checked.
-    pub fn settings(&self) -> Result<Settings, AuthError> {
+    pub fn policy(&self) -> Result<Policy, AuthError> {
         if self.access_token_ttl < Duration::from_secs(1) {
             return Err(AuthError::BadSetting("--access-token-ttl must be at least 1s".into()));
         }
@@ -106,7 +97,7 @@ impl AuthArgs {
         if self.max_failed_sign_ins == 0 {
             return Err(AuthError::BadSetting("--max-failed-sign-ins must be at least 1".into()));
         }
-        Ok(Settings {
+        Ok(Policy {
             access_token_ttl: self.access_token_ttl,
             refresh_token_ttl: self.refresh_token_ttl,
             max_failed_sign_ins: self.max_failed_sign_ins,
@@ -120,27 +111,6 @@ pub fn admin_password_from_env() -> Option<String> {
     std::env::var(ADMIN_PASSWORD_ENV).ok().filter(|p| !p.is_empty())
 }
 
-/// Applies the auth migrations to `url`.
-pub async fn migrate(url: &str) -> Result<(), AuthError> {
-    let store = Store::open(url, 1).await?;
-    store.db().close().await;
-    Ok(())
-}
-
-/// Opens the auth database (applying migrations), makes sure a signing key exists, and on
-/// first start creates the starting organisation with the administrator `--admin-email`
-/// (password from CRM_ADMIN_PASSWORD, else generated and returned in the [`Bootstrap`]).
-pub async fn open(args: &AuthArgs) -> Result<(Store, Bootstrap), AuthError> {
-    let url = args.database_url()?;
-    let store = Store::open(url, args.max_connections).await?;
-    store.ensure_signing_key(&crm_kit::auth::SigningKey::generate()).await?;
-    let bootstrap = bootstrap(&store, &args.admin_email, admin_password_from_env()).await?;
-    if bootstrap.created {
-        tracing::info!(email = %bootstrap.email, "created the starting organisation and its administrator");
-    }
-    Ok((store, bootstrap))
-}
-
 /// What to tell the operator once about a generated administrator password; `None` when no
 /// password was generated.
 pub fn generated_password_notice(bootstrap: &Bootstrap) -> Option<String> {
@@ -152,41 +122,81 @@ pub fn generated_password_notice(bootstrap: &Bootstrap) -> Option<String> {
     ))
 }
 
-/// Serves both auth services on `listener` with an opened store until `shutdown` fires, then
-/// closes the store.
-pub async fn serve(
-    store: Store,
-    settings: Settings,
-    listener: TcpListener,
-    shutdown: Shutdown,
-) -> Result<(), AuthError> {
-    let keys = KeyRing::open(store.clone()).await?;
-    keys.spawn_reload();
-    let _ = tokio::task::spawn_blocking(domain::secrets::prepare).await;
-    let api = AuthApi::new(store.clone(), keys, settings);
-    let verifier = api.verifier();
-    verifier.spawn_refresh(keys::KEY_RELOAD);
-    tracing::info!(
-        addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        "auth service listening"
-    );
-    let db = store.db().clone();
-    let ready: crm_kit::server::ReadyCheck = Arc::new(move || {
-        let db = db.clone();
-        Box::pin(async move { db.ping().await.map_err(|e| format!("auth database: {e}")) })
-    });
-    let purge = tokio::spawn(purge_expired_tokens(store.clone(), shutdown.clone()));
-    let result = Server::new("auth")
-        .add_service(AuthServiceServer::new(api.clone()))
-        .add_service(OrgServiceServer::new(api))
-        .authenticate(verifier)
-        .ready_check(ready)
-        .serve(listener, shutdown)
-        .await;
-    purge.abort();
-    store.db().close().await;
-    tracing::info!("auth service stopped");
-    Ok(result?)
+/// The lines `crm dev` shows about the administrator.
+fn banner(bootstrap: &Bootstrap) -> [String; 2] {
+    let password = match (&bootstrap.generated_password, bootstrap.created) {
+        (Some(generated), _) => format!(
+            "{generated}\n  (generated now and shown only this once: note it, or start with CRM_ADMIN_PASSWORD set)"
+        ),
+        (None, true) => "the one in CRM_ADMIN_PASSWORD".to_string(),
+        (None, false) => "as set before (the administrator exists since an earlier start)".to_string(),
+    };
+    [format!("Administrator: {}", bootstrap.email), format!("Password:      {password}")]
+}
+
+/// The auth role.
+pub struct Auth;
+
+impl role::Service for Auth {
+    type Args = AuthArgs;
+
+    const SPEC: RoleSpec = RoleSpec {
+        name: "auth",
+        title: "the auth service",
+        packages: &["crm.auth.v1"],
+        services: &[auth_service_server::SERVICE_NAME, org_service_server::SERVICE_NAME],
+        public_methods: &[
+            "/crm.auth.v1.AuthService/SignIn",
+            "/crm.auth.v1.AuthService/Refresh",
+            "/crm.auth.v1.AuthService/SignOut",
+            "/crm.auth.v1.AuthService/IssueServiceToken",
+            "/crm.auth.v1.AuthService/GetJwks",
+        ],
+        permissions: permissions::ALL,
+        default_port: 50052,
+        calls: Calls::Roles(&[]),
+    };
+
+    fn migrations() -> Option<Migrations> {
+        Some(store::migrations())
+    }
+
+    async fn open(args: AuthArgs, ctx: Context) -> Result<Opened, role::Error> {
+        let policy = args.policy()?;
+        let db = ctx.open_db(&store::migrations()).await?;
+        let store = Store::new(db.clone());
+        let catalog = ctx.suite().catalog();
+        store.ensure_signing_key(&SigningKey::generate()).await?;
+        let bootstrap = bootstrap(&store, &catalog, &args.admin_email, admin_password_from_env()).await?;
+        if bootstrap.created {
+            tracing::info!(email = %bootstrap.email, "created the starting organisation and its administrator");
+        }
+        if let Some(credentials) = ctx.service_credentials() {
+            let outcome = bootstrap::ensure_suite_account(&store, &catalog, credentials).await?;
+            tracing::info!(client_id = credentials.client_id(), ?outcome, "the suite's service account is in place");
+        }
+        let keys = KeyRing::open(store.clone()).await?;
+        keys.spawn_reload();
+        let _ = tokio::task::spawn_blocking(domain::secrets::prepare).await;
+        let api = AuthApi::new(store.clone(), keys, policy, catalog);
+        let verifier = api.verifier();
+        verifier.spawn_refresh(keys::KEY_RELOAD);
+        let server = ctx
+            .server()
+            .add_service(AuthServiceServer::new(api.clone()))
+            .add_service(OrgServiceServer::new(api))
+            .authenticate(ctx.authenticator_with(verifier));
+        let [administrator, password] = banner(&bootstrap);
+        let mut opened = Opened::new(server)
+            .with_db(db)
+            .job("delete expired refresh tokens", move |shutdown| purge_expired_tokens(store, shutdown))
+            .banner(administrator)
+            .banner(password);
+        if let Some(notice) = generated_password_notice(&bootstrap) {
+            opened = opened.notice(notice);
+        }
+        Ok(opened)
+    }
 }
 
 /// Deletes expired refresh tokens every [`PURGE_EVERY`] (idempotent: safe on every replica).
@@ -204,16 +214,10 @@ async fn purge_expired_tokens(store: Store, shutdown: Shutdown) {
     }
 }
 
-/// Runs the auth service on `listener` until `shutdown` fires. A generated administrator
-/// password is printed once to stdout (not to the log).
-pub async fn run(args: &AuthArgs, listener: TcpListener, shutdown: Shutdown) -> Result<(), AuthError> {
-    let settings = args.settings()?;
-    let (store, bootstrap) = open(args).await?;
-    tracing::info!(database = %crm_kit::db::redact(args.database_url()?), "auth database open");
-    if let Some(notice) = generated_password_notice(&bootstrap) {
-        println!("{notice}");
-    }
-    serve(store, settings, listener, shutdown).await
+/// The catalog of the suite the auth service runs in, for tests of this crate.
+#[cfg(test)]
+pub(crate) fn suite_catalog_for_tests() -> crm_kit::auth::Catalog {
+    crm_kit::auth::Catalog::new(crm_contacts::permissions::ALL.iter().chain(permissions::ALL).copied())
 }
 
 #[cfg(test)]
@@ -230,10 +234,9 @@ mod tests {
 
     #[test]
     fn flags_have_defaults_and_durations() {
-        let cli = Cli::try_parse_from(["crm", "--auth-database-url", "sqlite://auth.db"]).unwrap();
-        assert_eq!(cli.auth.listen, "0.0.0.0:50052".parse().unwrap());
+        let cli = Cli::try_parse_from(["crm"]).unwrap();
         assert_eq!(cli.auth.admin_email, "admin@crm.local");
-        assert_eq!(cli.auth.settings().unwrap(), Settings::default());
+        assert_eq!(cli.auth.policy().unwrap(), Policy::default());
         let cli = Cli::try_parse_from([
             "crm",
             "--access-token-ttl",
@@ -246,14 +249,13 @@ mod tests {
             "10",
         ])
         .unwrap();
-        let settings = cli.auth.settings().unwrap();
-        assert_eq!(settings.access_token_ttl, Duration::from_secs(300));
-        assert_eq!(settings.refresh_token_ttl, Duration::from_secs(7 * 86_400));
-        assert_eq!(settings.lockout, Duration::from_millis(500));
-        assert_eq!(settings.max_failed_sign_ins, 10);
-        assert!(matches!(cli.auth.database_url(), Err(AuthError::NoDatabase)));
+        let policy = cli.auth.policy().unwrap();
+        assert_eq!(policy.access_token_ttl, Duration::from_secs(300));
+        assert_eq!(policy.refresh_token_ttl, Duration::from_secs(7 * 86_400));
+        assert_eq!(policy.lockout, Duration::from_millis(500));
+        assert_eq!(policy.max_failed_sign_ins, 10);
         assert!(Cli::try_parse_from(["crm", "--lockout", "soon"]).is_err());
         let zero = Cli::try_parse_from(["crm", "--access-token-ttl", "0s"]).unwrap();
-        assert!(matches!(zero.auth.settings(), Err(AuthError::BadSetting(_))));
+        assert!(matches!(zero.auth.policy(), Err(AuthError::BadSetting(_))));
     }
 }

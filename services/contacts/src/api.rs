@@ -1,28 +1,40 @@
-//! The gRPC surface: decode and validate each request, apply the domain rules, call the store,
+//! The gRPC surface: decode and validate each request into typed values (a list's filter,
+//! order, page and search terms are decoded once, here), apply the domain rules, call the store,
 //! map the result back to protobuf. Errors become statuses in `crm_kit::error`.
 
-use crm_kit::auth::{CONTACTS_READ, CONTACTS_WRITE, OwnerScope, Principal, Visibility};
-use crm_kit::page::page_size;
-use crm_kit::{ApiError, Violations};
+use std::sync::Arc;
+
+use crm_kit::auth::{OwnerScope, Principal, ScopeCache, UserDirectory, UserStatus};
+use crm_kit::db::idempotency::MAX_REQUEST_ID_CHARS;
+use crm_kit::filter;
+use crm_kit::page::Page;
+use crm_kit::{ApiError, Violations, respond};
 use crm_proto::contacts::v1::contacts_service_server::ContactsService;
 use crm_proto::contacts::v1::*;
 use tonic::{Request, Response, Status};
 
 use crate::domain::{self, Key, Kind, Record, Rules};
-use crate::store::{ListQuery, Store};
+use crate::permissions::{READ, WRITE};
+use crate::store::{self, ListQuery, Store};
 
-const MAX_REQUEST_ID: usize = 100;
 const MAX_QUERY: usize = 200;
 
 /// Every call runs as the signed-in caller (`crm_kit::auth::Principal`, put there by the
 /// server's authentication layer): reads need `contacts.read`, changes `contacts.write`, and the
 /// store sees only the owners the caller's data scope allows (resolved by the auth service,
-/// cached by `Visibility`).
-#[derive(Clone, Debug)]
+/// cached by [`ScopeCache`]). A record's owner must be an active user ([`UserDirectory`]).
+#[derive(Clone)]
 pub struct ContactsApi {
     store: Store,
     rules: Rules,
-    visibility: Visibility,
+    scopes: ScopeCache,
+    users: Arc<dyn UserDirectory>,
+}
+
+impl std::fmt::Debug for ContactsApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContactsApi").field("rules", &self.rules).field("scopes", &self.scopes).finish_non_exhaustive()
+    }
 }
 
 /// The caller of a call, and whose records they may see.
@@ -31,26 +43,44 @@ struct Caller {
     scope: OwnerScope,
 }
 
+/// A list request's parts as they came.
+struct ListRequest {
+    page_size: i32,
+    page_token: String,
+    filter: String,
+    order_by: String,
+    query: String,
+}
+
 impl ContactsApi {
-    pub fn new(store: Store, rules: Rules, visibility: Visibility) -> Self {
-        ContactsApi { store, rules, visibility }
+    pub fn new(store: Store, rules: Rules, scopes: ScopeCache, users: Arc<dyn UserDirectory>) -> Self {
+        ContactsApi { store, rules, scopes, users }
     }
 
     async fn caller<T>(&self, request: &Request<T>, permission: &str) -> Result<Caller, ApiError> {
         let principal = crm_kit::auth::principal(request)?;
         principal.require(permission)?;
-        let scope = self.visibility.resolve(&principal).await?;
+        let scope = self.scopes.resolve(&principal).await?;
         Ok(Caller { principal, scope })
     }
 
-    /// An owner the caller may give a record to: anyone in their scope.
-    fn check_owner(caller: &Caller, field: &str, owner_id: &str) -> Result<(), ApiError> {
-        if caller.scope.allows(owner_id) {
-            Ok(())
-        } else {
-            Err(ApiError::PermissionDenied(format!(
+    /// An owner the caller may give a record to: a user in their scope, and an active one.
+    async fn check_owner(&self, caller: &Caller, field: &str, owner_id: &str) -> Result<(), ApiError> {
+        if !caller.scope.allows(owner_id) {
+            return Err(ApiError::PermissionDenied(format!(
                 "{field}: {owner_id} is outside your data scope; records can go only to users you may see"
-            )))
+            )));
+        }
+        if owner_id == caller.principal.subject {
+            // The caller's own token vouches for them.
+            return Ok(());
+        }
+        match self.users.status(owner_id).await? {
+            UserStatus::Active => Ok(()),
+            UserStatus::Deactivated => {
+                Err(ApiError::invalid(field, "is a deactivated user; records can go only to active users"))
+            }
+            UserStatus::Unknown => Err(ApiError::invalid(field, "no user has this id")),
         }
     }
 
@@ -59,14 +89,14 @@ impl ContactsApi {
         let Some(mut record) = record else {
             return Err(ApiError::invalid(R::FIELD, "is required"));
         };
-        v.max_chars("request_id", request_id, MAX_REQUEST_ID);
+        v.max_chars("request_id", request_id, MAX_REQUEST_ID_CHARS);
         record.clear_meta();
         record.normalize(&self.rules, &mut v);
         v.check()?;
         if record.owner_id().is_empty() {
             record.set_owner_id(caller.principal.subject.clone());
         }
-        Self::check_owner(&caller, &format!("{}.owner_id", R::FIELD), record.owner_id())?;
+        self.check_owner(&caller, &format!("{}.owner_id", R::FIELD), record.owner_id()).await?;
         self.store.create(record, request_id.trim(), &caller.principal.subject, &caller.scope).await
     }
 
@@ -90,14 +120,28 @@ impl ContactsApi {
         v.uuid(&format!("{}.id", R::FIELD), patch.id());
         let paths = mask.map(|m| m.paths).unwrap_or_default();
         v.check()?;
-        let rules = self.rules.clone();
         let id = patch.id().to_string();
-        let etag = patch.etag().to_string();
         let owner_field = format!("{}.owner_id", R::FIELD);
+        // A new owner is checked with the auth service before the record is locked; the change
+        // below refuses any other new owner (one that appeared meanwhile).
+        let new_owner = patch.owner_id().trim().to_string();
+        let sets_owner = paths.iter().any(|p| p == "owner_id" || p == "*");
+        let mut checked_owner = None;
+        if sets_owner && !new_owner.is_empty() && uuid::Uuid::parse_str(&new_owner).is_ok() {
+            let current: R = self.store.get(&id, &caller.scope).await?;
+            if current.owner_id() != new_owner {
+                self.check_owner(&caller, &owner_field, &new_owner).await?;
+                checked_owner = Some(new_owner);
+            }
+        }
+        let rules = self.rules.clone();
+        let etag = patch.etag().to_string();
+        let scope = caller.scope.clone();
         self.store
             .update(&id, &etag, &caller.principal.subject, &caller.scope, |record: &mut R| {
+                let before = record.owner_id().to_string();
                 let mut v = Violations::new();
-                domain::apply_mask(record, &patch, &paths, &mut v);
+                R::MASK.apply(record, &patch, &paths, &mut v);
                 v.check()?;
                 let mut v = Violations::new();
                 record.normalize(&rules, &mut v);
@@ -105,7 +149,19 @@ impl ContactsApi {
                 if record.owner_id().is_empty() {
                     return Err(ApiError::invalid(owner_field, "is required"));
                 }
-                Self::check_owner(&caller, &owner_field, record.owner_id())
+                if !scope.allows(record.owner_id()) {
+                    return Err(ApiError::PermissionDenied(format!(
+                        "{owner_field}: {} is outside your data scope; records can go only to users you may see",
+                        record.owner_id()
+                    )));
+                }
+                if record.owner_id() != before && checked_owner.as_deref() != Some(record.owner_id()) {
+                    return Err(ApiError::Aborted(format!(
+                        "{} {id} changed owner concurrently; read it again and retry",
+                        R::KIND.noun()
+                    )));
+                }
+                Ok(())
             })
             .await
     }
@@ -117,121 +173,139 @@ impl ContactsApi {
         self.store.delete::<R>(id, etag, &caller.principal.subject, &caller.scope).await
     }
 
-    async fn list<R: Record>(
-        &self,
-        caller: Caller,
-        page_size_requested: i32,
-        page_token: String,
-        filter: String,
-        order_by: String,
-        query: String,
-    ) -> Result<(Vec<R>, String), ApiError> {
-        let size = page_size(page_size_requested, "page_size")?;
-        if query.chars().count() > MAX_QUERY {
+    /// A list request decoded once: its filter parsed against the kind's fields, its order and
+    /// page token decoded, its search terms found.
+    fn list_query(&self, kind: Kind, r: ListRequest, scope: OwnerScope) -> Result<ListQuery, ApiError> {
+        if r.query.chars().count() > MAX_QUERY {
             return Err(ApiError::invalid("query", format!("must be at most {MAX_QUERY} characters")));
         }
-        self.store.list(&ListQuery { filter, query, order_by, page_size: size, page_token, scope: caller.scope }).await
+        let order = store::sort_order(kind, &r.order_by)?;
+        let page = Page::decode(&[kind.noun(), &r.filter, &r.query, &r.order_by], r.page_size, &r.page_token, &order)?;
+        let filter = filter::parse(&r.filter, store::filter_fields(kind))?;
+        let terms = domain::search::terms(&r.query, &self.rules);
+        Ok(ListQuery { filter, terms, order, page, scope })
     }
-}
 
-fn ok<T>(result: Result<T, ApiError>) -> Result<Response<T>, Status> {
-    result.map(Response::new).map_err(Status::from)
+    async fn list<R: Record>(&self, caller: Caller, r: ListRequest) -> Result<(Vec<R>, String), ApiError> {
+        let query = self.list_query(R::KIND, r, caller.scope)?;
+        self.store.list(&query).await
+    }
 }
 
 #[tonic::async_trait]
 impl ContactsService for ContactsApi {
     async fn create_company(&self, request: Request<CreateCompanyRequest>) -> Result<Response<Company>, Status> {
-        let caller = self.caller(&request, CONTACTS_WRITE).await?;
+        let caller = self.caller(&request, WRITE.name).await?;
         let r = request.into_inner();
-        ok(self.create(caller, r.company, &r.request_id).await)
+        respond(self.create(caller, r.company, &r.request_id).await)
     }
 
     async fn get_company(&self, request: Request<GetCompanyRequest>) -> Result<Response<Company>, Status> {
-        let caller = self.caller(&request, CONTACTS_READ).await?;
-        ok(self.get(caller, &request.into_inner().id).await)
+        let caller = self.caller(&request, READ.name).await?;
+        respond(self.get(caller, &request.into_inner().id).await)
     }
 
     async fn update_company(&self, request: Request<UpdateCompanyRequest>) -> Result<Response<Company>, Status> {
-        let caller = self.caller(&request, CONTACTS_WRITE).await?;
+        let caller = self.caller(&request, WRITE.name).await?;
         let r = request.into_inner();
-        ok(self.update(caller, r.company, r.update_mask).await)
+        respond(self.update(caller, r.company, r.update_mask).await)
     }
 
     async fn delete_company(&self, request: Request<DeleteCompanyRequest>) -> Result<Response<()>, Status> {
-        let caller = self.caller(&request, CONTACTS_WRITE).await?;
+        let caller = self.caller(&request, WRITE.name).await?;
         let r = request.into_inner();
-        ok(self.delete::<Company>(caller, &r.id, &r.etag).await)
+        respond(self.delete::<Company>(caller, &r.id, &r.etag).await)
     }
 
     async fn list_companies(
         &self,
         request: Request<ListCompaniesRequest>,
     ) -> Result<Response<ListCompaniesResponse>, Status> {
-        let caller = self.caller(&request, CONTACTS_READ).await?;
+        let caller = self.caller(&request, READ.name).await?;
         let r = request.into_inner();
-        ok(self
-            .list(caller, r.page_size, r.page_token, r.filter, r.order_by, r.query)
+        respond(
+            self.list(
+                caller,
+                ListRequest {
+                    page_size: r.page_size,
+                    page_token: r.page_token,
+                    filter: r.filter,
+                    order_by: r.order_by,
+                    query: r.query,
+                },
+            )
             .await
-            .map(|(companies, next_page_token)| ListCompaniesResponse { companies, next_page_token }))
+            .map(|(companies, next_page_token)| ListCompaniesResponse { companies, next_page_token }),
+        )
     }
 
     async fn create_person(&self, request: Request<CreatePersonRequest>) -> Result<Response<Person>, Status> {
-        let caller = self.caller(&request, CONTACTS_WRITE).await?;
+        let caller = self.caller(&request, WRITE.name).await?;
         let r = request.into_inner();
-        ok(self.create(caller, r.person, &r.request_id).await)
+        respond(self.create(caller, r.person, &r.request_id).await)
     }
 
     async fn get_person(&self, request: Request<GetPersonRequest>) -> Result<Response<Person>, Status> {
-        let caller = self.caller(&request, CONTACTS_READ).await?;
-        ok(self.get(caller, &request.into_inner().id).await)
+        let caller = self.caller(&request, READ.name).await?;
+        respond(self.get(caller, &request.into_inner().id).await)
     }
 
     async fn update_person(&self, request: Request<UpdatePersonRequest>) -> Result<Response<Person>, Status> {
-        let caller = self.caller(&request, CONTACTS_WRITE).await?;
+        let caller = self.caller(&request, WRITE.name).await?;
         let r = request.into_inner();
-        ok(self.update(caller, r.person, r.update_mask).await)
+        respond(self.update(caller, r.person, r.update_mask).await)
     }
 
     async fn delete_person(&self, request: Request<DeletePersonRequest>) -> Result<Response<()>, Status> {
-        let caller = self.caller(&request, CONTACTS_WRITE).await?;
+        let caller = self.caller(&request, WRITE.name).await?;
         let r = request.into_inner();
-        ok(self.delete::<Person>(caller, &r.id, &r.etag).await)
+        respond(self.delete::<Person>(caller, &r.id, &r.etag).await)
     }
 
     async fn list_people(&self, request: Request<ListPeopleRequest>) -> Result<Response<ListPeopleResponse>, Status> {
-        let caller = self.caller(&request, CONTACTS_READ).await?;
+        let caller = self.caller(&request, READ.name).await?;
         let r = request.into_inner();
-        ok(self
-            .list(caller, r.page_size, r.page_token, r.filter, r.order_by, r.query)
+        respond(
+            self.list(
+                caller,
+                ListRequest {
+                    page_size: r.page_size,
+                    page_token: r.page_token,
+                    filter: r.filter,
+                    order_by: r.order_by,
+                    query: r.query,
+                },
+            )
             .await
-            .map(|(people, next_page_token)| ListPeopleResponse { people, next_page_token }))
+            .map(|(people, next_page_token)| ListPeopleResponse { people, next_page_token }),
+        )
     }
 
     async fn check_duplicates(
         &self,
         request: Request<CheckDuplicatesRequest>,
     ) -> Result<Response<CheckDuplicatesResponse>, Status> {
-        self.caller(&request, CONTACTS_READ).await?;
+        self.caller(&request, READ.name).await?;
         let r = request.into_inner();
-        ok(self.check_duplicates(r).await)
+        respond(self.check_duplicates(r).await)
     }
 
     async fn list_revisions(
         &self,
         request: Request<ListRevisionsRequest>,
     ) -> Result<Response<ListRevisionsResponse>, Status> {
-        let caller = self.caller(&request, CONTACTS_READ).await?;
+        let caller = self.caller(&request, READ.name).await?;
         let r = request.into_inner();
         let result = async {
             let mut v = Violations::new();
             v.uuid("record_id", &r.record_id);
             v.check()?;
-            let size = page_size(r.page_size, "page_size")?;
-            let (revisions, next_page_token) =
-                self.store.revisions(&r.record_id, size, &r.page_token, &caller.scope).await?;
+            let order = store::revision_order();
+            let page = Page::decode(&["revisions", &r.record_id], r.page_size, &r.page_token, &order)?;
+            let (revisions, next_page_token) = self.store.revisions(&r.record_id, &page, &caller.scope).await?;
             Ok(ListRevisionsResponse { revisions, next_page_token })
         };
-        ok(result.await)
+        respond(result.await)
     }
 }
 

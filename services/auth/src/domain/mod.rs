@@ -4,10 +4,9 @@
 
 pub mod secrets;
 
-use std::collections::BTreeSet;
-
 use crm_kit::Violations;
-use crm_kit::auth::PERMISSIONS;
+use crm_kit::auth::Catalog;
+use crm_kit::mask::Mask;
 use crm_proto::auth::v1::{DataScope, Department, Role, ServiceAccount, User};
 
 pub const MAX_NAME_CHARS: usize = 200;
@@ -50,6 +49,7 @@ pub mod events {
     pub const DEPARTMENT_DELETED: &str = "department_deleted";
     pub const SERVICE_ACCOUNT_CREATED: &str = "service_account_created";
     pub const SERVICE_ACCOUNT_DELETED: &str = "service_account_deleted";
+    pub const SERVICE_ACCOUNT_SECRET_CHANGED: &str = "service_account_secret_changed";
     pub const ORGANISATION_BOOTSTRAPPED: &str = "organisation_bootstrapped";
 }
 
@@ -72,12 +72,6 @@ pub fn effective_scope(scopes: impl IntoIterator<Item = i32>) -> DataScope {
         .max_by_key(|s| scope_rank(*s))
         .and_then(|s| DataScope::try_from(s).ok())
         .unwrap_or(DataScope::Own)
-}
-
-/// Every permission of any of the lists, each once, in the order of [`PERMISSIONS`].
-pub fn union_permissions<'a>(lists: impl IntoIterator<Item = &'a Vec<String>>) -> Vec<String> {
-    let held: BTreeSet<&str> = lists.into_iter().flatten().map(String::as_str).collect();
-    PERMISSIONS.iter().filter(|p| held.contains(**p)).map(|p| p.to_string()).collect()
 }
 
 fn name(v: &mut Violations, field: &str, value: &mut String) {
@@ -127,17 +121,20 @@ fn role_ids(v: &mut Violations, field: &str, ids: &mut Vec<String>) {
     ids.dedup();
 }
 
-/// Validates a role: a name, known permissions (kept each once, in the order of
-/// [`PERMISSIONS`]) and a data scope.
-pub fn normalize_role(r: &mut Role, v: &mut Violations) {
+/// Validates a role: a name, permissions of the suite's `catalog` (kept each once, in catalog
+/// order) and a data scope.
+pub fn normalize_role(r: &mut Role, catalog: &Catalog, v: &mut Violations) {
     name(v, "role.name", &mut r.name);
     for (i, permission) in r.permissions.iter().enumerate() {
-        if !PERMISSIONS.contains(&permission.trim()) {
-            v.add(format!("role.permissions[{i}]"), format!("unknown permission; one of: {}", PERMISSIONS.join(", ")));
+        if !catalog.contains(permission.trim()) {
+            v.add(
+                format!("role.permissions[{i}]"),
+                format!("unknown permission; one of: {}", catalog.names().join(", ")),
+            );
         }
     }
     let held: Vec<String> = r.permissions.iter().map(|p| p.trim().to_string()).collect();
-    r.permissions = union_permissions([&held]);
+    r.permissions = catalog.union([&held]);
     if scope_rank(r.data_scope) == 0 {
         v.add(
             "role.data_scope",
@@ -162,67 +159,11 @@ pub fn check_new_password(v: &mut Violations, field: &str, password: &str) {
     }
 }
 
-/// Copies the fields named by an update mask from `patch` to `target`; `apply` copies one field
-/// and answers whether it knows it. An empty mask is refused; "*" means every updatable field.
-fn apply_mask(paths: &[String], updatable: &[&str], v: &mut Violations, mut apply: impl FnMut(&str) -> bool) {
-    if paths.is_empty() {
-        v.add("update_mask", "is required; name the fields to change, or \"*\" for all");
-        return;
-    }
-    for path in paths {
-        if path == "*" {
-            for p in updatable {
-                apply(p);
-            }
-        } else if !updatable.contains(&path.as_str()) || !apply(path) {
-            v.add("update_mask", format!("unknown or read-only field '{path}'; updatable: {}", updatable.join(", ")));
-        }
-    }
-}
-
-pub const DEPARTMENT_PATHS: &[&str] = &["name", "parent_id"];
-pub const USER_PATHS: &[&str] =
-    &["email", "display_name", "phone", "department_id", "supervisor_id", "role_ids", "active"];
-pub const ROLE_PATHS: &[&str] = &["name", "permissions", "data_scope"];
-
-pub fn apply_department_mask(target: &mut Department, patch: &Department, paths: &[String], v: &mut Violations) {
-    apply_mask(paths, DEPARTMENT_PATHS, v, |path| {
-        match path {
-            "name" => target.name = patch.name.clone(),
-            "parent_id" => target.parent_id = patch.parent_id.clone(),
-            _ => return false,
-        }
-        true
-    });
-}
-
-pub fn apply_user_mask(target: &mut User, patch: &User, paths: &[String], v: &mut Violations) {
-    apply_mask(paths, USER_PATHS, v, |path| {
-        match path {
-            "email" => target.email = patch.email.clone(),
-            "display_name" => target.display_name = patch.display_name.clone(),
-            "phone" => target.phone = patch.phone.clone(),
-            "department_id" => target.department_id = patch.department_id.clone(),
-            "supervisor_id" => target.supervisor_id = patch.supervisor_id.clone(),
-            "role_ids" => target.role_ids = patch.role_ids.clone(),
-            "active" => target.active = patch.active,
-            _ => return false,
-        }
-        true
-    });
-}
-
-pub fn apply_role_mask(target: &mut Role, patch: &Role, paths: &[String], v: &mut Violations) {
-    apply_mask(paths, ROLE_PATHS, v, |path| {
-        match path {
-            "name" => target.name = patch.name.clone(),
-            "permissions" => target.permissions = patch.permissions.clone(),
-            "data_scope" => target.data_scope = patch.data_scope,
-            _ => return false,
-        }
-        true
-    });
-}
+/// The updatable fields of each record.
+pub const DEPARTMENT_MASK: Mask<Department> = crm_kit::mask!(Department { name, parent_id });
+pub const USER_MASK: Mask<User> =
+    crm_kit::mask!(User { email, display_name, phone, department_id, supervisor_id, role_ids, active });
+pub const ROLE_MASK: Mask<Role> = crm_kit::mask!(Role { name, permissions, data_scope });
 
 /// A scope's name without its prefix ("DEPARTMENT_TREE"), for audit details.
 pub fn scope_name(scope: i32) -> &'static str {
@@ -246,6 +187,17 @@ mod tests {
         assert_eq!(scope_name(DepartmentTree as i32), "DEPARTMENT_TREE");
     }
 
+    fn catalog() -> Catalog {
+        use crm_kit::auth::{Grant, Permission};
+        let p = |name, grant| Permission { name, about: "", grant, for_services: true };
+        Catalog::new([
+            p("contacts.read", Grant::Everyone),
+            p("contacts.write", Grant::Everyone),
+            p("org.read", Grant::Managers),
+            p("org.admin", Grant::Administrators),
+        ])
+    }
+
     #[test]
     fn permissions_are_validated_and_united() {
         let mut role = Role {
@@ -255,29 +207,29 @@ mod tests {
             ..Default::default()
         };
         let mut v = Violations::new();
-        normalize_role(&mut role, &mut v);
+        normalize_role(&mut role, &catalog(), &mut v);
         assert!(v.is_empty());
         assert_eq!(role.name, "Sales");
         assert_eq!(role.permissions, ["contacts.read", "contacts.write"]);
 
         let mut bad = Role { permissions: vec!["contacts.read".into(), "root".into()], ..Default::default() };
         let mut v = Violations::new();
-        normalize_role(&mut bad, &mut v);
+        normalize_role(&mut bad, &catalog(), &mut v);
         let fields: Vec<&str> = v.iter().map(|(f, _)| f.as_str()).collect();
         assert_eq!(fields, ["role.name", "role.permissions[1]", "role.data_scope"]);
 
         let a = vec!["org.admin".to_string(), "contacts.read".to_string()];
         let b = vec!["contacts.read".to_string(), "org.read".to_string()];
-        assert_eq!(union_permissions([&a, &b]), ["contacts.read", "org.read", "org.admin"]);
+        assert_eq!(catalog().union([&a, &b]), ["contacts.read", "org.read", "org.admin"]);
     }
 
     #[test]
     fn users_are_normalised() {
         let mut user = User {
-            id: crm_kit::validate::new_id(),
+            id: crm_kit::id::new(),
             email: " Boss@Example.com".into(),
             display_name: " Boss ".into(),
-            role_ids: vec![crm_kit::validate::new_id()],
+            role_ids: vec![crm_kit::id::new()],
             ..Default::default()
         };
         user.supervisor_id = user.id.clone();
@@ -300,17 +252,17 @@ mod tests {
         let mut target = User { display_name: "Old".into(), phone: "1".into(), ..Default::default() };
         let patch = User { display_name: "New".into(), phone: "2".into(), active: true, ..Default::default() };
         let mut v = Violations::new();
-        apply_user_mask(&mut target, &patch, &["display_name".into(), "active".into()], &mut v);
+        USER_MASK.apply(&mut target, &patch, &["display_name".into(), "active".into()], &mut v);
         assert!(v.is_empty());
         assert_eq!((target.display_name.as_str(), target.phone.as_str(), target.active), ("New", "1", true));
-        apply_user_mask(&mut target, &patch, &["id".into(), "password".into()], &mut v);
+        USER_MASK.apply(&mut target, &patch, &["id".into(), "password".into()], &mut v);
         assert_eq!(v.iter().count(), 2);
         let mut v = Violations::new();
-        apply_role_mask(&mut Role::default(), &Role::default(), &[], &mut v);
+        ROLE_MASK.apply(&mut Role::default(), &Role::default(), &[], &mut v);
         assert!(!v.is_empty());
         let mut d = Department::default();
         let mut v = Violations::new();
-        apply_department_mask(&mut d, &Department { name: "X".into(), ..Default::default() }, &["*".into()], &mut v);
+        DEPARTMENT_MASK.apply(&mut d, &Department { name: "X".into(), ..Default::default() }, &["*".into()], &mut v);
         assert!(v.is_empty());
         assert_eq!(d.name, "X");
     }

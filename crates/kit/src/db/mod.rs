@@ -1,16 +1,35 @@
 //! Storage: one sqlx `Any` pool per service over PostgreSQL (cluster) or SQLite (embedded),
-//! per-dialect migrations, and a small SQL builder whose values are always bound parameters.
+//! per-dialect migrations, and the pieces every store is built from:
+//!
+//! - [`Sql`]: statements assembled from code fragments, every value a bound parameter;
+//! - [`Edit`]: a versioned change of one row (lock, etag check, next version, `ABORTED` on a
+//!   race, the "still referenced" guard);
+//! - [`idempotency`]: create requests replayed by the caller's `request_id`;
+//! - row-lock clauses, the one-writer-at-a-time lock and unique-violation detection.
 //!
 //! Portable columns only (ARCHITECTURE §11): TEXT, BIGINT and BLOB.
 
+mod edit;
+pub mod idempotency;
+mod sql;
+
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::any::{AnyArguments, AnyPoolOptions};
+use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
-use sqlx::query::Query;
-use sqlx::{Any, AnyPool, AssertSqlSafe, ConnectOptions, Connection, Executor, Transaction};
+use sqlx::{Any, AnyPool, ConnectOptions, Connection, Executor, Transaction};
+
+pub use edit::Edit;
+pub use sql::{Bind, Sql, Values};
+
+use crate::error::ApiError;
+use crate::server::ReadyCheck;
+
+/// A write transaction of either backend.
+pub type Tx = Transaction<'static, Any>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -62,6 +81,11 @@ pub struct Migrations {
     pub sqlite: Migrator,
 }
 
+/// Whether a statement failed on a unique index (a key someone else holds).
+pub fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(e) if e.is_unique_violation())
+}
+
 /// A service's database.
 #[derive(Clone, Debug)]
 pub struct Db {
@@ -70,8 +94,17 @@ pub struct Db {
 }
 
 impl Db {
-    /// Connects to `url`. For SQLite the file (and its directory) is created if missing and put
-    /// into WAL mode.
+    /// Connects to `url` with at most `max_connections`, applies this service's `migrations` and
+    /// reports the pool on `/metrics` as `name`. For SQLite the file (and its directory) is
+    /// created if missing and put into WAL mode.
+    pub async fn open(url: &str, max_connections: u32, migrations: &Migrations, name: &str) -> Result<Db, DbError> {
+        let db = Db::connect(url, max_connections).await?;
+        db.migrate(migrations).await?;
+        crate::metrics::register_pool(name, db.pool.clone());
+        Ok(db)
+    }
+
+    /// Connects to `url` without migrating.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(url)?;
@@ -115,16 +148,15 @@ impl Db {
 
     /// A transaction for writing. On SQLite it takes the write lock up front (`BEGIN
     /// IMMEDIATE`) so that concurrent writers queue instead of failing to upgrade a read lock.
-    pub async fn begin_write(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
+    pub async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
         match self.backend {
             Backend::Postgres => self.pool.begin().await,
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
         }
     }
 
-    /// Whether the database answers.
     /// ` FOR UPDATE` on PostgreSQL; nothing on SQLite, where a write transaction (see
-    /// `begin_write`) already holds the database's one write lock.
+    /// [`Db::begin_write`]) already holds the database's one write lock.
     pub fn for_update(&self) -> &'static str {
         if self.backend == Backend::Postgres { " FOR UPDATE" } else { "" }
     }
@@ -134,8 +166,32 @@ impl Db {
         if self.backend == Backend::Postgres { " FOR SHARE" } else { "" }
     }
 
+    /// Makes the write transactions that call this with the same `key` run one after another:
+    /// `tx` waits here until every other holder of `key` has committed or rolled back, and holds
+    /// it until it ends itself (a PostgreSQL transaction-scoped advisory lock; SQLite's single
+    /// writer already runs write transactions one at a time).
+    pub async fn one_writer_at_a_time(&self, tx: &mut Tx, key: i64) -> Result<(), ApiError> {
+        if self.backend == Backend::Postgres {
+            let mut sql = Sql::new("SELECT pg_advisory_xact_lock(");
+            sql.bind(key).push(")");
+            sql.query().execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the database answers.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+    }
+
+    /// The readiness check of a role whose work needs this database: `what` names it in the
+    /// reason given when it does not answer.
+    pub fn ready_check(&self, what: &'static str) -> ReadyCheck {
+        let db = self.clone();
+        Arc::new(move || {
+            let db = db.clone();
+            Box::pin(async move { db.ping().await.map_err(|e| format!("{what} database: {e}")) })
+        })
     }
 
     pub async fn close(&self) {
@@ -166,113 +222,6 @@ async fn prepare_sqlite(url: &str) -> Result<String, DbError> {
     Ok(url)
 }
 
-/// A value bound to a SQL parameter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Bind {
-    Text(String),
-    Int(i64),
-    Bytes(Vec<u8>),
-}
-
-impl From<String> for Bind {
-    fn from(v: String) -> Self {
-        Bind::Text(v)
-    }
-}
-
-impl From<&str> for Bind {
-    fn from(v: &str) -> Self {
-        Bind::Text(v.to_string())
-    }
-}
-
-impl From<&String> for Bind {
-    fn from(v: &String) -> Self {
-        Bind::Text(v.clone())
-    }
-}
-
-impl From<i64> for Bind {
-    fn from(v: i64) -> Self {
-        Bind::Int(v)
-    }
-}
-
-impl From<Vec<u8>> for Bind {
-    fn from(v: Vec<u8>) -> Self {
-        Bind::Bytes(v)
-    }
-}
-
-/// SQL assembled from fixed fragments and `$n` placeholders; values only ever go into binds.
-#[derive(Debug, Clone, Default)]
-pub struct Sql {
-    text: String,
-    binds: Vec<Bind>,
-}
-
-impl Sql {
-    pub fn new(fragment: &'static str) -> Sql {
-        Sql { text: fragment.to_string(), binds: Vec::new() }
-    }
-
-    /// Appends a fixed SQL fragment (code, never user input).
-    pub fn push(&mut self, fragment: &str) -> &mut Sql {
-        self.text.push_str(fragment);
-        self
-    }
-
-    /// Appends a placeholder bound to `value`.
-    pub fn bind(&mut self, value: impl Into<Bind>) -> &mut Sql {
-        self.binds.push(value.into());
-        self.text.push('$');
-        self.text.push_str(&self.binds.len().to_string());
-        self
-    }
-
-    /// Appends another statement (e.g. as a subquery), renumbering its placeholders.
-    pub fn push_sql(&mut self, other: Sql) -> &mut Sql {
-        let offset = self.binds.len();
-        let mut chars = other.text.chars().peekable();
-        while let Some(c) = chars.next() {
-            self.text.push(c);
-            if c == '$' {
-                let mut digits = String::new();
-                while let Some(d) = chars.next_if(|d| d.is_ascii_digit()) {
-                    digits.push(d);
-                }
-                match digits.parse::<usize>() {
-                    Ok(n) => self.text.push_str(&(n + offset).to_string()),
-                    Err(_) => self.text.push_str(&digits),
-                }
-            }
-        }
-        self.binds.extend(other.binds);
-        self
-    }
-
-    pub fn text(&self) -> &str {
-        &self.text
-    }
-
-    pub fn into_parts(self) -> (String, Vec<Bind>) {
-        (self.text, self.binds)
-    }
-
-    /// The query, ready to run. The text holds only fragments from code and placeholders.
-    pub fn query(&self) -> Query<'static, Any, AnyArguments> {
-        let mut query = sqlx::query(AssertSqlSafe(self.text.clone()));
-        for bind in &self.binds {
-            query = match bind {
-                Bind::Text(v) => query.bind(v.clone()),
-                Bind::Int(v) => query.bind(*v),
-                Bind::Bytes(v) => query.bind(v.clone()),
-            };
-        }
-        query
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,31 +231,6 @@ mod tests {
         assert_eq!(redact("postgres://crm:s3cret@db:5432/crm"), "postgres://crm:***@db:5432/crm");
         assert_eq!(redact("postgres://crm@db/crm"), "postgres://crm@db/crm");
         assert_eq!(redact("sqlite://data/contacts.db"), "sqlite://data/contacts.db");
-    }
-
-    #[test]
-    fn numbers_placeholders() {
-        let mut sql = Sql::new("SELECT * FROM t WHERE a = ");
-        sql.bind("x").push(" AND b > ").bind(3_i64);
-        assert_eq!(sql.text(), "SELECT * FROM t WHERE a = $1 AND b > $2");
-    }
-
-    #[test]
-    fn nests_statements_renumbering_placeholders() {
-        let mut inner = Sql::new("SELECT id FROM t WHERE a = ");
-        inner.bind("x").push(" LIMIT ").bind(10_i64);
-        let mut outer = Sql::new("SELECT * FROM (");
-        outer.push_sql(inner).push(") s WHERE b = ").bind("y");
-        let mut first = Sql::new("WHERE c = ");
-        first.bind(1_i64).push(" AND d IN (").push_sql({
-            let mut sub = Sql::new("SELECT 1 WHERE e = ");
-            sub.bind(2_i64);
-            sub
-        });
-        assert_eq!(outer.text(), "SELECT * FROM (SELECT id FROM t WHERE a = $1 LIMIT $2) s WHERE b = $3");
-        assert_eq!(first.text(), "WHERE c = $1 AND d IN (SELECT 1 WHERE e = $2");
-        let (_, binds) = first.into_parts();
-        assert_eq!(binds, vec![Bind::Int(1), Bind::Int(2)]);
     }
 
     #[test]

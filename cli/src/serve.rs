@@ -1,0 +1,106 @@
+//! `crm serve <role>…`: cluster roles, one or more per process, each on its own port. Roles
+//! served together find each other in the process unless their `--<role>-addr` says otherwise.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::ArgMatches;
+use crm_kit::peer::Peers;
+use crm_kit::role::{CommonArgs, Context, Mode, Placement, ServiceAccountArgs, callees};
+
+use crate::{RoleSettings, SUITE};
+
+/// How long a role may take to report SERVING before the next starts.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Roles to run in this process.
+    #[arg(required = true, value_name = "ROLE", value_parser = crate::role_names())]
+    pub roles: Vec<String>,
+    #[command(flatten)]
+    pub placement: Placements,
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub service_account: ServiceAccountArgs,
+    #[command(flatten)]
+    pub settings: RoleSettings,
+}
+
+/// The flags that place every role: `--<role>-listen`, `--<role>-database-url`,
+/// `--<role>-max-connections`, `--<role>-addr`.
+#[derive(Debug, Clone)]
+pub struct Placements(ArgMatches);
+
+impl clap::FromArgMatches for Placements {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(Placements(matches.clone()))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        self.0 = matches.clone();
+        Ok(())
+    }
+}
+
+impl clap::Args for Placements {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        SUITE.placement_args(cmd)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        SUITE.placement_args(cmd)
+    }
+}
+
+/// Where role `name` is placed.
+pub fn placement(args: &ServeArgs, name: &str) -> anyhow::Result<Placement> {
+    let role = SUITE.get(name).with_context(|| format!("no role {name}"))?;
+    Placement::read(&args.placement.0, role.spec()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let (trigger, shutdown) = crm_kit::shutdown::on_os_signal();
+    let served: Vec<_> = SUITE.roles().iter().filter(|r| args.roles.iter().any(|n| n == r.spec().name)).collect();
+    let mut placements = HashMap::new();
+    for role in SUITE.roles() {
+        placements.insert(role.spec().name, placement(&args, role.spec().name)?);
+    }
+    let here = |name: &str| served.iter().any(|r| r.spec().name == name);
+    let callees = callees(&SUITE, |spec| {
+        let placement = &placements[spec.name];
+        if placement.addrs.is_empty() && here(spec.name) {
+            vec![Placement::local_addr(placement.listen)]
+        } else {
+            placement.addrs.clone()
+        }
+    });
+    let credentials = args.service_account.credentials().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let intervals = args.common.intervals().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let peers = Peers::new(callees, intervals, args.common.keys_refresh_interval, credentials, shutdown.clone());
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for role in served {
+        let spec = role.spec();
+        let placement = &placements[spec.name];
+        let listener = crate::bind(placement.listen, spec.name).await?;
+        let addr = listener.local_addr()?;
+        let ctx = Context::new(spec, SUITE, Mode::Cluster, placement.database.clone(), peers.clone());
+        let opened = role.open(&args.settings.0, ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
+        if let Some(notice) = opened.notice_text() {
+            println!("{notice}");
+        }
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            opened.serve(listener, shutdown).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))
+        });
+        // The next role starts once this one serves: those that call it find it ready.
+        for service in spec.services {
+            let local = Placement::local_addr(addr).parse()?;
+            crm_kit::server::wait_serving(local, service, START_TIMEOUT).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    crate::run_roles(tasks, trigger).await
+}

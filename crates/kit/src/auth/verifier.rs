@@ -1,0 +1,313 @@
+//! Token verification in every process: access tokens are verified locally against the auth
+//! service's published keys (cached, refetched when a token names a key not seen yet), so no
+//! call waits on auth to check a token.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use crm_proto::auth::v1::Jwks;
+use crm_proto::auth::v1::auth_service_client::AuthServiceClient;
+use futures_util::future::BoxFuture;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+
+use super::{Claims, ISSUER, Principal};
+use crate::error::ApiError;
+use crate::peer::Peer;
+
+/// Clock skew tolerated on `exp`.
+const LEEWAY_SECONDS: u64 = 5;
+/// Shortest interval between two key fetches caused by unknown key ids (a flood of forged
+/// `kid`s must not become a flood of fetches).
+pub(crate) const MIN_REFETCH: Duration = Duration::from_secs(1);
+
+/// Where a [`Verifier`] gets the published keys.
+pub trait KeySource: Send + Sync + 'static {
+    fn fetch(&self) -> BoxFuture<'_, Result<Jwks, String>>;
+}
+
+/// The auth service's `GetJwks` (a call that needs no token).
+struct RemoteKeys {
+    auth: Peer,
+}
+
+impl KeySource for RemoteKeys {
+    fn fetch(&self) -> BoxFuture<'_, Result<Jwks, String>> {
+        let mut client = AuthServiceClient::new(self.auth.anonymous());
+        Box::pin(async move {
+            client
+                .get_jwks(crm_proto::auth::v1::GetJwksRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| format!("auth service GetJwks: {} ({:?})", s.message(), s.code()))
+        })
+    }
+}
+
+struct KeySet {
+    by_kid: HashMap<String, DecodingKey>,
+    jwks: Jwks,
+}
+
+struct VerifierInner {
+    source: Arc<dyn KeySource>,
+    keys: RwLock<Arc<KeySet>>,
+    /// When keys were last fetched; held while fetching so that concurrent misses fetch once.
+    fetched: tokio::sync::Mutex<Option<Instant>>,
+    validation: Validation,
+}
+
+/// Verifies access tokens against cached published keys.
+#[derive(Clone)]
+pub struct Verifier {
+    inner: Arc<VerifierInner>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kids: Vec<String> = self.keys().by_kid.keys().cloned().collect();
+        f.debug_struct("Verifier").field("kids", &kids).finish()
+    }
+}
+
+impl Verifier {
+    /// A verifier with no keys yet: the first token fetches them.
+    pub fn new(source: Arc<dyn KeySource>) -> Verifier {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.set_issuer(&[ISSUER]);
+        validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+        validation.leeway = LEEWAY_SECONDS;
+        validation.validate_aud = false;
+        Verifier {
+            inner: Arc::new(VerifierInner {
+                source,
+                keys: RwLock::new(Arc::new(KeySet { by_kid: HashMap::new(), jwks: Jwks::default() })),
+                fetched: tokio::sync::Mutex::new(None),
+                validation,
+            }),
+        }
+    }
+
+    /// A verifier fetching keys from the auth service's replicas, refreshing them every
+    /// `refresh_every` (so that keys retired by the auth service stop verifying).
+    pub fn remote(auth: Peer, refresh_every: Duration) -> Verifier {
+        let verifier = Verifier::new(Arc::new(RemoteKeys { auth }));
+        verifier.spawn_refresh(refresh_every);
+        verifier
+    }
+
+    /// Refreshes the keys every `every` for as long as the verifier is in use.
+    pub fn spawn_refresh(&self, every: Duration) {
+        let weak: Weak<VerifierInner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every.max(MIN_REFETCH)).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let verifier = Verifier { inner };
+                if let Err(err) = verifier.fetch(Duration::ZERO).await {
+                    tracing::warn!(error = %err, "cannot refresh the token verification keys");
+                }
+            }
+        });
+    }
+
+    fn keys(&self) -> Arc<KeySet> {
+        self.inner.keys.read().expect("key set lock").clone()
+    }
+
+    /// The keys as last fetched.
+    pub fn jwks(&self) -> Jwks {
+        self.keys().jwks.clone()
+    }
+
+    /// Fetches the keys unless they were fetched within `min_age`.
+    pub async fn fetch(&self, min_age: Duration) -> Result<(), ApiError> {
+        let mut fetched = self.inner.fetched.lock().await;
+        if fetched.is_some_and(|at| at.elapsed() < min_age) {
+            return Ok(());
+        }
+        self.fetch_locked(&mut fetched).await
+    }
+
+    /// Fetches the keys for a key id not known yet: at once, unless the last fetch was less than
+    /// MIN_REFETCH ago — then after waiting out the rest, so that a key published just after a
+    /// fetch (a rotation) is still found, while a flood of made-up key ids costs one fetch a
+    /// second.
+    async fn fetch_for(&self, kid: &str) -> Result<(), ApiError> {
+        let mut fetched = self.inner.fetched.lock().await;
+        if self.keys().by_kid.contains_key(kid) {
+            return Ok(());
+        }
+        if let Some(at) = *fetched {
+            tokio::time::sleep(MIN_REFETCH.saturating_sub(at.elapsed())).await;
+        }
+        self.fetch_locked(&mut fetched).await
+    }
+
+    async fn fetch_locked(&self, fetched: &mut Option<Instant>) -> Result<(), ApiError> {
+        let jwks = self.inner.source.fetch().await.map_err(ApiError::Unavailable)?;
+        let mut by_kid = HashMap::new();
+        for jwk in &jwks.keys {
+            if jwk.kty != "OKP" || jwk.crv != "Ed25519" {
+                continue;
+            }
+            match DecodingKey::from_ed_components(&jwk.x) {
+                Ok(key) => {
+                    by_kid.insert(jwk.kid.clone(), key);
+                }
+                Err(_) => tracing::warn!(kid = %jwk.kid, "published key is not a valid Ed25519 key"),
+            }
+        }
+        *self.inner.keys.write().expect("key set lock") = Arc::new(KeySet { by_kid, jwks });
+        *fetched = Some(Instant::now());
+        Ok(())
+    }
+
+    /// The principal a token names, if its signature, issuer and expiry hold.
+    pub async fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| ApiError::unauthenticated("the access token is malformed"))?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(ApiError::unauthenticated("the access token is not signed with EdDSA"));
+        }
+        let kid = header.kid.ok_or_else(|| ApiError::unauthenticated("the access token names no signing key"))?;
+        let mut keys = self.keys();
+        if !keys.by_kid.contains_key(&kid) {
+            self.fetch_for(&kid).await?;
+            keys = self.keys();
+        }
+        let key = keys
+            .by_kid
+            .get(&kid)
+            .ok_or_else(|| ApiError::unauthenticated("the access token is signed by an unknown key"))?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, &self.inner.validation).map_err(|err| match err.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                    ApiError::unauthenticated("the access token has expired")
+                }
+                _ => ApiError::unauthenticated("the access token is invalid"),
+            })?;
+        Ok(Principal::from_claims(data.claims, token.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::auth::SigningKey;
+
+    struct Fixed(Mutex<Jwks>, std::sync::atomic::AtomicUsize);
+
+    impl KeySource for Fixed {
+        fn fetch(&self) -> BoxFuture<'_, Result<Jwks, String>> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let jwks = self.0.lock().unwrap().clone();
+            Box::pin(async move { Ok(jwks) })
+        }
+    }
+
+    fn now() -> i64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    }
+
+    fn claims(exp: i64) -> Claims {
+        Claims {
+            iss: ISSUER.into(),
+            sub: "user-1".into(),
+            iat: now(),
+            exp,
+            jti: "t1".into(),
+            dept: "d1".into(),
+            perms: vec!["contacts.read".into()],
+            ..Claims::default()
+        }
+    }
+
+    fn setup() -> (SigningKey, Arc<Fixed>, Verifier) {
+        let key = SigningKey::generate();
+        let source = Arc::new(Fixed(Mutex::new(Jwks { keys: vec![key.jwk()] }), Default::default()));
+        let verifier = Verifier::new(source.clone());
+        (key, source, verifier)
+    }
+
+    fn code(result: Result<Principal, ApiError>) -> tonic::Code {
+        tonic::Status::from(result.expect_err("refused")).code()
+    }
+
+    #[tokio::test]
+    async fn verifies_a_good_token() {
+        let (key, _, verifier) = setup();
+        let token = key.sign(&claims(now() + 60));
+        let principal = verifier.verify(&token).await.unwrap();
+        assert_eq!(principal.subject, "user-1");
+        assert_eq!(principal.department_id, "d1");
+        assert!(principal.has("contacts.read"));
+        assert_eq!(principal.bearer(), token);
+        assert!(principal.require("contacts.write").is_err());
+        assert!(!format!("{principal:?}").contains(&token), "Debug never shows the token");
+    }
+
+    #[tokio::test]
+    async fn refuses_expired_tampered_unknown_key_and_unsigned_tokens() {
+        let (key, _, verifier) = setup();
+        let expired = key.sign(&claims(now() - 60));
+        assert_eq!(code(verifier.verify(&expired).await), tonic::Code::Unauthenticated);
+
+        let good = key.sign(&claims(now() + 60));
+        let parts: Vec<&str> = good.split('.').collect();
+        let mut forged = claims(now() + 60);
+        forged.perms.push("org.admin".into());
+        let tampered =
+            format!("{}.{}.{}", parts[0], URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap()), parts[2]);
+        assert_eq!(code(verifier.verify(&tampered).await), tonic::Code::Unauthenticated);
+
+        let stranger = SigningKey::generate();
+        assert_eq!(code(verifier.verify(&stranger.sign(&claims(now() + 60))).await), tonic::Code::Unauthenticated);
+        // A foreign key under a known kid: the signature does not verify.
+        let impostor = SigningKey::from_pkcs8(key.kid().into(), stranger.pkcs8()).unwrap();
+        assert_eq!(code(verifier.verify(&impostor.sign(&claims(now() + 60))).await), tonic::Code::Unauthenticated);
+
+        let none_header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"none","typ":"JWT","kid":"{}"}}"#, key.kid()));
+        let unsigned = format!("{none_header}.{}.", parts[1]);
+        assert_eq!(code(verifier.verify(&unsigned).await), tonic::Code::Unauthenticated);
+        let hs_header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"HS256","typ":"JWT","kid":"{}"}}"#, key.kid()));
+        assert_eq!(
+            code(verifier.verify(&format!("{hs_header}.{}.{}", parts[1], parts[2])).await),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(code(verifier.verify("not a token").await), tonic::Code::Unauthenticated);
+
+        let mut foreign = claims(now() + 60);
+        foreign.iss = "elsewhere".into();
+        assert_eq!(code(verifier.verify(&key.sign(&foreign)).await), tonic::Code::Unauthenticated);
+    }
+
+    #[tokio::test]
+    async fn a_new_key_is_fetched_once_on_first_sight() {
+        let (key, source, verifier) = setup();
+        verifier.verify(&key.sign(&claims(now() + 60))).await.unwrap();
+        assert_eq!(source.1.load(std::sync::atomic::Ordering::SeqCst), 1);
+        verifier.verify(&key.sign(&claims(now() + 60))).await.unwrap();
+        assert_eq!(source.1.load(std::sync::atomic::Ordering::SeqCst), 1, "known keys are not refetched");
+
+        // A key published right after a fetch (a rotation) is still found.
+        let rotated = SigningKey::generate();
+        source.0.lock().unwrap().keys.push(rotated.jwk());
+        verifier.verify(&rotated.sign(&claims(now() + 60))).await.unwrap();
+        verifier.verify(&key.sign(&claims(now() + 60))).await.unwrap();
+        assert_eq!(source.1.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        // Made-up key ids cost at most one fetch per MIN_REFETCH.
+        let started = Instant::now();
+        for _ in 0..3 {
+            let refused = verifier.verify(&SigningKey::generate().sign(&claims(now() + 60))).await;
+            assert_eq!(code(refused), tonic::Code::Unauthenticated);
+        }
+        assert_eq!(source.1.load(std::sync::atomic::Ordering::SeqCst), 5);
+        assert!(started.elapsed() >= MIN_REFETCH * 2, "fetches are spaced by MIN_REFETCH");
+    }
+}

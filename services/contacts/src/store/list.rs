@@ -1,0 +1,258 @@
+//! Listings: filtered, searched and sorted within the caller's data scope, one keyset page at
+//! a time; and a record's revision history.
+
+use crm_kit::ApiError;
+use crm_kit::auth::OwnerScope;
+use crm_kit::db::{Backend, Sql};
+use crm_kit::filter::{Field, FieldKind, Filter};
+use crm_kit::page::{Order, Page};
+use crm_proto::contacts::v1::{FieldChange, Revision};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{COLUMNS, Store, StoredChange, decode, table};
+use crate::domain::search::Term;
+use crate::domain::{Kind, Record};
+
+const STAGES: &[(&str, i64)] =
+    &[("UNSPECIFIED", 0), ("LEAD", 1), ("PROSPECT", 2), ("CUSTOMER", 3), ("REPEAT_CUSTOMER", 4), ("LOST", 5)];
+
+const fn text(name: &'static str) -> Field {
+    Field { name, column: name, kind: FieldKind::Text }
+}
+
+const COMMON_FIELDS: [Field; 10] = [
+    Field { name: "id", column: "id", kind: FieldKind::Text },
+    text("owner_id"),
+    Field { name: "stage", column: "stage", kind: FieldKind::Enum { prefix: "LIFECYCLE_STAGE_", values: STAGES } },
+    text("source"),
+    text("region"),
+    Field {
+        name: "tags",
+        column: "",
+        kind: FieldKind::Collection { prefix: "id IN (SELECT record_id FROM tags WHERE tag = ", suffix: ")" },
+    },
+    Field { name: "do_not_contact", column: "do_not_contact", kind: FieldKind::Bool },
+    Field { name: "create_time", column: "created_at", kind: FieldKind::Time },
+    Field { name: "update_time", column: "updated_at", kind: FieldKind::Time },
+    Field { name: "last_activity_time", column: "last_activity_at", kind: FieldKind::Time },
+];
+
+const COMPANY_FIELDS: &[Field] = &{
+    let mut fields = [text("industry"); 11];
+    let mut i = 0;
+    while i < COMMON_FIELDS.len() {
+        fields[i] = COMMON_FIELDS[i];
+        i += 1;
+    }
+    fields
+};
+
+const PERSON_FIELDS: &[Field] = &{
+    let mut fields = [text("company_id"); 11];
+    let mut i = 0;
+    while i < COMMON_FIELDS.len() {
+        fields[i] = COMMON_FIELDS[i];
+        i += 1;
+    }
+    fields
+};
+
+/// The fields a list filter may use, by kind.
+pub fn filter_fields(kind: Kind) -> &'static [Field] {
+    match kind {
+        Kind::Company => COMPANY_FIELDS,
+        Kind::Person => PERSON_FIELDS,
+    }
+}
+
+/// Parses `order_by`: one of the sortable fields, optionally followed by `desc` or `asc`;
+/// empty is `create_time desc` (newest first).
+pub fn sort_order(kind: Kind, order_by: &str) -> Result<Order, ApiError> {
+    let mut words = order_by.split_whitespace();
+    let field = words.next().unwrap_or("create_time");
+    let name_field = match kind {
+        Kind::Company => "name",
+        Kind::Person => "full_name",
+    };
+    let (column, text) = match field {
+        "create_time" => ("created_at", false),
+        "update_time" => ("updated_at", false),
+        "last_activity_time" => ("last_activity_at", false),
+        f if f == name_field => ("display_name", true),
+        _ => {
+            return Err(ApiError::invalid(
+                "order_by",
+                format!("cannot sort by '{field}'; use create_time, update_time, last_activity_time or {name_field}"),
+            ));
+        }
+    };
+    let desc = match (words.next(), order_by.trim().is_empty()) {
+        (None, true) => true,
+        (None, false) | (Some("asc"), _) => false,
+        (Some("desc"), _) => true,
+        (Some(other), _) => return Err(ApiError::invalid("order_by", format!("'{other}' is not asc or desc"))),
+    };
+    if words.next().is_some() || order_by.contains(',') {
+        return Err(ApiError::invalid("order_by", "sorts by one field only"));
+    }
+    Ok(Order { column, tie: "id", text, desc })
+}
+
+/// Revisions are listed newest first.
+pub fn revision_order() -> Order {
+    Order { column: "version", tie: "record_id", text: false, desc: true }
+}
+
+/// A list or search request, decoded and checked.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub filter: Option<Filter>,
+    /// What a text query looks for; empty: no search.
+    pub terms: Vec<Term>,
+    pub order: Order,
+    pub page: Page,
+    /// Whose records the caller may see.
+    pub scope: OwnerScope,
+}
+
+/// Rows in sort order a search first looks through, per row of the page, before it asks the
+/// text index (see [`Store::list`]): a query matching at least 1 row in 40 (2.5%) is served from
+/// the window; a rarer one costs the window scan plus the index lookup.
+pub const SEARCH_WINDOW_PER_ROW: i64 = 40;
+
+fn like_pattern(term: &str) -> String {
+    let escaped = term.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+    format!("%{escaped}%")
+}
+
+fn fts_phrase(term: &str) -> String {
+    format!("\"{}\"", term.replace('"', "\"\""))
+}
+
+impl Store {
+    /// One page of a filtered, searched, sorted listing within `q.scope`, and the token of the
+    /// next page.
+    pub async fn list<R: Record>(&self, q: &ListQuery) -> Result<(Vec<R>, String), ApiError> {
+        let kind = R::KIND;
+        let rows = if q.terms.is_empty() {
+            self.select(kind, q, None).query().fetch_all(self.db().pool()).await?
+        } else {
+            // A broad query matches a large share of the table; its first page is usually found
+            // among the first rows in sort order, which the sort index yields cheaply. When that
+            // window fills the page, the page is exactly what the full query returns.
+            let size = self.search_window.unwrap_or(SEARCH_WINDOW_PER_ROW * (q.page.size() + 1));
+            let rows = self.select(kind, q, Some(size)).query().fetch_all(self.db().pool()).await?;
+            if rows.len() as i64 > q.page.size() {
+                rows
+            } else {
+                self.select(kind, q, None).query().fetch_all(self.db().pool()).await?
+            }
+        };
+        q.page.finish(&rows, &q.order, decode::<R>)
+    }
+
+    /// The listing query. With `window`, the text search applies only to the first `window`
+    /// rows (in sort order) that pass the filter and the cursor.
+    fn select(&self, kind: Kind, q: &ListQuery, window: Option<i64>) -> Sql {
+        let mut sql = Sql::new("SELECT ");
+        sql.push(COLUMNS);
+        if window.is_some() {
+            sql.push(", search_text");
+            if self.db().backend() == Backend::Sqlite {
+                sql.push(", seq");
+            }
+        }
+        sql.push(" FROM ").push(table(kind)).push(" WHERE 1=1");
+        if let Some(filter) = &q.filter {
+            filter.push_onto(&mut sql);
+        }
+        q.scope.push_condition(&mut sql, self.db().backend(), "owner_id");
+        if window.is_none() {
+            self.push_search(&mut sql, kind, &q.terms);
+        }
+        q.page.push_after(&mut sql, &q.order);
+        q.page.push_order(&mut sql, &q.order);
+        let Some(window) = window else {
+            q.page.push_limit(&mut sql);
+            return sql;
+        };
+        sql.push(" LIMIT ").bind(window);
+        let mut outer = Sql::new("SELECT * FROM (");
+        outer.push_sql(sql).push(") AS candidates WHERE 1=1");
+        self.push_search(&mut outer, kind, &q.terms);
+        q.page.push_order(&mut outer, &q.order);
+        q.page.push_limit(&mut outer);
+        outer
+    }
+
+    /// Every term must match: on PostgreSQL by `LIKE` (served by the trigram index), on SQLite
+    /// by the FTS5 trigram index for terms of 3 characters or more, `LIKE` for shorter ones.
+    fn push_search(&self, sql: &mut Sql, kind: Kind, terms: &[Term]) {
+        let indexed =
+            |term: &&Term| self.db().backend() == Backend::Sqlite && term.forms.iter().all(|f| f.chars().count() >= 3);
+        let (fts, like): (Vec<&Term>, Vec<&Term>) = terms.iter().partition(indexed);
+        if !fts.is_empty() {
+            let query = fts
+                .iter()
+                .map(|term| {
+                    let forms: Vec<String> = term.forms.iter().map(|f| fts_phrase(f)).collect();
+                    format!("({})", forms.join(" OR "))
+                })
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            sql.push(" AND seq IN (SELECT rowid FROM ").push(table(kind)).push("_fts WHERE ");
+            sql.push(table(kind)).push("_fts MATCH ").bind(query).push(")");
+        }
+        for term in like {
+            sql.push(" AND (");
+            sql.push_each(&term.forms, " OR ", |sql, form| {
+                sql.push("search_text LIKE ").bind(like_pattern(form)).push(" ESCAPE '\\'");
+            });
+            sql.push(")");
+        }
+    }
+
+    /// Revisions of a record whose owner (as of its latest revision, so also after deletion)
+    /// the scope allows, newest first; any other record's history is NOT_FOUND.
+    pub async fn revisions(
+        &self,
+        record_id: &str,
+        page: &Page,
+        scope: &OwnerScope,
+    ) -> Result<(Vec<Revision>, String), ApiError> {
+        let mut latest = Sql::new("SELECT owner_id FROM revisions WHERE record_id = ");
+        latest.bind(record_id).push(" ORDER BY version DESC LIMIT 1");
+        let owner: Option<String> =
+            latest.query().fetch_optional(self.db().pool()).await?.map(|row| row.try_get("owner_id")).transpose()?;
+        if !owner.is_some_and(|owner| scope.allows(&owner)) {
+            return Err(ApiError::NotFound(format!("record {record_id} not found")));
+        }
+        let order = revision_order();
+        let mut sql = Sql::new(
+            "SELECT record_id, version, record_type, action, actor, created_at, changes FROM revisions WHERE record_id = ",
+        );
+        sql.bind(record_id);
+        page.push_keyset(&mut sql, &order);
+        let rows = sql.query().fetch_all(self.db().pool()).await?;
+        page.finish(&rows, &order, revision_of)
+    }
+}
+
+fn revision_of(row: &AnyRow) -> Result<Revision, ApiError> {
+    let changes: String = row.try_get("changes")?;
+    let changes: Vec<StoredChange> =
+        serde_json::from_str(&changes).map_err(|e| ApiError::Internal(format!("revision changes: {e}")))?;
+    Ok(Revision {
+        record_id: row.try_get("record_id")?,
+        record_type: row.try_get::<i64, _>("record_type")? as i32,
+        version: row.try_get("version")?,
+        action: row.try_get::<i64, _>("action")? as i32,
+        actor: row.try_get("actor")?,
+        create_time: crm_kit::time::to_timestamp(row.try_get("created_at")?),
+        changes: changes
+            .into_iter()
+            .map(|c| FieldChange { field: c.field, old_value: c.old, new_value: c.new })
+            .collect(),
+    })
+}

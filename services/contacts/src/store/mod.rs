@@ -1,0 +1,403 @@
+//! Every SQL statement of the contacts service, and nothing else. One implementation for both
+//! backends: portable SQL with `$n` placeholders, and named dialect branches only for text
+//! search and row locking.
+//!
+//! - this module: reading, creating, changing and deleting one record, with its duplicate keys,
+//!   tags and revisions, in one transaction;
+//! - [`list`]: filtered, searched, sorted listings and revision history, one keyset page at a
+//!   time;
+//! - [`keys`]: duplicate protection.
+
+mod keys;
+mod list;
+
+use crm_kit::ApiError;
+use crm_kit::auth::OwnerScope;
+use crm_kit::db::{Db, DbError, Edit, Migrations, Sql, Tx, idempotency};
+use crm_kit::time::now_micros;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+pub use keys::Duplicate;
+pub use list::{ListQuery, SEARCH_WINDOW_PER_ROW, filter_fields, revision_order, sort_order};
+
+use crate::domain::{self, Change, Columns, Key, Kind, Meta, Record};
+
+pub fn migrations() -> Migrations {
+    Migrations { postgres: sqlx::migrate!("migrations/postgres"), sqlite: sqlx::migrate!("migrations/sqlite") }
+}
+
+fn table(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Company => "companies",
+        Kind::Person => "people",
+    }
+}
+
+const COLUMNS: &str = "id, version, display_name, created_at, updated_at, last_activity_at, doc";
+
+#[derive(Serialize, Deserialize)]
+struct StoredChange {
+    field: String,
+    old: String,
+    new: String,
+}
+
+/// Revision actions, as stored.
+const ACTION_CREATE: i64 = 1;
+const ACTION_UPDATE: i64 = 2;
+const ACTION_DELETE: i64 = 3;
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: Db,
+    /// Fixed window size; `None`: SEARCH_WINDOW_PER_ROW × (page size + 1).
+    search_window: Option<i64>,
+}
+
+fn meta_of(row: &AnyRow) -> Result<Meta, sqlx::Error> {
+    Ok(Meta {
+        id: row.try_get("id")?,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        last_activity_at: row.try_get("last_activity_at")?,
+    })
+}
+
+fn decode<R: Record>(row: &AnyRow) -> Result<R, ApiError> {
+    let meta = meta_of(row)?;
+    let doc: Vec<u8> = row.try_get("doc")?;
+    let mut record = R::decode(doc.as_slice())
+        .map_err(|e| ApiError::Internal(format!("stored {} {} does not decode: {e}", R::KIND.noun(), meta.id)))?;
+    record.set_meta(&meta);
+    Ok(record)
+}
+
+fn document<R: Record>(record: &R) -> Vec<u8> {
+    let mut doc = record.clone();
+    doc.clear_meta();
+    doc.encode_to_vec()
+}
+
+/// A revision about to be written; `owner_id` is the record's owner after the change (before it,
+/// for a deletion).
+struct NewRevision {
+    record_id: String,
+    version: i64,
+    action: i64,
+    changes: Vec<Change>,
+    at: i64,
+    owner_id: String,
+}
+
+fn not_found(kind: Kind, id: &str) -> ApiError {
+    ApiError::NotFound(format!("{} {id} not found", kind.noun()))
+}
+
+/// The record `id` of `kind` if `scope` allows it.
+fn select(db: &Db, kind: Kind, id: &str, scope: &OwnerScope) -> Sql {
+    let mut sql = Sql::new("SELECT ");
+    sql.push(COLUMNS).push(" FROM ").push(table(kind)).push(" WHERE id = ").bind(id);
+    scope.push_condition(&mut sql, db.backend(), "owner_id");
+    sql
+}
+
+impl Store {
+    /// Connects and applies migrations.
+    pub async fn open(url: &str, max_connections: u32) -> Result<Store, DbError> {
+        Ok(Store::new(Db::open(url, max_connections, &migrations(), "contacts").await?))
+    }
+
+    /// The store over an opened (and migrated) database.
+    pub fn new(db: Db) -> Store {
+        Store { db, search_window: None }
+    }
+
+    /// How many records of a kind are stored.
+    pub async fn count(&self, kind: Kind) -> Result<i64, ApiError> {
+        let mut sql = Sql::new("SELECT COUNT(*) AS n FROM ");
+        sql.push(table(kind));
+        Ok(sql.query().fetch_one(self.db.pool()).await?.try_get("n")?)
+    }
+
+    /// Sets how many rows a text search looks through in sort order before it asks the text
+    /// index (tests make it small to exercise both paths).
+    pub fn with_search_window(mut self, rows: i64) -> Store {
+        self.search_window = Some(rows.max(1));
+        self
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// A record the scope allows; any other is NOT_FOUND, exactly like a missing one.
+    pub async fn get<R: Record>(&self, id: &str, scope: &OwnerScope) -> Result<R, ApiError> {
+        let row = select(&self.db, R::KIND, id, scope)
+            .query()
+            .fetch_optional(self.db.pool())
+            .await?
+            .ok_or_else(|| not_found(R::KIND, id))?;
+        decode(&row)
+    }
+
+    /// Creates a normalised record for `caller`. With a `request_id`, the caller's repeated
+    /// call returns the record their first one created (if `scope` still lets them see it).
+    /// `scope` applies to the replay only: the caller checks the new record's owner.
+    pub async fn create<R: Record>(
+        &self,
+        mut record: R,
+        request_id: &str,
+        caller: &str,
+        scope: &OwnerScope,
+    ) -> Result<R, ApiError> {
+        let mut tx = self.db.begin_write().await?;
+        let id = crm_kit::id::new();
+        let now = now_micros();
+        let kind = R::KIND.record_type() as i64;
+        match idempotency::claim(&mut tx, caller, request_id, kind, &id, now).await? {
+            idempotency::Claim::First => {}
+            idempotency::Claim::Retry { record_type, record_id } => {
+                tx.rollback().await?;
+                if record_type != kind {
+                    return Err(ApiError::invalid(
+                        "request_id",
+                        "was already used to create a different kind of record",
+                    ));
+                }
+                return self.get(&record_id, scope).await;
+            }
+        }
+        let meta = Meta { id, version: 1, created_at: now, updated_at: now, last_activity_at: 0 };
+        record.set_meta(&meta);
+        self.check_references(&mut tx, &record).await?;
+        let keys: Vec<(String, Key)> = record.keys().into_iter().map(|k| (meta.id.clone(), k)).collect();
+        self.insert_key_rows::<R>(&mut tx, &keys).await?;
+        self.insert_rows(&mut tx, std::slice::from_ref(&record), caller).await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    /// Inserts many normalised records in one transaction (bulk load) and returns their ids;
+    /// every record gets its keys, tags and a creation revision, exactly as one by one.
+    pub async fn create_many<R: Record>(&self, records: Vec<R>, actor: &str) -> Result<Vec<String>, ApiError> {
+        let now = now_micros();
+        let mut tx = self.db.begin_write().await?;
+        let mut prepared = Vec::with_capacity(records.len());
+        let mut keys: Vec<(String, Key)> = Vec::new();
+        for mut record in records {
+            let meta =
+                Meta { id: crm_kit::id::new(), version: 1, created_at: now, updated_at: now, last_activity_at: 0 };
+            record.set_meta(&meta);
+            keys.extend(record.keys().into_iter().map(|k| (meta.id.clone(), k)));
+            prepared.push(record);
+        }
+        for chunk in keys.chunks(1000) {
+            self.insert_key_rows::<R>(&mut tx, chunk).await?;
+        }
+        for chunk in prepared.chunks(500) {
+            self.insert_rows(&mut tx, chunk, actor).await?;
+        }
+        tx.commit().await?;
+        Ok(prepared.iter().map(|r| r.id().to_string()).collect())
+    }
+
+    async fn check_references<R: Record>(&self, tx: &mut Tx, record: &R) -> Result<(), ApiError> {
+        let company_id = record.columns().company_id;
+        if company_id.is_empty() {
+            return Ok(());
+        }
+        let mut sql = Sql::new("SELECT id FROM companies WHERE id = ");
+        sql.bind(company_id.as_str());
+        if sql.query().fetch_optional(&mut **tx).await?.is_none() {
+            return Err(ApiError::invalid(format!("{}.company_id", R::FIELD), "no company has this id"));
+        }
+        Ok(())
+    }
+
+    /// Inserts records, their tags and their creation revisions.
+    async fn insert_rows<R: Record>(&self, tx: &mut Tx, records: &[R], actor: &str) -> Result<(), ApiError> {
+        let mut sql = Sql::new("INSERT INTO ");
+        sql.push(table(R::KIND)).push(
+            " (id, display_name, owner_id, stage, source, region, industry, company_id, do_not_contact, \
+             search_text, created_at, updated_at, last_activity_at, version, doc) VALUES ",
+        );
+        let mut tags: Vec<(&str, &str)> = Vec::new();
+        let mut revisions = Vec::with_capacity(records.len());
+        sql.push_values(records, |v, record| {
+            let c = record.columns();
+            let created_at = record.meta().created_at;
+            v.bind(record.id());
+            push_columns(v, &c);
+            v.bind(created_at).bind(created_at).bind(0_i64).bind(1_i64).bind(document(record));
+            tags.extend(record.tags().iter().map(|t| (t.as_str(), record.id())));
+            revisions.push(NewRevision {
+                record_id: record.id().to_string(),
+                version: 1,
+                action: ACTION_CREATE,
+                changes: domain::diff(None, Some(record)),
+                at: created_at,
+                owner_id: c.owner_id,
+            });
+        });
+        sql.query().execute(&mut **tx).await?;
+        insert_tags(tx, &tags).await?;
+        self.insert_revisions::<R>(tx, &revisions, actor).await
+    }
+
+    async fn insert_revisions<R: Record>(
+        &self,
+        tx: &mut Tx,
+        revisions: &[NewRevision],
+        actor: &str,
+    ) -> Result<(), ApiError> {
+        let mut stored = Vec::with_capacity(revisions.len());
+        for revision in revisions {
+            let changes: Vec<StoredChange> = revision
+                .changes
+                .iter()
+                .map(|c| StoredChange { field: c.field.clone(), old: c.old.clone(), new: c.new.clone() })
+                .collect();
+            stored.push(serde_json::to_string(&changes).map_err(|e| ApiError::Internal(e.to_string()))?);
+        }
+        let mut sql = Sql::new(
+            "INSERT INTO revisions (record_id, version, record_type, action, actor, created_at, changes, owner_id) VALUES ",
+        );
+        sql.push_values(revisions.iter().zip(stored), |v, (r, changes)| {
+            v.bind(r.record_id.as_str()).bind(r.version).bind(R::KIND.record_type() as i64).bind(r.action);
+            v.bind(actor).bind(r.at).bind(changes).bind(r.owner_id.as_str());
+        });
+        sql.query().execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    /// Locks the record `id` within `scope` for a change.
+    async fn edit<R: Record>(&self, id: &str, scope: &OwnerScope) -> Result<(Edit, R), ApiError> {
+        let tx = self.db.begin_write().await?;
+        let select = select(&self.db, R::KIND, id, scope);
+        let (edit, row) = Edit::lock(&self.db, tx, table(R::KIND), R::KIND.noun(), id, select).await?;
+        Ok((edit, decode(&row)?))
+    }
+
+    /// Reads the record under a write lock, checks `etag`, lets `change` modify it (rules and
+    /// validation live there), and stores the result with its revision. No change, no write.
+    pub async fn update<R, F>(
+        &self,
+        id: &str,
+        etag: &str,
+        actor: &str,
+        scope: &OwnerScope,
+        change: F,
+    ) -> Result<R, ApiError>
+    where
+        R: Record,
+        F: FnOnce(&mut R) -> Result<(), ApiError>,
+    {
+        let (mut edit, old) = self.edit::<R>(id, scope).await?;
+        edit.require_etag(etag)?;
+        let mut new = old.clone();
+        change(&mut new)?;
+        if new == old {
+            edit.abandon().await?;
+            return Ok(old);
+        }
+        let changes = domain::diff(Some(&old), Some(&new));
+        let now = now_micros();
+        let (old_keys, new_keys) = (old.keys(), new.keys());
+        if old_keys != new_keys {
+            let mut sql = Sql::new("DELETE FROM contact_keys WHERE record_id = ");
+            sql.bind(id);
+            sql.query().execute(&mut **edit.tx()).await?;
+            let rows: Vec<(String, Key)> = new_keys.into_iter().map(|k| (id.to_string(), k)).collect();
+            self.insert_key_rows::<R>(edit.tx(), &rows).await?;
+        }
+        if old.columns().company_id != new.columns().company_id {
+            self.check_references(edit.tx(), &new).await?;
+        }
+        let (old_tags, new_tags) = (old.tags(), new.tags());
+        if old_tags != new_tags {
+            let mut sql = Sql::new("DELETE FROM tags WHERE record_id = ");
+            sql.bind(id);
+            sql.query().execute(&mut **edit.tx()).await?;
+            let pairs: Vec<(&str, &str)> = new_tags.iter().map(|t| (t.as_str(), id)).collect();
+            insert_tags(edit.tx(), &pairs).await?;
+        }
+        let c = new.columns();
+        let mut assignments = Sql::new("display_name = ");
+        assignments.bind(c.display_name.as_str()).push(", owner_id = ").bind(c.owner_id.as_str());
+        assignments.push(", stage = ").bind(c.stage).push(", source = ").bind(c.source.as_str());
+        assignments.push(", region = ").bind(c.region.as_str()).push(", industry = ").bind(c.industry.as_str());
+        assignments.push(", company_id = ").bind(c.company_id.as_str());
+        assignments.push(", do_not_contact = ").bind(c.do_not_contact);
+        assignments.push(", search_text = ").bind(c.search_text.as_str()).push(", doc = ").bind(document(&new));
+        let version = edit.save(assignments, now).await?;
+        let revision = NewRevision {
+            record_id: id.to_string(),
+            version,
+            action: ACTION_UPDATE,
+            changes,
+            at: now,
+            owner_id: c.owner_id,
+        };
+        self.insert_revisions::<R>(edit.tx(), &[revision], actor).await?;
+        edit.commit().await?;
+        new.set_meta(&Meta { version, updated_at: now, ..old.meta() });
+        Ok(new)
+    }
+
+    /// Deletes a record; its revisions stay, the last one holding every value it had.
+    pub async fn delete<R: Record>(
+        &self,
+        id: &str,
+        etag: &str,
+        actor: &str,
+        scope: &OwnerScope,
+    ) -> Result<(), ApiError> {
+        let (mut edit, old) = self.edit::<R>(id, scope).await?;
+        edit.require_etag(etag)?;
+        if R::KIND == Kind::Company {
+            let mut probe = Sql::new("SELECT id FROM people WHERE company_id = ");
+            probe.bind(id);
+            edit.refuse_if_referenced(probe, || {
+                format!("company {id} still has people; move them to another company or delete them first")
+            })
+            .await?;
+        }
+        for statement in ["DELETE FROM contact_keys WHERE record_id = ", "DELETE FROM tags WHERE record_id = "] {
+            let mut sql = Sql::new(statement);
+            sql.bind(id);
+            sql.query().execute(&mut **edit.tx()).await?;
+        }
+        edit.delete().await?;
+        let revision = NewRevision {
+            record_id: id.to_string(),
+            version: edit.version() + 1,
+            action: ACTION_DELETE,
+            changes: domain::diff(Some(&old), None),
+            at: now_micros(),
+            owner_id: old.columns().owner_id,
+        };
+        self.insert_revisions::<R>(edit.tx(), &[revision], actor).await?;
+        edit.commit().await
+    }
+}
+
+/// Inserts (tag, record id) pairs in one statement per 1,000.
+async fn insert_tags(tx: &mut Tx, pairs: &[(&str, &str)]) -> Result<(), ApiError> {
+    for chunk in pairs.chunks(1000) {
+        let mut sql = Sql::new("INSERT INTO tags (tag, record_id) VALUES ");
+        sql.push_values(chunk, |v, (tag, record_id)| {
+            v.bind(*tag).bind(*record_id);
+        });
+        sql.query().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+fn push_columns(v: &mut crm_kit::db::Values<'_>, c: &Columns) {
+    v.bind(c.display_name.as_str()).bind(c.owner_id.as_str()).bind(c.stage).bind(c.source.as_str());
+    v.bind(c.region.as_str()).bind(c.industry.as_str()).bind(c.company_id.as_str()).bind(c.do_not_contact);
+    v.bind(c.search_text.as_str());
+}

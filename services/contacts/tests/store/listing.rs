@@ -1,0 +1,196 @@
+//! Listings: filters, text search, sort orders and keyset pages.
+
+use super::*;
+
+pub async fn filters_and_search(env: Env) {
+    let api = &env.api;
+    let alice = uuid::Uuid::now_v7().to_string();
+    let bob = uuid::Uuid::now_v7().to_string();
+    // Users of the organisation (records go only to existing, active users).
+    for user in [&alice, &bob] {
+        env.org.set_status(user, UserStatus::Active);
+    }
+    let company = create_company(api, "Northwind Traders").await;
+    let mut ids = Vec::new();
+    for (i, (name, owner, stage, tags, region)) in [
+        ("Zhang Wei", &alice, LifecycleStage::Customer, vec!["vip"], "Shanghai"),
+        ("Juan dela Cruz", &alice, LifecycleStage::Lead, vec!["wholesale"], "Manila"),
+        ("Ekaterina Ivanova", &bob, LifecycleStage::Customer, vec!["vip", "wholesale"], "Moscow"),
+        ("Jo Lee", &bob, LifecycleStage::Lost, vec![], "Seoul"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut p = person(name, &format!("+7 900 555-00-0{i}"), &format!("p{i}@mail{i}.example"));
+        p.owner_id = owner.clone();
+        p.stage = stage as i32;
+        p.tags = tags.into_iter().map(String::from).collect();
+        p.region = region.into();
+        if i == 0 {
+            p.company_id = company.id.clone();
+        }
+        ids.push(create_person(api, p).await.unwrap().id);
+    }
+    let names = |r: ListPeopleResponse| r.people.into_iter().map(|p| p.full_name).collect::<Vec<_>>();
+
+    let by = |f: &'static str| list_people(api, f, "", "full_name", 50, "");
+    assert_eq!(names(by("stage = CUSTOMER").await.unwrap()), ["Ekaterina Ivanova", "Zhang Wei"]);
+    assert_eq!(names(by("tags:vip AND tags:wholesale").await.unwrap()), ["Ekaterina Ivanova"]);
+    assert_eq!(names(by("stage != CUSTOMER AND region = Seoul").await.unwrap()), ["Jo Lee"]);
+    assert_eq!(
+        names(by("(region = Manila OR region = Moscow) AND NOT stage = LOST").await.unwrap()),
+        ["Ekaterina Ivanova", "Juan dela Cruz"]
+    );
+    let owner_filter = format!("owner_id = \"{alice}\"");
+    assert_eq!(
+        names(list_people(api, &owner_filter, "", "full_name desc", 50, "").await.unwrap()),
+        ["Zhang Wei", "Juan dela Cruz"]
+    );
+    assert_eq!(
+        names(list_people(api, &format!("company_id = \"{}\"", company.id), "", "", 50, "").await.unwrap()),
+        ["Zhang Wei"]
+    );
+    assert_eq!(
+        names(
+            by("create_time > \"2000-01-01T00:00:00Z\" AND last_activity_time < \"2000-01-01T00:00:00Z\"")
+                .await
+                .unwrap()
+        )
+        .len(),
+        4
+    );
+    assert!(names(by("create_time > \"2999-01-01T00:00:00Z\"").await.unwrap()).is_empty());
+
+    let search = |q: &'static str| list_people(api, "", q, "full_name", 50, "");
+    assert_eq!(names(search("ivanova").await.unwrap()), ["Ekaterina Ivanova"]);
+    assert_eq!(names(search("KATERINA").await.unwrap()), ["Ekaterina Ivanova"], "substring, any case");
+    assert_eq!(names(search("mail2.example").await.unwrap()), ["Ekaterina Ivanova"], "e-mail");
+    assert_eq!(names(search("5550003").await.unwrap()), ["Jo Lee"], "phone digits");
+    assert_eq!(names(search("jo").await.unwrap()), ["Jo Lee"], "short terms work too");
+    assert_eq!(names(search("juan cruz").await.unwrap()), ["Juan dela Cruz"], "every term must match");
+    assert!(names(search("juan ivanova").await.unwrap()).is_empty());
+    assert!(names(search("100%_").await.unwrap()).is_empty(), "LIKE wildcards are literal");
+    assert!(names(search("\"quoted\" OR 1").await.unwrap()).is_empty(), "FTS syntax is literal");
+    let filtered_search = list_people(api, "stage = CUSTOMER", "wei", "", 50, "").await.unwrap();
+    assert_eq!(names(filtered_search), ["Zhang Wei"]);
+
+    let companies = api
+        .list_companies(req(ListCompaniesRequest { query: "northwind".into(), ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(companies.companies.len(), 1);
+}
+
+pub async fn pagination_is_stable_under_concurrent_inserts(env: Env) {
+    let api = &env.api;
+    for i in 0..25 {
+        create_person(api, person(&format!("Early {i:02}"), &format!("+7 911 000-00-{i:02}"), &format!("e{i}@x.ru")))
+            .await
+            .unwrap();
+    }
+    for order in ["", "create_time", "full_name", "full_name desc", "update_time desc"] {
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        let mut round = 0;
+        loop {
+            let page = list_people(api, "", "", order, 7, &token).await.unwrap();
+            seen.extend(page.people.iter().map(|p| p.full_name.clone()));
+            // Someone inserts while we page.
+            create_person(
+                api,
+                person(
+                    &format!("Late {order} {round}"),
+                    &format!("+7 922 {:03}-{round:02}-00", order.len()),
+                    &format!("l{}{round}@x.ru", order.len()),
+                ),
+            )
+            .await
+            .unwrap();
+            round += 1;
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+            // A token is bound to its listing.
+            let err = list_people(api, "stage = LEAD", "", order, 7, &token).await.unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument);
+        }
+        let early: Vec<&String> = seen.iter().filter(|n| n.starts_with("Early")).collect();
+        assert_eq!(early.len(), 25, "order {order:?}: every record present at the start is listed once: {seen:?}");
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), seen.len(), "order {order:?}: no record twice");
+        if order == "full_name" {
+            let mut sorted = seen.clone();
+            sorted.sort();
+            assert_eq!(sorted, seen);
+        }
+    }
+}
+
+pub async fn search_results_do_not_depend_on_the_window(env: Env) {
+    for i in 0..40 {
+        let name = if i % 3 == 0 { format!("Petrov {i:02}") } else { format!("Smith {i:02}") };
+        let mut p = person(&name, &format!("+7 915 000-00-{i:02}"), &format!("w{i}@x.ru"));
+        p.stage = if i % 2 == 0 { LifecycleStage::Customer as i32 } else { LifecycleStage::Lead as i32 };
+        create_person(&env.api, p).await.unwrap();
+    }
+    let mut by_window = Vec::new();
+    for window in [Some(3), Some(10), None] {
+        let store = Store::open(env._db.url(), 4).await.unwrap();
+        let store = match window {
+            Some(rows) => store.with_search_window(rows),
+            None => store,
+        };
+        let api = api_over(store, &env.org);
+        let mut results = Vec::new();
+        for (filter, query, order) in [
+            ("", "petrov", ""),
+            ("", "petrov", "full_name"),
+            ("stage = CUSTOMER", "petrov", "full_name desc"),
+            ("", "smith", "create_time"),
+            ("", "nobody", ""),
+        ] {
+            let mut names = Vec::new();
+            let mut token = String::new();
+            loop {
+                let page = list_people(&api, filter, query, order, 4, &token).await.unwrap();
+                names.extend(page.people.into_iter().map(|p| p.full_name));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            results.push(names);
+        }
+        by_window.push(results);
+    }
+    assert_eq!(by_window[0][0].len(), 14);
+    assert_eq!(by_window[0][2].len(), 7);
+    assert_eq!(by_window[0][3].len(), 26);
+    assert!(by_window[0][4].is_empty());
+    assert_eq!(by_window[0], by_window[1]);
+    assert_eq!(by_window[0], by_window[2]);
+}
+
+pub async fn phones_are_found_however_they_are_typed(env: Env) {
+    let api = &env.api;
+    create_person(api, person("Phone Search", "+7 957 100-00-10", "phone.search@example.com")).await.unwrap();
+    create_person(api, person("Someone Else", "+7 916 999-99-99", "someone.else@example.com")).await.unwrap();
+    for query in [
+        "+7 957 100-00-10",
+        "957 100-00-10",
+        "00-10",
+        "8 957 100-00-10",
+        "+79571000010",
+        "(957) 100.00.10",
+        "search 100-00",
+    ] {
+        let page = list_people(api, "", query, "", 10, "").await.unwrap_or_else(|e| panic!("{query:?}: {e:?}"));
+        let names: Vec<String> = page.people.into_iter().map(|p| p.full_name).collect();
+        assert_eq!(names, ["Phone Search"], "query {query:?}");
+    }
+    assert!(list_people(api, "", "957 100-00-11", "", 10, "").await.unwrap().people.is_empty());
+}
