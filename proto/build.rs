@@ -1,5 +1,6 @@
-//! Compiles every `.proto` under `crm/` with protox (no system protoc) and writes the
-//! descriptor set that reflection and the gateway serve.
+//! Compiles every `.proto` under `crm/` with protox (no system protoc), writes the descriptor
+//! set that reflection and the gateway serve, and the module tree of every `crm.<service>.v1`
+//! package (so that a new service's protos need no edit here).
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,22 @@ fn protos(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// `pub mod contacts { pub mod v1 { tonic::include_proto!("crm.contacts.v1"); } }` for every
+/// package `crm.<service>.<version>`.
+fn modules(packages: &[String]) -> String {
+    let mut out = String::new();
+    for package in packages {
+        let parts: Vec<&str> = package.split('.').skip(1).collect();
+        for part in &parts {
+            out.push_str(&format!("pub mod {part} {{ "));
+        }
+        out.push_str(&format!("tonic::include_proto!(\"{package}\"); "));
+        out.push_str(&"} ".repeat(parts.len()));
+        out.push('\n');
+    }
+    out
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let mut files = Vec::new();
@@ -30,7 +47,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("crm_descriptor.bin"), compiler.encode_file_descriptor_set())?;
 
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(compiler.file_descriptor_set())?;
+    let descriptors = compiler.file_descriptor_set();
+    let mut packages: Vec<String> =
+        descriptors.file.iter().map(|f| f.package().to_string()).filter(|p| p.starts_with("crm.")).collect();
+    packages.sort();
+    packages.dedup();
+    std::fs::write(out.join("crm_packages.rs"), modules(&packages))?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptors)?;
 
     println!("cargo:rerun-if-changed=crm");
     println!("cargo:rerun-if-changed=google");

@@ -12,7 +12,7 @@ use crm_kit::auth::ServiceCredentials;
 use crm_kit::peer::Peers;
 use crm_kit::role::{CommonArgs, Context, Database, Mode, callees};
 
-use crate::{RoleSettings, SUITE};
+use crate::{SUITE, SuiteFlags};
 
 /// The client id of the service account `crm dev` makes for itself (with a new secret at every
 /// start).
@@ -31,7 +31,7 @@ pub struct DevArgs {
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
-    pub settings: RoleSettings,
+    pub flags: SuiteFlags<false>,
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -65,7 +65,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             max_connections: 4,
         });
         let ctx = Context::new(spec, SUITE, Mode::Embedded, database, peers.clone());
-        let opened = role.open(&args.settings.0, ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
+        let opened = role.open(args.flags.matches(), ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
         banner.extend(opened.banner_lines().iter().cloned());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {

@@ -50,14 +50,16 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
-/// Every role's own settings (`--access-token-ttl`, `--visibility-cache-ttl`…), as `crm serve`
-/// and `crm dev` both take them, kept as parsed for each role to read its own.
+/// Every role's flags, generated from [`SUITE`] and kept as parsed for each role to read its
+/// own: with `PLACED`, also the flags that place each role in a cluster (`--<role>-listen`,
+/// `--<role>-database-url`, `--<role>-max-connections`, `--<role>-addr`), which `crm serve`
+/// takes and `crm dev` decides itself.
 #[derive(Debug, Clone)]
-pub struct RoleSettings(ArgMatches);
+pub struct SuiteFlags<const PLACED: bool>(ArgMatches);
 
-impl clap::FromArgMatches for RoleSettings {
+impl<const PLACED: bool> clap::FromArgMatches for SuiteFlags<PLACED> {
     fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
-        Ok(RoleSettings(matches.clone()))
+        Ok(SuiteFlags(matches.clone()))
     }
 
     fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
@@ -66,13 +68,21 @@ impl clap::FromArgMatches for RoleSettings {
     }
 }
 
-impl clap::Args for RoleSettings {
+impl<const PLACED: bool> clap::Args for SuiteFlags<PLACED> {
     fn augment_args(cmd: clap::Command) -> clap::Command {
-        SUITE.settings_args(cmd)
+        let cmd = SUITE.settings_args(cmd);
+        if PLACED { SUITE.placement_args(cmd) } else { cmd }
     }
 
     fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
-        SUITE.settings_args(cmd)
+        Self::augment_args(cmd)
+    }
+}
+
+impl<const PLACED: bool> SuiteFlags<PLACED> {
+    /// The flags as parsed.
+    pub fn matches(&self) -> &ArgMatches {
+        &self.0
     }
 }
 
@@ -226,7 +236,7 @@ mod tests {
         ])
         .expect("parses");
         let Command::Dev(args) = cli.command else { panic!("dev") };
-        let matches = &args.settings.0;
+        let matches = args.flags.matches();
         use clap::FromArgMatches;
         let contacts = crm_contacts::ContactsArgs::from_arg_matches(matches).unwrap();
         assert_eq!(contacts.visibility_cache_ttl, std::time::Duration::ZERO);

@@ -5,11 +5,10 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::ArgMatches;
 use crm_kit::peer::Peers;
 use crm_kit::role::{CommonArgs, Context, Mode, Placement, ServiceAccountArgs, callees};
 
-use crate::{RoleSettings, SUITE};
+use crate::{SUITE, SuiteFlags};
 
 /// How long a role may take to report SERVING before the next starts.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -20,45 +19,17 @@ pub struct ServeArgs {
     #[arg(required = true, value_name = "ROLE", value_parser = crate::role_names())]
     pub roles: Vec<String>,
     #[command(flatten)]
-    pub placement: Placements,
-    #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
     pub service_account: ServiceAccountArgs,
     #[command(flatten)]
-    pub settings: RoleSettings,
-}
-
-/// The flags that place every role: `--<role>-listen`, `--<role>-database-url`,
-/// `--<role>-max-connections`, `--<role>-addr`.
-#[derive(Debug, Clone)]
-pub struct Placements(ArgMatches);
-
-impl clap::FromArgMatches for Placements {
-    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
-        Ok(Placements(matches.clone()))
-    }
-
-    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
-        self.0 = matches.clone();
-        Ok(())
-    }
-}
-
-impl clap::Args for Placements {
-    fn augment_args(cmd: clap::Command) -> clap::Command {
-        SUITE.placement_args(cmd)
-    }
-
-    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
-        SUITE.placement_args(cmd)
-    }
+    pub flags: SuiteFlags<true>,
 }
 
 /// Where role `name` is placed.
 pub fn placement(args: &ServeArgs, name: &str) -> anyhow::Result<Placement> {
     let role = SUITE.get(name).with_context(|| format!("no role {name}"))?;
-    Placement::read(&args.placement.0, role.spec()).map_err(|e| anyhow::anyhow!("{e}"))
+    Placement::read(args.flags.matches(), role.spec()).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -88,7 +59,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let listener = crate::bind(placement.listen, spec.name).await?;
         let addr = listener.local_addr()?;
         let ctx = Context::new(spec, SUITE, Mode::Cluster, placement.database.clone(), peers.clone());
-        let opened = role.open(&args.settings.0, ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
+        let opened = role.open(args.flags.matches(), ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
         if let Some(notice) = opened.notice_text() {
             println!("{notice}");
         }

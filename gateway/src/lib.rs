@@ -27,6 +27,7 @@ use tonic_health::server::HealthReporter;
 
 /// Settings of the gateway role.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Gateway")]
 pub struct GatewayArgs {
     /// Longest wait for an upstream's response headers, e.g. "30s", "500ms", "2m" (a bare number
     /// is seconds; 0 disables). A shorter `grpc-timeout` sent by the client wins; streamed

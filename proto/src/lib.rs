@@ -1,4 +1,5 @@
-//! Generated protobuf types, clients and servers of the CRM suite.
+//! Generated protobuf types, clients and servers of the CRM suite: `crm_proto::<service>::v1`
+//! for every package `crm.<service>.v1` under `proto/crm/`, and the `google.api` annotations.
 
 /// Encoded `google.protobuf.FileDescriptorSet` of every CRM proto and its imports, for server
 /// reflection and for tools that need the schema at run time.
@@ -10,14 +11,4 @@ pub mod google {
     }
 }
 
-pub mod contacts {
-    pub mod v1 {
-        tonic::include_proto!("crm.contacts.v1");
-    }
-}
-
-pub mod auth {
-    pub mod v1 {
-        tonic::include_proto!("crm.auth.v1");
-    }
-}
+include!(concat!(env!("OUT_DIR"), "/crm_packages.rs"));

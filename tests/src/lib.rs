@@ -212,7 +212,7 @@ pub struct Replicas {
 
 /// The environment every process of a suite the harness starts gets: the first administrator
 /// ([`ADMIN_EMAIL`], [`ADMIN_PASSWORD`]), calling code 7 and the suite's service account.
-fn suite_env() -> Vec<(&'static str, &'static str)> {
+pub fn suite_env() -> Vec<(&'static str, &'static str)> {
     vec![
         ("CRM_ADMIN_EMAIL", ADMIN_EMAIL),
         ("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD),

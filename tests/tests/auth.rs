@@ -1076,6 +1076,38 @@ async fn dev_mode_scopes_data_on_sqlite() {
     visibility_matrix(addr, Duration::from_secs(2)).await;
 }
 
+/// `crm dev` takes every role's settings from the environment, as `crm serve` does: auth's
+/// token lifetime, and contacts' data-scope cache (off here, so a move shows at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_takes_every_roles_settings_from_the_environment() {
+    let data = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let env =
+        [("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD), ("CRM_ACCESS_TOKEN_TTL", "7m"), ("CRM_VISIBILITY_CACHE_TTL", "0")];
+    let _dev = start_dev("dev", &data.path().join("crm-data"), addr, &env).await;
+    let mut admin = Admin::sign_in(addr).await;
+    let claims = claims_of(&admin.token);
+    assert_eq!(claims.exp - claims.iat, 7 * 60, "CRM_ACCESS_TOKEN_TTL applies");
+
+    let elsewhere = admin.department("Elsewhere", "").await;
+    let (_, head) = admin.signed_in_user("head@example.com", &["Head of department"]).await;
+    let (seller, tokens) = admin.signed_in_user("seller@example.com", &["Salesperson"]).await;
+    let mut sales = contacts_as(addr, &tokens.access_token).await;
+    let request =
+        CreatePersonRequest { person: Some(new_person("Moved Customer", "moved@example.com")), ..Default::default() };
+    let customer = sales.create_person(request).await.expect("the salesperson creates").into_inner();
+    let mut head = contacts_as(addr, &head.access_token).await;
+    assert!(people(&mut head, "", "").await.unwrap().contains(&customer.id), "the head sees their team's records");
+    let moved = User { id: seller.id.clone(), department_id: elsewhere.id, ..Default::default() };
+    admin
+        .org
+        .update_user(UpdateUserRequest { user: Some(moved), update_mask: mask(&["department_id"]) })
+        .await
+        .expect("move the salesperson");
+    let seen = people(&mut head, "", "").await.unwrap();
+    assert!(!seen.contains(&customer.id), "CRM_VISIBILITY_CACHE_TTL=0 applies: the move shows at once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_mode_prints_a_generated_admin_password_once() {
     let data = tempfile::tempdir().unwrap();

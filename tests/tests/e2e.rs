@@ -314,3 +314,34 @@ async fn dev_mode_runs_the_suite_on_sqlite() {
     let mut c = contacts_as(addr, &admin_token(addr).await).await;
     assert_eq!(c.get_person(GetPersonRequest { id: kept.id }).await.unwrap().into_inner().full_name, "Persisted");
 }
+
+/// `crm serve` with every role in one process: the roles find each other there without any
+/// `--<role>-addr`, and the suite works through the front role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_serves_every_role() {
+    let mut dbs = Vec::new();
+    let mut args = vec!["serve".to_string()];
+    args.extend(SUITE.names().into_iter().map(String::from));
+    let mut front = None;
+    for role in SUITE.roles() {
+        let spec = role.spec();
+        let addr = free_addr();
+        args.extend([format!("--{}-listen", spec.name), addr.to_string()]);
+        if role.migrations().is_some() {
+            let db = crm_kit::testing::TestDb::postgres().await;
+            args.extend([format!("--{}-database-url", spec.name), db.url().to_string()]);
+            dbs.push(db);
+        }
+        if spec.is_front() {
+            front = Some(addr);
+        }
+    }
+    let gateway = front.expect("a front role");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut process = Process::start("every-role", &args, &suite_env());
+    for service in served_services() {
+        process.wait_serving(gateway, service).await;
+    }
+    exercise_contacts(gateway, &admin_token(gateway).await).await;
+    assert!(process.terminate(Duration::from_secs(15)), "{}", process.output());
+}

@@ -72,6 +72,13 @@ impl RoleSpec {
     pub fn main_service(&self) -> Option<&'static str> {
         self.services.first().copied()
     }
+
+    /// The heading of its flags in `--help`: its title, capitalised ("Contacts service").
+    pub fn heading(&self) -> String {
+        let title = self.title.strip_prefix("the ").unwrap_or(self.title);
+        let mut chars = title.chars();
+        chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
+    }
 }
 
 /// A role, typed: what a service crate implements.
@@ -200,6 +207,7 @@ impl Suite {
         for role in self.roles {
             let spec = role.spec();
             let (name, title) = (spec.name, spec.title);
+            cmd = cmd.next_help_heading(spec.heading());
             cmd = cmd.arg(
                 Arg::new(id(name, "listen"))
                     .long(format!("{name}-listen"))
@@ -246,7 +254,7 @@ impl Suite {
                 );
             }
         }
-        cmd
+        cmd.next_help_heading(None::<&str>)
     }
 }
 
@@ -309,6 +317,7 @@ pub fn is_host_port(addr: &str) -> bool {
 
 /// Settings every process takes, whatever its roles.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Every process")]
 pub struct CommonArgs {
     /// How often token verification keys are refetched from the auth service (a token signed
     /// by a key not seen yet fetches them at once), e.g. "60s".
@@ -357,6 +366,7 @@ impl CommonArgs {
 
 /// The suite's service account as a cluster is given it: the same Secret in every role.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Every process")]
 pub struct ServiceAccountArgs {
     /// Client id of the suite's own service account, with which services call each other for
     /// work of their own (the same for every role; the auth service creates the account). Its
@@ -591,5 +601,16 @@ mod tests {
         assert!(!is_host_port("contacts"));
         assert_eq!(Placement::local_addr("0.0.0.0:1".parse().unwrap()), "127.0.0.1:1");
         assert_eq!(Placement::local_addr("[::1]:2".parse().unwrap()), "[::1]:2");
+        let spec = RoleSpec {
+            name: "contacts",
+            title: "the contacts service",
+            packages: &[],
+            services: &[],
+            public_methods: &[],
+            permissions: &[],
+            default_port: 1,
+            calls: Calls::Roles(&[]),
+        };
+        assert_eq!(spec.heading(), "Contacts service");
     }
 }

@@ -56,22 +56,35 @@ const PURGE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Settings of the auth role.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Auth service")]
 pub struct AuthArgs {
     /// How long an access token is valid (15m, 1h…); services verify it without asking auth.
-    #[arg(long, env = "CRM_ACCESS_TOKEN_TTL", default_value = "15m", value_parser = crm_kit::config::parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "CRM_ACCESS_TOKEN_TTL",
+        default_value = "15m",
+        value_parser = crm_kit::config::parse_duration
+    )]
     pub access_token_ttl: Duration,
     /// How long a refresh token is valid if unused (30d…); each use replaces it.
-    #[arg(long, env = "CRM_REFRESH_TOKEN_TTL", default_value = "30d", value_parser = crm_kit::config::parse_duration)]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "CRM_REFRESH_TOKEN_TTL",
+        default_value = "30d",
+        value_parser = crm_kit::config::parse_duration
+    )]
     pub refresh_token_ttl: Duration,
     /// Consecutive wrong passwords that lock an account.
-    #[arg(long, env = "CRM_MAX_FAILED_SIGN_INS", default_value_t = 5)]
+    #[arg(long, value_name = "N", env = "CRM_MAX_FAILED_SIGN_INS", default_value_t = 5)]
     pub max_failed_sign_ins: u32,
     /// How long a locked account stays locked.
-    #[arg(long, env = "CRM_LOCKOUT", default_value = "15m", value_parser = crm_kit::config::parse_duration)]
+    #[arg(long, value_name = "DURATION", env = "CRM_LOCKOUT", default_value = "15m", value_parser = crm_kit::config::parse_duration)]
     pub lockout: Duration,
     /// E-mail of the administrator created on first start (when the database has no users);
     /// the password comes from CRM_ADMIN_PASSWORD, or is generated and printed once.
-    #[arg(long, env = "CRM_ADMIN_EMAIL", default_value = "admin@crm.local")]
+    #[arg(long, value_name = "EMAIL", env = "CRM_ADMIN_EMAIL", default_value = "admin@crm.local")]
     pub admin_email: String,
 }
 

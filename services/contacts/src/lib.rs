@@ -42,6 +42,7 @@ pub mod permissions {
 
 /// Settings of the contacts role.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Contacts service")]
 pub struct ContactsArgs {
     /// Country calling code applied to phone numbers entered without one, e.g. 7, 49, 63, 1;
     /// empty: such numbers are refused.
