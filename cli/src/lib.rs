@@ -19,8 +19,11 @@ use crm_kit::role::{Entry, Role, Suite};
 use crm_kit::telemetry::LogFormat;
 
 /// The roles of the suite, in the order they start (each after those it calls).
-static ROLES: &[&dyn Role] =
-    &[&Entry::<crm_auth::Auth>::NEW, &Entry::<crm_contacts::Contacts>::NEW, &Entry::<crm_gateway::GatewayRole>::NEW];
+static ROLES: &[&dyn Role] = &[
+    &Entry::<crm_auth::Auth>::NEW,           // the organisation, sign-in and tokens
+    &Entry::<crm_contacts::Contacts>::NEW,   // companies and people
+    &Entry::<crm_gateway::GatewayRole>::NEW, // the edge, in front of every service
+];
 
 /// The suite this binary runs.
 pub const SUITE: Suite = Suite::new(ROLES);
