@@ -43,6 +43,19 @@ struct Caller {
     scope: OwnerScope,
 }
 
+/// A list request's parts as they came, from `ListCompaniesRequest` or `ListPeopleRequest`.
+macro_rules! list_request {
+    ($r:expr) => {
+        ListRequest {
+            page_size: $r.page_size,
+            page_token: $r.page_token,
+            filter: $r.filter,
+            order_by: $r.order_by,
+            query: $r.query,
+        }
+    };
+}
+
 /// A list request's parts as they came.
 struct ListRequest {
     page_size: i32,
@@ -224,18 +237,9 @@ impl ContactsService for ContactsApi {
         let caller = self.caller(&request, READ.name).await?;
         let r = request.into_inner();
         respond(
-            self.list(
-                caller,
-                ListRequest {
-                    page_size: r.page_size,
-                    page_token: r.page_token,
-                    filter: r.filter,
-                    order_by: r.order_by,
-                    query: r.query,
-                },
-            )
-            .await
-            .map(|(companies, next_page_token)| ListCompaniesResponse { companies, next_page_token }),
+            self.list(caller, list_request!(r))
+                .await
+                .map(|(companies, next_page_token)| ListCompaniesResponse { companies, next_page_token }),
         )
     }
 
@@ -266,18 +270,9 @@ impl ContactsService for ContactsApi {
         let caller = self.caller(&request, READ.name).await?;
         let r = request.into_inner();
         respond(
-            self.list(
-                caller,
-                ListRequest {
-                    page_size: r.page_size,
-                    page_token: r.page_token,
-                    filter: r.filter,
-                    order_by: r.order_by,
-                    query: r.query,
-                },
-            )
-            .await
-            .map(|(people, next_page_token)| ListPeopleResponse { people, next_page_token }),
+            self.list(caller, list_request!(r))
+                .await
+                .map(|(people, next_page_token)| ListPeopleResponse { people, next_page_token }),
         )
     }
 

@@ -78,8 +78,17 @@ async fn revoke_family(conn: &mut AnyConnection, family_id: &str, now: i64) -> R
 impl Store {
     /// What a sign-in with this (normalised) e-mail checks.
     pub async fn credentials(&self, email: &str) -> Result<Option<Credentials>, ApiError> {
-        let mut sql = Sql::new("SELECT id, password_hash, active, locked_until FROM users WHERE email = ");
-        sql.bind(email);
+        self.credentials_where("email", email).await
+    }
+
+    /// A user's password hash; `None` when there is no such user.
+    pub async fn password_hash(&self, user_id: &str) -> Result<Option<Credentials>, ApiError> {
+        self.credentials_where("id", user_id).await
+    }
+
+    async fn credentials_where(&self, column: &str, value: &str) -> Result<Option<Credentials>, ApiError> {
+        let mut sql = Sql::new("SELECT id, password_hash, active, locked_until FROM users WHERE ");
+        sql.push(column).push(" = ").bind(value);
         let Some(row) = sql.query().fetch_optional(self.db().pool()).await? else { return Ok(None) };
         Ok(Some(Credentials {
             user_id: row.try_get("id")?,
@@ -236,19 +245,6 @@ impl Store {
         sql.query().execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(deleted)
-    }
-
-    /// A user's password hash; `None` when there is no such user.
-    pub async fn password_hash(&self, user_id: &str) -> Result<Option<Credentials>, ApiError> {
-        let mut sql = Sql::new("SELECT id, password_hash, active, locked_until FROM users WHERE id = ");
-        sql.bind(user_id);
-        let Some(row) = sql.query().fetch_optional(self.db().pool()).await? else { return Ok(None) };
-        Ok(Some(Credentials {
-            user_id: row.try_get("id")?,
-            password_hash: row.try_get("password_hash")?,
-            active: row.try_get::<i64, _>("active")? != 0,
-            locked_until: row.try_get("locked_until")?,
-        }))
     }
 
     /// Sets a user's password hash, clears a lock-out and revokes their refresh tokens.
