@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use crm_kit::auth::ServiceCredentials;
 use crm_kit::peer::Peers;
-use crm_kit::role::{CommonArgs, Context, Database, Mode, callees};
+use crm_kit::role::{CommonArgs, Context, Database, callees};
 
 use crate::{SUITE, SuiteFlags};
 
@@ -64,7 +64,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             url: format!("sqlite://{}", data_dir.join(format!("{}.db", spec.name)).display()),
             max_connections: 4,
         });
-        let ctx = Context::new(spec, SUITE, Mode::Embedded, database, peers.clone());
+        let ctx = Context::new(spec, SUITE, database, peers.clone());
         let opened = role.open(args.flags.matches(), ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
         banner.extend(opened.banner_lines().iter().cloned());
         let shutdown = shutdown.clone();

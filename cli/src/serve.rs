@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use crm_kit::peer::Peers;
-use crm_kit::role::{CommonArgs, Context, Mode, Placement, ServiceAccountArgs, callees};
+use crm_kit::role::{CommonArgs, Context, Placement, ServiceAccountArgs, callees};
 
 use crate::{SUITE, SuiteFlags};
 
@@ -58,7 +58,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let placement = &placements[spec.name];
         let listener = crate::bind(placement.listen, spec.name).await?;
         let addr = listener.local_addr()?;
-        let ctx = Context::new(spec, SUITE, Mode::Cluster, placement.database.clone(), peers.clone());
+        let ctx = Context::new(spec, SUITE, placement.database.clone(), peers.clone());
         let opened = role.open(args.flags.matches(), ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
         if let Some(notice) = opened.notice_text() {
             println!("{notice}");

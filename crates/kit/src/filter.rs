@@ -274,11 +274,6 @@ impl Filter {
     pub fn push_onto(&self, sql: &mut Sql) {
         sql.push(" AND (").push_sql(self.condition.clone()).push(")");
     }
-
-    /// The condition alone.
-    pub fn condition(&self) -> &Sql {
-        &self.condition
-    }
 }
 
 /// Parses the text of a filter into its expression; `None` for an empty one.

@@ -149,11 +149,6 @@ impl Page {
         self.size
     }
 
-    /// Whether this is the first page.
-    pub fn is_first(&self) -> bool {
-        self.after.is_none()
-    }
-
     /// ` AND (column, tie) > (key, id)` (`<` when descending): the rows after the previous
     /// page. Nothing on the first page.
     pub fn push_after(&self, sql: &mut Sql, order: &Order) {

@@ -149,12 +149,6 @@ impl Peers {
     pub fn credentials(&self) -> Option<&ServiceCredentials> {
         self.inner.credentials.as_ref()
     }
-
-    /// The pools created so far, by role.
-    pub fn pools(&self) -> Vec<(&'static str, Arc<Pool>)> {
-        let pools = self.inner.pools.lock().unwrap_or_else(PoisonError::into_inner);
-        pools.iter().map(|(role, pool)| (*role, pool.clone())).collect()
-    }
 }
 
 /// A role this process calls.

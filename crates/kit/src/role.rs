@@ -188,11 +188,6 @@ impl Suite {
         }
     }
 
-    /// The role that fronts the suite.
-    pub fn front(&self) -> Option<&'static RoleSpec> {
-        self.roles.iter().map(|r| r.spec()).find(|s| s.is_front())
-    }
-
     /// Adds every role's own settings to `cmd`.
     pub fn settings_args(&self, mut cmd: Command) -> Command {
         for role in self.roles {
@@ -396,33 +391,28 @@ impl ServiceAccountArgs {
     }
 }
 
-/// How the suite runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// `crm dev`: every role in one process, SQLite.
-    Embedded,
-    /// `crm serve`: one or more roles per process, PostgreSQL.
-    Cluster,
-}
-
 /// What a role is opened with.
 pub struct Context {
     spec: &'static RoleSpec,
     suite: Suite,
-    mode: Mode,
     database: Option<Database>,
     peers: Peers,
 }
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("role", &self.spec.name).field("mode", &self.mode).finish_non_exhaustive()
+        f.debug_struct("Context")
+            .field("role", &self.spec.name)
+            .field("database", &self.database.is_some())
+            .finish_non_exhaustive()
     }
 }
 
 impl Context {
-    pub fn new(spec: &'static RoleSpec, suite: Suite, mode: Mode, database: Option<Database>, peers: Peers) -> Context {
-        Context { spec, suite, mode, database, peers }
+    /// The context of role `spec` of `suite`: its database (if it has one) and the roles it
+    /// calls, as `crm serve`, `crm dev` or a test places them.
+    pub fn new(spec: &'static RoleSpec, suite: Suite, database: Option<Database>, peers: Peers) -> Context {
+        Context { spec, suite, database, peers }
     }
 
     pub fn spec(&self) -> &'static RoleSpec {
@@ -431,10 +421,6 @@ impl Context {
 
     pub fn suite(&self) -> &Suite {
         &self.suite
-    }
-
-    pub fn mode(&self) -> Mode {
-        self.mode
     }
 
     pub fn peers(&self) -> &Peers {

@@ -16,7 +16,7 @@ use sqlx::{ConnectOptions, Connection, Executor};
 use crate::auth::{Claims, OwnerScope, Principal, ScopeSource, ServiceCredentials, UserDirectory, UserStatus};
 use crate::error::ApiError;
 use crate::peer::{Callee, Peers};
-use crate::role::{Context, Database, Mode, Service, Suite};
+use crate::role::{Context, Database, Service, Suite};
 use crate::shutdown::Trigger;
 
 /// The PostgreSQL server tests use. Missing is a test failure, never a silent pass.
@@ -237,7 +237,7 @@ pub async fn spawn<S: Service>(args: S::Args, db: Option<TestDb>, around: Surrou
         shutdown.clone(),
     );
     let database = db.as_ref().map(|db| Database { url: db.url().to_string(), max_connections: 4 });
-    let ctx = Context::new(&S::SPEC, around.suite, Mode::Cluster, database, peers);
+    let ctx = Context::new(&S::SPEC, around.suite, database, peers);
     let opened = S::open(args, ctx).await.unwrap_or_else(|e| panic!("open {}: {e}", S::SPEC.name));
     let task = tokio::spawn(opened.serve(listener, shutdown));
     for service in S::SPEC.services {
