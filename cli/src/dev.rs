@@ -76,7 +76,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         // every service serving; the banner appears once the whole suite answers through it.
         let services: Vec<&str> = if spec.is_front() {
             front = Some(addr);
-            SUITE.routed().flat_map(|s| s.services.iter().copied()).collect()
+            SUITE.services()
         } else {
             spec.services.to_vec()
         };

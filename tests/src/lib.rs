@@ -313,7 +313,7 @@ impl Cluster {
 
 /// Every service the suite serves, as the front role reports them.
 pub fn served_services() -> Vec<&'static str> {
-    SUITE.routed().flat_map(|spec| spec.services.iter().copied()).collect()
+    SUITE.services()
 }
 
 fn strs(args: &[String]) -> Vec<&str> {

@@ -107,10 +107,9 @@ impl Peers {
     }
 
     fn pool(&self, role: &str) -> Result<Arc<Pool>, NotConfigured> {
-        let callee = self.inner.callees.get(role).filter(|c| !c.addrs.is_empty()).ok_or_else(|| NotConfigured {
-            role: role.to_string(),
-            flag: format!("--{role}-addr"),
-            env: format!("CRM_{}_ADDR", role.to_uppercase()),
+        let callee = self.inner.callees.get(role).filter(|c| !c.addrs.is_empty()).ok_or_else(|| {
+            let names = crate::role::flag(role, "addr");
+            NotConfigured { role: role.to_string(), flag: format!("--{}", names.long), env: names.env }
         })?;
         let mut pools = self.inner.pools.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(pool) = pools.get(callee.role) {

@@ -175,6 +175,11 @@ impl Suite {
         self.roles.iter().flat_map(|r| r.spec().public_methods.iter().copied()).collect()
     }
 
+    /// Every gRPC service the suite serves (what the front role reports health for).
+    pub fn services(&self) -> Vec<&'static str> {
+        self.routed().flat_map(|spec| spec.services.iter().copied()).collect()
+    }
+
     /// The roles that serve gRPC packages (the gateway's upstreams).
     pub fn routed(&self) -> impl Iterator<Item = &'static RoleSpec> + '_ {
         self.roles.iter().map(|r| r.spec()).filter(|s| !s.packages.is_empty())
@@ -204,9 +209,8 @@ impl Suite {
             let (name, title) = (spec.name, spec.title);
             cmd = cmd.next_help_heading(spec.heading());
             cmd = cmd.arg(
-                Arg::new(id(name, "listen"))
-                    .long(format!("{name}-listen"))
-                    .env(env(name, "LISTEN"))
+                flag(name, "listen")
+                    .arg()
                     .value_name("ADDR")
                     .value_parser(clap::value_parser!(SocketAddr))
                     .default_value(format!("0.0.0.0:{}", spec.default_port))
@@ -214,19 +218,12 @@ impl Suite {
             );
             if role.migrations().is_some() {
                 cmd = cmd
+                    .arg(flag(name, "database-url").arg().value_name("URL").help(format!(
+                        "Database of {title}: postgres://user:password@host/db or sqlite://path/{name}.db"
+                    )))
                     .arg(
-                        Arg::new(id(name, "database_url"))
-                            .long(format!("{name}-database-url"))
-                            .env(env(name, "DATABASE_URL"))
-                            .value_name("URL")
-                            .help(format!(
-                                "Database of {title}: postgres://user:password@host/db or sqlite://path/{name}.db"
-                            )),
-                    )
-                    .arg(
-                        Arg::new(id(name, "max_connections"))
-                            .long(format!("{name}-max-connections"))
-                            .env(env(name, "MAX_CONNECTIONS"))
+                        flag(name, "max-connections")
+                            .arg()
                             .value_name("N")
                             .value_parser(clap::value_parser!(u32).range(1..))
                             .default_value("16")
@@ -235,9 +232,8 @@ impl Suite {
             }
             if !spec.packages.is_empty() {
                 cmd = cmd.arg(
-                    Arg::new(id(name, "addr"))
-                        .long(format!("{name}-addr"))
-                        .env(env(name, "ADDR"))
+                    flag(name, "addr")
+                        .arg()
                         .value_name("HOST:PORT,...")
                         .value_delimiter(',')
                         .action(ArgAction::Append)
@@ -253,12 +249,26 @@ impl Suite {
     }
 }
 
-fn id(role: &str, what: &str) -> String {
-    format!("{role}_{what}")
+/// The names of one of a role's placement flags (`what`: "listen", "database-url",
+/// "max-connections", "addr"): the clap id, the flag and its environment variable.
+pub(crate) struct FlagName {
+    pub(crate) id: String,
+    pub(crate) long: String,
+    pub(crate) env: String,
 }
 
-fn env(role: &str, what: &str) -> String {
-    format!("CRM_{}_{what}", role.to_uppercase())
+pub(crate) fn flag(role: &str, what: &str) -> FlagName {
+    FlagName {
+        id: format!("{role}_{}", what.replace('-', "_")),
+        long: format!("{role}-{what}"),
+        env: format!("CRM_{}_{}", role.to_uppercase(), what.replace('-', "_").to_uppercase()),
+    }
+}
+
+impl FlagName {
+    fn arg(self) -> Arg {
+        Arg::new(self.id).long(self.long).env(self.env)
+    }
 }
 
 /// A role's database: where, and how many connections one process holds.
@@ -281,18 +291,19 @@ impl Placement {
     /// Reads role `spec`'s placement; refuses replica addresses that are not `host:port`.
     pub fn read(matches: &ArgMatches, spec: &RoleSpec) -> Result<Placement, Error> {
         let name = spec.name;
-        let listen = *matches.get_one::<SocketAddr>(&id(name, "listen")).ok_or("listen address")?;
-        let url = matches.try_get_one::<String>(&id(name, "database_url")).ok().flatten().filter(|u| !u.is_empty());
+        let listen = *matches.get_one::<SocketAddr>(&flag(name, "listen").id).ok_or("listen address")?;
+        let url =
+            matches.try_get_one::<String>(&flag(name, "database-url").id).ok().flatten().filter(|u| !u.is_empty());
         let max_connections =
-            matches.try_get_one::<u32>(&id(name, "max_connections")).ok().flatten().copied().unwrap_or(16);
+            matches.try_get_one::<u32>(&flag(name, "max-connections").id).ok().flatten().copied().unwrap_or(16);
         let addrs: Vec<String> = matches
-            .try_get_many::<String>(&id(name, "addr"))
+            .try_get_many::<String>(&flag(name, "addr").id)
             .ok()
             .flatten()
             .map(|values| values.map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect())
             .unwrap_or_default();
         if let Some(bad) = addrs.iter().find(|a| !is_host_port(a)) {
-            return Err(format!("--{name}-addr: {bad:?} is not a host:port address").into());
+            return Err(format!("--{}: {bad:?} is not a host:port address", flag(name, "addr").long).into());
         }
         Ok(Placement { listen, database: url.map(|url| Database { url: url.clone(), max_connections }), addrs })
     }
@@ -441,11 +452,8 @@ impl Context {
     pub fn database(&self) -> Result<&Database, Error> {
         let name = self.spec.name;
         self.database.as_ref().ok_or_else(|| {
-            format!(
-                "no database configured for {name}: set --{name}-database-url or CRM_{}_DATABASE_URL",
-                name.to_uppercase()
-            )
-            .into()
+            let FlagName { long, env, .. } = flag(name, "database-url");
+            format!("no database configured for {name}: set --{long} or {env}").into()
         })
     }
 
@@ -598,5 +606,10 @@ mod tests {
             calls: Calls::Roles(&[]),
         };
         assert_eq!(spec.heading(), "Contacts service");
+        let names = flag("contacts", "max-connections");
+        assert_eq!(
+            (names.id.as_str(), names.long.as_str(), names.env.as_str()),
+            ("contacts_max_connections", "contacts-max-connections", "CRM_CONTACTS_MAX_CONNECTIONS")
+        );
     }
 }
