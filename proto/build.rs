@@ -53,7 +53,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     packages.sort();
     packages.dedup();
     std::fs::write(out.join("crm_packages.rs"), modules(&packages))?;
-    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(descriptors)?;
+    // Every message knows its full name (`prost::Name`): event envelopes carry it as the type.
+    let mut config = prost_build::Config::new();
+    config.enable_type_names();
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds_with_config(descriptors, config)?;
 
     println!("cargo:rerun-if-changed=crm");
     println!("cargo:rerun-if-changed=google");

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use crm_kit::auth::ServiceCredentials;
+use crm_kit::events::{Events, Settings};
 use crm_kit::peer::Peers;
 use crm_kit::role::{CommonArgs, Context, Database, callees};
 
@@ -54,6 +55,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let credentials = ServiceCredentials::generate(DEV_SERVICE_CLIENT_ID);
     let intervals = args.common.intervals().map_err(|e| anyhow::anyhow!("{e}"))?;
     let peers = Peers::new(callees, intervals, args.common.keys_refresh_interval, Some(credentials), shutdown.clone());
+    // Events go through the roles' databases: every producer runs in this process.
+    let events = Events::embedded(&SUITE, Settings::default());
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut banner = Vec::new();
@@ -64,7 +67,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             url: format!("sqlite://{}", data_dir.join(format!("{}.db", spec.name)).display()),
             max_connections: 4,
         });
-        let ctx = Context::new(spec, SUITE, database, peers.clone());
+        let ctx = Context::new(spec, SUITE, database, peers.clone(), events.clone());
         let opened = role.open(args.flags.matches(), ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
         banner.extend(opened.banner_lines().iter().cloned());
         let shutdown = shutdown.clone();

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use crm_kit::events::EventArgs;
 use crm_kit::peer::Peers;
 use crm_kit::role::{CommonArgs, Context, Placement, ServiceAccountArgs, callees};
 
@@ -22,6 +23,8 @@ pub struct ServeArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub service_account: ServiceAccountArgs,
+    #[command(flatten)]
+    pub events: EventArgs,
     #[command(flatten)]
     pub flags: SuiteFlags<true>,
 }
@@ -51,6 +54,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let credentials = args.service_account.credentials().map_err(|e| anyhow::anyhow!("{e}"))?;
     let intervals = args.common.intervals().map_err(|e| anyhow::anyhow!("{e}"))?;
     let peers = Peers::new(callees, intervals, args.common.keys_refresh_interval, credentials, shutdown.clone());
+    let events = args.events.events(&SUITE).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let mut tasks = tokio::task::JoinSet::new();
     for role in served {
@@ -58,7 +62,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let placement = &placements[spec.name];
         let listener = crate::bind(placement.listen, spec.name).await?;
         let addr = listener.local_addr()?;
-        let ctx = Context::new(spec, SUITE, placement.database.clone(), peers.clone());
+        let ctx = Context::new(spec, SUITE, placement.database.clone(), peers.clone(), events.clone());
         let opened = role.open(args.flags.matches(), ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
         if let Some(notice) = opened.notice_text() {
             println!("{notice}");

@@ -187,6 +187,7 @@ impl role::Service for GatewayRole {
         permissions: &[],
         default_port: 8080,
         calls: Calls::Every,
+        consumes: &[],
     };
 
     async fn open(args: GatewayArgs, ctx: Context) -> Result<Opened, role::Error> {

@@ -228,6 +228,9 @@ pub fn suite_env() -> Vec<(&'static str, &'static str)> {
 pub struct Cluster {
     /// The front role's address.
     pub gateway: SocketAddr,
+    /// Where its events travel: the test Redis, under a prefix of this cluster's own.
+    pub redis_url: String,
+    pub stream_prefix: String,
     roles: Vec<Replicas>,
     _dbs: Vec<TestDb>,
 }
@@ -249,7 +252,9 @@ impl Cluster {
             .map(|r| (r.spec().name, (0..config.replicas(r.spec().name)).map(|_| free_addr()).collect()))
             .collect();
         let addrs_of = |role: &str| addrs.iter().find(|(r, _)| *r == role).map(|(_, a)| a.clone()).unwrap_or_default();
-        let env = suite_env();
+        let (redis_url, stream_prefix) = (crm_kit::testing::redis_url(), crm_kit::testing::unique_stream_prefix());
+        let mut env: Vec<(&str, &str)> = suite_env();
+        env.extend([("CRM_REDIS_URL", redis_url.as_str()), ("CRM_EVENTS_STREAM_PREFIX", stream_prefix.as_str())]);
         let mut roles = Vec::new();
         let mut gateway = None;
         // Every role but the front one starts at once; the front one once they serve, so that
@@ -292,7 +297,7 @@ impl Cluster {
                 }
             }
         }
-        Cluster { gateway: gateway.expect("the suite has a front role"), roles, _dbs: dbs }
+        Cluster { gateway: gateway.expect("the suite has a front role"), redis_url, stream_prefix, roles, _dbs: dbs }
     }
 
     fn group(&self, role: &str) -> &Replicas {

@@ -1108,6 +1108,61 @@ async fn dev_mode_takes_every_roles_settings_from_the_environment() {
     assert!(!seen.contains(&customer.id), "CRM_VISIBILITY_CACHE_TTL=0 applies: the move shows at once");
 }
 
+/// A salesperson moved to another department: their records leave their old head's view at
+/// once, through auth's organisation event, although contacts would keep the head's cached data
+/// scope for an hour (`--visibility-cache-ttl 1h`), on every contacts replica.
+async fn moved_salesperson_leaves_the_heads_view(addr: SocketAddr) {
+    let mut admin = Admin::sign_in(addr).await;
+    let elsewhere = admin.department("Elsewhere", "").await;
+    let (_, head) = admin.signed_in_user("moving-head@example.com", &["Head of department"]).await;
+    let (seller, tokens) = admin.signed_in_user("moving-seller@example.com", &["Salesperson"]).await;
+    let mut sales = contacts_as(addr, &tokens.access_token).await;
+    let request =
+        CreatePersonRequest { person: Some(new_person("Moving Customer", "moving@example.com")), ..Default::default() };
+    let customer = sales.create_person(request).await.expect("the salesperson creates").into_inner();
+    let mut head = contacts_as(addr, &head.access_token).await;
+    // Several calls, so that every contacts replica behind the gateway caches the head's scope.
+    for _ in 0..8 {
+        assert!(people(&mut head, "", "").await.unwrap().contains(&customer.id), "the head sees their team's records");
+    }
+    let moved = User { id: seller.id.clone(), department_id: elsewhere.id, ..Default::default() };
+    admin
+        .org
+        .update_user(UpdateUserRequest { user: Some(moved), update_mask: mask(&["department_id"]) })
+        .await
+        .expect("move the salesperson");
+    // The event takes milliseconds; the cached scope would last an hour.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut consecutive = 0;
+    while consecutive < 8 {
+        let seen = people(&mut head, "", "").await.unwrap();
+        consecutive = if seen.contains(&customer.id) { 0 } else { consecutive + 1 };
+        assert!(Instant::now() < deadline, "the moved salesperson's record is still in the old head's view");
+        if consecutive == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_organisation_changes_reach_every_contacts_replica() {
+    let cluster = Cluster::start(ClusterConfig {
+        replicas: vec![("contacts", 2)],
+        flags: vec![("contacts", ["--visibility-cache-ttl", "1h"].map(String::from).to_vec())],
+    })
+    .await;
+    moved_salesperson_leaves_the_heads_view(cluster.gateway).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_organisation_changes_reach_contacts_at_once() {
+    let data = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let env = [("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD), ("CRM_VISIBILITY_CACHE_TTL", "1h")];
+    let _dev = start_dev("dev", &data.path().join("crm-data"), addr, &env).await;
+    moved_salesperson_leaves_the_heads_view(addr).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_mode_prints_a_generated_admin_password_once() {
     let data = tempfile::tempdir().unwrap();

@@ -1,6 +1,6 @@
 //! What every CRM service is built from (ARCHITECTURE §2): the role contract, storage and
 //! migrations, the gRPC server with health, reflection and graceful shutdown, clients of other
-//! services, token verification with data scope, the error model, keyset pagination, filters,
+//! services, the events backbone and leased jobs, token verification with data scope, the error model, keyset pagination, filters,
 //! update masks, input validation, configuration and telemetry.
 
 pub mod auth;
@@ -8,8 +8,10 @@ pub mod balance;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod filter;
 pub mod id;
+pub mod jobs;
 pub mod limit;
 pub mod mask;
 pub mod metrics;

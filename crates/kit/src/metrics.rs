@@ -11,6 +11,7 @@ use std::time::Instant;
 use http::{HeaderMap, Request, Response};
 use http_body::{Body as HttpBody, Frame};
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -43,6 +44,78 @@ pub struct UpstreamLabels {
     pub endpoint: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// The producing service.
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    pub source: String,
+    /// The consumer group (the consuming service).
+    pub consumer: String,
+}
+
+/// The events backbone's figures (kit::events).
+pub struct EventMetrics {
+    /// Committed events not yet published, per producing service.
+    pub outbox_backlog: Family<EventLabels, Gauge>,
+    /// Age of the oldest unpublished event, seconds.
+    pub outbox_oldest_age: Family<EventLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub published: Family<EventLabels, Counter>,
+    /// Events a consumer handled (their effect committed).
+    pub consumed: Family<GroupLabels, Counter>,
+    /// Events delivered again (after a consumer died with them, or a relay published again).
+    pub redelivered: Family<GroupLabels, Counter>,
+    /// Deliveries dropped because the event had been handled.
+    pub duplicates: Family<GroupLabels, Counter>,
+    pub dead_lettered: Family<GroupLabels, Counter>,
+    /// Events published and not yet delivered to a group (as its source's relay last saw).
+    pub consumer_lag: Family<GroupLabels, Gauge>,
+    /// Events delivered to a group and not acknowledged.
+    pub consumer_pending: Family<GroupLabels, Gauge>,
+}
+
+impl EventMetrics {
+    fn register(registry: &mut Registry) -> EventMetrics {
+        let m = EventMetrics {
+            outbox_backlog: Family::default(),
+            outbox_oldest_age: Family::default(),
+            published: Family::default(),
+            consumed: Family::default(),
+            redelivered: Family::default(),
+            duplicates: Family::default(),
+            dead_lettered: Family::default(),
+            consumer_lag: Family::default(),
+            consumer_pending: Family::default(),
+        };
+        registry.register("crm_events_outbox_backlog", "Committed events not yet published", m.outbox_backlog.clone());
+        registry.register_with_unit(
+            "crm_events_outbox_oldest_age",
+            "Age of the oldest unpublished event",
+            prometheus_client::registry::Unit::Seconds,
+            m.outbox_oldest_age.clone(),
+        );
+        registry.register("crm_events_published", "Events published", m.published.clone());
+        registry.register("crm_events_consumed", "Events handled by a consumer group", m.consumed.clone());
+        registry.register("crm_events_redelivered", "Events delivered again", m.redelivered.clone());
+        registry.register("crm_events_duplicates", "Deliveries of events already handled", m.duplicates.clone());
+        registry.register("crm_events_dead_lettered", "Events parked as dead letters", m.dead_lettered.clone());
+        registry.register(
+            "crm_events_consumer_lag",
+            "Events not yet delivered to a consumer group",
+            m.consumer_lag.clone(),
+        );
+        registry.register(
+            "crm_events_consumer_pending",
+            "Events delivered to a consumer group and not acknowledged",
+            m.consumer_pending.clone(),
+        );
+        m
+    }
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn duration_histogram() -> Histogram {
@@ -57,6 +130,7 @@ pub struct Metrics {
     pub db_connections: Family<PoolLabels, Gauge>,
     /// 1 when the gateway considers an upstream endpoint healthy, else 0.
     pub upstream_up: Family<UpstreamLabels, Gauge>,
+    pub events: EventMetrics,
     pools: Mutex<Vec<(String, sqlx::AnyPool)>>,
 }
 
@@ -73,7 +147,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     registry.register("db_client_connection_count", "Database connections by state", db_connections.clone());
     let upstream_up = Family::<UpstreamLabels, Gauge>::default();
     registry.register("crm_gateway_upstream_up", "Whether an upstream endpoint is healthy", upstream_up.clone());
-    Metrics { registry, rpc_server_duration, db_connections, upstream_up, pools: Mutex::new(Vec::new()) }
+    let events = EventMetrics::register(&mut registry);
+    Metrics { registry, rpc_server_duration, db_connections, upstream_up, events, pools: Mutex::new(Vec::new()) }
 });
 
 pub fn metrics() -> &'static Metrics {

@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use crate::auth::{Authenticator, Catalog, Permission, ServiceCredentials, Verifier};
 use crate::balance::Intervals;
 use crate::db::{Db, Migrations};
+use crate::events::{Events, Outbox, Relay};
 use crate::peer::{Callee, Peer, Peers};
 use crate::server::Server;
 use crate::shutdown::Shutdown;
@@ -51,6 +52,9 @@ pub struct RoleSpec {
     pub default_port: u16,
     /// The roles it calls.
     pub calls: Calls,
+    /// The roles whose events it consumes as a durable consumer group (named after it): their
+    /// relays keep every event until this group has it.
+    pub consumes: &'static [&'static str],
 }
 
 /// Whom a role calls.
@@ -408,6 +412,7 @@ pub struct Context {
     suite: Suite,
     database: Option<Database>,
     peers: Peers,
+    events: Events,
 }
 
 impl std::fmt::Debug for Context {
@@ -422,8 +427,27 @@ impl std::fmt::Debug for Context {
 impl Context {
     /// The context of role `spec` of `suite`: its database (if it has one) and the roles it
     /// calls, as `crm serve`, `crm dev` or a test places them.
-    pub fn new(spec: &'static RoleSpec, suite: Suite, database: Option<Database>, peers: Peers) -> Context {
-        Context { spec, suite, database, peers }
+    pub fn new(
+        spec: &'static RoleSpec,
+        suite: Suite,
+        database: Option<Database>,
+        peers: Peers,
+        events: Events,
+    ) -> Context {
+        Context { spec, suite, database, peers, events }
+    }
+
+    /// The process's events backbone.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    /// The outbox of this role (in `db`) and its relay, to run as a job: what a producing role
+    /// calls once in [`Service::open`].
+    pub fn outbox(&self, db: &Db) -> (Outbox, Relay) {
+        let outbox = self.events.outbox(self.spec.name, db);
+        let relay = self.events.relay(&outbox, db);
+        (outbox, relay)
     }
 
     pub fn spec(&self) -> &'static RoleSpec {
@@ -604,6 +628,7 @@ mod tests {
             permissions: &[],
             default_port: 1,
             calls: Calls::Roles(&[]),
+            consumes: &[],
         };
         assert_eq!(spec.heading(), "Contacts service");
         let names = flag("contacts", "max-connections");

@@ -26,6 +26,17 @@ pub fn postgres_url() -> String {
     })
 }
 
+/// The Redis server tests use. Missing is a test failure, never a silent pass.
+pub fn redis_url() -> String {
+    std::env::var("CRM_TEST_REDIS_URL")
+        .unwrap_or_else(|_| panic!("CRM_TEST_REDIS_URL is not set: run scripts/test.sh, or point it at a Redis server"))
+}
+
+/// A stream key prefix no other test uses.
+pub fn unique_stream_prefix() -> String {
+    format!("crm-test:{}:", uuid::Uuid::now_v7().simple())
+}
+
 pub enum TestDb {
     Postgres { url: String, server: String, name: String },
     Sqlite { url: String, _dir: tempfile::TempDir },
@@ -237,7 +248,8 @@ pub async fn spawn<S: Service>(args: S::Args, db: Option<TestDb>, around: Surrou
         shutdown.clone(),
     );
     let database = db.as_ref().map(|db| Database { url: db.url().to_string(), max_connections: 4 });
-    let ctx = Context::new(&S::SPEC, around.suite, database, peers);
+    let events = crate::events::Events::embedded(&around.suite, crate::events::Settings::default());
+    let ctx = Context::new(&S::SPEC, around.suite, database, peers, events);
     let opened = S::open(args, ctx).await.unwrap_or_else(|e| panic!("open {}: {e}", S::SPEC.name));
     let task = tokio::spawn(opened.serve(listener, shutdown));
     for service in S::SPEC.services {

@@ -150,6 +150,9 @@ fn banner(bootstrap: &Bootstrap) -> [String; 2] {
 /// The auth role.
 pub struct Auth;
 
+/// The name auth publishes its events under (its role's name).
+pub const SOURCE: &str = crm_kit::auth::AUTH_ROLE;
+
 impl role::Service for Auth {
     type Args = AuthArgs;
 
@@ -168,6 +171,7 @@ impl role::Service for Auth {
         permissions: permissions::ALL,
         default_port: 50052,
         calls: Calls::Roles(&[]),
+        consumes: &[],
     };
 
     fn migrations() -> Option<Migrations> {
@@ -177,7 +181,8 @@ impl role::Service for Auth {
     async fn open(args: AuthArgs, ctx: Context) -> Result<Opened, role::Error> {
         let policy = args.policy()?;
         let db = ctx.open_db(&store::migrations()).await?;
-        let store = Store::new(db.clone());
+        let (outbox, relay) = ctx.outbox(&db);
+        let store = Store::new(db.clone()).with_outbox(outbox);
         let catalog = ctx.suite().catalog();
         store.ensure_signing_key(&SigningKey::generate()).await?;
         let bootstrap = bootstrap(&store, &catalog, &args.admin_email, admin_password_from_env()).await?;
@@ -203,6 +208,7 @@ impl role::Service for Auth {
         let mut opened = Opened::new(server)
             .with_db(db)
             .job("delete expired refresh tokens", move |shutdown| purge_expired_tokens(store, shutdown))
+            .job("event relay", move |shutdown| relay.run(shutdown))
             .banner(administrator)
             .banner(password);
         if let Some(notice) = generated_password_notice(&bootstrap) {

@@ -72,14 +72,32 @@ impl ContactsArgs {
     }
 }
 
+/// The name contacts publishes its events under (its role's name).
+pub const SOURCE: &str = "contacts";
+
 /// The contacts role.
 pub struct Contacts;
+
+/// Whether an event of auth's changes who sees what.
+fn is_organisation_change(event_type: &str) -> bool {
+    use crm_proto::auth::v1::{DepartmentChanged, RoleChanged, UserCreated, UserDeactivated, UserUpdated};
+    use prost::Name;
+    [
+        UserCreated::full_name(),
+        UserUpdated::full_name(),
+        UserDeactivated::full_name(),
+        DepartmentChanged::full_name(),
+        RoleChanged::full_name(),
+    ]
+    .iter()
+    .any(|name| name == event_type)
+}
 
 impl role::Service for Contacts {
     type Args = ContactsArgs;
 
     const SPEC: RoleSpec = RoleSpec {
-        name: "contacts",
+        name: SOURCE,
         title: "the contacts service",
         packages: &["crm.contacts.v1"],
         services: &[contacts_service_server::SERVICE_NAME],
@@ -87,6 +105,7 @@ impl role::Service for Contacts {
         permissions: permissions::ALL,
         default_port: 50051,
         calls: Calls::Roles(&[AUTH_ROLE]),
+        consumes: &[],
     };
 
     fn migrations() -> Option<Migrations> {
@@ -104,9 +123,25 @@ impl role::Service for Contacts {
             .into());
         }
         let db = ctx.open_db(&store::migrations()).await?;
+        let (outbox, relay) = ctx.outbox(&db);
         let scopes = ScopeCache::remote(auth.clone(), args.visibility_cache_ttl);
-        let api = ContactsApi::new(Store::new(db.clone()), rules, scopes, Arc::new(RemoteDirectory::new(auth)));
+        // An organisation change in auth drops every cached data scope at once; the TTL only
+        // bounds how stale one can be while events are delayed.
+        let organisation = ctx.events().listener(AUTH_ROLE, {
+            let scopes = scopes.clone();
+            move |event| {
+                if is_organisation_change(&event.envelope.r#type) {
+                    tracing::debug!(event = %event.envelope.r#type, "organisation changed; data scopes dropped");
+                    scopes.forget_all();
+                }
+            }
+        });
+        let store = Store::new(db.clone()).with_outbox(outbox);
+        let api = ContactsApi::new(store, rules, scopes, Arc::new(RemoteDirectory::new(auth)));
         let server = ctx.server().add_service(ContactsServiceServer::new(api)).authenticate(ctx.authenticator()?);
-        Ok(Opened::new(server).with_db(db))
+        Ok(Opened::new(server)
+            .with_db(db)
+            .job("event relay", move |shutdown| relay.run(shutdown))
+            .job("organisation changes", move |shutdown| organisation.run(shutdown)))
     }
 }

@@ -50,7 +50,14 @@ const VISIBILITY_CACHE_ENTRIES: usize = 100_000;
 pub struct ScopeCache {
     source: Arc<dyn ScopeSource>,
     ttl: Duration,
-    cache: Arc<Mutex<HashMap<String, (Instant, OwnerScope)>>>,
+    cache: Arc<Mutex<Cached>>,
+}
+
+#[derive(Default)]
+struct Cached {
+    scopes: HashMap<String, (Instant, OwnerScope)>,
+    /// Bumped by [`ScopeCache::forget_all`]: a resolution that started before is not kept.
+    generation: u64,
 }
 
 impl std::fmt::Debug for ScopeCache {
@@ -61,7 +68,7 @@ impl std::fmt::Debug for ScopeCache {
 
 impl ScopeCache {
     pub fn new(source: Arc<dyn ScopeSource>, ttl: Duration) -> ScopeCache {
-        ScopeCache { source, ttl, cache: Arc::new(Mutex::new(HashMap::new())) }
+        ScopeCache { source, ttl, cache: Arc::new(Mutex::new(Cached::default())) }
     }
 
     /// Resolution by the auth service's replicas.
@@ -70,25 +77,40 @@ impl ScopeCache {
     }
 
     pub async fn resolve(&self, principal: &Principal) -> Result<OwnerScope, ApiError> {
-        if !self.ttl.is_zero()
-            && let Some((at, scope)) = self.cache.lock().expect("visibility cache lock").get(&principal.subject)
-            && at.elapsed() < self.ttl
-        {
-            return Ok(scope.clone());
-        }
+        let generation = {
+            let cache = self.cache.lock().expect("visibility cache lock");
+            if !self.ttl.is_zero()
+                && let Some((at, scope)) = cache.scopes.get(&principal.subject)
+                && at.elapsed() < self.ttl
+            {
+                return Ok(scope.clone());
+            }
+            cache.generation
+        };
         let scope = self.source.resolve(principal).await?;
         if !self.ttl.is_zero() {
             let mut cache = self.cache.lock().expect("visibility cache lock");
-            if cache.len() >= VISIBILITY_CACHE_ENTRIES {
+            if cache.generation != generation {
+                return Ok(scope);
+            }
+            if cache.scopes.len() >= VISIBILITY_CACHE_ENTRIES {
                 let ttl = self.ttl;
-                cache.retain(|_, (at, _)| at.elapsed() < ttl);
-                if cache.len() >= VISIBILITY_CACHE_ENTRIES {
-                    cache.clear();
+                cache.scopes.retain(|_, (at, _)| at.elapsed() < ttl);
+                if cache.scopes.len() >= VISIBILITY_CACHE_ENTRIES {
+                    cache.scopes.clear();
                 }
             }
-            cache.insert(principal.subject.clone(), (Instant::now(), scope.clone()));
+            cache.scopes.insert(principal.subject.clone(), (Instant::now(), scope.clone()));
         }
         Ok(scope)
+    }
+
+    /// Drops every cached scope (the organisation changed): the next call of each caller
+    /// resolves theirs again. A resolution already under way is not cached.
+    pub fn forget_all(&self) {
+        let mut cache = self.cache.lock().expect("visibility cache lock");
+        cache.scopes.clear();
+        cache.generation += 1;
     }
 }
 

@@ -81,6 +81,16 @@ pub struct Migrations {
     pub sqlite: Migrator,
 }
 
+/// Kit's own tables, in every service's database, tracked in `_crm_kit_migrations` so that they
+/// never clash with the service's migrations.
+fn kit_migrations() -> Migrations {
+    let mut postgres = sqlx::migrate!("migrations/postgres");
+    postgres.dangerous_set_table_name("_crm_kit_migrations");
+    let mut sqlite = sqlx::migrate!("migrations/sqlite");
+    sqlite.dangerous_set_table_name("_crm_kit_migrations");
+    Migrations { postgres, sqlite }
+}
+
 /// Whether a statement failed on a unique index (a key someone else holds).
 pub fn is_unique_violation(err: &sqlx::Error) -> bool {
     matches!(err, sqlx::Error::Database(e) if e.is_unique_violation())
@@ -136,13 +146,17 @@ impl Db {
         self.backend
     }
 
-    /// Applies the migrations of this backend's dialect.
+    /// Applies the migrations of this backend's dialect: the service's own, then kit's (the
+    /// outbox, consumers' bookkeeping and jobs every service has), each tracked apart.
     pub async fn migrate(&self, migrations: &Migrations) -> Result<(), DbError> {
-        let migrator = match self.backend {
-            Backend::Postgres => &migrations.postgres,
-            Backend::Sqlite => &migrations.sqlite,
-        };
-        migrator.run(&self.pool).await?;
+        let kit = kit_migrations();
+        for set in [migrations, &kit] {
+            let migrator = match self.backend {
+                Backend::Postgres => &set.postgres,
+                Backend::Sqlite => &set.sqlite,
+            };
+            migrator.run(&self.pool).await?;
+        }
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use crm_kit::filter::{Field, FieldKind, Filter};
 use crm_kit::page::{Order, Page};
 use crm_kit::time::{now_micros, to_timestamp};
 use crm_proto::auth::v1::Department;
+use crm_proto::auth::v1::{Change, DepartmentChanged};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -39,6 +40,15 @@ fn select(id: &str) -> Sql {
     sql
 }
 
+fn department_changed(id: &str, change: Change, name: &str, parent_id: &str) -> DepartmentChanged {
+    DepartmentChanged {
+        department_id: id.to_string(),
+        change: change as i32,
+        name: name.to_string(),
+        parent_id: parent_id.to_string(),
+    }
+}
+
 impl Store {
     /// INVALID_ARGUMENT on `field` unless department `id` exists; it cannot go until `tx` ends.
     pub(super) async fn check_department(&self, tx: &mut Tx, field: &str, id: &str) -> Result<(), ApiError> {
@@ -66,6 +76,7 @@ impl Store {
         let mut event = actor.event(events::DEPARTMENT_CREATED);
         event.detail = format!("department {id} {:?} under {:?}", d.name, d.parent_id);
         insert_event(&mut tx, &event).await?;
+        self.publish(&mut tx, &id, actor, &department_changed(&id, Change::Created, &d.name, &d.parent_id)).await?;
         tx.commit().await?;
         Ok(Department {
             id,
@@ -156,6 +167,7 @@ impl Store {
             event.detail = format!("department {id} renamed from {:?} to {:?}", old.name, new.name);
             insert_event(edit.tx(), &event).await?;
         }
+        self.publish(edit.tx(), id, actor, &department_changed(id, Change::Updated, &new.name, &new.parent_id)).await?;
         edit.commit().await?;
         new.update_time = to_timestamp(now);
         new.etag = etag(version);
@@ -181,6 +193,7 @@ impl Store {
         let mut event = actor.event(events::DEPARTMENT_DELETED);
         event.detail = format!("department {id} {:?}", old.name);
         insert_event(edit.tx(), &event).await?;
+        self.publish(edit.tx(), id, actor, &department_changed(id, Change::Deleted, &old.name, &old.parent_id)).await?;
         edit.commit().await
     }
 }

@@ -20,6 +20,7 @@ use std::collections::HashMap;
 
 use crm_kit::ApiError;
 use crm_kit::db::{Db, DbError, Migrations, Sql, Tx};
+use crm_kit::events::Outbox;
 use sqlx::{AnyConnection, Row};
 
 pub use departments::{DEPARTMENT_FIELDS, DEPARTMENT_ORDER};
@@ -43,6 +44,7 @@ const FIRST_START: i64 = 0x6175_7468_0003;
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Db,
+    outbox: Outbox,
 }
 
 impl Store {
@@ -53,7 +55,24 @@ impl Store {
 
     /// The store over an opened (and migrated) database.
     pub fn new(db: Db) -> Store {
-        Store { db }
+        Store { db, outbox: Outbox::new(crate::SOURCE) }
+    }
+
+    /// Publishes organisation changes through `outbox` (the role's, which its relay watches).
+    pub fn with_outbox(mut self, outbox: Outbox) -> Store {
+        self.outbox = outbox;
+        self
+    }
+
+    /// Writes an organisation change about `subject` into the outbox of `tx`.
+    pub(crate) async fn publish<E: prost::Name>(
+        &self,
+        tx: &mut Tx,
+        subject: &str,
+        actor: &Actor,
+        event: &E,
+    ) -> Result<(), ApiError> {
+        self.outbox.append(tx, subject, &actor.id, event).await
     }
 
     pub fn db(&self) -> &Db {

@@ -6,6 +6,7 @@ use crm_kit::db::{Edit, Sql, Tx};
 use crm_kit::page::{Order, Page};
 use crm_kit::time::{now_micros, to_timestamp};
 use crm_proto::auth::v1::Role;
+use crm_proto::auth::v1::{Change, RoleChanged};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
@@ -49,6 +50,10 @@ fn duplicate_role(name: &str) -> ApiError {
         reason: "DUPLICATE_RECORD",
         metadata: vec![("field".into(), "name".into()), ("value".into(), name.to_string())],
     }
+}
+
+fn role_changed(id: &str, change: Change, name: &str) -> RoleChanged {
+    RoleChanged { role_id: id.to_string(), change: change as i32, name: name.to_string() }
 }
 
 impl Store {
@@ -118,6 +123,7 @@ impl Store {
             domain::scope_name(r.data_scope)
         );
         insert_event(&mut tx, &event).await?;
+        self.publish(&mut tx, &id, actor, &role_changed(&id, Change::Created, &r.name)).await?;
         tx.commit().await?;
         Ok(Role {
             id,
@@ -189,6 +195,7 @@ impl Store {
         let mut event = actor.event(events::ROLE_CHANGED);
         event.detail = format!("role {id}: {}", changes.join("; "));
         insert_event(edit.tx(), &event).await?;
+        self.publish(edit.tx(), id, actor, &role_changed(id, Change::Updated, &new.name)).await?;
         edit.commit().await?;
         new.update_time = to_timestamp(now);
         new.etag = etag(version);
@@ -216,6 +223,7 @@ impl Store {
         let mut event = actor.event(events::ROLE_DELETED);
         event.detail = format!("role {id} {:?}", old.name);
         insert_event(edit.tx(), &event).await?;
+        self.publish(edit.tx(), id, actor, &role_changed(id, Change::Deleted, &old.name)).await?;
         edit.commit().await
     }
 }

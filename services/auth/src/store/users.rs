@@ -7,6 +7,7 @@ use crm_kit::filter::{Field, FieldKind, Filter};
 use crm_kit::page::{Order, Page};
 use crm_kit::time::{now_micros, to_timestamp};
 use crm_proto::auth::v1::User;
+use crm_proto::auth::v1::{UserCreated, UserDeactivated, UserUpdated};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
@@ -131,6 +132,14 @@ impl Store {
         event.email = new.email.clone();
         event.detail = format!("department {:?}, roles [{}]", new.department_id, roles.join(", "));
         insert_event(&mut tx, &event).await?;
+        let created = UserCreated {
+            user_id: new.id.clone(),
+            email: new.email.clone(),
+            display_name: new.display_name.clone(),
+            department_id: new.department_id.clone(),
+            role_ids: new.role_ids.clone(),
+        };
+        self.publish(&mut tx, &new.id, actor, &created).await?;
         tx.commit().await?;
         new.role_ids.sort();
         Ok(new)
@@ -228,6 +237,29 @@ impl Store {
                 event.detail.push_str(&format!("; e-mail was {}", old.email));
             }
             insert_event(edit.tx(), &event).await?;
+        }
+        let mut changed_fields: Vec<String> = changed.iter().map(|f| f.to_string()).collect();
+        for (field, differs) in [
+            ("department_id", new.department_id != old.department_id),
+            ("role_ids", new.role_ids != old.role_ids),
+            ("active", new.active != old.active),
+        ] {
+            if differs {
+                changed_fields.push(field.to_string());
+            }
+        }
+        let updated = UserUpdated {
+            user_id: id.to_string(),
+            changed_fields,
+            email: new.email.clone(),
+            display_name: new.display_name.clone(),
+            department_id: new.department_id.clone(),
+            role_ids: new.role_ids.clone(),
+            active: new.active,
+        };
+        self.publish(edit.tx(), id, actor, &updated).await?;
+        if old.active && !new.active {
+            self.publish(edit.tx(), id, actor, &UserDeactivated { user_id: id.to_string() }).await?;
         }
         edit.commit().await?;
         new.update_time = to_timestamp(now);

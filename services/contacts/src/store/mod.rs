@@ -8,12 +8,14 @@
 //!   time;
 //! - [`keys`]: duplicate protection.
 
+mod events;
 mod keys;
 mod list;
 
 use crm_kit::ApiError;
 use crm_kit::auth::OwnerScope;
 use crm_kit::db::{Db, DbError, Edit, Migrations, Sql, Tx, idempotency};
+use crm_kit::events::Outbox;
 use crm_kit::time::now_micros;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -54,6 +56,7 @@ pub struct Store {
     db: Db,
     /// Fixed window size; `None`: SEARCH_WINDOW_PER_ROW × (page size + 1).
     search_window: Option<i64>,
+    outbox: Outbox,
 }
 
 fn meta_of(row: &AnyRow) -> Result<Meta, sqlx::Error> {
@@ -112,7 +115,13 @@ impl Store {
 
     /// The store over an opened (and migrated) database.
     pub fn new(db: Db) -> Store {
-        Store { db, search_window: None }
+        Store { db, search_window: None, outbox: Outbox::new(crate::SOURCE) }
+    }
+
+    /// Publishes its events through `outbox` (the role's, which its relay watches).
+    pub fn with_outbox(mut self, outbox: Outbox) -> Store {
+        self.outbox = outbox;
+        self
     }
 
     /// How many records of a kind are stored.
@@ -226,7 +235,9 @@ impl Store {
         );
         let mut tags: Vec<(&str, &str)> = Vec::new();
         let mut revisions = Vec::with_capacity(records.len());
+        let mut published = Vec::with_capacity(records.len());
         sql.push_values(records, |v, record| {
+            events::created(record, actor, &mut published);
             let c = record.columns();
             let created_at = record.meta().created_at;
             v.bind(record.id());
@@ -244,7 +255,8 @@ impl Store {
         });
         sql.query().execute(&mut **tx).await?;
         insert_tags(tx, &tags).await?;
-        self.insert_revisions::<R>(tx, &revisions, actor).await
+        self.insert_revisions::<R>(tx, &revisions, actor).await?;
+        self.outbox.append_all(tx, &published).await
     }
 
     async fn insert_revisions<R: Record>(
@@ -305,6 +317,7 @@ impl Store {
         }
         let changes = domain::diff(Some(&old), Some(&new));
         let now = now_micros();
+        let mut published = Vec::new();
         let (old_keys, new_keys) = (old.keys(), new.keys());
         if old_keys != new_keys {
             let mut sql = Sql::new("DELETE FROM contact_keys WHERE record_id = ");
@@ -333,6 +346,7 @@ impl Store {
         assignments.push(", do_not_contact = ").bind(c.do_not_contact);
         assignments.push(", search_text = ").bind(c.search_text.as_str()).push(", doc = ").bind(document(&new));
         let version = edit.save(assignments, now).await?;
+        published.extend(events::updated(&old, &new, version, &changes, actor));
         let revision = NewRevision {
             record_id: id.to_string(),
             version,
@@ -342,6 +356,7 @@ impl Store {
             owner_id: c.owner_id,
         };
         self.insert_revisions::<R>(edit.tx(), &[revision], actor).await?;
+        self.outbox.append_all(edit.tx(), &published).await?;
         edit.commit().await?;
         new.set_meta(&Meta { version, updated_at: now, ..old.meta() });
         Ok(new)
@@ -380,6 +395,7 @@ impl Store {
             owner_id: old.columns().owner_id,
         };
         self.insert_revisions::<R>(edit.tx(), &[revision], actor).await?;
+        self.outbox.append_all(edit.tx(), &[events::deleted(&old, actor)]).await?;
         edit.commit().await
     }
 }
