@@ -40,11 +40,12 @@ ensure_postgres() {
 }
 
 ensure_redis() {
-  if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then return; fi
-  if ! command -v redis-server >/dev/null; then
+  # The fault tests also start Redis servers of their own: the binary must be here.
+  if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
     log "installing Redis"
     apt_install redis-server
   fi
+  if redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then return; fi
   log "starting Redis"
   as_root mkdir -p /var/lib/redis /var/log/redis
   as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \

@@ -64,6 +64,9 @@ pub struct Process {
     name: String,
     child: Option<Child>,
     log: PathBuf,
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -71,17 +74,46 @@ impl Process {
     /// Starts `crm <args>` with `env` on top of the test's environment (minus the
     /// administrator password, which only a test sets).
     pub fn start(name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log = dir.path().join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(crm_bin());
-        cmd.args(args).stdin(Stdio::null()).stdout(file.try_clone().expect("clone log")).stderr(file);
+        Process::start_program(crm_bin(), name, args, env)
+    }
+
+    /// Starts `program <args>` the same way.
+    pub fn start_program(program: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut process = Process {
+            name: name.to_string(),
+            child: None,
+            log: PathBuf::new(),
+            program: program.to_path_buf(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            _dir: tempfile::tempdir().expect("temp dir"),
+        };
+        process.log = process._dir.path().join(format!("{name}.log"));
+        process.spawn();
+        process
+    }
+
+    fn spawn(&mut self) {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args).stdin(Stdio::null()).stdout(file.try_clone().expect("clone log")).stderr(file);
         cmd.env("RUST_LOG", "info").env_remove("OTEL_EXPORTER_OTLP_ENDPOINT").env_remove("CRM_ADMIN_PASSWORD");
-        for (k, v) in env {
+        for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
-        Process { name: name.to_string(), child: Some(child), log, _dir: dir }
+        self.child = Some(cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", self.name)));
+    }
+
+    /// Starts it again as it was first started (after a kill, say); its log goes on.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Sends a signal (`STOP`, `CONT`…) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.pid().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {}", self.name);
     }
 
     pub fn pid(&self) -> u32 {
@@ -232,7 +264,7 @@ pub struct Cluster {
     pub redis_url: String,
     pub stream_prefix: String,
     roles: Vec<Replicas>,
-    _dbs: Vec<TestDb>,
+    dbs: Vec<(&'static str, TestDb)>,
 }
 
 impl Cluster {
@@ -297,11 +329,21 @@ impl Cluster {
                 }
             }
         }
-        Cluster { gateway: gateway.expect("the suite has a front role"), redis_url, stream_prefix, roles, _dbs: dbs }
+        let dbs = with_db.into_iter().zip(dbs).collect();
+        Cluster { gateway: gateway.expect("the suite has a front role"), redis_url, stream_prefix, roles, dbs }
     }
 
     fn group(&self, role: &str) -> &Replicas {
         self.roles.iter().find(|g| g.role == role).unwrap_or_else(|| panic!("no role {role} in the cluster"))
+    }
+
+    /// The database of `role`.
+    pub fn database_url(&self, role: &str) -> &str {
+        self.dbs
+            .iter()
+            .find(|(r, _)| *r == role)
+            .map(|(_, db)| db.url())
+            .unwrap_or_else(|| panic!("{role} has no database"))
     }
 
     /// The address of replica `i` of `role`, to call it directly (not through the gateway).
@@ -313,6 +355,47 @@ impl Cluster {
     pub fn process(&mut self, role: &str, i: usize) -> &mut Process {
         let group = self.roles.iter_mut().find(|g| g.role == role).unwrap_or_else(|| panic!("no role {role}"));
         &mut group.replicas[i].1
+    }
+}
+
+/// A Redis server of a test's own (so that it can be stopped, killed and restarted empty), on a
+/// free port, keeping nothing on disk.
+pub struct RedisServer {
+    pub port: u16,
+    pub process: Process,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        let port = free_addr().port();
+        let args = ["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"];
+        let process = Process::start_program(Path::new("redis-server"), &format!("redis-{port}"), &args, &[]);
+        let server = RedisServer { port, process };
+        server.wait_ready().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Waits until it answers PING.
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = Command::new("redis-cli").args(["-p", &self.port.to_string(), "ping"]).output();
+            if out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server on port {} did not start", self.port);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills it and starts it again, empty (as a Redis that keeps nothing on disk restarts).
+    pub async fn restart_empty(&mut self) {
+        self.process.restart();
+        self.wait_ready().await;
     }
 }
 

@@ -224,7 +224,14 @@ impl Consumer {
             local = self.events.wait_local(source) => local,
         };
         let mut cursor = loop {
-            match embedded::cursor(&local.db, &self.name).await {
+            // A group reading through the database is known to the relay by its cursor: from the
+            // first read on, the events after it are kept for the group.
+            let read = async {
+                let cursor = embedded::cursor(&local.db, &self.name).await?;
+                embedded::advance(&local.db, &self.name, cursor).await?;
+                Ok::<i64, ApiError>(cursor)
+            };
+            match read.await {
                 Ok(cursor) => break cursor,
                 Err(err) => {
                     tracing::warn!(consumer = %self.name, source, error = %err, "reading the event cursor failed");

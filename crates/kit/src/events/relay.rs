@@ -199,8 +199,11 @@ impl Relay {
                 }
             }
             Transport::Embedded => {
+                // The suite's groups, and every other group that has started reading.
                 let cursors = embedded::cursors(&self.db).await?;
-                for group in &groups {
+                let mut all = groups.clone();
+                all.extend(cursors.iter().map(|(c, _)| c.clone()).filter(|c| !groups.contains(c)));
+                for group in &all {
                     let at = cursors.iter().find(|(c, _)| c == group).map(|(_, s)| *s).unwrap_or(0);
                     acked_below = acked_below.min(at + 1);
                     let labels = GroupLabels { source: source.to_string(), consumer: group.clone() };
