@@ -43,6 +43,8 @@ enum BenchCommand {
     Seed(SeedArgs),
     /// Call a running suite (gateway or contacts service) and report latency percentiles.
     Run(RunArgs),
+    /// Measure the events backbone: outbox to consumer throughput and commit-to-handled latency.
+    Events(crate::bench_events::EventsBenchArgs),
     /// Measure what every process pays per call to verify an access token (in-process: a
     /// suite-shaped token signed with a fresh key, verified from the cached key set).
     Tokens(TokensArgs),
@@ -122,6 +124,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Seed(a) => seed(a).await,
         BenchCommand::Run(a) => measure(a).await,
         BenchCommand::Tokens(a) => tokens(a).await,
+        BenchCommand::Events(a) => crate::bench_events::run(a).await,
     }
 }
 

@@ -3,12 +3,15 @@
 //! - `crm dev` runs every role in one process on SQLite files;
 //! - `crm serve <role>…` runs cluster roles against PostgreSQL;
 //! - `crm migrate <role>` applies a role's database migrations;
+//! - `crm events …` shows a service's events backlog, consumer lag and dead letters;
 //! - `crm bench …` loads realistic volume and measures latency.
 //!
 //! Every command works from [`SUITE`], the list of roles: adding a service is one line there.
 
 mod bench;
+mod bench_events;
 mod dev;
+mod events;
 mod serve;
 
 use anyhow::Context;
@@ -49,6 +52,8 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Apply a role's database migrations and exit (for a migration Job).
     Migrate(MigrateArgs),
+    /// A service's events: outbox backlog, consumer groups' lag, jobs, dead letters and retries.
+    Events(events::EventsArgs),
     /// Load volume into a database and measure calls against a running suite.
     Bench(bench::BenchArgs),
 }
@@ -135,6 +140,10 @@ pub fn main() -> anyhow::Result<()> {
             Command::Migrate(args) => {
                 let _telemetry = crm_kit::telemetry::init("crm-migrate", cli.log.format_or(LogFormat::Pretty));
                 migrate(args).await
+            }
+            Command::Events(args) => {
+                let _telemetry = crm_kit::telemetry::init("crm-events", cli.log.format_or(LogFormat::Pretty));
+                events::run(args).await
             }
             Command::Bench(args) => {
                 let _telemetry = crm_kit::telemetry::init("crm-bench", cli.log.format_or(LogFormat::Pretty));

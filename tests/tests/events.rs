@@ -202,6 +202,26 @@ async fn cluster_events_survive_kills_and_races() {
     let status = admin::outbox_status(&contacts).await.unwrap();
     assert_eq!(status.unpublished, 0, "{status:?}");
     contacts.close().await;
+    // Operators see it: the relay's figures on /metrics, the group's lag through `crm events`.
+    let (_, metrics) = http_get(cluster.replica("contacts", 0), "/metrics").await;
+    for line in ["crm_events_published_total{source=\"contacts\"}", "crm_events_outbox_backlog{source=\"contacts\"}"] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let args = ["events", "status", "contacts", "--database-url", &contacts_db, "--redis-url", &redis_url];
+        let out = std::process::Command::new(crm_bin())
+            .args(args)
+            .args(["--events-stream-prefix", &cluster.stream_prefix])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.contains("consumer group probe: 0 not delivered, 0 not acknowledged") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the probe group's lag does not drain: {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(probes);
 }
 
@@ -232,6 +252,64 @@ async fn dev_events_survive_kill_9() {
     let people = people_ids(&contacts_url).await;
     assert!(people.len() >= created);
     assert_exactly_once(&probe_url, CREATED, &people).await;
+    let status = crm_output(&["events", "status", "contacts", "--database-url", &contacts_url]);
+    assert!(status.contains("0 unpublished"), "{status}");
+    assert!(status.contains("consumer group probe: 0 not delivered"), "{status}");
+
+    // A consumer whose downstream is out parks what it cannot handle; an operator retries
+    // once it is back, with `crm events`, and each event has its effect once.
+    let outage = data.path().join("outage");
+    std::fs::write(&outage, b"").unwrap();
+    let failing_url = format!("sqlite://{}", data.path().join("failing.db").display());
+    let fail_while = outage.display().to_string();
+    let args = ["consume", "--group", "failing", "--source", "contacts", "--database-url", &failing_url];
+    let transport = ["--source-database-url", &contacts_url, "--fail-while", &fail_while, "--max-attempts", "2"];
+    let _failing = Process::start_program(Path::new(PROBE), "failing", &[&args[..], &transport[..]].concat(), &[]);
+    let load = Load::start(addr, 1).await;
+    load.wait_more(3).await;
+    load.stop().await;
+    let latest: Vec<String> = people_ids(&contacts_url).await.into_iter().filter(|id| !people.contains(id)).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed =
+            crm_output(&["events", "dead-letters", "failing", "--limit", "100000", "--database-url", &failing_url]);
+        let parked = latest.iter().filter(|id| listed.contains(&format!("about {id}"))).count();
+        if parked == latest.len() {
+            assert!(
+                listed.contains("the downstream system is unavailable") && listed.contains("2 attempts"),
+                "{listed}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new people's events were not parked: {listed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Everything this group read failed: the new people's events and any older ones it found
+    // still kept for the other group.
+    let failing = Db::connect(&failing_url, 1).await.unwrap();
+    let parked: Vec<String> =
+        admin::dead_letters(&failing, 10_000).await.unwrap().into_iter().map(|l| l.subject).collect();
+    failing.close().await;
+    assert!(latest.iter().all(|id| parked.contains(id)));
+    std::fs::remove_file(&outage).unwrap();
+    let retried = crm_output(&["events", "retry", "failing", "--all", "--database-url", &failing_url]);
+    assert!(retried.contains(&format!("{} dead letter(s) will be handled again", parked.len())), "{retried}");
+    assert_exactly_once(&failing_url, CREATED, &parked).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !crm_output(&["events", "dead-letters", "failing", "--database-url", &failing_url])
+        .contains("no dead letters")
+    {
+        assert!(Instant::now() < deadline, "dead letters left after the retry");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `crm <args>` to completion and returns what it printed; it must succeed.
+fn crm_output(args: &[&str]) -> String {
+    let out = std::process::Command::new(crm_bin()).args(args).output().expect("run crm");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "crm {args:?} failed: {text}");
+    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,6 +44,11 @@ enum Command {
         source_database_url: Option<String>,
         #[arg(long, default_value = "1s", value_parser = crm_kit::config::parse_duration)]
         claim_after: Duration,
+        /// Handling fails while this file exists (a downstream outage).
+        #[arg(long)]
+        fail_while: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "5")]
+        max_attempts: u32,
     },
     /// Runs `fire` jobs.
     Jobs {
@@ -69,11 +74,16 @@ async fn effect(tx: &mut Tx, id: &str, kind: &str, subject: &str) -> Result<(), 
     Ok(())
 }
 
-struct Effects;
+struct Effects {
+    fail_while: Option<std::path::PathBuf>,
+}
 
 impl Handler for Effects {
     fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Delivered) -> BoxFuture<'a, Result<(), HandlerError>> {
         let e = &event.envelope;
+        if self.fail_while.as_ref().is_some_and(|f| f.exists()) {
+            return Box::pin(async { Err("the downstream system is unavailable".into()) });
+        }
         Box::pin(effect(tx, &e.id, &e.r#type, &e.subject))
     }
 }
@@ -102,10 +112,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             stream_prefix,
             source_database_url,
             claim_after,
+            fail_while,
+            max_attempts,
         } => {
             let db = Db::open(&database_url, 4, &migrations(), "probe").await?;
             let settings = Settings {
                 claim_after,
+                max_attempts,
+                retry_backoff: Duration::from_millis(20),
                 poll: Duration::from_millis(20),
                 external_groups: vec![(source.clone(), group.clone())],
                 stream_prefix,
@@ -120,7 +134,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 }
                 (None, None) => return Err("give --redis-url or --source-database-url".into()),
             };
-            let consumer = events.consumer(&group, &db, &[source.as_str()], Arc::new(Effects));
+            let consumer = events.consumer(&group, &db, &[source.as_str()], Arc::new(Effects { fail_while }));
             println!("ready");
             consumer.run(shutdown).await;
         }

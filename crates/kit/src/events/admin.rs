@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crm_proto::events::v1::Envelope;
+use prost::Message;
 use sqlx::Row;
 
 use super::embedded;
@@ -82,6 +84,8 @@ pub struct DeadLetter {
     pub event_id: String,
     pub source: String,
     pub event_type: String,
+    /// The record it is about.
+    pub subject: String,
     pub attempts: i64,
     pub last_error: String,
     /// When it was parked (microseconds since the epoch).
@@ -93,7 +97,7 @@ pub struct DeadLetter {
 /// The dead letters of the consumers whose database is `db`, oldest first.
 pub async fn dead_letters(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, ApiError> {
     let mut sql = Sql::new(
-        "SELECT consumer, event_id, source, event_type, attempts, last_error, failed_at, retry_requested_at \
+        "SELECT consumer, event_id, source, event_type, envelope, attempts, last_error, failed_at, retry_requested_at \
          FROM dead_letters ORDER BY failed_at, event_id LIMIT ",
     );
     sql.bind(limit);
@@ -105,6 +109,9 @@ pub async fn dead_letters(db: &Db, limit: i64) -> Result<Vec<DeadLetter>, ApiErr
                 event_id: r.try_get("event_id")?,
                 source: r.try_get("source")?,
                 event_type: r.try_get("event_type")?,
+                subject: Envelope::decode(r.try_get::<Vec<u8>, _>("envelope")?.as_slice())
+                    .map(|e| e.subject)
+                    .unwrap_or_default(),
                 attempts: r.try_get("attempts")?,
                 last_error: r.try_get("last_error")?,
                 failed_at: r.try_get("failed_at")?,

@@ -55,7 +55,7 @@ pub enum Outcome {
     DeadLettered,
 }
 
-const READ_COUNT: usize = 100;
+const READ_COUNT: usize = 500;
 const BLOCK: Duration = Duration::from_millis(500);
 const UPKEEP_EVERY: Duration = Duration::from_secs(2);
 
@@ -189,33 +189,123 @@ impl Consumer {
         keys: &[String],
         shutdown: &Shutdown,
     ) -> Result<(), redis::RedisError> {
-        let mut acks: Vec<(String, Vec<String>)> = Vec::new();
-        for entry in entries {
-            let seq = streams::seq_of(&entry.id).unwrap_or(0);
-            let envelope = entry.envelope.as_deref().map(Envelope::decode);
-            let source = keys.iter().position(|k| *k == entry.key).map_or("", |i| self.sources[i].as_str()).to_string();
-            let handled = match envelope {
-                Some(Ok(envelope)) => {
-                    self.process(Delivered { envelope, seq, redelivered }, &source, shutdown).await.is_some()
-                }
-                _ => {
-                    tracing::error!(consumer = %self.name, id = %entry.id, "undecodable event entry; dropped");
-                    true
-                }
-            };
-            if !handled {
-                // Stopping: the entry stays pending and goes to another consumer.
-                break;
-            }
+        let incoming: Vec<Incoming> = entries
+            .iter()
+            .map(|entry| {
+                let seq = streams::seq_of(&entry.id).unwrap_or(0);
+                let source = keys.iter().position(|k| *k == entry.key).map_or("", |i| self.sources[i].as_str());
+                let event = match entry.envelope.as_deref().map(Envelope::decode) {
+                    Some(Ok(envelope)) => Some(Delivered { envelope, seq, redelivered }),
+                    _ => {
+                        tracing::error!(consumer = %self.name, id = %entry.id, "undecodable event entry; dropped");
+                        None
+                    }
+                };
+                Incoming { event, source: source.to_string() }
+            })
+            .collect();
+        // What is not done (stopping) stays pending and goes to another consumer.
+        let done = self.process_all(incoming, shutdown).await;
+        let mut acks: Vec<(&str, Vec<&str>)> = Vec::new();
+        for entry in &entries[..done] {
             match acks.iter_mut().find(|(k, _)| *k == entry.key) {
-                Some((_, ids)) => ids.push(entry.id),
-                None => acks.push((entry.key, vec![entry.id])),
+                Some((_, ids)) => ids.push(&entry.id),
+                None => acks.push((&entry.key, vec![&entry.id])),
             }
         }
         for (key, ids) in acks {
-            streams::ack(conn, &key, &self.name, &ids).await?;
+            streams::ack(conn, key, &self.name, &ids).await?;
         }
         Ok(())
+    }
+
+    /// Handles events in order, all in one transaction when every handler succeeds (one commit
+    /// for the lot), else one by one with retries and dead letters. Returns how many from the
+    /// start are done (all, unless stopped).
+    async fn process_all(&self, incoming: Vec<Incoming>, shutdown: &Shutdown) -> usize {
+        let decoded = incoming.iter().filter(|i| i.event.is_some()).count();
+        if decoded > 1 && !shutdown.is_fired() {
+            match self.try_batch(&incoming).await {
+                Ok(outcomes) => {
+                    for (item, outcome) in incoming.iter().filter(|i| i.event.is_some()).zip(outcomes) {
+                        self.count(item, outcome);
+                    }
+                    return incoming.len();
+                }
+                Err(Failure::Store(err)) => {
+                    tracing::debug!(consumer = %self.name, error = %err, "batch not committed; one by one");
+                }
+                Err(Failure::Handler(err)) => {
+                    tracing::debug!(consumer = %self.name, error = %err, "a handler failed in a batch; one by one");
+                }
+            }
+        }
+        let mut done = 0;
+        for item in incoming {
+            if let Some(event) = item.event
+                && self.process(event, &item.source, shutdown).await.is_none()
+            {
+                return done;
+            }
+            done += 1;
+        }
+        done
+    }
+
+    async fn try_batch(&self, incoming: &[Incoming]) -> Result<Vec<Outcome>, Failure> {
+        let events: Vec<&Delivered> = incoming.iter().filter_map(|i| i.event.as_ref()).collect();
+        let mut tx = self.db.begin_write().await.map_err(|e| Failure::Store(e.into()))?;
+        // Every processed mark in one statement; the events whose mark is new have their effect.
+        let mut marks = Sql::new("INSERT INTO processed_events (consumer, event_id, processed_at) VALUES ");
+        let now = now_micros();
+        marks.push_values(&events, |v, event| {
+            v.bind(self.name.as_str()).bind(event.envelope.id.as_str()).bind(now);
+        });
+        marks.push(" ON CONFLICT (consumer, event_id) DO NOTHING RETURNING event_id");
+        let rows = marks.query().fetch_all(&mut *tx).await.map_err(|e| Failure::Store(e.into()))?;
+        let mut fresh = std::collections::HashSet::with_capacity(rows.len());
+        for row in &rows {
+            fresh.insert(row.try_get::<String, _>("event_id").map_err(|e| Failure::Store(e.into()))?);
+        }
+        let mut outcomes = Vec::with_capacity(events.len());
+        for event in events {
+            // An event delivered twice in one read has its effect once.
+            if !fresh.remove(&event.envelope.id) {
+                outcomes.push(Outcome::Duplicate);
+                continue;
+            }
+            let span = envelope::handler_span(&self.name, &event.envelope);
+            if let Err(err) = self.handler.handle(&mut tx, event).instrument(span).await {
+                let _ = tx.rollback().await;
+                return Err(Failure::Handler(err));
+            }
+            outcomes.push(Outcome::Handled);
+        }
+        tx.commit().await.map_err(|e| Failure::Store(e.into()))?;
+        Ok(outcomes)
+    }
+
+    /// The processed mark and, unless it was there already, the handler's effect, in `tx`.
+    async fn handle_in(&self, tx: &mut Tx, event: &Delivered) -> Result<Outcome, Failure> {
+        let mut mark = Sql::new("INSERT INTO processed_events (consumer, event_id, processed_at) VALUES (");
+        mark.bind(self.name.as_str()).push(", ").bind(event.envelope.id.as_str()).push(", ").bind(now_micros());
+        mark.push(") ON CONFLICT (consumer, event_id) DO NOTHING");
+        let done = mark.query().execute(&mut **tx).await.map_err(|e| Failure::Store(e.into()))?;
+        if done.rows_affected() == 0 {
+            return Ok(Outcome::Duplicate);
+        }
+        self.handler.handle(tx, event).await.map_err(Failure::Handler)?;
+        Ok(Outcome::Handled)
+    }
+
+    fn count(&self, item: &Incoming, outcome: Outcome) {
+        let labels = GroupLabels { source: item.source.clone(), consumer: self.name.clone() };
+        let events = &metrics().events;
+        if item.event.as_ref().is_some_and(|e| e.redelivered) {
+            events.redelivered.get_or_create(&labels).inc();
+        }
+        let counter = if outcome == Outcome::Duplicate { &events.duplicates } else { &events.consumed };
+        counter.get_or_create(&labels).inc();
     }
 
     async fn run_embedded(&self, source: &str, shutdown: Shutdown) {
@@ -265,20 +355,22 @@ impl Consumer {
                 }
                 continue;
             }
-            let mut last = cursor;
-            for (seq, bytes) in rows {
-                match Envelope::decode(bytes.as_slice()) {
-                    Ok(envelope) => {
-                        if self.process(Delivered { envelope, seq, redelivered }, source, &shutdown).await.is_none() {
-                            break;
+            let seqs: Vec<i64> = rows.iter().map(|(seq, _)| *seq).collect();
+            let incoming: Vec<Incoming> = rows
+                .into_iter()
+                .map(|(seq, bytes)| {
+                    let event = match Envelope::decode(bytes.as_slice()) {
+                        Ok(envelope) => Some(Delivered { envelope, seq, redelivered }),
+                        Err(err) => {
+                            tracing::error!(consumer = %self.name, source, seq, error = %err, "undecodable event; dropped");
+                            None
                         }
-                    }
-                    Err(err) => {
-                        tracing::error!(consumer = %self.name, source, seq, error = %err, "undecodable event; dropped")
-                    }
-                }
-                last = seq;
-            }
+                    };
+                    Incoming { event, source: source.to_string() }
+                })
+                .collect();
+            let done = self.process_all(incoming, &shutdown).await;
+            let last = if done > 0 { seqs[done - 1] } else { cursor };
             if last > cursor {
                 cursor = last;
                 if let Err(err) = embedded::advance(&local.db, &self.name, cursor).await {
@@ -297,8 +389,9 @@ impl Consumer {
     async fn process_with(&self, event: Delivered, source: &str, shutdown: &Shutdown, retry: bool) -> Option<Outcome> {
         let span = envelope::handler_span(&self.name, &event.envelope);
         let labels = GroupLabels { source: source.to_string(), consumer: self.name.clone() };
+        let events = &metrics().events;
         if event.redelivered {
-            metrics().events.redelivered.get_or_create(&labels).inc();
+            events.redelivered.get_or_create(&labels).inc();
         }
         let settings = self.events.settings();
         let mut attempt = 0u32;
@@ -309,11 +402,7 @@ impl Consumer {
             }
             match self.try_once(&event, retry).instrument(span.clone()).await {
                 Ok(outcome) => {
-                    let counter = if outcome == Outcome::Duplicate {
-                        &metrics().events.duplicates
-                    } else {
-                        &metrics().events.consumed
-                    };
+                    let counter = if outcome == Outcome::Duplicate { &events.duplicates } else { &events.consumed };
                     counter.get_or_create(&labels).inc();
                     return Some(outcome);
                 }
@@ -333,7 +422,7 @@ impl Consumer {
                     if attempt >= settings.max_attempts {
                         match self.park(&event, source, attempt, &err).await {
                             Ok(()) => {
-                                metrics().events.dead_lettered.get_or_create(&labels).inc();
+                                events.dead_lettered.get_or_create(&labels).inc();
                                 tracing::error!(parent: &span, consumer = %self.name, event = %event.envelope.id,
                                     error = %err, "event parked as a dead letter");
                                 return Some(Outcome::DeadLettered);
@@ -363,21 +452,16 @@ impl Consumer {
             delete.bind(self.name.as_str()).push(" AND event_id = ").bind(event.envelope.id.as_str());
             delete.query().execute(&mut *tx).await.map_err(|e| Failure::Store(e.into()))?;
         }
-        let mut mark = Sql::new("INSERT INTO processed_events (consumer, event_id, processed_at) VALUES (");
-        mark.bind(self.name.as_str()).push(", ").bind(event.envelope.id.as_str()).push(", ").bind(now_micros());
-        mark.push(") ON CONFLICT (consumer, event_id) DO NOTHING");
-        let done = mark.query().execute(&mut *tx).await.map_err(|e| Failure::Store(e.into()))?;
-        if done.rows_affected() == 0 {
-            // Keeps the dead letter's removal when retrying one already handled.
-            tx.commit().await.map_err(|e| Failure::Store(e.into()))?;
-            return Ok(Outcome::Duplicate);
-        }
-        if let Err(err) = self.handler.handle(&mut tx, event).await {
-            let _ = tx.rollback().await;
-            return Err(Failure::Handler(err));
-        }
+        let outcome = match self.handle_in(&mut tx, event).await {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                let _ = tx.rollback().await;
+                return Err(err);
+            }
+        };
+        // A duplicate commits too: it keeps a retried dead letter's removal.
         tx.commit().await.map_err(|e| Failure::Store(e.into()))?;
-        Ok(Outcome::Handled)
+        Ok(outcome)
     }
 
     async fn park(&self, event: &Delivered, source: &str, attempts: u32, err: &HandlerError) -> Result<(), ApiError> {
@@ -433,6 +517,12 @@ impl Consumer {
 enum Failure {
     Store(ApiError),
     Handler(HandlerError),
+}
+
+/// An entry read, decoded (`None`: undecodable, skipped) and the source it came from.
+struct Incoming {
+    event: Option<Delivered>,
+    source: String,
 }
 
 /// Hears every event of one source in this process, from the moment it starts (for in-memory

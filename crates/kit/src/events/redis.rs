@@ -209,15 +209,17 @@ pub(crate) async fn claim(
     Ok((entries_of(key, reply.claimed), reply.deleted_ids))
 }
 
-pub(crate) async fn ack(
+pub(crate) async fn ack<S: AsRef<str>>(
     conn: &mut ConnectionManager,
     key: &str,
     group: &str,
-    ids: &[String],
+    ids: &[S],
 ) -> Result<(), RedisError> {
     if ids.is_empty() {
         return Ok(());
     }
+    let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
+    let ids: Vec<&str> = ids.iter().map(AsRef::as_ref).collect();
     redis::cmd("XACK").arg(key).arg(group).arg(ids).query_async::<i64>(conn).await.map(|_| ())
 }
 

@@ -1,7 +1,8 @@
 //! The relay: numbers committed outbox rows in publication order and publishes them; prunes
 //! what every consumer group has; rebuilds a stream Redis lost.
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::Row;
 
@@ -55,20 +56,40 @@ impl Relay {
     pub async fn run(self, shutdown: Shutdown) {
         let poll = self.events.settings().poll;
         let batch = self.events.settings().batch;
-        let appended = self.outbox.appended();
         let published = self.events.local(self.source()).map(|l| l.published);
+        let this = Arc::new(self);
+        // Upkeep runs beside publishing, so that publishing never waits for it.
+        let upkeep = {
+            let (this, shutdown) = (this.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                loop {
+                    if let Err(err) = this.maintain().await {
+                        tracing::warn!(source = this.source(), error = %err, "event relay upkeep failed");
+                    }
+                    tokio::select! {
+                        _ = shutdown.clone().wait() => break,
+                        _ = tokio::time::sleep(MAINTAIN_EVERY) => {}
+                    }
+                }
+            })
+        };
+        this.publish_until(shutdown, poll, batch, published).await;
+        let _ = upkeep.await;
+    }
+
+    async fn publish_until(
+        &self,
+        shutdown: Shutdown,
+        poll: Duration,
+        batch: usize,
+        published: Option<Arc<tokio::sync::Notify>>,
+    ) {
+        let appended = self.outbox.appended();
         let mut quick: Option<Duration> = None;
         let mut failures = 0u32;
-        let mut maintained = Instant::now() - MAINTAIN_EVERY;
         loop {
             if shutdown.is_fired() {
                 break;
-            }
-            if maintained.elapsed() >= MAINTAIN_EVERY {
-                maintained = Instant::now();
-                if let Err(err) = self.maintain().await {
-                    tracing::warn!(source = self.source(), error = %err, "event relay upkeep failed");
-                }
             }
             match self.publish_round().await {
                 Ok(Round::Published(n)) => {
