@@ -1085,44 +1085,33 @@ async fn dev_mode_takes_every_roles_settings_from_the_environment() {
     let env =
         [("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD), ("CRM_ACCESS_TOKEN_TTL", "7m"), ("CRM_VISIBILITY_CACHE_TTL", "0")];
     let _dev = start_dev("dev", &data.path().join("crm-data"), addr, &env).await;
-    let mut admin = Admin::sign_in(addr).await;
+    let admin = Admin::sign_in(addr).await;
     let claims = claims_of(&admin.token);
     assert_eq!(claims.exp - claims.iat, 7 * 60, "CRM_ACCESS_TOKEN_TTL applies");
 
-    let elsewhere = admin.department("Elsewhere", "").await;
-    let (_, head) = admin.signed_in_user("head@example.com", &["Head of department"]).await;
-    let (seller, tokens) = admin.signed_in_user("seller@example.com", &["Salesperson"]).await;
-    let mut sales = contacts_as(addr, &tokens.access_token).await;
-    let request =
-        CreatePersonRequest { person: Some(new_person("Moved Customer", "moved@example.com")), ..Default::default() };
-    let customer = sales.create_person(request).await.expect("the salesperson creates").into_inner();
-    let mut head = contacts_as(addr, &head.access_token).await;
-    assert!(people(&mut head, "", "").await.unwrap().contains(&customer.id), "the head sees their team's records");
-    let moved = User { id: seller.id.clone(), department_id: elsewhere.id, ..Default::default() };
-    admin
-        .org
-        .update_user(UpdateUserRequest { user: Some(moved), update_mask: mask(&["department_id"]) })
-        .await
-        .expect("move the salesperson");
+    let (mut head, customer) = move_a_salesperson_away_from_their_head(addr, "moved", 1).await;
     let seen = people(&mut head, "", "").await.unwrap();
     assert!(!seen.contains(&customer.id), "CRM_VISIBILITY_CACHE_TTL=0 applies: the move shows at once");
 }
 
-/// A salesperson moved to another department: their records leave their old head's view at
-/// once, through auth's organisation event, although contacts would keep the head's cached data
-/// scope for an hour (`--visibility-cache-ttl 1h`), on every contacts replica.
-async fn moved_salesperson_leaves_the_heads_view(addr: SocketAddr) {
+/// A head, and a salesperson of theirs who creates a customer; the head lists people `looks`
+/// times (seeing the customer each time), then an administrator moves the salesperson to another
+/// department. Returns the head's contacts client and the customer.
+async fn move_a_salesperson_away_from_their_head(
+    addr: SocketAddr,
+    name: &str,
+    looks: usize,
+) -> (ContactsServiceClient<Authed>, Person) {
     let mut admin = Admin::sign_in(addr).await;
     let elsewhere = admin.department("Elsewhere", "").await;
-    let (_, head) = admin.signed_in_user("moving-head@example.com", &["Head of department"]).await;
-    let (seller, tokens) = admin.signed_in_user("moving-seller@example.com", &["Salesperson"]).await;
+    let (_, head) = admin.signed_in_user(&format!("{name}-head@example.com"), &["Head of department"]).await;
+    let (seller, tokens) = admin.signed_in_user(&format!("{name}-seller@example.com"), &["Salesperson"]).await;
     let mut sales = contacts_as(addr, &tokens.access_token).await;
-    let request =
-        CreatePersonRequest { person: Some(new_person("Moving Customer", "moving@example.com")), ..Default::default() };
+    let person = new_person(&format!("{name} customer"), &format!("{name}@example.com"));
+    let request = CreatePersonRequest { person: Some(person), ..Default::default() };
     let customer = sales.create_person(request).await.expect("the salesperson creates").into_inner();
     let mut head = contacts_as(addr, &head.access_token).await;
-    // Several calls, so that every contacts replica behind the gateway caches the head's scope.
-    for _ in 0..8 {
+    for _ in 0..looks {
         assert!(people(&mut head, "", "").await.unwrap().contains(&customer.id), "the head sees their team's records");
     }
     let moved = User { id: seller.id.clone(), department_id: elsewhere.id, ..Default::default() };
@@ -1131,6 +1120,16 @@ async fn moved_salesperson_leaves_the_heads_view(addr: SocketAddr) {
         .update_user(UpdateUserRequest { user: Some(moved), update_mask: mask(&["department_id"]) })
         .await
         .expect("move the salesperson");
+    (head, customer)
+}
+
+/// A salesperson moved to another department: their records leave their old head's view at
+/// once, through auth's organisation event, although contacts would keep the head's cached data
+/// scope for an hour (`--visibility-cache-ttl 1h`), on every contacts replica.
+async fn moved_salesperson_leaves_the_heads_view(addr: SocketAddr) {
+    // Several looks before the move, so that every contacts replica behind the gateway caches
+    // the head's scope.
+    let (mut head, customer) = move_a_salesperson_away_from_their_head(addr, "moving", 8).await;
     // The event takes milliseconds; the cached scope would last an hour.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut consecutive = 0;
