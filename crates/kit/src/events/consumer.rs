@@ -114,7 +114,7 @@ impl Consumer {
                         _ = shutdown.clone().wait() => break,
                         _ = tokio::time::sleep(UPKEEP_EVERY) => {}
                     }
-                    if let Err(err) = this.upkeep().await {
+                    if let Err(err) = this.upkeep(&shutdown).await {
                         tracing::warn!(consumer = %this.name, error = %err, "consumer upkeep failed");
                     }
                 }
@@ -485,11 +485,11 @@ impl Consumer {
 
     /// Runs the dead letters an operator asked to retry, and forgets processed marks older than
     /// the retention window (no event comes back after it).
-    async fn upkeep(&self) -> Result<(), ApiError> {
+    /// A retry cut short by `shutdown` stays requested, for the next start.
+    async fn upkeep(&self, shutdown: &Shutdown) -> Result<(), ApiError> {
         let mut sql = Sql::new("SELECT event_id, source, envelope FROM dead_letters WHERE consumer = ");
         sql.bind(self.name.as_str()).push(" AND retry_requested_at > 0 ORDER BY failed_at LIMIT 100");
         let rows = sql.query().fetch_all(self.db.pool()).await?;
-        let (_running, shutdown) = crate::shutdown::channel();
         for row in rows {
             let id: String = row.try_get("event_id")?;
             let source: String = row.try_get("source")?;
@@ -497,7 +497,9 @@ impl Consumer {
             match Envelope::decode(bytes.as_slice()) {
                 Ok(envelope) => {
                     let event = Delivered { envelope, seq: 0, redelivered: true };
-                    let outcome = self.process_with(event, &source, &shutdown, true).await;
+                    let Some(outcome) = self.process_with(event, &source, shutdown, true).await else {
+                        return Ok(());
+                    };
                     tracing::info!(consumer = %self.name, event = %id, ?outcome, "dead letter retried");
                 }
                 Err(err) => {
