@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crm_kit::limit::{Guard, Limited, MAX_MESSAGE_BYTES};
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use tonic::Code;
@@ -133,8 +134,8 @@ impl Service<Request<HttpBody>> for Proxy {
             Route::UnknownGrpc => {
                 let path = request.uri().path();
                 let what = match crm_kit::metrics::split_grpc_path(path) {
-                    Some((service, _)) => format!("unknown service {service}"),
-                    None => format!("{path:?} is not a gRPC method path"),
+                    Some((service, _)) => format!("unknown service {}", crm_kit::validate::quote(service)),
+                    None => format!("{} is not a gRPC method path", crm_kit::validate::quote(path)),
                 };
                 grpc_error(Code::Unimplemented, &what)
             }
@@ -176,10 +177,18 @@ async fn forward(upstream: &Upstream, request: Request<HttpBody>) -> Response<Ht
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     forwarded_for(&mut parts);
+    // Frame headers are followed (an oversize message is refused from its length prefix, before
+    // it is uploaded); messages are neither buffered nor decoded.
+    let body = Limited::new(body, MAX_MESSAGE_BYTES, Guard::Frames, parts.uri.path());
+    let refusal = body.refusal();
     let request = Request::from_parts(parts, tonic::body::Body::new(body));
     match upstream.pool.send(request).await {
         Ok(response) => response.map(HttpBody::new),
-        Err(err) => grpc_error(err.code(), &err.to_string()),
+        // A body refused on its way fails the forwarding: the client hears why it was refused.
+        Err(err) => match refusal.status() {
+            Some(status) => grpc_error(status.code(), status.message()),
+            None => grpc_error(err.code(), &err.to_string()),
+        },
     }
 }
 
@@ -249,7 +258,7 @@ mod tests {
         let unknown = proxy.call(request("/crm.nope.v1.X/Y", true)).await.unwrap();
         assert_eq!(unknown.status(), StatusCode::OK);
         assert_eq!(unknown.headers()["grpc-status"], "12");
-        assert_eq!(unknown.headers()["grpc-message"], "unknown service crm.nope.v1.X");
+        assert_eq!(unknown.headers()["grpc-message"], "unknown service 'crm.nope.v1.X'");
         let missing = proxy.call(request("/nothing-here", false)).await.unwrap();
         assert_eq!(missing.status(), StatusCode::NOT_FOUND);
         let not_grpc = proxy.call(request("/crm.contacts.v1.ContactsService/GetPerson", false)).await.unwrap();

@@ -275,7 +275,7 @@ async fn proxies_balances_and_fails_over() {
     let mut grpc = tonic::client::Grpc::new(channel.clone());
     for (path, needle) in [
         ("/crm.contacts.v1.ContactsService/NoSuchMethod", ""),
-        ("/crm.nothing.v1.NothingService/Call", "unknown service crm.nothing.v1.NothingService"),
+        ("/crm.nothing.v1.NothingService/Call", "unknown service 'crm.nothing.v1.NothingService'"),
     ] {
         grpc.ready().await.unwrap();
         let codec = tonic_prost::ProstCodec::<GetPersonRequest, Person>::default();

@@ -4,7 +4,11 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::validate::Violations;
+use crate::validate::{Violations, clip};
+
+/// The most characters of a status message, and of field violations listed in its details.
+const MAX_MESSAGE_CHARS: usize = 1000;
+const MAX_VIOLATIONS: usize = 20;
 
 /// The `ErrorInfo.domain` of every error the suite returns.
 pub const ERROR_DOMAIN: &str = "crm";
@@ -69,26 +73,27 @@ impl From<ApiError> for Status {
     fn from(err: ApiError) -> Status {
         match err {
             ApiError::InvalidArgument(violations) => {
+                // Bounded whatever a description quotes: clients refuse metadata over 8 KiB.
                 let message = violations.iter().map(|(f, d)| format!("{f}: {d}")).collect::<Vec<_>>().join("; ");
                 let mut details = ErrorDetails::new();
-                for (field, description) in violations.iter() {
-                    details.add_bad_request_violation(field.clone(), description.clone());
+                for (field, description) in violations.iter().take(MAX_VIOLATIONS) {
+                    details.add_bad_request_violation(clip(field.clone(), 200), clip(description.clone(), 300));
                 }
-                Status::with_error_details(Code::InvalidArgument, message, details)
+                Status::with_error_details(Code::InvalidArgument, clip(message, MAX_MESSAGE_CHARS), details)
             }
-            ApiError::NotFound(msg) => Status::not_found(msg),
+            ApiError::NotFound(msg) => Status::not_found(clip(msg, MAX_MESSAGE_CHARS)),
             ApiError::AlreadyExists { message, reason, metadata } => {
                 let details = ErrorDetails::with_error_info(
                     reason,
                     ERROR_DOMAIN,
                     metadata.into_iter().collect::<std::collections::HashMap<_, _>>(),
                 );
-                Status::with_error_details(Code::AlreadyExists, message, details)
+                Status::with_error_details(Code::AlreadyExists, clip(message, MAX_MESSAGE_CHARS), details)
             }
-            ApiError::Aborted(msg) => Status::aborted(msg),
-            ApiError::FailedPrecondition(msg) => Status::failed_precondition(msg),
-            ApiError::Unauthenticated(msg) => Status::unauthenticated(msg),
-            ApiError::PermissionDenied(msg) => Status::permission_denied(msg),
+            ApiError::Aborted(msg) => Status::aborted(clip(msg, MAX_MESSAGE_CHARS)),
+            ApiError::FailedPrecondition(msg) => Status::failed_precondition(clip(msg, MAX_MESSAGE_CHARS)),
+            ApiError::Unauthenticated(msg) => Status::unauthenticated(clip(msg, MAX_MESSAGE_CHARS)),
+            ApiError::PermissionDenied(msg) => Status::permission_denied(clip(msg, MAX_MESSAGE_CHARS)),
             ApiError::Unavailable(msg) => {
                 tracing::warn!(error = %msg, "unavailable");
                 Status::unavailable("a backing store is unavailable; retry later")
@@ -116,6 +121,21 @@ mod tests {
         let bad = status.get_details_bad_request().expect("BadRequest details");
         assert_eq!(bad.field_violations.len(), 2);
         assert_eq!(bad.field_violations[1].field, "person.emails[0]");
+    }
+
+    #[test]
+    fn messages_are_bounded() {
+        let mut v = Violations::new();
+        for i in 0..100 {
+            v.add(format!("field{i}"), "x".repeat(5000));
+        }
+        let status = Status::from(ApiError::InvalidArgument(v));
+        assert!(status.message().chars().count() <= MAX_MESSAGE_CHARS + 1);
+        let bad = status.get_details_bad_request().expect("BadRequest details");
+        assert_eq!(bad.field_violations.len(), MAX_VIOLATIONS);
+        assert!(status.details().len() < 8 * 1024);
+        let status = Status::from(ApiError::NotFound("y".repeat(10_000)));
+        assert!(status.message().len() < 4 * MAX_MESSAGE_CHARS);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 use crate::db::Sql;
 use crate::error::ApiError;
+use crate::validate::quote;
 
 pub const MAX_FILTER_CHARS: usize = 2000;
 pub const MAX_COMPARISONS: usize = 32;
@@ -243,11 +244,11 @@ impl Parser {
             Some(Token::Word(field)) if !matches!(field.as_str(), "AND" | "OR" | "NOT") => {
                 let op = match self.next() {
                     Some(Token::Op(op)) => op,
-                    _ => return Err(invalid(format!("expected an operator after '{field}'"))),
+                    _ => return Err(invalid(format!("expected an operator after {}", quote(&field)))),
                 };
                 let value = match self.next() {
                     Some(Token::Word(v)) | Some(Token::Quoted(v)) => v,
-                    _ => return Err(invalid(format!("expected a value after '{field} {}'", op.text()))),
+                    _ => return Err(invalid(format!("expected a value after {} {}", quote(&field), op.text()))),
                 };
                 self.comparisons += 1;
                 if self.comparisons > MAX_COMPARISONS {
@@ -324,7 +325,7 @@ fn compile(expr: &Expr, fields: &[Field], sql: &mut Sql) -> Result<(), ApiError>
         Expr::Cmp { field, op, value } => {
             let spec = fields.iter().find(|f| f.name == field.as_str()).ok_or_else(|| {
                 let names: Vec<_> = fields.iter().map(|f| f.name).collect();
-                invalid(format!("unknown field '{field}'; filterable fields: {}", names.join(", ")))
+                invalid(format!("unknown field {}; filterable fields: {}", quote(field), names.join(", ")))
             })?;
             comparison(spec, *op, value, sql)?;
         }
@@ -358,7 +359,7 @@ fn comparison(spec: &Field, op: Op, value: &str, sql: &mut Sql) -> Result<(), Ap
             let short = upper.strip_prefix(prefix).unwrap_or(&upper);
             let number = values.iter().find(|(name, _)| *name == short).map(|(_, n)| *n).ok_or_else(|| {
                 let names: Vec<_> = values.iter().map(|(n, _)| *n).collect();
-                invalid(format!("'{value}' is not a {} value; one of: {}", spec.name, names.join(", ")))
+                invalid(format!("{} is not a {} value; one of: {}", quote(value), spec.name, names.join(", ")))
             })?;
             sql.push(spec.column).push(" ").push(op.sql()).push(" ").bind(number);
         }
@@ -367,7 +368,7 @@ fn comparison(spec: &Field, op: Op, value: &str, sql: &mut Sql) -> Result<(), Ap
                 return Err(unsupported());
             }
             let micros = crate::time::parse_rfc3339(value).ok_or_else(|| {
-                invalid(format!("'{value}' is not an RFC 3339 time such as \"2026-01-31T00:00:00Z\""))
+                invalid(format!("{} is not an RFC 3339 time such as \"2026-01-31T00:00:00Z\"", quote(value)))
             })?;
             sql.push(spec.column).push(" ").push(op.sql()).push(" ").bind(micros);
         }

@@ -23,6 +23,7 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod time;
 pub mod validate;
+pub mod wire;
 
 #[cfg(feature = "testing")]
 pub mod testing;

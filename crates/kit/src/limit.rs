@@ -1,29 +1,50 @@
-//! The request message limit of every service: a gRPC message longer than
-//! [`MAX_MESSAGE_BYTES`] is refused with RESOURCE_EXHAUSTED (gRPC's code for a message over a
-//! limit) as soon as its 5-byte frame header arrives, before any of it is buffered.
+//! What every service checks of a request body before decoding it: each gRPC message is at most
+//! [`MAX_MESSAGE_BYTES`] long (refused with RESOURCE_EXHAUSTED as soon as its 5-byte frame
+//! header arrives, before any of it is read), well framed, uncompressed (nothing here
+//! negotiates compression) and, for the suite's own methods, well-formed protobuf whose text
+//! fields are text ([`crate::wire`]): faults are INVALID_ARGUMENT with a `google.rpc.BadRequest`,
+//! never INTERNAL. A body the gRPC-Web translation could not read (bad base64, bad framing) is
+//! INVALID_ARGUMENT too.
 //!
-//! Only frame headers are read; messages are never decoded here.
+//! The gateway uses the same body in [`Guard::Frames`] mode: frame headers only, messages
+//! passed on as they come and never decoded.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http::Request;
 use http_body::{Body as HttpBody, Frame};
+use tonic::{Code, Status};
+
+use crate::ApiError;
+use crate::wire::{Fault, Schema};
 
 /// The longest request message a service accepts (tonic's own default receive limit).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How much a request body is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// Frame headers only: the size limit and the framing.
+    Frames,
+    /// Frames, and each message of a suite method checked on the wire before it is decoded.
+    Messages,
+}
 
 /// Wraps every request body in a [`Limited`] body.
 #[derive(Debug, Clone, Copy)]
 pub struct MessageLimitLayer {
     max: usize,
+    guard: Guard,
 }
 
 impl MessageLimitLayer {
-    pub fn new(max: usize) -> MessageLimitLayer {
-        MessageLimitLayer { max }
+    pub fn new(max: usize, guard: Guard) -> MessageLimitLayer {
+        MessageLimitLayer { max, guard }
     }
 }
 
@@ -31,7 +52,7 @@ impl<S> tower::Layer<S> for MessageLimitLayer {
     type Service = MessageLimit<S>;
 
     fn layer(&self, inner: S) -> MessageLimit<S> {
-        MessageLimit { inner, max: self.max }
+        MessageLimit { inner, max: self.max, guard: self.guard }
     }
 }
 
@@ -40,6 +61,7 @@ impl<S> tower::Layer<S> for MessageLimitLayer {
 pub struct MessageLimit<S> {
     inner: S,
     max: usize,
+    guard: Guard,
 }
 
 impl<S> tower::Service<Request<axum::body::Body>> for MessageLimit<S>
@@ -55,35 +77,88 @@ where
     }
 
     fn call(&mut self, request: Request<axum::body::Body>) -> Self::Future {
-        let max = self.max;
-        self.inner.call(request.map(|body| axum::body::Body::new(Limited::new(body, max))))
+        let (max, guard) = (self.max, self.guard);
+        let path = request.uri().path().to_string();
+        self.inner.call(request.map(|body| axum::body::Body::new(Limited::new(body, max, guard, &path))))
     }
 }
 
-/// A gRPC request body whose messages may be at most `max` bytes each.
+/// Why a request body was refused, kept for whoever forwards the body (the gateway answers the
+/// client with it rather than with what the failed forwarding says).
+#[derive(Debug, Clone, Default)]
+pub struct Refusal(Arc<Mutex<Option<(Code, String)>>>);
+
+impl Refusal {
+    /// The status the body was refused with, if it was.
+    pub fn status(&self) -> Option<Status> {
+        let refused = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        refused.as_ref().map(|(code, message)| Status::new(*code, message.clone()))
+    }
+
+    fn set(&self, status: &Status) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((status.code(), status.message().to_string()));
+    }
+}
+
+/// A gRPC request body whose messages are checked as described in the module's docs.
 pub struct Limited<B> {
     inner: B,
     max: usize,
+    /// The request message's shape, when its messages are checked.
+    request: Option<crate::wire::Request<'static>>,
     /// The frame header read so far (compression flag and 4-byte length).
     header: [u8; 5],
     header_read: usize,
-    /// Message bytes still to pass before the next frame header.
+    /// Message bytes still to come before the next frame header.
     remaining: usize,
-    refused: bool,
+    /// The message being gathered for its check (header included).
+    message: BytesMut,
+    /// Checked messages to hand on.
+    ready: VecDeque<Bytes>,
+    finished: bool,
+    refusal: Refusal,
 }
 
 impl<B> Limited<B> {
-    pub fn new(inner: B, max: usize) -> Limited<B> {
-        Limited { inner, max, header: [0; 5], header_read: 0, remaining: 0, refused: false }
+    /// `path` (`/package.Service/Method`) says which message to expect.
+    pub fn new(inner: B, max: usize, guard: Guard, path: &str) -> Limited<B> {
+        let request = match guard {
+            Guard::Messages => Schema::suite().request(path),
+            Guard::Frames => None,
+        };
+        Limited {
+            inner,
+            max,
+            request,
+            header: [0; 5],
+            header_read: 0,
+            remaining: 0,
+            message: BytesMut::new(),
+            ready: VecDeque::new(),
+            finished: false,
+            refusal: Refusal::default(),
+        }
     }
 
-    /// Follows the framing through `data`; the length of the first message over the limit.
-    fn scan(&mut self, mut data: &[u8]) -> Option<usize> {
+    /// Shares why the body was refused, once it is.
+    pub fn refusal(&self) -> Refusal {
+        self.refusal.clone()
+    }
+
+    /// Follows the framing through `data`: in frames mode only the headers are looked at; in
+    /// messages mode whole messages are gathered, checked and queued in `ready`.
+    fn scan(&mut self, mut data: Bytes) -> Result<(), Status> {
         while !data.is_empty() {
             if self.remaining > 0 {
-                let skip = self.remaining.min(data.len());
-                self.remaining -= skip;
-                data.advance(skip);
+                let take = self.remaining.min(data.len());
+                if self.request.is_some() {
+                    self.message.extend_from_slice(&data[..take]);
+                }
+                self.remaining -= take;
+                data.advance(take);
+                if self.remaining == 0 {
+                    self.message_done()?;
+                }
                 continue;
             }
             let take = (5 - self.header_read).min(data.len());
@@ -94,60 +169,147 @@ impl<B> Limited<B> {
                 self.header_read = 0;
                 let len = u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]) as usize;
                 if len > self.max {
-                    return Some(len);
+                    return Err(Status::resource_exhausted(format!(
+                        "the request message is {len} bytes; the limit is {} bytes",
+                        self.max
+                    )));
+                }
+                match self.header[0] {
+                    0 => {}
+                    1 => return Err(Status::unimplemented("compressed request messages are not accepted")),
+                    _ => return Err(invalid("has a gRPC frame with an unknown flag")),
+                }
+                if self.request.is_some() {
+                    self.message.clear();
+                    self.message.reserve(5 + len);
+                    self.message.extend_from_slice(&self.header);
                 }
                 self.remaining = len;
+                if len == 0 {
+                    self.message_done()?;
+                }
             }
         }
-        None
+        Ok(())
     }
+
+    fn message_done(&mut self) -> Result<(), Status> {
+        let Some(request) = self.request else { return Ok(()) };
+        match request.check(&self.message[5..]) {
+            Ok(()) => {
+                self.ready.push_back(self.message.split().freeze());
+                Ok(())
+            }
+            Err(Fault::Text(violations)) => Err(ApiError::InvalidArgument(violations).into()),
+            Err(Fault::Malformed(why)) => Err(invalid(&format!("is not a valid {why}"))),
+        }
+    }
+
+    /// Whether the body stopped inside a frame.
+    fn unfinished(&self) -> bool {
+        self.header_read > 0 || self.remaining > 0
+    }
+
+    fn refuse(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.finished = true;
+        self.refusal.set(&status);
+        Poll::Ready(Some(Err(Box::new(status))))
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The status somewhere in an error's chain of sources (bodies wrap each other's errors).
+fn status_in<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a Status> {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if let Some(status) = err.downcast_ref::<Status>() {
+            return Some(status);
+        }
+        next = err.source();
+    }
+    None
+}
+
+fn invalid(description: &str) -> Status {
+    ApiError::invalid("request", description).into()
 }
 
 impl<B> HttpBody for Limited<B>
 where
     B: HttpBody<Data = Bytes> + Unpin,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        if this.refused {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref()
-                    && let Some(len) = this.scan(data)
-                {
-                    this.refused = true;
-                    let status = tonic::Status::resource_exhausted(format!(
-                        "the request message is {len} bytes; the limit is {} bytes",
-                        this.max
-                    ));
-                    return Poll::Ready(Some(Err(Box::new(status))));
-                }
-                Poll::Ready(Some(Ok(frame)))
+        loop {
+            if let Some(message) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(message))));
             }
-            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let passed = this.request.is_none().then(|| data.clone());
+                        if let Err(status) = this.scan(data) {
+                            return this.refuse(status);
+                        }
+                        if let Some(data) = passed {
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                    }
+                    Err(frame) => {
+                        if this.unfinished() {
+                            return this.refuse(invalid("ends inside a message"));
+                        }
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                },
+                Poll::Ready(Some(Err(err))) => {
+                    let err: BoxError = err.into();
+                    // What the gRPC-Web translation could not read is the client's fault.
+                    let unreadable = status_in(&*err)
+                        .filter(|status| status.code() == Code::Internal)
+                        .map(|status| status.message().trim_start_matches("tonic-web: ").to_string());
+                    return match unreadable {
+                        Some(why) => this.refuse(invalid(&format!("is not valid gRPC-Web: {why}"))),
+                        None => Poll::Ready(Some(Err(err))),
+                    };
+                }
+                Poll::Ready(None) => {
+                    if this.unfinished() {
+                        return this.refuse(invalid("ends inside a message"));
+                    }
+                    this.finished = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.refused || self.inner.is_end_stream()
+        self.ready.is_empty() && (self.finished || (self.inner.is_end_stream() && !self.unfinished()))
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        match self.request {
+            None => self.inner.size_hint(),
+            Some(_) => http_body::SizeHint::default(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crm_proto::contacts::v1::GetPersonRequest;
+    use prost::Message;
 
     fn frame(len: u32) -> Vec<u8> {
         let mut out = vec![0];
@@ -156,19 +318,60 @@ mod tests {
         out
     }
 
+    fn framed(message: &[u8]) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend((message.len() as u32).to_be_bytes());
+        out.extend(message);
+        out
+    }
+
     #[test]
     fn follows_frames_across_chunks() {
-        let mut limited = Limited::new((), 10);
+        let mut limited = Limited::new((), 10, Guard::Frames, "/any.Service/Method");
         let mut stream = frame(3);
         stream.extend(frame(10));
         // Split everywhere, header bytes included: nothing is over the limit.
         for chunk in stream.chunks(2) {
-            assert_eq!(limited.scan(chunk), None);
+            assert!(limited.scan(Bytes::copy_from_slice(chunk)).is_ok());
         }
-        assert_eq!(limited.remaining, 0);
+        assert!(!limited.unfinished());
         let mut over = frame(11);
         over.truncate(5);
-        assert_eq!(limited.scan(&over[..3]), None);
-        assert_eq!(limited.scan(&over[3..]), Some(11));
+        assert!(limited.scan(Bytes::copy_from_slice(&over[..3])).is_ok());
+        let refused = limited.scan(Bytes::copy_from_slice(&over[3..])).unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        let mut compressed = frame(1);
+        compressed[0] = 1;
+        assert_eq!(limited.scan(Bytes::from(compressed)).unwrap_err().code(), Code::Unimplemented);
+    }
+
+    #[test]
+    fn gathers_and_checks_whole_messages() {
+        let path = "/crm.contacts.v1.ContactsService/GetPerson";
+        let good = framed(&GetPersonRequest { id: "0190b8a2-0000-7000-8000-000000000001".into() }.encode_to_vec());
+        let mut limited = Limited::new((), 1000, Guard::Messages, path);
+        let mut two = good.clone();
+        two.extend(&good);
+        for chunk in two.chunks(3) {
+            limited.scan(Bytes::copy_from_slice(chunk)).unwrap();
+        }
+        // Handed on whole, once checked.
+        assert_eq!(limited.ready.iter().map(|m| m.to_vec()).collect::<Vec<_>>(), [good.clone(), good.clone()]);
+
+        let nul = framed(&GetPersonRequest { id: "a\0b".into() }.encode_to_vec());
+        let mut limited = Limited::new((), 1000, Guard::Messages, path);
+        let refused = limited.scan(Bytes::from(nul)).unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(refused.message().contains("id: must not contain control characters"), "{}", refused.message());
+        assert!(limited.ready.is_empty());
+
+        let mut limited = Limited::new((), 1000, Guard::Messages, path);
+        let refused = limited.scan(Bytes::from(framed(&[0x0a, 0x05, b'a']))).unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument);
+        assert!(refused.message().contains("not a valid crm.contacts.v1.GetPersonRequest"), "{}", refused.message());
+
+        let mut limited = Limited::new((), 1000, Guard::Messages, path);
+        limited.scan(Bytes::copy_from_slice(&good[..4])).unwrap();
+        assert!(limited.unfinished(), "a body that stops here ends inside a message");
     }
 }

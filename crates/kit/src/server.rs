@@ -136,10 +136,10 @@ impl Server {
         };
         // The message limit applies to the services served here, not to what the fallback
         // forwards (the service behind the gateway enforces its own).
-        let services = routes
-            .routes()
-            .into_axum_router()
-            .layer(crate::limit::MessageLimitLayer::new(crate::limit::MAX_MESSAGE_BYTES));
+        let services = routes.routes().into_axum_router().layer(crate::limit::MessageLimitLayer::new(
+            crate::limit::MAX_MESSAGE_BYTES,
+            crate::limit::Guard::Messages,
+        ));
         let mut router = services.merge(ops);
         if let Some(fallback) = fallback {
             router = router.fallback_service(fallback);

@@ -76,6 +76,31 @@ impl Violations {
     }
 }
 
+/// The most characters of a client's value an error message quotes.
+pub const QUOTE_CHARS: usize = 40;
+
+/// A client's value as an error message quotes it: in single quotes, at most [`QUOTE_CHARS`]
+/// characters of it (then `…`), so that an error never echoes a whole oversized input.
+pub fn quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len().min(QUOTE_CHARS * 4) + 4);
+    out.push('\'');
+    let mut chars = value.chars();
+    out.extend(chars.by_ref().take(QUOTE_CHARS));
+    if chars.next().is_some() {
+        out.push('…');
+    }
+    out.push('\'');
+    out
+}
+
+/// Cuts a text to at most `max` characters (an error message's safety net).
+pub fn clip(text: String, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text,
+    }
+}
+
 /// Longest e-mail address, in bytes (RFC 5321: 254 octets).
 pub const MAX_EMAIL_LEN: usize = 254;
 
@@ -122,6 +147,17 @@ mod tests {
         assert_eq!(fields, ["name", "notes", "id"]);
         assert!(matches!(v.check(), Err(ApiError::InvalidArgument(_))));
         assert!(Violations::new().check().is_ok());
+    }
+
+    #[test]
+    fn quotes_only_a_prefix() {
+        assert_eq!(quote("name"), "'name'");
+        let long = "я".repeat(4000);
+        let quoted = quote(&long);
+        assert_eq!(quoted.chars().count(), QUOTE_CHARS + 3);
+        assert!(quoted.ends_with("…'"));
+        assert_eq!(clip("abcdef".into(), 3), "abc…");
+        assert_eq!(clip("abc".into(), 3), "abc");
     }
 
     #[test]

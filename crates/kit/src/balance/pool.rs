@@ -239,9 +239,11 @@ impl Pool {
                         }
                         None => {
                             let error = e.into_error();
-                            // The call was on its way: it must not be sent twice.
-                            let message =
-                                format!("{}: call to replica {} failed: {error}", self.service, endpoint.addr());
+                            // The call was on its way: it must not be sent twice. Replica
+                            // addresses go to the log, never to the client.
+                            tracing::warn!(upstream = self.service, endpoint = %endpoint.addr(), error = %error,
+                                "call to a replica failed on its way");
+                            let message = format!("{}: the call failed on its way: {error}", self.service);
                             let code = if closed { Code::Unavailable } else { code_of(error) };
                             return Err(SendError::Failed(code, message));
                         }
@@ -250,7 +252,10 @@ impl Pool {
             }
         }
         Err(SendError::Unavailable(match last_error {
-            Some(e) => format!("no replica of {} could take the call; last error: {e}", self.service),
+            Some(e) => {
+                tracing::warn!(upstream = self.service, error = %e, "no replica could take a call");
+                format!("no replica of {} could take the call", self.service)
+            }
             None => format!("no replica of {} is available", self.service),
         }))
     }

@@ -6,6 +6,7 @@ use crm_kit::auth::OwnerScope;
 use crm_kit::db::{Backend, Sql};
 use crm_kit::filter::{Field, FieldKind, Filter};
 use crm_kit::page::{Order, Page};
+use crm_kit::validate::quote;
 use crm_proto::contacts::v1::{FieldChange, Revision};
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -83,7 +84,10 @@ pub fn sort_order(kind: Kind, order_by: &str) -> Result<Order, ApiError> {
         _ => {
             return Err(ApiError::invalid(
                 "order_by",
-                format!("cannot sort by '{field}'; use create_time, update_time, last_activity_time or {name_field}"),
+                format!(
+                    "cannot sort by {}; use create_time, update_time, last_activity_time or {name_field}",
+                    quote(field)
+                ),
             ));
         }
     };
@@ -91,7 +95,7 @@ pub fn sort_order(kind: Kind, order_by: &str) -> Result<Order, ApiError> {
         (None, true) => true,
         (None, false) | (Some("asc"), _) => false,
         (Some("desc"), _) => true,
-        (Some(other), _) => return Err(ApiError::invalid("order_by", format!("'{other}' is not asc or desc"))),
+        (Some(other), _) => return Err(ApiError::invalid("order_by", format!("{} is not asc or desc", quote(other)))),
     };
     if words.next().is_some() || order_by.contains(',') {
         return Err(ApiError::invalid("order_by", "sorts by one field only"));

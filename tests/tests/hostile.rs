@@ -1,0 +1,468 @@
+//! Hostile input against real processes, through the gateway, on both backends: a generated
+//! corpus of values with NUL and other control characters, long and non-ASCII text, put into
+//! every kind of text input of auth and contacts; malformed and oversized request bodies sent as
+//! raw HTTP/2. Nothing may come back INTERNAL or UNKNOWN, every refusal of a value names its
+//! field in a `google.rpc.BadRequest`, and no error message echoes a whole input or names an
+//! internal address.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
+use crm_proto::auth::v1::{
+    CreateDepartmentRequest, CreateRoleRequest, Department, IssueServiceTokenRequest, ListUsersRequest, Role,
+    SignInRequest,
+};
+use crm_proto::contacts::v1::{
+    CheckDuplicatesRequest, Company, CreateCompanyRequest, CreatePersonRequest, CustomValue, Email, GetPersonRequest,
+    ListCompaniesRequest, ListPeopleRequest, Person, Phone, UpdatePersonRequest, custom_value,
+};
+use crm_tests::*;
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use prost::Message;
+use prost_types::FieldMask;
+use tokio::sync::Mutex;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+/// Inputs per backend.
+const CORPUS: usize = 10_000;
+/// Sign-ins and service-token exchanges hash a password: a bounded share of the corpus.
+const HASHING_EVERY: usize = 50;
+
+/// A small deterministic generator (SplitMix64), so that a failure names an input that the next
+/// run generates again.
+struct Gen(u64);
+
+impl Gen {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// One value: one to three pieces, at least one hostile in most values.
+    fn value(&mut self) -> String {
+        const PIECES: &[&str] = &[
+            "\0",
+            "a\0b",
+            "\u{1}",
+            "\u{8}",
+            "\u{b}",
+            "\u{1b}[31m",
+            "\u{7f}",
+            "\u{85}",
+            "\u{9f}",
+            "\t",
+            "\r\n",
+            "Анна Петрова",
+            "李雷",
+            "Müller",
+            "😀",
+            "e\u{301}",
+            "\u{202e}evil",
+            "\u{feff}",
+            "' OR 1=1 --",
+            "%",
+            "_",
+            "\\",
+            "\"",
+            "tags:",
+            "stage = ",
+            "(",
+            ")",
+            " ",
+            "",
+            "anna@example.com",
+            "+7 913 000 00 00",
+            "https://example.com/",
+            "0190b8a2-0000-7000-8000-000000000001",
+        ];
+        let mut out = String::new();
+        for _ in 0..=self.below(3) {
+            match self.below(12) {
+                0 => out.push_str(&"x".repeat(1 + self.below(6000))),
+                1 => out.push_str(&"я".repeat(1 + self.below(3000))),
+                2 => out.push(char::from_u32(self.below(0x20) as u32).unwrap_or('?')),
+                _ => out.push_str(PIECES[self.below(PIECES.len())]),
+            }
+        }
+        out
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    calls: usize,
+    by_code: BTreeMap<String, usize>,
+    faults: Vec<String>,
+}
+
+impl Tally {
+    fn record(&mut self, call: &str, input: &str, result: Result<(), tonic::Status>) {
+        self.calls += 1;
+        let status = match result {
+            Ok(()) => {
+                *self.by_code.entry("OK".into()).or_default() += 1;
+                return;
+            }
+            Err(status) => status,
+        };
+        *self.by_code.entry(format!("{:?}", status.code())).or_default() += 1;
+        let shown: String = input.chars().take(40).collect();
+        let mut fault = |why: &str| {
+            if self.faults.len() < 20 {
+                self.faults.push(format!("{call} with {shown:?}…: {why}: {:?} {:?}", status.code(), status.message()));
+            }
+        };
+        match status.code() {
+            Code::Internal | Code::Unknown => fault("internal"),
+            Code::InvalidArgument if status.get_details_bad_request().is_none() => fault("no BadRequest"),
+            _ => {}
+        }
+        if status.message().len() > 2048 || status.details().len() > 4096 {
+            fault("an oversized error");
+        }
+        if status.message().contains("127.0.0.1") {
+            fault("an internal address");
+        }
+    }
+}
+
+/// Only whether a call succeeded.
+fn ok<T>(result: Result<T, tonic::Status>) -> Result<(), tonic::Status> {
+    result.map(|_| ())
+}
+
+/// One input put into one call (which one is picked from `i`); `Err` is the status it met.
+async fn one_call(
+    addr: SocketAddr,
+    token: &str,
+    person_id: &str,
+    i: usize,
+    v: String,
+) -> (String, Result<(), tonic::Status>) {
+    let mut contacts = contacts_as(addr, token).await;
+    let mut org = org_as(addr, token).await;
+    let value = || CustomValue { kind: Some(custom_value::Kind::StringValue(v.clone())) };
+    if i.is_multiple_of(HASHING_EVERY) {
+        let mut auth = auth(addr).await;
+        let (call, result) = if i.is_multiple_of(2 * HASHING_EVERY) {
+            ("SignIn.email", ok(auth.sign_in(SignInRequest { email: v.clone(), password: "x".into() }).await))
+        } else {
+            let request = IssueServiceTokenRequest { client_id: v.clone(), client_secret: v.clone() };
+            ("IssueServiceToken.client_id", ok(auth.issue_service_token(request).await))
+        };
+        return (call.to_string(), result);
+    }
+    let (call, result) = match i % 17 {
+        0 => ("ListPeople.query", ok(contacts.list_people(ListPeopleRequest { query: v, ..Default::default() }).await)),
+        1 => {
+            ("ListPeople.filter", ok(contacts.list_people(ListPeopleRequest { filter: v, ..Default::default() }).await))
+        }
+        2 => {
+            let filter = format!("tags:\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
+            (
+                "ListPeople.filter tags",
+                ok(contacts.list_people(ListPeopleRequest { filter, ..Default::default() }).await),
+            )
+        }
+        3 => (
+            "ListPeople.order_by",
+            ok(contacts.list_people(ListPeopleRequest { order_by: v, ..Default::default() }).await),
+        ),
+        4 => {
+            let request = ListPeopleRequest { page_token: v, ..Default::default() };
+            ("ListPeople.page_token", ok(contacts.list_people(request).await))
+        }
+        5 => (
+            "ListCompanies.query",
+            ok(contacts.list_companies(ListCompaniesRequest { query: v, ..Default::default() }).await),
+        ),
+        6 => {
+            let person = Person { full_name: v.clone(), tags: vec![v.clone()], ..Default::default() };
+            let request = CreatePersonRequest { person: Some(person), request_id: v };
+            ("CreatePerson.full_name,tags,request_id", ok(contacts.create_person(request).await))
+        }
+        7 => {
+            let person = Person {
+                full_name: "Corpus Person".into(),
+                emails: vec![Email { address: v.clone(), ..Default::default() }],
+                phones: vec![Phone { number: v.clone(), ..Default::default() }],
+                ..Default::default()
+            };
+            let request = CreatePersonRequest { person: Some(person), request_id: String::new() };
+            ("CreatePerson.emails,phones", ok(contacts.create_person(request).await))
+        }
+        8 => {
+            let mut person = Person { full_name: "Corpus Custom".into(), ..Default::default() };
+            person.custom_fields.insert(v.chars().take(64).collect(), value());
+            let request = CreatePersonRequest { person: Some(person), request_id: String::new() };
+            ("CreatePerson.custom_fields", ok(contacts.create_person(request).await))
+        }
+        9 => {
+            let company = Company { name: v.clone(), website: v, ..Default::default() };
+            (
+                "CreateCompany.name,website",
+                ok(contacts
+                    .create_company(CreateCompanyRequest { company: Some(company), request_id: String::new() })
+                    .await),
+            )
+        }
+        10 => {
+            let person = Person { id: person_id.to_string(), region: v, ..Default::default() };
+            let update_mask = Some(FieldMask { paths: vec!["region".into()] });
+            (
+                "UpdatePerson.region",
+                ok(contacts.update_person(UpdatePersonRequest { person: Some(person), update_mask }).await),
+            )
+        }
+        11 => ("GetPerson.id", ok(contacts.get_person(GetPersonRequest { id: v }).await)),
+        12 => {
+            let request = CheckDuplicatesRequest {
+                phones: vec![v.clone()],
+                emails: vec![v.clone()],
+                company_name: v,
+                ..Default::default()
+            };
+            ("CheckDuplicates", ok(contacts.check_duplicates(request).await))
+        }
+        13 => ("ListUsers.filter", ok(org.list_users(ListUsersRequest { filter: v, ..Default::default() }).await)),
+        14 => {
+            let department = Department { name: v, ..Default::default() };
+            (
+                "CreateDepartment.name",
+                ok(org.create_department(CreateDepartmentRequest { department: Some(department) }).await),
+            )
+        }
+        15 => {
+            let role = Role { name: v, permissions: vec!["contacts.read".into()], ..Default::default() };
+            ("CreateRole.name", ok(org.create_role(CreateRoleRequest { role: Some(role) }).await))
+        }
+        _ => {
+            ("ListUsers.page_token", ok(org.list_users(ListUsersRequest { page_token: v, ..Default::default() }).await))
+        }
+    };
+    (call.to_string(), result)
+}
+
+/// Runs the corpus (seeded per backend) with 16 calls in flight.
+async fn corpus(addr: SocketAddr, seed: u64) -> Tally {
+    let token = admin_token(addr).await;
+    let mut c = contacts_as(addr, &token).await;
+    let person = Person { full_name: "Corpus Anchor".into(), ..Default::default() };
+    let anchor = c.create_person(CreatePersonRequest { person: Some(person), request_id: String::new() }).await;
+    let anchor = anchor.expect("create the record the corpus updates").into_inner().id;
+    let mut generator = Gen(seed);
+    let inputs: Vec<(usize, String)> = (0..CORPUS).map(|i| (i, generator.value())).collect();
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    futures_util::stream::iter(inputs)
+        .for_each_concurrent(16, |(i, v)| {
+            let (tally, token, anchor) = (tally.clone(), token.clone(), anchor.clone());
+            async move {
+                let shown = v.clone();
+                let (call, result) = one_call(addr, &token, &anchor, i, v).await;
+                tally.lock().await.record(&call, &shown, result);
+            }
+        })
+        .await;
+    Arc::try_unwrap(tally).ok().expect("every call is done").into_inner()
+}
+
+fn assert_clean(backend: &str, tally: &Tally) {
+    eprintln!("{backend}: {} calls, by code: {:?}", tally.calls, tally.by_code);
+    assert_eq!(tally.calls, CORPUS);
+    assert!(tally.faults.is_empty(), "{backend}: {} faults, e.g.:\n{}", tally.faults.len(), tally.faults.join("\n"));
+    // The corpus did reach the checks: many refusals, and some values were fine.
+    assert!(tally.by_code.get("InvalidArgument").copied().unwrap_or(0) > CORPUS / 4, "{:?}", tally.by_code);
+    assert!(tally.by_code.get("OK").copied().unwrap_or(0) > CORPUS / 20, "{:?}", tally.by_code);
+}
+
+/// A raw HTTP/2 call: `chunks` as the request body, then the body ends, or (`hold`) stays
+/// open. Returns the gRPC status and message, from the headers, the trailers or (gRPC-Web)
+/// the trailer frame in the body; panics when no answer comes within 20 s.
+async fn raw_call(
+    addr: SocketAddr,
+    path: &str,
+    content_type: &str,
+    token: &str,
+    chunks: Vec<Bytes>,
+    hold: bool,
+) -> (i32, String) {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let frames = futures_util::stream::iter(
+        chunks.into_iter().map(|c| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(c))),
+    );
+    let body: http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible> = if hold {
+        BodyExt::boxed(http_body_util::StreamBody::new(frames.chain(futures_util::stream::pending())))
+    } else {
+        BodyExt::boxed(http_body_util::StreamBody::new(frames))
+    };
+    let request = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", content_type)
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {token}"))
+        .body(body)
+        .unwrap();
+    let answer = async {
+        let response = sender.send_request(request).await.expect("a response");
+        let headers = response.headers().clone();
+        let status_of = |h: &http::HeaderMap| {
+            h.get("grpc-status").map(|s| {
+                let message = h.get("grpc-message").map(|m| m.to_str().unwrap_or("").to_string()).unwrap_or_default();
+                (s.to_str().unwrap().parse::<i32>().unwrap(), message)
+            })
+        };
+        if let Some(found) = status_of(&headers) {
+            return found;
+        }
+        let collected = response.into_body().collect().await.expect("the response body");
+        if let Some(found) = collected.trailers().and_then(status_of) {
+            return found;
+        }
+        // gRPC-Web: the trailers travel in the body, in a frame flagged 0x80.
+        let mut bytes = collected.to_bytes().to_vec();
+        if content_type.contains("text") {
+            bytes = STANDARD.decode(&bytes).expect("a base64 answer");
+        }
+        let mut at = 0;
+        while at + 5 <= bytes.len() {
+            let len = u32::from_be_bytes([bytes[at + 1], bytes[at + 2], bytes[at + 3], bytes[at + 4]]) as usize;
+            if bytes[at] & 0x80 != 0 {
+                let text = String::from_utf8_lossy(&bytes[at + 5..at + 5 + len]).to_string();
+                let field = |name: &str| {
+                    text.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).unwrap_or_default()
+                };
+                return (field("grpc-status:").parse().unwrap(), field("grpc-message:"));
+            }
+            at += 5 + len;
+        }
+        panic!("no gRPC status in the answer to {path}");
+    };
+    tokio::time::timeout(Duration::from_secs(20), answer).await.expect("an answer without waiting for the body")
+}
+
+fn framed(flag: u8, message: &[u8]) -> Vec<u8> {
+    let mut out = vec![flag];
+    out.extend((message.len() as u32).to_be_bytes());
+    out.extend(message);
+    out
+}
+
+/// Bodies that are not valid gRPC, sent to the gateway and straight to a replica.
+async fn malformed_bodies(addrs: &[(&str, SocketAddr)], token: &str) {
+    let get = "/crm.contacts.v1.ContactsService/GetPerson";
+    let good = GetPersonRequest { id: "0190b8a2-0000-7000-8000-000000000001".into() }.encode_to_vec();
+    let grpc = "application/grpc";
+    for &(place, addr) in addrs {
+        let cases: Vec<(&str, &str, Vec<Bytes>, bool, Code)> = vec![
+            ("not protobuf", grpc, vec![framed(0, &[0x0a, 0x40, b'x']).into()], false, Code::InvalidArgument),
+            ("an unknown wire type", grpc, vec![framed(0, &[0x0f, 0x01]).into()], false, Code::InvalidArgument),
+            (
+                "a NUL in a field",
+                grpc,
+                vec![framed(0, &GetPersonRequest { id: "a\0".into() }.encode_to_vec()).into()],
+                false,
+                Code::InvalidArgument,
+            ),
+            (
+                "a body that stops inside a frame",
+                grpc,
+                vec![framed(0, &good)[..7].to_vec().into()],
+                false,
+                Code::InvalidArgument,
+            ),
+            ("a compressed flag", grpc, vec![framed(1, &good).into()], false, Code::Unimplemented),
+            ("an unknown flag", grpc, vec![framed(9, &good).into()], false, Code::InvalidArgument),
+            (
+                "a 100 MB message announced",
+                grpc,
+                vec![[&[0u8][..], &(100u32 << 20).to_be_bytes()[..], &[0u8; 1024][..]].concat().into()],
+                true,
+                Code::ResourceExhausted,
+            ),
+            (
+                "gRPC-Web text that is not base64",
+                "application/grpc-web-text",
+                vec![Bytes::from_static(b"!!!not base64!!!")],
+                false,
+                Code::InvalidArgument,
+            ),
+            (
+                "gRPC-Web with bad framing",
+                "application/grpc-web",
+                vec![framed(0, &good)[..6].to_vec().into()],
+                false,
+                Code::InvalidArgument,
+            ),
+        ];
+        for (what, content_type, chunks, hold, expected) in cases {
+            let (code, message) = raw_call(addr, get, content_type, token, chunks, hold).await;
+            assert_eq!(Code::from_i32(code), expected, "{what} at {place}: {message}");
+            assert!(!message.contains("127.0.0.1"), "{what} at {place} names an address: {message}");
+        }
+        // The connection-level answer aside, a good call still works there.
+        let (code, message) = raw_call(addr, get, grpc, token, vec![framed(0, &good).into()], false).await;
+        assert_eq!(Code::from_i32(code), Code::NotFound, "a good call at {place}: {message}");
+    }
+}
+
+/// An error quotes a short prefix of what it refuses.
+async fn bounded_errors(addr: SocketAddr, token: &str) {
+    let mut c = contacts_as(addr, token).await;
+    for long in ["o".repeat(4000), format!("full_name {}", "d".repeat(4000)), "я".repeat(100_000)] {
+        let request = ListPeopleRequest { order_by: long.clone(), ..Default::default() };
+        let err = c.list_people(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().len() < 300, "{} bytes: {}", err.message().len(), err.message());
+        assert!(err.details().len() < 1024);
+        let err =
+            c.list_people(ListPeopleRequest { filter: format!("{long} = 1"), ..Default::default() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().len() < 300, "{} bytes: {}", err.message().len(), err.message());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_refuses_hostile_input_on_postgresql() {
+    let cluster = Cluster::start(ClusterConfig { replicas: vec![], flags: vec![] }).await;
+    let token = admin_token(cluster.gateway).await;
+    malformed_bodies(
+        &[("the gateway", cluster.gateway), ("a contacts replica", cluster.replica("contacts", 0))],
+        &token,
+    )
+    .await;
+    bounded_errors(cluster.gateway, &token).await;
+    let tally = corpus(cluster.gateway, 0x5eed_0001).await;
+    assert_clean("PostgreSQL", &tally);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_refuses_hostile_input_on_sqlite() {
+    let data = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let _dev = start_dev("dev", &data.path().join("crm-data"), addr, &[("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD)]).await;
+    let token = admin_token(addr).await;
+    malformed_bodies(&[("crm dev", addr)], &token).await;
+    bounded_errors(addr, &token).await;
+    let tally = corpus(addr, 0x5eed_0002).await;
+    assert_clean("SQLite", &tally);
+}
