@@ -723,7 +723,22 @@ async fn refresh_rotation_and_reuse(addr: SocketAddr) {
     let other = sign_in(addr, email, &password_of(email)).await.expect("sign in elsewhere");
     a.sign_out(SignOutRequest { refresh_token: session.refresh_token.clone() }).await.expect("sign out");
     unauthenticated("refresh after sign-out", a.refresh(refresh(&session.refresh_token)).await);
-    a.refresh(refresh(&other.refresh_token)).await.expect("another session is unaffected");
+    let other = a.refresh(refresh(&other.refresh_token)).await.expect("another session is unaffected").into_inner();
+
+    // Ten browser tabs refresh with the same token at once: every one keeps the session, with
+    // the same successor (`--refresh-reuse-grace`).
+    let tabs: Vec<_> = (0..10)
+        .map(|_| {
+            let token = other.refresh_token.clone();
+            tokio::spawn(async move { auth(addr).await.refresh(RefreshRequest { refresh_token: token }).await })
+        })
+        .collect();
+    let mut successors = BTreeSet::new();
+    for tab in tabs {
+        successors.insert(tab.await.unwrap().expect("no tab is signed out").into_inner().refresh_token);
+    }
+    assert_eq!(successors.len(), 1, "{successors:?}");
+    a.refresh(refresh(successors.first().unwrap())).await.expect("the successor works");
 
     let events = admin.event_types(&user.id).await;
     for expected in ["sign_in", "refresh_reuse", "sign_out"] {

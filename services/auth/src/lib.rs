@@ -76,6 +76,17 @@ pub struct AuthArgs {
         value_parser = crm_kit::config::parse_duration
     )]
     pub refresh_token_ttl: Duration,
+    /// For how long after its exchange a refresh token presented again (several browser tabs
+    /// refreshing at once) gets the same successor instead of revoking the sign-in as a theft;
+    /// 0 turns the grace off.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "CRM_REFRESH_REUSE_GRACE",
+        default_value = "30s",
+        value_parser = crm_kit::config::parse_duration
+    )]
+    pub refresh_reuse_grace: Duration,
     /// Consecutive wrong passwords that lock an account.
     #[arg(long, value_name = "N", env = "CRM_MAX_FAILED_SIGN_INS", default_value_t = 5)]
     pub max_failed_sign_ins: u32,
@@ -115,6 +126,7 @@ impl AuthArgs {
             refresh_token_ttl: self.refresh_token_ttl,
             max_failed_sign_ins: self.max_failed_sign_ins,
             lockout: self.lockout,
+            refresh_reuse_grace: self.refresh_reuse_grace,
         })
     }
 }

@@ -17,9 +17,15 @@ use crate::peer::Peer;
 
 /// Clock skew tolerated on `exp`.
 const LEEWAY_SECONDS: u64 = 5;
-/// Shortest interval between two key fetches caused by unknown key ids (a flood of forged
-/// `kid`s must not become a flood of fetches).
-pub(crate) const MIN_REFETCH: Duration = Duration::from_secs(1);
+/// Shortest interval between two key fetches caused by unknown key ids: however many made-up
+/// `kid`s arrive, a process fetches at most this often, and a genuine new key waits at most this
+/// long plus two fetches.
+pub(crate) const FETCH_SPACING: Duration = Duration::from_millis(100);
+/// How long a key id that a fetch did not find is answered "unknown" without fetching again.
+pub(crate) const MISSING_FOR: Duration = Duration::from_secs(1);
+/// Most key ids remembered as missing (a flood of distinct ones clears the memory rather than
+/// growing it).
+const MAX_MISSING: usize = 4096;
 
 /// Where a [`Verifier`] gets the published keys.
 pub trait KeySource: Send + Sync + 'static {
@@ -49,11 +55,24 @@ struct KeySet {
     jwks: Jwks,
 }
 
+/// Fetches so far, held while fetching so that callers missing a key share one fetch.
+#[derive(Default)]
+struct Fetches {
+    /// Fetches started.
+    started: u64,
+    /// The number of the last fetch that completed, and when it started.
+    done: Option<(u64, Instant)>,
+}
+
 struct VerifierInner {
     source: Arc<dyn KeySource>,
     keys: RwLock<Arc<KeySet>>,
-    /// When keys were last fetched; held while fetching so that concurrent misses fetch once.
-    fetched: tokio::sync::Mutex<Option<Instant>>,
+    fetches: tokio::sync::Mutex<Fetches>,
+    /// Fetches started (read without the lock: a caller that misses a key needs a fetch numbered
+    /// above what it reads here).
+    started: std::sync::atomic::AtomicU64,
+    /// Key ids a recent fetch did not find, and when.
+    missing: std::sync::Mutex<HashMap<String, Instant>>,
     validation: Validation,
 }
 
@@ -82,7 +101,9 @@ impl Verifier {
             inner: Arc::new(VerifierInner {
                 source,
                 keys: RwLock::new(Arc::new(KeySet { by_kid: HashMap::new(), jwks: Jwks::default() })),
-                fetched: tokio::sync::Mutex::new(None),
+                fetches: tokio::sync::Mutex::new(Fetches::default()),
+                started: Default::default(),
+                missing: Default::default(),
                 validation,
             }),
         }
@@ -101,7 +122,7 @@ impl Verifier {
         let weak: Weak<VerifierInner> = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(every.max(MIN_REFETCH)).await;
+                tokio::time::sleep(every.max(FETCH_SPACING)).await;
                 let Some(inner) = weak.upgrade() else { return };
                 let verifier = Verifier { inner };
                 if let Err(err) = verifier.fetch(Duration::ZERO).await {
@@ -122,29 +143,56 @@ impl Verifier {
 
     /// Fetches the keys unless they were fetched within `min_age`.
     pub async fn fetch(&self, min_age: Duration) -> Result<(), ApiError> {
-        let mut fetched = self.inner.fetched.lock().await;
-        if fetched.is_some_and(|at| at.elapsed() < min_age) {
+        let mut fetches = self.inner.fetches.lock().await;
+        if fetches.done.is_some_and(|(_, at)| at.elapsed() < min_age) {
             return Ok(());
         }
-        self.fetch_locked(&mut fetched).await
+        self.fetch_locked(&mut fetches).await
     }
 
-    /// Fetches the keys for a key id not known yet: at once, unless the last fetch was less than
-    /// MIN_REFETCH ago — then after waiting out the rest, so that a key published just after a
-    /// fetch (a rotation) is still found, while a flood of made-up key ids costs one fetch a
-    /// second.
+    /// Makes sure the keys were fetched after this call began, for a key id not known: callers
+    /// that miss keys meanwhile share one fetch, and fetches are at least [`FETCH_SPACING`]
+    /// apart. A key id a fetch did not find within [`MISSING_FOR`] is answered at once.
     async fn fetch_for(&self, kid: &str) -> Result<(), ApiError> {
-        let mut fetched = self.inner.fetched.lock().await;
-        if self.keys().by_kid.contains_key(kid) {
+        if self.recently_missing(kid) {
             return Ok(());
         }
-        if let Some(at) = *fetched {
-            tokio::time::sleep(MIN_REFETCH.saturating_sub(at.elapsed())).await;
+        let needed = self.inner.started.load(std::sync::atomic::Ordering::SeqCst) + 1;
+        let mut fetches = self.inner.fetches.lock().await;
+        if fetches.done.is_some_and(|(number, _)| number >= needed) || self.keys().by_kid.contains_key(kid) {
+            return self.note_if_missing(kid);
         }
-        self.fetch_locked(&mut fetched).await
+        if let Some((_, at)) = fetches.done {
+            tokio::time::sleep(FETCH_SPACING.saturating_sub(at.elapsed())).await;
+        }
+        self.fetch_locked(&mut fetches).await?;
+        self.note_if_missing(kid)
     }
 
-    async fn fetch_locked(&self, fetched: &mut Option<Instant>) -> Result<(), ApiError> {
+    fn recently_missing(&self, kid: &str) -> bool {
+        let missing = self.inner.missing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        missing.get(kid).is_some_and(|at| at.elapsed() < MISSING_FOR)
+    }
+
+    fn note_if_missing(&self, kid: &str) -> Result<(), ApiError> {
+        if !self.keys().by_kid.contains_key(kid) {
+            let mut missing = self.inner.missing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if missing.len() >= MAX_MISSING {
+                missing.retain(|_, at| at.elapsed() < MISSING_FOR);
+                if missing.len() >= MAX_MISSING {
+                    missing.clear();
+                }
+            }
+            missing.insert(kid.to_string(), Instant::now());
+        }
+        Ok(())
+    }
+
+    async fn fetch_locked(&self, fetches: &mut Fetches) -> Result<(), ApiError> {
+        fetches.started += 1;
+        let number = fetches.started;
+        self.inner.started.store(number, std::sync::atomic::Ordering::SeqCst);
+        let started_at = Instant::now();
         let jwks = self.inner.source.fetch().await.map_err(ApiError::Unavailable)?;
         let mut by_kid = HashMap::new();
         for jwk in &jwks.keys {
@@ -159,7 +207,9 @@ impl Verifier {
             }
         }
         *self.inner.keys.write().expect("key set lock") = Arc::new(KeySet { by_kid, jwks });
-        *fetched = Some(Instant::now());
+        fetches.done = Some((number, started_at));
+        // A key published since is found by the next miss.
+        self.inner.missing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|_, at| *at > started_at);
         Ok(())
     }
 
@@ -301,13 +351,61 @@ mod tests {
         verifier.verify(&key.sign(&claims(now() + 60))).await.unwrap();
         assert_eq!(source.1.load(std::sync::atomic::Ordering::SeqCst), 2);
 
-        // Made-up key ids cost at most one fetch per MIN_REFETCH.
-        let started = Instant::now();
-        for _ in 0..3 {
-            let refused = verifier.verify(&SigningKey::generate().sign(&claims(now() + 60))).await;
-            assert_eq!(code(refused), tonic::Code::Unauthenticated);
+        // A made-up key id is refused; asked again at once, it costs no fetch.
+        let forged = SigningKey::generate().sign(&claims(now() + 60));
+        assert_eq!(code(verifier.verify(&forged).await), tonic::Code::Unauthenticated);
+        assert_eq!(source.1.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(code(verifier.verify(&forged).await), tonic::Code::Unauthenticated);
+        assert_eq!(
+            source.1.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "a key id just found missing is not fetched again"
+        );
+    }
+
+    /// A source whose fetch takes a while, as a call to the auth service does.
+    struct Slow(Mutex<Jwks>, std::sync::atomic::AtomicUsize);
+
+    impl KeySource for Slow {
+        fn fetch(&self) -> BoxFuture<'_, Result<Jwks, String>> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let jwks = self.0.lock().unwrap().clone();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(jwks)
+            })
         }
-        assert_eq!(source.1.load(std::sync::atomic::Ordering::SeqCst), 5);
-        assert!(started.elapsed() >= MIN_REFETCH * 2, "fetches are spaced by MIN_REFETCH");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn made_up_key_ids_never_queue_a_genuine_new_key() {
+        let key = SigningKey::generate();
+        let source = Arc::new(Slow(Mutex::new(Jwks { keys: vec![key.jwk()] }), Default::default()));
+        let verifier = Verifier::new(source.clone());
+        verifier.verify(&key.sign(&claims(now() + 60))).await.unwrap();
+        let fetches = || source.1.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(fetches(), 1);
+
+        // Twenty tokens naming made-up keys, all at once, then a key rotation and a token it
+        // signed, while they are still being answered.
+        let forged: Vec<_> = (0..20)
+            .map(|_| {
+                let (verifier, token) = (verifier.clone(), SigningKey::generate().sign(&claims(now() + 60)));
+                tokio::spawn(async move { verifier.verify(&token).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let rotated = SigningKey::generate();
+        source.0.lock().unwrap().keys.push(rotated.jwk());
+        let started = Instant::now();
+        let genuine = verifier.verify(&rotated.sign(&claims(now() + 60))).await;
+        let waited = started.elapsed();
+        assert!(genuine.is_ok(), "the rotated key's token verifies: {genuine:?}");
+        for refused in forged {
+            assert_eq!(code(refused.await.unwrap()), tonic::Code::Unauthenticated);
+        }
+        // The made-up kids and the genuine one shared fetches: never one fetch each.
+        assert!(fetches() <= 3, "{} fetches for 20 made-up key ids and one rotation", fetches());
+        eprintln!("a genuine new key behind 20 made-up ones waited {waited:?} with {} fetches", fetches());
     }
 }

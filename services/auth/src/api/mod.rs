@@ -37,6 +37,9 @@ pub struct Policy {
     pub max_failed_sign_ins: u32,
     /// How long a lock-out lasts.
     pub lockout: Duration,
+    /// How long after a refresh token's exchange presenting it again answers with the same
+    /// successor (several tabs refreshing at once) instead of revoking the sign-in as a theft.
+    pub refresh_reuse_grace: Duration,
 }
 
 impl Default for Policy {
@@ -46,6 +49,7 @@ impl Default for Policy {
             refresh_token_ttl: Duration::from_secs(30 * 86_400),
             max_failed_sign_ins: 5,
             lockout: Duration::from_secs(15 * 60),
+            refresh_reuse_grace: Duration::from_secs(30),
         }
     }
 }
@@ -156,6 +160,6 @@ impl AuthApi {
         let token = secrets::random_token();
         let expires_at = now_micros().saturating_add(micros(self.policy.refresh_token_ttl));
         let hash = secrets::token_hash(&token);
-        (token, NewRefreshToken { hash, expires_at })
+        (token, NewRefreshToken { hash, expires_at, sealed: Vec::new() })
     }
 }

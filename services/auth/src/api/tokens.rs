@@ -14,7 +14,7 @@ use super::{AuthApi, MAX_TOKEN_CHARS, caller, clip, micros};
 use crate::domain::secrets::{self, MAX_PASSWORD_CHARS};
 use crate::domain::{BAD_CLIENT_CREDENTIALS, BAD_CREDENTIALS, BAD_REFRESH_TOKEN, MAX_EMAIL_CHARS, events};
 use crate::permissions::ORG_ADMIN;
-use crate::store::{Actor, Event, LockPolicy, Subject};
+use crate::store::{Actor, Event, Exchange, LockPolicy, Subject};
 
 impl AuthApi {
     async fn password_sign_in(&self, r: SignInRequest, client_address: String) -> Result<TokenPair, ApiError> {
@@ -71,9 +71,18 @@ impl AuthApi {
         if presented.is_empty() || presented.len() > MAX_TOKEN_CHARS {
             return Err(ApiError::unauthenticated(BAD_REFRESH_TOKEN));
         }
-        let (refresh, stored) = self.new_refresh_token();
-        let subject = self.store.refresh(&secrets::token_hash(presented), &stored, &client_address).await?;
-        self.token_pair(&subject, Some((refresh, stored.expires_at))).await
+        let (refresh, mut stored) = self.new_refresh_token();
+        stored.sealed = secrets::seal_successor(presented, &refresh).unwrap_or_default();
+        let hash = secrets::token_hash(presented);
+        let grace = self.policy.refresh_reuse_grace;
+        match self.store.refresh(&hash, &stored, grace, &client_address).await? {
+            Exchange::New(subject) => self.token_pair(&subject, Some((refresh, stored.expires_at))).await,
+            Exchange::Again { subject, sealed, expires_at } => {
+                let successor = secrets::unseal_successor(presented, &sealed)
+                    .ok_or_else(|| ApiError::unauthenticated(BAD_REFRESH_TOKEN))?;
+                self.token_pair(&subject, Some((successor, expires_at))).await
+            }
+        }
     }
 
     async fn revoke_refresh(&self, r: SignOutRequest, client_address: String) -> Result<(), ApiError> {

@@ -89,6 +89,29 @@ pub fn random_token() -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// A refresh token's successor as stored beside it: the successor's random bytes masked with a
+/// pad derived from the presented token, so that only whoever presents that token again can
+/// have the successor back (the database keeps neither token).
+pub fn seal_successor(presented: &str, successor: &str) -> Option<Vec<u8>> {
+    let bytes = URL_SAFE_NO_PAD.decode(successor).ok()?;
+    let pad = successor_pad(presented);
+    (bytes.len() == pad.len()).then(|| bytes.iter().zip(pad).map(|(b, p)| b ^ p).collect())
+}
+
+/// The successor [`seal_successor`] stored, given the token presented.
+pub fn unseal_successor(presented: &str, sealed: &[u8]) -> Option<String> {
+    let pad = successor_pad(presented);
+    (sealed.len() == pad.len())
+        .then(|| URL_SAFE_NO_PAD.encode(sealed.iter().zip(pad).map(|(b, p)| b ^ p).collect::<Vec<u8>>()))
+}
+
+fn successor_pad(presented: &str) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(b"crm refresh-token successor\0");
+    hasher.update(presented.as_bytes());
+    hasher.finalize().into()
+}
+
 /// What is stored of a token or a client secret.
 pub fn token_hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()

@@ -29,7 +29,7 @@ pub use first_start::{BootstrapPlan, SuiteAccount, SuiteAccountPlan};
 pub use identities::Subject;
 pub use roles::ROLE_ORDER;
 pub use service_accounts::{NewServiceAccount, SERVICE_ACCOUNT_ORDER};
-pub use sessions::{Credentials, LockPolicy, NewRefreshToken};
+pub use sessions::{Credentials, Exchange, LockPolicy, NewRefreshToken};
 pub use users::{USER_FIELDS, USER_ORDER};
 
 pub fn migrations() -> Migrations {

@@ -30,11 +30,48 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// A refresh token about to be stored (only its hash).
+/// A refresh token about to be stored (only its hash), and the same token sealed for the one
+/// it replaces (see `secrets::seal_successor`).
 #[derive(Clone)]
 pub struct NewRefreshToken {
     pub hash: Vec<u8>,
     pub expires_at: i64,
+    pub sealed: Vec<u8>,
+}
+
+/// What a refresh came to.
+#[derive(Debug)]
+pub enum Exchange {
+    /// The token was exchanged for the new one.
+    New(Subject),
+    /// The token had just been exchanged: its successor, still unused, sealed as stored, and
+    /// when it expires.
+    Again { subject: Subject, sealed: Vec<u8>, expires_at: i64 },
+}
+
+/// The sealed successor of the used token `presented` and its expiry, when the token was
+/// exchanged within `grace` and the successor is unused, unexpired and not revoked.
+async fn successor_within(
+    conn: &mut AnyConnection,
+    presented: &[u8],
+    grace: std::time::Duration,
+    now: i64,
+) -> Result<Option<(Vec<u8>, i64)>, ApiError> {
+    if grace.is_zero() {
+        return Ok(None);
+    }
+    let since = now.saturating_sub(i64::try_from(grace.as_micros()).unwrap_or(i64::MAX));
+    let mut sql = Sql::new(
+        "SELECT t.successor, s.expires_at FROM refresh_tokens t \
+         JOIN refresh_tokens s ON s.token_hash = t.successor_hash \
+         JOIN refresh_families f ON f.id = s.family_id \
+         WHERE t.token_hash = ",
+    );
+    sql.bind(presented.to_vec()).push(" AND t.used_at >= ").bind(since);
+    sql.push(" AND s.used_at = 0 AND s.expires_at > ").bind(now).push(" AND f.revoked_at = 0");
+    let Some(row) = sql.query().fetch_optional(conn).await? else { return Ok(None) };
+    let sealed: Option<Vec<u8>> = row.try_get("successor")?;
+    Ok(sealed.map(|sealed| (sealed, row.try_get("expires_at").unwrap_or(now))))
 }
 
 /// The lock-out rule applied to a failed password check.
@@ -161,14 +198,17 @@ impl Store {
 
     /// Exchanges the refresh token whose hash is `presented` for `next` in the same family and
     /// answers who it belongs to, as they are now. A token presented a second time revokes its
-    /// family (and every token in it) and records `refresh_reuse`. Every refusal is the same
-    /// UNAUTHENTICATED.
+    /// family (and every token in it) and records `refresh_reuse` — unless it was exchanged
+    /// within `grace` and its successor is still unused: then the answer is that same successor
+    /// ([`Exchange::Again`]), for the clients (browser tabs) that raced to refresh. Every refusal
+    /// is the same UNAUTHENTICATED.
     pub async fn refresh(
         &self,
         presented: &[u8],
         next: &NewRefreshToken,
+        grace: std::time::Duration,
         client_address: &str,
-    ) -> Result<Subject, ApiError> {
+    ) -> Result<Exchange, ApiError> {
         let now = now_micros();
         let mut tx = self.db().begin_write().await?;
         let mut sql = Sql::new(
@@ -187,10 +227,23 @@ impl Store {
             return Err(ApiError::unauthenticated(BAD_REFRESH_TOKEN));
         }
         // Mark it used only if nobody did: of two concurrent exchanges one wins, and the other is
-        // a second presentation.
+        // a second presentation (which sees the winner's successor once the winner commits).
         let mut sql = Sql::new("UPDATE refresh_tokens SET used_at = ");
-        sql.bind(now).push(" WHERE token_hash = ").bind(presented.to_vec()).push(" AND used_at = 0");
+        sql.bind(now)
+            .push(", successor_hash = ")
+            .bind(next.hash.clone())
+            .push(", successor = ")
+            .bind(next.sealed.clone());
+        sql.push(" WHERE token_hash = ").bind(presented.to_vec()).push(" AND used_at = 0");
         if sql.query().execute(&mut *tx).await?.rows_affected() != 1 {
+            if let Some(again) = successor_within(&mut tx, presented, grace, now).await? {
+                let subject = match load_subject(&mut tx, &user_id, false).await? {
+                    Some(subject) if subject.active => subject,
+                    _ => return Err(ApiError::unauthenticated(BAD_REFRESH_TOKEN)),
+                };
+                tx.commit().await?;
+                return Ok(Exchange::Again { subject, sealed: again.0, expires_at: again.1 });
+            }
             revoke_family(&mut tx, &family, now).await?;
             let event = Event {
                 kind: events::REFRESH_REUSE,
@@ -210,7 +263,7 @@ impl Store {
         };
         insert_refresh_token(&mut tx, next, &family, &user_id, now).await?;
         tx.commit().await?;
-        Ok(subject)
+        Ok(Exchange::New(subject))
     }
 
     /// Revokes the family of the refresh token whose hash is `presented`; records `event` (its

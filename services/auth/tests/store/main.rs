@@ -54,6 +54,7 @@ pub fn policy() -> Policy {
         refresh_token_ttl: Duration::from_secs(3600),
         max_failed_sign_ins: 3,
         lockout: LOCKOUT,
+        refresh_reuse_grace: Duration::from_secs(30),
     }
 }
 
@@ -88,7 +89,8 @@ crm_kit::both_backends!(
     the_suite_service_account_is_made_sure_of_at_every_start,
     sign_in_fails_uniformly_and_locks_out,
     refresh_rotates_and_reuse_revokes_the_family,
-    concurrent_refreshes_admit_at_most_one,
+    concurrent_refreshes_share_one_successor,
+    reuse_after_the_grace_revokes,
     sign_out_revokes_the_sign_in,
     service_accounts_get_tokens,
     departments_crud_with_etags_and_no_cycles,

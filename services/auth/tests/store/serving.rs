@@ -15,6 +15,7 @@ fn args() -> crm_auth::AuthArgs {
         refresh_token_ttl: policy().refresh_token_ttl,
         max_failed_sign_ins: policy().max_failed_sign_ins,
         lockout: policy().lockout,
+        refresh_reuse_grace: policy().refresh_reuse_grace,
         admin_email: ADMIN_EMAIL.into(),
     }
 }

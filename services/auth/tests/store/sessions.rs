@@ -103,20 +103,58 @@ pub async fn refresh_rotates_and_reuse_revokes_the_family(db: TestDb) {
     }
 }
 
-pub async fn concurrent_refreshes_admit_at_most_one(db: TestDb) {
+pub async fn concurrent_refreshes_share_one_successor(db: TestDb) {
     let env = env(db).await;
     for _ in 0..3 {
+        // Ten tabs refresh with the same token at once: all get the same successor, nobody is
+        // signed out, and the successor works once like any refresh token.
         let pair = sign_in(&env.api, ADMIN_EMAIL, ADMIN_PASSWORD).await.unwrap();
-        let (a, b) = (env.api.clone(), env.api.clone());
-        let (t1, t2) = (pair.refresh_token.clone(), pair.refresh_token.clone());
-        let (x, y) = tokio::join!(
-            tokio::spawn(async move { refresh(&a, &t1).await }),
-            tokio::spawn(async move { refresh(&b, &t2).await })
-        );
-        let (x, y) = (x.unwrap(), y.unwrap());
-        assert!(!(x.is_ok() && y.is_ok()), "one refresh token exchanged twice");
-        assert!(x.is_ok() || y.is_ok(), "one of them wins");
+        let tabs: Vec<_> = (0..10)
+            .map(|_| {
+                let (api, token) = (env.api.clone(), pair.refresh_token.clone());
+                tokio::spawn(async move { refresh(&api, &token).await })
+            })
+            .collect();
+        let mut successors = std::collections::BTreeSet::new();
+        for tab in tabs {
+            let next = tab.await.unwrap().expect("every tab keeps the sign-in");
+            env.verifier.verify(&next.access_token).await.expect("a valid access token");
+            successors.insert(next.refresh_token);
+        }
+        assert_eq!(successors.len(), 1, "one successor for all tabs");
+        let successor = successors.into_iter().next().unwrap();
+        let after = refresh(&env.api, &successor).await.expect("the successor exchanges");
+        // The first token again: its successor is used now, so this is a theft — the sign-in
+        // goes, the newest token with it.
+        assert_eq!(refresh(&env.api, &pair.refresh_token).await.unwrap_err().code(), Code::Unauthenticated);
+        assert_eq!(refresh(&env.api, &after.refresh_token).await.unwrap_err().code(), Code::Unauthenticated);
     }
+    assert_eq!(events(&env, "type = refresh_reuse").await.len(), 3);
+}
+
+pub async fn reuse_after_the_grace_revokes(db: TestDb) {
+    let env = env(db).await;
+    let policy = Policy { refresh_reuse_grace: Duration::from_millis(300), ..policy() };
+    let keys = crm_auth::keys::KeyRing::open(env.store.clone()).await.unwrap();
+    let api = AuthApi::new(env.store.clone(), keys, policy, catalog());
+    let pair = sign_in(&api, ADMIN_EMAIL, ADMIN_PASSWORD).await.unwrap();
+    let next = refresh(&api, &pair.refresh_token).await.unwrap();
+    assert_eq!(refresh(&api, &pair.refresh_token).await.unwrap().refresh_token, next.refresh_token, "within the grace");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(refresh(&api, &pair.refresh_token).await.unwrap_err().code(), Code::Unauthenticated, "after it");
+    assert_eq!(
+        refresh(&api, &next.refresh_token).await.unwrap_err().code(),
+        Code::Unauthenticated,
+        "the sign-in is gone"
+    );
+    // With the grace off, a second presentation is a theft at once.
+    let policy = Policy { refresh_reuse_grace: Duration::ZERO, ..policy };
+    let keys = crm_auth::keys::KeyRing::open(env.store.clone()).await.unwrap();
+    let api = AuthApi::new(env.store.clone(), keys, policy, catalog());
+    let pair = sign_in(&api, ADMIN_EMAIL, ADMIN_PASSWORD).await.unwrap();
+    let next = refresh(&api, &pair.refresh_token).await.unwrap();
+    assert_eq!(refresh(&api, &pair.refresh_token).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(refresh(&api, &next.refresh_token).await.unwrap_err().code(), Code::Unauthenticated);
 }
 
 pub async fn sign_out_revokes_the_sign_in(db: TestDb) {
