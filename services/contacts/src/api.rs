@@ -280,9 +280,9 @@ impl ContactsService for ContactsApi {
         &self,
         request: Request<CheckDuplicatesRequest>,
     ) -> Result<Response<CheckDuplicatesResponse>, Status> {
-        self.caller(&request, READ.name).await?;
+        let caller = self.caller(&request, READ.name).await?;
         let r = request.into_inner();
-        respond(self.check_duplicates(r).await)
+        respond(self.check_duplicates(r, &caller.scope).await)
     }
 
     async fn list_revisions(
@@ -305,7 +305,12 @@ impl ContactsService for ContactsApi {
 }
 
 impl ContactsApi {
-    async fn check_duplicates(&self, r: CheckDuplicatesRequest) -> Result<CheckDuplicatesResponse, ApiError> {
+    /// Every record holding one of the values; the name only of those the caller may see.
+    async fn check_duplicates(
+        &self,
+        r: CheckDuplicatesRequest,
+        scope: &OwnerScope,
+    ) -> Result<CheckDuplicatesResponse, ApiError> {
         let mut v = Violations::new();
         let kind = Kind::from_record_type(i64::from(r.record_type));
         if kind.is_none() {
@@ -344,8 +349,8 @@ impl ContactsApi {
                 value: d.value,
                 record_type: d.kind.record_type() as i32,
                 record_id: d.record_id,
+                display_name: if scope.allows(&d.owner_id) { d.display_name } else { String::new() },
                 owner_id: d.owner_id,
-                display_name: d.display_name,
             })
             .collect();
         Ok(CheckDuplicatesResponse { matches })

@@ -50,13 +50,13 @@ impl Store {
             Some(d) if rows.iter().any(|(id, _)| *id == d.record_id) => {
                 format!("the {} {} appears twice in this batch", key.field, key.value)
             }
+            // The holder's id and owner, never its content: it may be outside the caller's scope.
             Some(d) => format!(
-                "a {} with {} {} already exists: {} \"{}\"{}",
+                "a {} with {} {} already exists: {}{}",
                 R::KIND.noun(),
                 key.field,
                 key.value,
                 d.record_id,
-                d.display_name,
                 if d.owner_id.is_empty() { String::new() } else { format!(", owned by {}", d.owner_id) }
             ),
             None => format!("the {} {} is already taken", key.field, key.value),

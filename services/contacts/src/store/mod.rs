@@ -181,7 +181,7 @@ impl Store {
         }
         let meta = Meta { id, version: 1, created_at: now, updated_at: now, last_activity_at: 0 };
         record.set_meta(&meta);
-        self.check_references(&mut tx, &record).await?;
+        self.check_references(&mut tx, &record, scope).await?;
         let keys: Vec<(String, Key)> = record.keys().into_iter().map(|k| (meta.id.clone(), k)).collect();
         self.insert_key_rows::<R>(&mut tx, &keys).await?;
         self.insert_rows(&mut tx, std::slice::from_ref(&record), caller).await?;
@@ -213,15 +213,16 @@ impl Store {
         Ok(prepared.iter().map(|r| r.id().to_string()).collect())
     }
 
-    async fn check_references<R: Record>(&self, tx: &mut Tx, record: &R) -> Result<(), ApiError> {
+    /// The company a record links to must be one the caller sees: one outside their scope
+    /// gets the same answer as one that does not exist, so that ids cannot be probed.
+    async fn check_references<R: Record>(&self, tx: &mut Tx, record: &R, scope: &OwnerScope) -> Result<(), ApiError> {
         let company_id = record.columns().company_id;
         if company_id.is_empty() {
             return Ok(());
         }
-        let mut sql = Sql::new("SELECT id FROM companies WHERE id = ");
-        sql.bind(company_id.as_str());
+        let sql = select(&self.db, Kind::Company, company_id.as_str(), scope);
         if sql.query().fetch_optional(&mut **tx).await?.is_none() {
-            return Err(ApiError::invalid(format!("{}.company_id", R::FIELD), "no company has this id"));
+            return Err(ApiError::invalid(format!("{}.company_id", R::FIELD), "is not a company you can see"));
         }
         Ok(())
     }
@@ -327,7 +328,7 @@ impl Store {
             self.insert_key_rows::<R>(edit.tx(), &rows).await?;
         }
         if old.columns().company_id != new.columns().company_id {
-            self.check_references(edit.tx(), &new).await?;
+            self.check_references(edit.tx(), &new, scope).await?;
         }
         let (old_tags, new_tags) = (old.tags(), new.tags());
         if old_tags != new_tags {

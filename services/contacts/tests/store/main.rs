@@ -91,6 +91,7 @@ crm_kit::both_backends!(env =>
     owners_are_assigned_within_scope,
     owners_must_be_active_users,
     permissions_are_required,
+    nothing_leaks_outside_the_scope,
 );
 
 /// The fields named by an INVALID_ARGUMENT's `google.rpc.BadRequest`.

@@ -373,3 +373,86 @@ pub async fn request_ids_are_scoped_to_the_caller(env: Env) {
     assert_eq!(create(CAROL, "Carol Lead", "+7 907 000-00-02").await.unwrap().into_inner(), carol);
     assert_eq!(list_people(api, "", "", "", 10, "").await.unwrap().people.len(), 2);
 }
+
+/// What a salesperson can learn of records outside their scope: that a value is taken, by
+/// which record id and owner — never the record's content; and a company they cannot see is
+/// answered exactly like one that does not exist.
+pub async fn nothing_leaks_outside_the_scope(env: Env) {
+    let api = &env.api;
+    let carols = person_as(api, CAROL, "Carol Secret Customer", "+7 913 555-00-11").await;
+    let company = api
+        .create_company(rw(
+            CAROL,
+            CreateCompanyRequest {
+                company: Some(Company { name: "Carol Secret Company".into(), ..Default::default() }),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Alice enters the same phone: refused, naming the holder's id and owner only.
+    let copy = person("Alice Entry", "8 913 555 00 11", "alice.entry@example.com");
+    let refused = api
+        .create_person(rw(ALICE, CreatePersonRequest { person: Some(copy), request_id: String::new() }))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::AlreadyExists);
+    assert!(!refused.message().contains("Secret"), "{}", refused.message());
+    assert!(refused.message().contains(&carols.id) && refused.message().contains(CAROL), "{}", refused.message());
+    let info = refused.get_details_error_info().expect("ErrorInfo");
+    assert!(info.metadata.values().all(|v| !v.contains("Secret")), "{info:?}");
+    assert_eq!(info.metadata.get("record_id"), Some(&carols.id));
+
+    // The duplicate check: the name only for whoever may see the record.
+    let check = |user: &'static str| {
+        api.check_duplicates(rw(
+            user,
+            CheckDuplicatesRequest {
+                record_type: RecordType::Person as i32,
+                phones: vec!["+79135550011".into()],
+                ..Default::default()
+            },
+        ))
+    };
+    let theirs = check(ALICE).await.unwrap().into_inner().matches;
+    assert_eq!(theirs.len(), 1);
+    assert_eq!((theirs[0].record_id.as_str(), theirs[0].owner_id.as_str()), (carols.id.as_str(), CAROL));
+    assert_eq!(theirs[0].display_name, "", "outside Alice's scope");
+    let own = check(CAROL).await.unwrap().into_inner().matches;
+    assert_eq!(own[0].display_name, "Carol Secret Customer");
+    let admin = api
+        .check_duplicates(req(CheckDuplicatesRequest {
+            record_type: RecordType::Company as i32,
+            company_name: "carol secret company".into(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .matches;
+    assert_eq!(admin[0].display_name, "Carol Secret Company");
+
+    // Linking to Carol's company and to no company at all: one answer.
+    let link = |company_id: String| {
+        let p = Person { full_name: "Alice Link".into(), company_id, ..Default::default() };
+        api.create_person(rw(ALICE, CreatePersonRequest { person: Some(p), request_id: String::new() }))
+    };
+    let hidden = link(company.id.clone()).await.unwrap_err();
+    let missing = link(uuid::Uuid::now_v7().to_string()).await.unwrap_err();
+    assert_eq!((hidden.code(), hidden.message()), (missing.code(), missing.message()));
+    assert_eq!(fields(&hidden), ["person.company_id"]);
+    assert_eq!(hidden.details(), missing.details());
+    // Carol herself links to it.
+    let p = Person { full_name: "Carol Link".into(), company_id: company.id.clone(), ..Default::default() };
+    api.create_person(rw(CAROL, CreatePersonRequest { person: Some(p), request_id: String::new() })).await.unwrap();
+    // And an update that moves Alice's record to Carol's company is refused the same way.
+    let alices = person_as(api, ALICE, "Alice Own", "+7 913 555-00-12").await;
+    let moved = Person { id: alices.id.clone(), company_id: company.id.clone(), ..Default::default() };
+    let refused = api
+        .update_person(rw(ALICE, UpdatePersonRequest { person: Some(moved), update_mask: mask(&["company_id"]) }))
+        .await
+        .unwrap_err();
+    assert_eq!((refused.code(), refused.message()), (missing.code(), missing.message()));
+}
