@@ -441,9 +441,58 @@ async fn bounded_errors(addr: SocketAddr, token: &str) {
     }
 }
 
+/// A process's resident memory, from `/proc`.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process's status");
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).expect("VmRSS").trim().trim_end_matches(" kB");
+    kb.trim().parse::<u64>().expect("a number of kB") * 1024
+}
+
+/// Sixteen callers signing in with unknown e-mails for `secs` seconds, straight at auth (`pid`
+/// at `addr`): every answer is UNAUTHENTICATED (or RESOURCE_EXHAUSTED when the queue is full),
+/// and auth's memory stays bounded. Returns the peak resident memory.
+async fn sign_in_flood(addr: SocketAddr, pid: u32, secs: u64) -> u64 {
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    let codes = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
+    let callers: Vec<_> = (0..16)
+        .map(|n| {
+            let codes = codes.clone();
+            tokio::spawn(async move {
+                let mut client = auth(addr).await;
+                let mut i = 0;
+                while std::time::Instant::now() < until {
+                    i += 1;
+                    let request =
+                        SignInRequest { email: format!("nobody-{n}-{i}@example.com"), password: "guess-guess".into() };
+                    let code =
+                        client.sign_in(request).await.map_or_else(|s| format!("{:?}", s.code()), |_| "OK".into());
+                    *codes.lock().await.entry(code).or_default() += 1;
+                }
+            })
+        })
+        .collect();
+    let mut peak = rss_bytes(pid);
+    while std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peak = peak.max(rss_bytes(pid));
+    }
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    peak = peak.max(rss_bytes(pid));
+    let codes = codes.lock().await.clone();
+    eprintln!("sign-in flood: {codes:?}, auth's peak RSS {} MiB", peak >> 20);
+    assert!(codes.keys().all(|c| c == "Unauthenticated" || c == "ResourceExhausted"), "{codes:?}");
+    assert!(codes.get("Unauthenticated").copied().unwrap_or(0) > 16, "{codes:?}");
+    peak
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_refuses_hostile_input_on_postgresql() {
-    let cluster = Cluster::start(ClusterConfig { replicas: vec![], flags: vec![] }).await;
+    let mut cluster = Cluster::start(ClusterConfig { replicas: vec![], flags: vec![] }).await;
+    let (auth_addr, auth_pid) = (cluster.replica("auth", 0), cluster.process("auth", 0).pid());
+    let peak = sign_in_flood(auth_addr, auth_pid, 6).await;
+    assert!(peak < 150 << 20, "auth's memory through a sign-in flood: {} MiB", peak >> 20);
     let token = admin_token(cluster.gateway).await;
     malformed_bodies(
         &[("the gateway", cluster.gateway), ("a contacts replica", cluster.replica("contacts", 0))],

@@ -35,6 +35,9 @@ pub enum ApiError {
     PermissionDenied(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Too much at once (a queue's deadline passed): the caller should retry shortly.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -97,6 +100,10 @@ impl From<ApiError> for Status {
             ApiError::Unavailable(msg) => {
                 tracing::warn!(error = %msg, "unavailable");
                 Status::unavailable("a backing store is unavailable; retry later")
+            }
+            ApiError::ResourceExhausted(msg) => {
+                let details = ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1)));
+                Status::with_error_details(Code::ResourceExhausted, clip(msg, MAX_MESSAGE_CHARS), details)
             }
             ApiError::Internal(msg) => {
                 tracing::error!(error = %msg, "internal error");

@@ -91,7 +91,7 @@ pub async fn bootstrap(
         department_name: HEAD_OFFICE.into(),
         admin_email: email.clone(),
         admin_display_name: "Administrator".into(),
-        admin_password_hash: secrets::hash_password_async(&password).await,
+        admin_password_hash: secrets::hash_password_async(&password).await?,
         admin_role: ADMINISTRATOR.into(),
     };
     let created = store.bootstrap(&plan).await?;

@@ -80,7 +80,7 @@ impl AuthApi {
                 if plausible { &r.current_password } else { "" },
                 Some(&credentials.password_hash),
             )
-            .await;
+            .await?;
             let now = now_micros();
             let locked = credentials.locked_until > now;
             if !correct || locked || !credentials.active {
@@ -95,7 +95,7 @@ impl AuthApi {
                 return Err(ApiError::invalid("current_password", "is incorrect, or the account is locked"));
             }
         }
-        let hash = secrets::hash_password_async(&r.new_password).await;
+        let hash = secrets::hash_password_async(&r.new_password).await?;
         self.store.set_password(&r.user_id, &hash, &event).await
     }
 }
@@ -193,7 +193,7 @@ impl OrgService for AuthApi {
             domain::normalize_user(&mut user, &mut v);
             domain::check_new_password(&mut v, "password", &r.password);
             v.check()?;
-            let hash = secrets::hash_password_async(&r.password).await;
+            let hash = secrets::hash_password_async(&r.password).await?;
             self.store.create_user(&user, &hash, &actor).await
         };
         respond(result.await)

@@ -28,7 +28,7 @@ impl AuthApi {
             if plausible { &r.password } else { "" },
             credentials.as_ref().map(|c| c.password_hash.as_str()),
         )
-        .await;
+        .await?;
         let now = now_micros();
         let event = Event {
             kind: events::SIGN_IN_FAILED,

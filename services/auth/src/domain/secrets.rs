@@ -5,10 +5,13 @@
 
 use std::sync::LazyLock;
 
-use argon2::password_hash::SaltString;
-use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
+use std::time::Duration;
+
+use argon2::password_hash::{Output, ParamsString, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use crm_kit::ApiError;
 use rand::{Rng, RngCore};
 use sha2::{Digest, Sha256};
 
@@ -21,20 +24,68 @@ pub const GENERATED_PASSWORD_CHARS: usize = 20;
 
 /// Hashes a password with argon2id (the crate's default parameters) and a random salt.
 pub fn hash_password(password: &str) -> String {
-    let mut salt = [0u8; 16];
-    rand::rng().fill_bytes(&mut salt);
-    let salt = SaltString::encode_b64(&salt).expect("16 bytes make a valid salt");
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .expect("argon2 with default parameters hashes any password")
-        .to_string()
+    hash_with(password, &mut Vec::new())
 }
 
 /// Whether `password` matches the PHC string `hash`. A malformed hash matches nothing.
 pub fn verify_password(password: &str, hash: &str) -> bool {
-    match PasswordHash::new(hash) {
-        Ok(parsed) => Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
-        Err(_) => false,
+    verify_with(password, hash, &mut Vec::new())
+}
+
+/// [`hash_password`] in `memory` (grown to what argon2 needs, then reused).
+fn hash_with(password: &str, memory: &mut Vec<Block>) -> String {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let salt = SaltString::encode_b64(&salt).expect("16 bytes make a valid salt");
+    let mut raw_salt = [0u8; 64];
+    let raw_salt = salt.decode_b64(&mut raw_salt).expect("a salt just encoded decodes");
+    let params = Params::default();
+    let mut out = [0u8; Params::DEFAULT_OUTPUT_LEN];
+    blocks(memory, params.block_count());
+    Argon2::from(params.clone())
+        .hash_password_into_with_memory(password.as_bytes(), raw_salt, &mut out, &mut memory[..params.block_count()])
+        .expect("argon2 with default parameters hashes any password");
+    let hash = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(&params).expect("default parameters format"),
+        salt: Some(salt.as_salt()),
+        hash: Some(Output::new(&out).expect("a 32-byte output")),
+    };
+    hash.to_string()
+}
+
+/// [`verify_password`] in `memory`.
+fn verify_with(password: &str, hash: &str, memory: &mut Vec<Block>) -> bool {
+    let Ok(parsed) = PasswordHash::new(hash) else { return false };
+    let (Ok(algorithm), Ok(params), Some(salt), Some(expected)) =
+        (Algorithm::try_from(parsed.algorithm), Params::try_from(&parsed), parsed.salt, parsed.hash)
+    else {
+        return false;
+    };
+    let version = parsed.version.map_or(Ok(Version::V0x13), Version::try_from).unwrap_or(Version::V0x13);
+    let mut raw_salt = [0u8; 64];
+    let Ok(raw_salt) = salt.decode_b64(&mut raw_salt) else { return false };
+    let mut out = vec![0u8; expected.len()];
+    let Ok(params) = Params::new(params.m_cost(), params.t_cost(), params.p_cost(), Some(expected.len())) else {
+        return false;
+    };
+    blocks(memory, params.block_count());
+    let block_count = params.block_count();
+    let argon2 = Argon2::new(algorithm, version, params);
+    if argon2
+        .hash_password_into_with_memory(password.as_bytes(), raw_salt, &mut out, &mut memory[..block_count])
+        .is_err()
+    {
+        return false;
+    }
+    same_hash(&out, expected.as_bytes())
+}
+
+/// Makes `memory` hold at least `count` blocks.
+fn blocks(memory: &mut Vec<Block>, count: usize) {
+    if memory.len() < count {
+        memory.resize(count, Block::new());
     }
 }
 
@@ -48,28 +99,51 @@ pub fn prepare() {
     LazyLock::force(&DUMMY_HASH);
 }
 
-/// Password hashes computed at once: each takes ~19 MiB and a core for tens of milliseconds, so
-/// a flood of sign-ins queues here instead of exhausting memory.
-static HASHING: LazyLock<tokio::sync::Semaphore> = LazyLock::new(|| {
+/// How long a password check waits for its turn before the caller is told to come back.
+pub const HASHING_QUEUE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Every argon2 use goes through here: as many at once as the machine has cores (at most 4),
+/// each in a memory buffer of its own that is kept and reused (~19 MiB each), so that a flood of
+/// sign-ins queues — for at most [`HASHING_QUEUE_DEADLINE`], then RESOURCE_EXHAUSTED — instead
+/// of allocating, and memory stays flat.
+struct Hashers {
+    permits: tokio::sync::Semaphore,
+    buffers: std::sync::Mutex<Vec<Vec<Block>>>,
+}
+
+static HASHERS: LazyLock<Hashers> = LazyLock::new(|| {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    tokio::sync::Semaphore::new(cores * 2)
+    Hashers { permits: tokio::sync::Semaphore::new(cores.clamp(1, 4)), buffers: Default::default() }
 });
 
-/// Runs argon2 work on the blocking threads, a bounded number at a time.
-async fn hashing<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    let _permit = HASHING.acquire().await.expect("the hashing semaphore is never closed");
-    tokio::task::spawn_blocking(work).await.expect("password hashing does not panic")
+/// Runs argon2 work on the blocking threads, with a pooled buffer, a bounded number at a time.
+async fn hashing<T: Send + 'static>(work: impl FnOnce(&mut Vec<Block>) -> T + Send + 'static) -> Result<T, ApiError> {
+    let permit = tokio::time::timeout(HASHING_QUEUE_DEADLINE, HASHERS.permits.acquire())
+        .await
+        .map_err(|_| ApiError::ResourceExhausted("too many password checks at once; retry shortly".into()))?
+        .expect("the hashing semaphore is never closed");
+    let mut buffer =
+        HASHERS.buffers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop().unwrap_or_default();
+    let (result, buffer) = tokio::task::spawn_blocking(move || {
+        let result = work(&mut buffer);
+        (result, buffer)
+    })
+    .await
+    .expect("password hashing does not panic");
+    HASHERS.buffers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(buffer);
+    drop(permit);
+    Ok(result)
 }
 
 /// Checks `password` against `hash` off the async threads (argon2 is deliberately slow). With no
-/// hash it checks against a dummy one and answers false, taking the same time.
-pub async fn check_password(password: &str, hash: Option<&str>) -> bool {
+/// hash it checks against a dummy one and answers false, taking the same time and memory.
+pub async fn check_password(password: &str, hash: Option<&str>) -> Result<bool, ApiError> {
     let password = password.to_string();
     let hash = hash.map(str::to_string);
-    hashing(move || match hash {
-        Some(hash) => verify_password(&password, &hash),
+    hashing(move |memory| match hash {
+        Some(hash) => verify_with(&password, &hash, memory),
         None => {
-            let _ = verify_password(&password, &DUMMY_HASH);
+            let _ = verify_with(&password, &DUMMY_HASH, memory);
             false
         }
     })
@@ -77,9 +151,9 @@ pub async fn check_password(password: &str, hash: Option<&str>) -> bool {
 }
 
 /// [`hash_password`] off the async threads.
-pub async fn hash_password_async(password: &str) -> String {
+pub async fn hash_password_async(password: &str) -> Result<String, ApiError> {
     let password = password.to_string();
-    hashing(move || hash_password(&password)).await
+    hashing(move |memory| hash_with(&password, memory)).await
 }
 
 /// 32 random bytes, base64url: refresh tokens and client secrets.
@@ -161,11 +235,32 @@ mod tests {
         assert_ne!(hash, hash_password("correct horse battery"), "salted");
     }
 
+    #[test]
+    fn hashes_are_standard_phc_strings() {
+        use argon2::{PasswordHasher, PasswordVerifier};
+        // Ours verify with the crate's own verifier, and the crate's verify with ours.
+        let ours = hash_password("correct horse battery");
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(Argon2::default().verify_password(b"correct horse battery", &parsed).is_ok());
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let theirs = Argon2::default().hash_password(b"correct horse battery", &salt).unwrap().to_string();
+        assert!(verify_password("correct horse battery", &theirs));
+        assert!(!verify_password("wrong", &theirs));
+        // Other parameters (an older hash) verify too, in the same reused buffer.
+        let light = Argon2::from(Params::new(8 * 1024, 1, 1, None).unwrap());
+        let older = light.hash_password(b"pw-older-params", &salt).unwrap().to_string();
+        let mut memory = Vec::new();
+        assert!(verify_with("pw-older-params", &older, &mut memory));
+        assert!(verify_with("correct horse battery", &theirs, &mut memory));
+        assert_eq!(memory.len(), Params::default().block_count(), "the buffer grows once, to the largest need");
+    }
+
     #[tokio::test]
     async fn checking_without_a_hash_fails() {
-        assert!(!check_password("whatever", None).await);
+        assert!(!check_password("whatever", None).await.unwrap());
         let hash = hash_password("s3cret-passw0rd");
-        assert!(check_password("s3cret-passw0rd", Some(&hash)).await);
+        assert!(check_password("s3cret-passw0rd", Some(&hash)).await.unwrap());
+        assert!(!check_password("wrong-passw0rd", Some(&hash)).await.unwrap());
     }
 
     #[test]
