@@ -35,6 +35,7 @@ use crm_proto::contacts::v1::{
 use crm_tests::*;
 use prost_types::FieldMask;
 use tonic::Code;
+use tonic_types::StatusExt;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -1212,4 +1213,89 @@ async fn dev_mode_prints_a_generated_admin_password_once() {
     let dev = start_dev("dev-again", &data_dir, addr, &[]).await;
     assert!(!dev.output().contains(&password), "a restart does not print the password again:\n{}", dev.output());
     sign_in(addr, ADMIN_EMAIL, &password).await.expect("the generated password still signs in");
+}
+
+/// Calls to contacts by `callers` through the gateway, in a loop until `stop`: (succeeded,
+/// failures with their codes).
+async fn contacts_load(
+    addr: SocketAddr,
+    callers: Vec<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (usize, Vec<String>) {
+    let tasks: Vec<_> = callers
+        .into_iter()
+        .map(|token| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut c = contacts_as(addr, &token).await;
+                let (mut ok, mut failed) = (0, Vec::new());
+                while !stop.load(Ordering::SeqCst) {
+                    match people(&mut c, "", "").await {
+                        Ok(_) => ok += 1,
+                        Err(status) => failed.push(format!("{:?}: {}", status.code(), status.message())),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let (mut ok, mut failed) = (0, Vec::new());
+    for task in tasks {
+        let (o, f) = task.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    (ok, failed)
+}
+
+/// Auth killed under load: with two replicas, losing one fails no contacts call; with none
+/// left, callers contacts has seen keep their data scope (`--visibility-stale-for`) and only a
+/// caller never seen is told UNAVAILABLE, with retry info, until auth is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contacts_keeps_serving_while_auth_is_down() {
+    let mut cluster = Cluster::start(ClusterConfig { replicas: vec![("auth", 2)], ..ClusterConfig::default() }).await;
+    let addr = cluster.gateway;
+    let mut admin = Admin::sign_in(addr).await;
+    let mut callers = vec![admin.token.clone()];
+    for name in ["outage-a", "outage-b", "outage-c"] {
+        callers.push(admin.signed_in_user(&format!("{name}@example.com"), &["Salesperson"]).await.1.access_token);
+    }
+    let (_, unseen) = admin.signed_in_user("outage-unseen@example.com", &["Salesperson"]).await;
+    let (_, late) = admin.signed_in_user("outage-late@example.com", &["Salesperson"]).await;
+    let run = |callers: Vec<String>| {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (stop.clone(), tokio::spawn(contacts_load(addr, callers, stop)))
+    };
+
+    // One auth replica of two killed mid-load: no call fails, a first-time caller included.
+    let (stop, load) = run(callers.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.process("auth", 0).kill();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    people(&mut contacts_as(addr, &late.access_token).await, "", "").await.expect("a new caller, one auth left");
+    stop.store(true, Ordering::SeqCst);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 0 && failed.is_empty(), "{ok} served, {} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+
+    // The last one killed: the callers seen keep working; a caller never seen is asked to retry.
+    let (stop, load) = run(callers.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.process("auth", 1).kill();
+    tokio::time::sleep(Duration::from_secs(4)).await; // past the 2 s visibility cache
+    let refused = people(&mut contacts_as(addr, &unseen.access_token).await, "", "").await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.get_details_retry_info().is_some(), "{refused:?}");
+    stop.store(true, Ordering::SeqCst);
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 0 && failed.is_empty(), "{ok} served, {} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    eprintln!("auth down: {ok} contacts calls served, {} failed", failed.len());
+
+    // Auth back: the new caller is served.
+    cluster.process("auth", 1).restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut c = contacts_as(addr, &unseen.access_token).await;
+    while people(&mut c, "", "").await.is_err() {
+        assert!(Instant::now() < deadline, "served once auth is back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -99,7 +99,8 @@ impl From<ApiError> for Status {
             ApiError::PermissionDenied(msg) => Status::permission_denied(clip(msg, MAX_MESSAGE_CHARS)),
             ApiError::Unavailable(msg) => {
                 tracing::warn!(error = %msg, "unavailable");
-                Status::unavailable("a backing store is unavailable; retry later")
+                let details = ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1)));
+                Status::with_error_details(Code::Unavailable, "a backing store is unavailable; retry later", details)
             }
             ApiError::ResourceExhausted(msg) => {
                 let details = ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1)));

@@ -131,6 +131,8 @@ pub struct Metrics {
     /// 1 when the gateway considers an upstream endpoint healthy, else 0.
     pub upstream_up: Family<UpstreamLabels, Gauge>,
     pub events: EventMetrics,
+    /// Calls served with a caller's last data scope because the auth service was unreachable.
+    pub stale_scopes: Counter,
     pools: Mutex<Vec<(String, sqlx::AnyPool)>>,
 }
 
@@ -148,7 +150,21 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let upstream_up = Family::<UpstreamLabels, Gauge>::default();
     registry.register("crm_gateway_upstream_up", "Whether an upstream endpoint is healthy", upstream_up.clone());
     let events = EventMetrics::register(&mut registry);
-    Metrics { registry, rpc_server_duration, db_connections, upstream_up, events, pools: Mutex::new(Vec::new()) }
+    let stale_scopes = Counter::default();
+    registry.register(
+        "crm_auth_stale_scopes",
+        "Calls served with the caller's last data scope while the auth service was unreachable",
+        stale_scopes.clone(),
+    );
+    Metrics {
+        registry,
+        rpc_server_duration,
+        db_connections,
+        upstream_up,
+        events,
+        stale_scopes,
+        pools: Mutex::new(Vec::new()),
+    }
 });
 
 pub fn metrics() -> &'static Metrics {

@@ -59,6 +59,16 @@ pub struct ContactsArgs {
         value_parser = crm_kit::config::parse_duration
     )]
     pub visibility_cache_ttl: Duration,
+    /// While the auth service cannot be reached, how long past the cache TTL a caller's last
+    /// resolved data scope is still used (callers never resolved get UNAVAILABLE); "0": never.
+    #[arg(
+        long = "visibility-stale-for",
+        value_name = "DURATION",
+        env = "CRM_VISIBILITY_STALE_FOR",
+        default_value = "5m",
+        value_parser = crm_kit::config::parse_duration
+    )]
+    pub visibility_stale_for: Duration,
 }
 
 impl ContactsArgs {
@@ -124,7 +134,7 @@ impl role::Service for Contacts {
         }
         let db = ctx.open_db(&store::migrations()).await?;
         let (outbox, relay) = ctx.outbox(&db);
-        let scopes = ScopeCache::remote(auth.clone(), args.visibility_cache_ttl);
+        let scopes = ScopeCache::remote(auth.clone(), args.visibility_cache_ttl).stale_for(args.visibility_stale_for);
         // An organisation change in auth drops every cached data scope at once; the TTL only
         // bounds how stale one can be while events are delayed.
         let organisation = ctx.events().listener(AUTH_ROLE, {

@@ -44,12 +44,20 @@ impl ScopeSource for RemoteScopes {
 /// Most principals whose scope is cached; beyond it expired entries are dropped, then all.
 const VISIBILITY_CACHE_ENTRIES: usize = 100_000;
 
+/// How long a caller's last resolved scope is still used while the auth service cannot be
+/// reached, unless told otherwise ([`ScopeCache::stale_for`]).
+pub const DEFAULT_STALE_FOR: Duration = Duration::from_secs(300);
+
 /// Visible-owner sets, cached per principal for a bounded time: a change in the organisation
-/// (a user moved, a role's scope changed) shows within `ttl`.
+/// (a user moved, a role's scope changed) shows within `ttl`. While the auth service cannot be
+/// reached, a caller's last resolved scope stays usable for `stale_for` more (stale-if-error),
+/// so that an auth outage does not take the services down with it; only callers never resolved
+/// get UNAVAILABLE. [`ScopeCache::forget_all`] (an organisation event) drops stale scopes too.
 #[derive(Clone)]
 pub struct ScopeCache {
     source: Arc<dyn ScopeSource>,
     ttl: Duration,
+    stale_for: Duration,
     cache: Arc<Mutex<Cached>>,
 }
 
@@ -62,13 +70,13 @@ struct Cached {
 
 impl std::fmt::Debug for ScopeCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ScopeCache").field("ttl", &self.ttl).finish_non_exhaustive()
+        f.debug_struct("ScopeCache").field("ttl", &self.ttl).field("stale_for", &self.stale_for).finish_non_exhaustive()
     }
 }
 
 impl ScopeCache {
     pub fn new(source: Arc<dyn ScopeSource>, ttl: Duration) -> ScopeCache {
-        ScopeCache { source, ttl, cache: Arc::new(Mutex::new(Cached::default())) }
+        ScopeCache { source, ttl, stale_for: DEFAULT_STALE_FOR, cache: Arc::new(Mutex::new(Cached::default())) }
     }
 
     /// Resolution by the auth service's replicas.
@@ -76,9 +84,20 @@ impl ScopeCache {
         ScopeCache::new(Arc::new(RemoteScopes { auth }), ttl)
     }
 
+    /// How long past its `ttl` a scope is still used while the auth service is unreachable
+    /// (zero: never).
+    pub fn stale_for(mut self, stale_for: Duration) -> ScopeCache {
+        self.stale_for = stale_for;
+        self
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cached> {
+        self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     pub async fn resolve(&self, principal: &Principal) -> Result<OwnerScope, ApiError> {
         let generation = {
-            let cache = self.cache.lock().expect("visibility cache lock");
+            let cache = self.lock();
             if !self.ttl.is_zero()
                 && let Some((at, scope)) = cache.scopes.get(&principal.subject)
                 && at.elapsed() < self.ttl
@@ -87,19 +106,39 @@ impl ScopeCache {
             }
             cache.generation
         };
-        let scope = self.source.resolve(principal).await?;
-        if !self.ttl.is_zero() {
-            let mut cache = self.cache.lock().expect("visibility cache lock");
-            if cache.generation != generation {
-                return Ok(scope);
+        let resolved = match self.source.resolve(principal).await {
+            // Another replica may answer (the one asked may have just died).
+            Err(ApiError::Unavailable(_)) => self.source.resolve(principal).await,
+            other => other,
+        };
+        let scope = match resolved {
+            Ok(scope) => scope,
+            Err(ApiError::Unavailable(why)) => {
+                let cache = self.lock();
+                return match cache.scopes.get(&principal.subject) {
+                    Some((at, scope)) if at.elapsed() < self.ttl + self.stale_for => {
+                        tracing::debug!(error = %why, "auth unreachable; using the caller's last data scope");
+                        crate::metrics::metrics().stale_scopes.inc();
+                        Ok(scope.clone())
+                    }
+                    _ => Err(ApiError::Unavailable(why)),
+                };
             }
+            Err(other) => return Err(other),
+        };
+        let mut cache = self.lock();
+        if cache.generation != generation {
+            return Ok(scope);
+        }
+        if cache.scopes.len() >= VISIBILITY_CACHE_ENTRIES {
+            let keep = self.ttl + self.stale_for;
+            cache.scopes.retain(|_, (at, _)| at.elapsed() < keep);
             if cache.scopes.len() >= VISIBILITY_CACHE_ENTRIES {
-                let ttl = self.ttl;
-                cache.scopes.retain(|_, (at, _)| at.elapsed() < ttl);
-                if cache.scopes.len() >= VISIBILITY_CACHE_ENTRIES {
-                    cache.scopes.clear();
-                }
+                cache.scopes.clear();
             }
+        }
+        // Kept even with no ttl: the last scope is what an auth outage falls back on.
+        if !self.ttl.is_zero() || !self.stale_for.is_zero() {
             cache.scopes.insert(principal.subject.clone(), (Instant::now(), scope.clone()));
         }
         Ok(scope)
@@ -108,7 +147,7 @@ impl ScopeCache {
     /// Drops every cached scope (the organisation changed): the next call of each caller
     /// resolves theirs again. A resolution already under way is not cached.
     pub fn forget_all(&self) {
-        let mut cache = self.cache.lock().expect("visibility cache lock");
+        let mut cache = self.lock();
         cache.scopes.clear();
         cache.generation += 1;
     }
@@ -150,5 +189,70 @@ mod tests {
         let uncached = ScopeCache::new(source.clone(), Duration::ZERO);
         let a = uncached.resolve(&principal).await.unwrap();
         assert_ne!(uncached.resolve(&principal).await.unwrap(), a);
+    }
+
+    /// A source that fails (auth unreachable) for as many calls as `failures` says.
+    struct Flaky {
+        calls: std::sync::atomic::AtomicUsize,
+        failures: std::sync::atomic::AtomicUsize,
+    }
+
+    impl ScopeSource for Flaky {
+        fn resolve<'a>(&'a self, principal: &'a Principal) -> BoxFuture<'a, Result<OwnerScope, ApiError>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.calls.fetch_add(1, SeqCst);
+            let failing = self.failures.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok();
+            let owners: Arc<[String]> = vec![principal.subject.clone()].into();
+            Box::pin(async move {
+                if failing { Err(ApiError::Unavailable("auth is down".into())) } else { Ok(OwnerScope::Owners(owners)) }
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_callers_last_scope_outlives_an_auth_outage_for_a_bounded_time() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let known = Principal::from_claims(claims(now() + 60), "t".into());
+        let stranger =
+            Principal::from_claims(Claims { sub: "user-2".into(), exp: now() + 60, ..Claims::default() }, "u".into());
+        let source = Arc::new(Flaky { calls: Default::default(), failures: Default::default() });
+        // No TTL: every call asks auth, and the last answer is only the fallback.
+        let cache = ScopeCache::new(source.clone(), Duration::ZERO).stale_for(Duration::from_millis(300));
+        let scope = cache.resolve(&known).await.unwrap();
+
+        // One replica dies: the second try answers.
+        source.failures.store(1, SeqCst);
+        assert_eq!(cache.resolve(&known).await.unwrap(), scope);
+        assert_eq!(source.calls.load(SeqCst), 3);
+
+        // Auth is down: the known caller keeps their scope, a stranger is told to retry.
+        source.failures.store(usize::MAX, SeqCst);
+        assert_eq!(cache.resolve(&known).await.unwrap(), scope);
+        let refused = tonic::Status::from(cache.resolve(&stranger).await.unwrap_err());
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert!(tonic_types::StatusExt::get_details_retry_info(&refused).is_some(), "with retry info");
+
+        // For a bounded time only.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(matches!(cache.resolve(&known).await, Err(ApiError::Unavailable(_))));
+
+        // An organisation event wins over a stale scope.
+        source.failures.store(0, SeqCst);
+        cache.resolve(&known).await.unwrap();
+        source.failures.store(usize::MAX, SeqCst);
+        cache.forget_all();
+        assert!(matches!(cache.resolve(&known).await, Err(ApiError::Unavailable(_))));
+
+        // Refusals other than unavailability are never papered over.
+        let denied = ScopeCache::new(Arc::new(Denying), Duration::ZERO);
+        assert!(matches!(denied.resolve(&known).await, Err(ApiError::Unauthenticated(_))));
+    }
+
+    struct Denying;
+
+    impl ScopeSource for Denying {
+        fn resolve<'a>(&'a self, _: &'a Principal) -> BoxFuture<'a, Result<OwnerScope, ApiError>> {
+            Box::pin(async { Err(ApiError::unauthenticated("revoked")) })
+        }
     }
 }
