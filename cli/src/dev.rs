@@ -12,6 +12,7 @@ use crm_kit::auth::ServiceCredentials;
 use crm_kit::events::{Events, Settings};
 use crm_kit::peer::Peers;
 use crm_kit::role::{CommonArgs, Context, Database, callees};
+use crm_kit::server::ServerSettings;
 
 use crate::{SUITE, SuiteFlags};
 
@@ -57,6 +58,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let peers = Peers::new(callees, intervals, args.common.keys_refresh_interval, Some(credentials), shutdown.clone());
     // Events go through the roles' databases: every producer runs in this process.
     let events = Events::embedded(&SUITE, Settings::default());
+    // One process: nothing balances over its roles, so a stop drains at once.
+    let settings = args.common.server_settings().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let settings = ServerSettings { drain_delay: Duration::ZERO, ..settings };
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut banner = Vec::new();
@@ -69,6 +73,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         });
         let ctx = Context::new(spec, SUITE, database, peers.clone(), events.clone());
         let opened = role.open(args.flags.matches(), ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
+        let opened = opened.server_settings(settings);
         banner.extend(opened.banner_lines().iter().cloned());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {

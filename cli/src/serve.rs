@@ -55,6 +55,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let intervals = args.common.intervals().map_err(|e| anyhow::anyhow!("{e}"))?;
     let peers = Peers::new(callees, intervals, args.common.keys_refresh_interval, credentials, shutdown.clone());
     let events = args.events.events(&SUITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let settings = args.common.server_settings().map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let mut tasks = tokio::task::JoinSet::new();
     for role in served {
@@ -64,6 +65,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         let ctx = Context::new(spec, SUITE, placement.database.clone(), peers.clone(), events.clone());
         let opened = role.open(args.flags.matches(), ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
+        let opened = opened.server_settings(settings);
         if let Some(notice) = opened.notice_text() {
             println!("{notice}");
         }

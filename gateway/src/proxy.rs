@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crm_kit::limit::{Guard, Limited, MAX_MESSAGE_BYTES};
+use crm_kit::limit::Refusal;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use tonic::Code;
@@ -177,10 +177,9 @@ async fn forward(upstream: &Upstream, request: Request<HttpBody>) -> Response<Ht
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     forwarded_for(&mut parts);
-    // Frame headers are followed (an oversize message is refused from its length prefix, before
-    // it is uploaded); messages are neither buffered nor decoded.
-    let body = Limited::new(body, MAX_MESSAGE_BYTES, Guard::Frames, parts.uri.path());
-    let refusal = body.refusal();
+    // The server follows the body's frame headers (an oversize or trickling message is refused
+    // before it is uploaded; messages are neither buffered nor decoded) and says why here.
+    let refusal = parts.extensions.get::<Refusal>().cloned().unwrap_or_default();
     let request = Request::from_parts(parts, tonic::body::Body::new(body));
     match upstream.pool.send(request).await {
         Ok(response) => response.map(HttpBody::new),

@@ -425,6 +425,50 @@ async fn malformed_bodies(addrs: &[(&str, SocketAddr)], token: &str) {
     }
 }
 
+/// Slow clients cannot hold a call open: a body that stops inside a message, or never ends
+/// after one, is cut off after `--request-read-timeout` (2 s here) — at the gateway for its own
+/// services and for what it forwards. Every server advertises a stream limit.
+async fn slow_bodies(addrs: &[(&str, SocketAddr)], token: &str) {
+    let health = "/grpc.health.v1.Health/Check";
+    let get = "/crm.contacts.v1.ContactsService/GetPerson";
+    let whole = framed(0, &GetPersonRequest { id: "0190b8a2-0000-7000-8000-000000000001".into() }.encode_to_vec());
+    for &(place, addr) in addrs {
+        for (what, path, chunks) in [
+            ("a health check that never ends", health, vec![Bytes::from(framed(0, &[]))]),
+            ("a message that stops half-way", get, vec![Bytes::copy_from_slice(&whole[..8])]),
+            ("a call whose body never ends", get, vec![Bytes::from(whole.clone())]),
+        ] {
+            let started = std::time::Instant::now();
+            let (code, message) = raw_call(addr, path, "application/grpc", token, chunks, true).await;
+            assert_eq!(Code::from_i32(code), Code::DeadlineExceeded, "{what} at {place}: {message}");
+            assert!(started.elapsed() < Duration::from_secs(15), "{what} at {place} was held too long");
+        }
+        assert_eq!(max_concurrent_streams(addr).await, Some(256), "at {place}");
+    }
+}
+
+/// The `SETTINGS_MAX_CONCURRENT_STREAMS` a server advertises in its first SETTINGS frame.
+async fn max_concurrent_streams(addr: SocketAddr) -> Option<u32> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap(); // an empty SETTINGS frame
+    loop {
+        let mut header = [0u8; 9];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut header)).await.ok()?.ok()?;
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).await.ok()?;
+        // SETTINGS, not an acknowledgement: six bytes per setting.
+        if header[3] == 4 && header[4] & 1 == 0 {
+            return payload
+                .chunks(6)
+                .find(|c| c.len() == 6 && u16::from_be_bytes([c[0], c[1]]) == 3)
+                .map(|c| u32::from_be_bytes([c[2], c[3], c[4], c[5]]));
+        }
+    }
+}
+
 /// An error quotes a short prefix of what it refuses.
 async fn bounded_errors(addr: SocketAddr, token: &str) {
     let mut c = contacts_as(addr, token).await;
@@ -489,7 +533,9 @@ async fn sign_in_flood(addr: SocketAddr, pid: u32, secs: u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_refuses_hostile_input_on_postgresql() {
-    let mut cluster = Cluster::start(ClusterConfig { replicas: vec![], flags: vec![] }).await;
+    let slow = || ["--request-read-timeout", "2s"].map(String::from).to_vec();
+    let flags = vec![("gateway", slow()), ("contacts", slow()), ("auth", slow())];
+    let mut cluster = Cluster::start(ClusterConfig { replicas: vec![], flags }).await;
     let (auth_addr, auth_pid) = (cluster.replica("auth", 0), cluster.process("auth", 0).pid());
     let peak = sign_in_flood(auth_addr, auth_pid, 6).await;
     assert!(peak < 150 << 20, "auth's memory through a sign-in flood: {} MiB", peak >> 20);
@@ -499,6 +545,8 @@ async fn cluster_refuses_hostile_input_on_postgresql() {
         &token,
     )
     .await;
+    slow_bodies(&[("the gateway", cluster.gateway), ("a contacts replica", cluster.replica("contacts", 0))], &token)
+        .await;
     bounded_errors(cluster.gateway, &token).await;
     let tally = corpus(cluster.gateway, 0x5eed_0001).await;
     assert_clean("PostgreSQL", &tally);
@@ -508,9 +556,11 @@ async fn cluster_refuses_hostile_input_on_postgresql() {
 async fn dev_mode_refuses_hostile_input_on_sqlite() {
     let data = tempfile::tempdir().unwrap();
     let addr = free_addr();
-    let _dev = start_dev("dev", &data.path().join("crm-data"), addr, &[("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD)]).await;
+    let env = [("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD), ("CRM_REQUEST_READ_TIMEOUT", "2s")];
+    let _dev = start_dev("dev", &data.path().join("crm-data"), addr, &env).await;
     let token = admin_token(addr).await;
     malformed_bodies(&[("crm dev", addr)], &token).await;
+    slow_bodies(&[("crm dev", addr)], &token).await;
     bounded_errors(addr, &token).await;
     let tally = corpus(addr, 0x5eed_0002).await;
     assert_clean("SQLite", &tally);

@@ -14,6 +14,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::Request;
@@ -25,6 +26,10 @@ use crate::wire::{Fault, Schema};
 
 /// The longest request message a service accepts (tonic's own default receive limit).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How long a request body may take to deliver each message (from the request's start, or from
+/// the previous message) and then its end, unless the server is told otherwise.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How much a request body is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,11 +45,18 @@ pub enum Guard {
 pub struct MessageLimitLayer {
     max: usize,
     guard: Guard,
+    read_timeout: Duration,
 }
 
 impl MessageLimitLayer {
     pub fn new(max: usize, guard: Guard) -> MessageLimitLayer {
-        MessageLimitLayer { max, guard }
+        MessageLimitLayer { max, guard, read_timeout: DEFAULT_READ_TIMEOUT }
+    }
+
+    /// How long each message (and the body's end) may take to arrive; zero: no limit.
+    pub fn read_timeout(mut self, read_timeout: Duration) -> MessageLimitLayer {
+        self.read_timeout = read_timeout;
+        self
     }
 }
 
@@ -52,7 +64,7 @@ impl<S> tower::Layer<S> for MessageLimitLayer {
     type Service = MessageLimit<S>;
 
     fn layer(&self, inner: S) -> MessageLimit<S> {
-        MessageLimit { inner, max: self.max, guard: self.guard }
+        MessageLimit { inner, max: self.max, guard: self.guard, read_timeout: self.read_timeout }
     }
 }
 
@@ -62,6 +74,7 @@ pub struct MessageLimit<S> {
     inner: S,
     max: usize,
     guard: Guard,
+    read_timeout: Duration,
 }
 
 impl<S> tower::Service<Request<axum::body::Body>> for MessageLimit<S>
@@ -77,9 +90,12 @@ where
     }
 
     fn call(&mut self, request: Request<axum::body::Body>) -> Self::Future {
-        let (max, guard) = (self.max, self.guard);
-        let path = request.uri().path().to_string();
-        self.inner.call(request.map(|body| axum::body::Body::new(Limited::new(body, max, guard, &path))))
+        let (max, guard, read_timeout) = (self.max, self.guard, self.read_timeout);
+        let (mut parts, body) = request.into_parts();
+        let limited = Limited::new(body, max, guard, parts.uri.path()).read_timeout(read_timeout);
+        // Whoever forwards the body (the gateway) can tell the client why it was refused.
+        parts.extensions.insert(limited.refusal());
+        self.inner.call(Request::from_parts(parts, axum::body::Body::new(limited)))
     }
 }
 
@@ -117,6 +133,12 @@ pub struct Limited<B> {
     ready: VecDeque<Bytes>,
     finished: bool,
     refusal: Refusal,
+    /// Each message, then the end, must arrive within this (zero: no limit).
+    read_timeout: Duration,
+    /// When the next message (or the end) is due; armed at the first poll.
+    due: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Messages completed so far.
+    messages: u64,
 }
 
 impl<B> Limited<B> {
@@ -137,7 +159,16 @@ impl<B> Limited<B> {
             ready: VecDeque::new(),
             finished: false,
             refusal: Refusal::default(),
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            due: None,
+            messages: 0,
         }
+    }
+
+    /// How long each message (and the body's end) may take to arrive; zero: no limit.
+    pub fn read_timeout(mut self, read_timeout: Duration) -> Limited<B> {
+        self.read_timeout = read_timeout;
+        self
     }
 
     /// Shares why the body was refused, once it is.
@@ -194,6 +225,7 @@ impl<B> Limited<B> {
     }
 
     fn message_done(&mut self) -> Result<(), Status> {
+        self.messages += 1;
         let Some(request) = self.request else { return Ok(()) };
         match request.check(&self.message[5..]) {
             Ok(()) => {
@@ -252,12 +284,31 @@ where
             if this.finished {
                 return Poll::Ready(None);
             }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
+            if this.due.is_none() && !this.read_timeout.is_zero() {
+                this.due = Some(Box::pin(tokio::time::sleep(this.read_timeout)));
+            }
+            let polled = Pin::new(&mut this.inner).poll_frame(cx);
+            if polled.is_pending()
+                && let Some(due) = this.due.as_mut()
+                && due.as_mut().poll(cx).is_ready()
+            {
+                let waited = this.read_timeout;
+                return this.refuse(Status::deadline_exceeded(format!(
+                    "the request body did not arrive within {waited:?}; send each message, and the end, promptly"
+                )));
+            }
+            match polled {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         let passed = this.request.is_none().then(|| data.clone());
+                        let before = this.messages;
                         if let Err(status) = this.scan(data) {
                             return this.refuse(status);
+                        }
+                        if this.messages != before
+                            && let Some(due) = this.due.as_mut()
+                        {
+                            due.as_mut().reset(tokio::time::Instant::now() + this.read_timeout);
                         }
                         if let Some(data) = passed {
                             return Poll::Ready(Some(Ok(Frame::data(data))));

@@ -26,7 +26,7 @@ use crate::balance::Intervals;
 use crate::db::{Db, Migrations};
 use crate::events::{Events, Outbox, Relay};
 use crate::peer::{Callee, Peer, Peers};
-use crate::server::Server;
+use crate::server::{Server, ServerSettings};
 use crate::shutdown::Shutdown;
 
 /// Any error a role reports; shown to the operator as is.
@@ -358,9 +358,50 @@ pub struct CommonArgs {
         value_parser = crate::config::parse_duration
     )]
     pub health_interval: Duration,
+    /// Calls one HTTP/2 connection may have open at once (advertised to clients).
+    #[arg(
+        long = "max-concurrent-streams",
+        value_name = "N",
+        env = "CRM_MAX_CONCURRENT_STREAMS",
+        default_value_t = 256
+    )]
+    pub max_concurrent_streams: u32,
+    /// How long a request body may take to deliver each message, then its end (slow clients are
+    /// cut off with DEADLINE_EXCEEDED), e.g. "30s"; "0" for no limit.
+    #[arg(
+        long = "request-read-timeout",
+        value_name = "DURATION",
+        env = "CRM_REQUEST_READ_TIMEOUT",
+        default_value = "30s",
+        value_parser = crate::config::parse_duration
+    )]
+    pub request_read_timeout: Duration,
+    /// On SIGTERM, how long to keep taking calls after reporting NOT_SERVING, so that the
+    /// gateway (and Kubernetes) stop sending first; then stop accepting and finish the calls in
+    /// flight. Longer than the callers' health-check interval.
+    #[arg(
+        long = "drain-delay",
+        value_name = "DURATION",
+        env = "CRM_DRAIN_DELAY",
+        default_value = "2s",
+        value_parser = crate::config::parse_duration
+    )]
+    pub drain_delay: Duration,
 }
 
 impl CommonArgs {
+    /// How servers treat their connections.
+    pub fn server_settings(&self) -> Result<ServerSettings, Error> {
+        if self.max_concurrent_streams == 0 {
+            return Err("--max-concurrent-streams must be at least 1".into());
+        }
+        Ok(ServerSettings {
+            max_concurrent_streams: self.max_concurrent_streams,
+            read_timeout: self.request_read_timeout,
+            drain_delay: self.drain_delay,
+        })
+    }
+
     /// Discovery and health-check intervals, refused below 10 ms.
     pub fn intervals(&self) -> Result<Intervals, Error> {
         for (name, value) in
@@ -538,6 +579,12 @@ impl Opened {
     pub fn with_db(mut self, db: Db) -> Opened {
         self.server = self.server.ready_check(db.ready_check(self.name));
         self.db = Some(db);
+        self
+    }
+
+    /// How its server treats connections (see [`CommonArgs`]).
+    pub fn server_settings(mut self, settings: ServerSettings) -> Opened {
+        self.server = self.server.settings(settings);
         self
     }
 

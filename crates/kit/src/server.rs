@@ -30,6 +30,29 @@ pub type ReadyCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), Str
 /// How often readiness is re-checked and reflected in `grpc.health.v1`.
 const READY_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How a server treats its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Streams (calls) one HTTP/2 connection may have open at once, advertised to clients.
+    pub max_concurrent_streams: u32,
+    /// How long a request body may take to deliver each message, and then its end.
+    pub read_timeout: Duration,
+    /// On shutdown, how long the server keeps taking calls after reporting NOT_SERVING, so that
+    /// whoever balances over it (the gateway's health checks, a Kubernetes endpoint) stops
+    /// sending first; then it stops accepting and finishes the calls in flight.
+    pub drain_delay: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            max_concurrent_streams: 256,
+            read_timeout: crate::limit::DEFAULT_READ_TIMEOUT,
+            drain_delay: Duration::ZERO,
+        }
+    }
+}
+
 pub struct Server {
     role: &'static str,
     routes: RoutesBuilder,
@@ -38,6 +61,7 @@ pub struct Server {
     ready: ReadyCheck,
     fallback: Option<axum::Router>,
     auth: Option<crate::auth::Authenticator>,
+    settings: ServerSettings,
 }
 
 impl Server {
@@ -54,6 +78,7 @@ impl Server {
             ready: Arc::new(|| Box::pin(async { Ok(()) })),
             fallback: None,
             auth: None,
+            settings: ServerSettings::default(),
         }
     }
 
@@ -93,6 +118,12 @@ impl Server {
         self
     }
 
+    /// How connections are treated (stream limit, body read timeout, drain delay).
+    pub fn settings(mut self, settings: ServerSettings) -> Server {
+        self.settings = settings;
+        self
+    }
+
     /// Everything that matches no service goes here (the gateway's proxy).
     pub fn fallback(mut self, router: axum::Router) -> Server {
         self.fallback = Some(router);
@@ -113,7 +144,7 @@ impl Server {
             .build_v1alpha()
             .expect("descriptor sets are valid");
 
-        let Server { role, mut routes, health, names, ready, fallback, auth } = self;
+        let Server { role, mut routes, health, names, ready, fallback, auth, settings } = self;
         routes.add_service(reflection_v1).add_service(reflection_v1alpha);
 
         let ops = {
@@ -134,15 +165,17 @@ impl Server {
                 )
                 .route("/metrics", get(|| async { metrics_response() }))
         };
-        // The message limit applies to the services served here, not to what the fallback
-        // forwards (the service behind the gateway enforces its own).
-        let services = routes.routes().into_axum_router().layer(crate::limit::MessageLimitLayer::new(
-            crate::limit::MAX_MESSAGE_BYTES,
-            crate::limit::Guard::Messages,
-        ));
+        // The services served here check whole messages; what the fallback forwards (the
+        // gateway's proxy) is followed by its frame headers only, and the service behind checks
+        // the messages.
+        let limit = |guard| {
+            crate::limit::MessageLimitLayer::new(crate::limit::MAX_MESSAGE_BYTES, guard)
+                .read_timeout(settings.read_timeout)
+        };
+        let services = routes.routes().into_axum_router().layer(limit(crate::limit::Guard::Messages));
         let mut router = services.merge(ops);
         if let Some(fallback) = fallback {
-            router = router.fallback_service(fallback);
+            router = router.fallback_service(fallback.layer(limit(crate::limit::Guard::Frames)));
         }
         let routes = Routes::from(router);
 
@@ -152,6 +185,8 @@ impl Server {
             async move {
                 shutdown.wait().await;
                 set_all(&health, &names, ServingStatus::NotServing).await;
+                // Still taking calls while those balancing over this server notice.
+                tokio::time::sleep(settings.drain_delay).await;
             }
         };
 
@@ -159,6 +194,7 @@ impl Server {
             .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(Some(settings.max_concurrent_streams))
             .layer(GrpcWebSwitchLayer)
             .layer(RpcLayer::new(role))
             .layer(tower::util::option_layer(auth.map(crate::auth::AuthLayer::new)))
