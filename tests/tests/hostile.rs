@@ -444,6 +444,12 @@ async fn slow_bodies(addrs: &[(&str, SocketAddr)], token: &str) {
             assert!(started.elapsed() < Duration::from_secs(15), "{what} at {place} was held too long");
         }
         assert_eq!(max_concurrent_streams(addr).await, Some(256), "at {place}");
+        // A connection that never says anything is closed.
+        use tokio::io::AsyncReadExt;
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(15), silent.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "a silent connection at {place} stays open: {read:?}");
     }
 }
 

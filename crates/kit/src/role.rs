@@ -367,7 +367,8 @@ pub struct CommonArgs {
     )]
     pub max_concurrent_streams: u32,
     /// How long a request body may take to deliver each message, then its end (slow clients are
-    /// cut off with DEADLINE_EXCEEDED), e.g. "30s"; "0" for no limit.
+    /// cut off with DEADLINE_EXCEEDED), and how long a new connection may stay silent, e.g.
+    /// "30s"; "0" for no limit.
     #[arg(
         long = "request-read-timeout",
         value_name = "DURATION",

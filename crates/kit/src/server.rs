@@ -35,7 +35,8 @@ const READY_INTERVAL: Duration = Duration::from_secs(2);
 pub struct ServerSettings {
     /// Streams (calls) one HTTP/2 connection may have open at once, advertised to clients.
     pub max_concurrent_streams: u32,
-    /// How long a request body may take to deliver each message, and then its end.
+    /// How long a request body may take to deliver each message, and then its end; also how
+    /// long a new connection may stay silent.
     pub read_timeout: Duration,
     /// On shutdown, how long the server keeps taking calls after reporting NOT_SERVING, so that
     /// whoever balances over it (the gateway's health checks, a Kubernetes endpoint) stops
@@ -199,7 +200,7 @@ impl Server {
             .layer(RpcLayer::new(role))
             .layer(tower::util::option_layer(auth.map(crate::auth::AuthLayer::new)))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming(listener), drain)
+            .serve_with_incoming_shutdown(incoming(listener, settings.read_timeout), drain)
             .await;
         watcher.abort();
         result
@@ -237,15 +238,35 @@ fn metrics_response() -> impl IntoResponse {
     )
 }
 
-/// Accepted connections with Nagle's algorithm off: tonic applies its own `tcp_nodelay` only to
-/// listeners it binds itself, and small gRPC frames otherwise wait for delayed ACKs (~40 ms).
-fn incoming(listener: TcpListener) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|accepted| {
-        let stream = accepted?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
-    })
+/// Connections waiting for their first bytes at once; beyond it, accepting waits.
+const MAX_HANDSHAKES: usize = 4096;
+
+/// Accepted connections with Nagle's algorithm off (tonic applies its own `tcp_nodelay` only to
+/// listeners it binds itself, and small gRPC frames otherwise wait for delayed ACKs, ~40 ms),
+/// handed to the server once the client has started sending: a connection silent for
+/// `first_bytes` is closed, so idle sockets cannot pile up (HTTP/1.1 headers then have 30 s,
+/// HTTP/2 streams the body read timeout).
+fn incoming(
+    listener: TcpListener,
+    first_bytes: Duration,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures_util::StreamExt;
+    TcpListenerStream::new(listener)
+        .map(move |accepted| async move {
+            let stream = accepted?;
+            stream.set_nodelay(true)?;
+            if !first_bytes.is_zero() {
+                let mut byte = [0u8; 1];
+                match tokio::time::timeout(first_bytes, stream.peek(&mut byte)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    // Silent, or gone before saying anything.
+                    _ => return Ok(None),
+                }
+            }
+            Ok(Some(stream))
+        })
+        .buffer_unordered(MAX_HANDSHAKES)
+        .filter_map(|result: std::io::Result<Option<tokio::net::TcpStream>>| async move { result.transpose() })
 }
 
 async fn set_all(health: &HealthReporter, names: &[String], status: ServingStatus) {
