@@ -43,6 +43,9 @@ enum BenchCommand {
     Seed(SeedArgs),
     /// Call a running suite (gateway or contacts service) and report latency percentiles.
     Run(RunArgs),
+    /// Every call at 1, 16 and 64 in flight, through the gateway and straight to a contacts
+    /// replica, in one table with the gateway/direct ratio.
+    Suite(SuiteArgs),
     /// Measure the events backbone: outbox to consumer throughput and commit-to-handled latency.
     Events(crate::bench_events::EventsBenchArgs),
     /// Measure what every process pays per call to verify an access token (in-process: a
@@ -88,6 +91,10 @@ enum Op {
     Search,
     /// ListPeople with a text query of 7 phone digits (selective, like finding a caller), first page.
     SearchPhone,
+    /// CreatePerson with a new name, phone and e-mail.
+    Create,
+    /// UpdatePerson of a random known id (its notes).
+    Update,
 }
 
 #[derive(clap::Args, Debug)]
@@ -123,6 +130,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Seed(a) => seed(a).await,
         BenchCommand::Run(a) => measure(a).await,
+        BenchCommand::Suite(a) => suite(a).await,
         BenchCommand::Tokens(a) => tokens(a).await,
         BenchCommand::Events(a) => crate::bench_events::run(a).await,
     }
@@ -155,20 +163,32 @@ async fn tokens(args: TokensArgs) -> anyhow::Result<()> {
         dept: crm_kit::id::new(),
         perms: crate::SUITE.catalog().names().iter().map(|p| p.to_string()).collect(),
     };
-    let token = key.sign(&claims);
+    // Distinct tokens: each is verified in full (the signature) the first time it is seen.
+    let fresh: Vec<String> =
+        (0..2_000).map(|_| key.sign(&Claims { jti: crm_kit::id::new(), ..claims.clone() })).collect();
+    verifier.verify(&fresh[0]).await?;
+    let start = Instant::now();
+    for token in &fresh[1..] {
+        verifier.verify(token).await?;
+    }
+    let first = start.elapsed() / (fresh.len() as u32 - 1);
+    // The same token again, as every later call of a signed-in user: remembered until it expires.
+    let token = &fresh[0];
     for _ in 0..1_000 {
-        verifier.verify(&token).await?;
+        verifier.verify(token).await?;
     }
     let count = args.count.max(1);
     let start = Instant::now();
     for _ in 0..count {
-        verifier.verify(&token).await?;
+        verifier.verify(token).await?;
     }
     let per_call = start.elapsed() / count;
     println!(
-        "token verification: {count} calls, {:.1} µs per call on one core ({} bytes token, EdDSA)",
+        "token verification on one core ({} bytes token, EdDSA): first sight {:.1} µs; \
+         {count} calls with a token seen before {:.2} µs each",
+        token.len(),
+        first.as_secs_f64() * 1e6,
         per_call.as_secs_f64() * 1e6,
-        token.len()
     );
     Ok(())
 }
@@ -346,6 +366,9 @@ async fn seed(args: SeedArgs) -> anyhow::Result<()> {
             last_report = Instant::now();
         }
     }
+    // Fresh statistics, so that the planner's first plans at this size are the right ones.
+    println!("updating the planner's statistics (ANALYZE)");
+    sqlx::query("ANALYZE").execute(store.db().pool()).await?;
     println!(
         "seeded {} companies and {} people in {:.1} s; the database now holds {} people",
         args.companies,
@@ -367,6 +390,8 @@ struct Plan {
 enum Call {
     Get(GetPersonRequest),
     List(ListPeopleRequest),
+    Create(CreatePersonRequest),
+    Update(UpdatePersonRequest),
 }
 
 impl Plan {
@@ -393,6 +418,27 @@ impl Plan {
                 let phone = self.phones.choose(&mut rng).cloned().unwrap_or_default();
                 list(String::new(), phone[phone.len().saturating_sub(7)..].to_string())
             }
+            Op::Create => {
+                // Random 10-digit numbers: a collision with a seeded phone is rare (and counted).
+                let n: u64 = rng.random_range(1_000_000_000..10_000_000_000);
+                Call::Create(CreatePersonRequest {
+                    person: Some(Person {
+                        full_name: format!("{} {}", pick(&mut rng, FIRST), pick(&mut rng, LAST)),
+                        phones: vec![Phone { number: format!("+1{n}"), ..Default::default() }],
+                        emails: vec![Email { address: format!("bench.{n}@example.org"), ..Default::default() }],
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+            }
+            Op::Update => Call::Update(UpdatePersonRequest {
+                person: Some(Person {
+                    id: self.ids.choose(&mut rng).cloned().unwrap_or_default(),
+                    notes: format!("updated by crm bench at {}", rng.random::<u32>()),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask { paths: vec!["notes".into()] }),
+            }),
         }
     }
 
@@ -400,40 +446,51 @@ impl Plan {
         match self.next() {
             Call::Get(request) => client.get_person(request).await.map(|_| ()),
             Call::List(request) => client.list_people(request).await.map(|_| ()),
+            Call::Create(request) => client.create_person(request).await.map(|_| ()),
+            Call::Update(request) => client.update_person(request).await.map(|_| ()),
         }
     }
 }
 
-async fn measure(args: RunArgs) -> anyhow::Result<()> {
-    if args.concurrency == 0 || args.connections == 0 {
-        bail!("--concurrency and --connections must be at least 1");
-    }
-    let endpoint = format!("http://{}", args.target);
+/// What the calls need: the user's token, and known ids, owners and phones to pick from.
+struct Prepared {
+    bearer: Bearer,
+    ids: Vec<String>,
+    owners: Vec<String>,
+    phones: Vec<String>,
+}
+
+async fn connect(target: &str, connections: usize) -> anyhow::Result<Vec<Channel>> {
+    let endpoint = format!("http://{target}");
     let mut channels = Vec::new();
-    for _ in 0..args.connections {
+    for _ in 0..connections.max(1) {
         channels.push(
             Channel::from_shared(endpoint.clone())?
                 .tcp_nodelay(true)
                 .connect()
                 .await
-                .with_context(|| format!("cannot connect to {}", args.target))?,
+                .with_context(|| format!("cannot connect to {target}"))?,
         );
     }
-    if args.password.is_empty() {
-        bail!("set CRM_BENCH_PASSWORD to the password of {} (the user the calls run as)", args.email);
+    Ok(channels)
+}
+
+/// Signs in at `sign_in_at` and samples records through `channel`.
+async fn prepare(channel: Channel, sign_in_at: &str, email: &str, password: &str) -> anyhow::Result<Prepared> {
+    if password.is_empty() {
+        bail!("set CRM_BENCH_PASSWORD to the password of {email} (the user the calls run as)");
     }
-    let sign_in_at = args.sign_in_at.clone().unwrap_or_else(|| args.target.clone());
     let auth_channel = Channel::from_shared(format!("http://{sign_in_at}"))?
         .connect()
         .await
         .with_context(|| format!("cannot connect to {sign_in_at}"))?;
     let signed_in = crm_proto::auth::v1::auth_service_client::AuthServiceClient::new(auth_channel)
-        .sign_in(crm_proto::auth::v1::SignInRequest { email: args.email.clone(), password: args.password.clone() })
+        .sign_in(crm_proto::auth::v1::SignInRequest { email: email.to_string(), password: password.to_string() })
         .await
-        .with_context(|| format!("sign in as {} at {sign_in_at}", args.email))?
+        .with_context(|| format!("sign in as {email} at {sign_in_at}"))?
         .into_inner();
     let bearer = Bearer(format!("Bearer {}", signed_in.access_token).parse().context("access token")?);
-    let mut client = ContactsServiceClient::with_interceptor(channels[0].clone(), bearer.clone());
+    let mut client = ContactsServiceClient::with_interceptor(channel, bearer.clone());
     let sample = client
         .list_people(ListPeopleRequest { page_size: 1000, order_by: "update_time desc".into(), ..Default::default() })
         .await
@@ -441,20 +498,54 @@ async fn measure(args: RunArgs) -> anyhow::Result<()> {
         .into_inner();
     let ids: Vec<String> = sample.people.iter().map(|p| p.id.clone()).collect();
     if ids.is_empty() {
-        bail!("no people at {}: run `crm bench seed` first", args.target);
+        bail!("no people to call: run `crm bench seed` first");
     }
     let mut owners: Vec<String> = sample.people.iter().map(|p| p.owner_id.clone()).filter(|o| !o.is_empty()).collect();
     owners.sort();
     owners.dedup();
     let phones = sample.people.iter().flat_map(|p| p.phones.iter().map(|ph| ph.e164.clone())).collect();
-    let plan = Arc::new(Plan { op: args.op, ids, owners, phones });
+    Ok(Prepared { bearer, ids, owners, phones })
+}
 
-    let warmup = Duration::from_secs(2);
-    let measure_for = Duration::from_secs(args.seconds.max(1));
+/// What one measurement came to.
+struct Measured {
+    hist: Histogram<u64>,
+    errors: u64,
+    first_error: Option<tonic::Status>,
+    secs: f64,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.hist.len() as f64 / self.secs
+    }
+
+    fn ms(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// Keeps `concurrency` calls of `op` in flight over `channels`: `warmup`, then `seconds` measured.
+async fn load(
+    channels: &[Channel],
+    prepared: &Prepared,
+    op: Op,
+    concurrency: usize,
+    warmup: Duration,
+    seconds: u64,
+) -> anyhow::Result<Measured> {
+    let plan = Arc::new(Plan {
+        op,
+        ids: prepared.ids.clone(),
+        owners: prepared.owners.clone(),
+        phones: prepared.phones.clone(),
+    });
+    let measure_for = Duration::from_secs(seconds.max(1));
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for i in 0..args.concurrency {
-        let mut client = ContactsServiceClient::with_interceptor(channels[i % channels.len()].clone(), bearer.clone());
+    for i in 0..concurrency.max(1) {
+        let mut client =
+            ContactsServiceClient::with_interceptor(channels[i % channels.len()].clone(), prepared.bearer.clone());
         let plan = plan.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
@@ -491,8 +582,17 @@ async fn measure(args: RunArgs) -> anyhow::Result<()> {
             first_error = fe;
         }
     }
-    let secs = measure_for.as_secs_f64();
-    let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Measured { hist: total, errors, first_error, secs: measure_for.as_secs_f64() })
+}
+
+async fn measure(args: RunArgs) -> anyhow::Result<()> {
+    if args.concurrency == 0 || args.connections == 0 {
+        bail!("--concurrency and --connections must be at least 1");
+    }
+    let channels = connect(&args.target, args.connections).await?;
+    let sign_in_at = args.sign_in_at.clone().unwrap_or_else(|| args.target.clone());
+    let prepared = prepare(channels[0].clone(), &sign_in_at, &args.email, &args.password).await?;
+    let m = load(&channels, &prepared, args.op, args.concurrency, Duration::from_secs(2), args.seconds).await?;
     println!(
         "op={:?} target={} concurrency={} connections={} duration={:.0}s\n\
          calls={} errors={} throughput={:.0}/s\n\
@@ -501,18 +601,105 @@ async fn measure(args: RunArgs) -> anyhow::Result<()> {
         args.target,
         args.concurrency,
         args.connections,
-        secs,
-        total.len(),
-        errors,
-        total.len() as f64 / secs,
-        ms(0.5),
-        ms(0.9),
-        ms(0.99),
-        ms(0.999),
-        total.max() as f64 / 1000.0,
+        m.secs,
+        m.hist.len(),
+        m.errors,
+        m.rate(),
+        m.ms(0.5),
+        m.ms(0.9),
+        m.ms(0.99),
+        m.ms(0.999),
+        m.hist.max() as f64 / 1000.0,
     );
-    if let Some(status) = first_error {
+    if let Some(status) = m.first_error {
         println!("first error: {:?}: {}", status.code(), status.message());
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+struct SuiteArgs {
+    /// Address of the gateway.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    gateway: String,
+    /// Address of a contacts replica, measured directly beside the gateway (omit: gateway only).
+    #[arg(long)]
+    direct: Option<String>,
+    /// Calls to measure, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "get,list,list-owner,search,search-phone,create,update"
+    )]
+    ops: Vec<Op>,
+    /// Calls in flight, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// Seconds measured per cell (after a 1 s warm-up).
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// HTTP/2 connections to spread the calls over.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// User the calls run as; their data scope applies.
+    #[arg(long, env = "CRM_BENCH_EMAIL", default_value = "admin@crm.local")]
+    email: String,
+    /// That user's password (environment only).
+    #[arg(skip = std::env::var("CRM_BENCH_PASSWORD").unwrap_or_default())]
+    password: String,
+}
+
+/// Every op at every concurrency, through the gateway and (when given) directly, in one table.
+async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
+    let gateway = connect(&args.gateway, args.connections).await?;
+    let direct = match &args.direct {
+        Some(addr) => Some(connect(addr, args.connections).await?),
+        None => None,
+    };
+    let prepared = prepare(gateway[0].clone(), &args.gateway, &args.email, &args.password).await?;
+    println!(
+        "{:<13} {:>9} | {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>7}",
+        "op", "in flight", "gateway/s", "p50 ms", "p99 ms", "direct/s", "p50 ms", "p99 ms", "gw/dir"
+    );
+    let warmup = Duration::from_secs(1);
+    for &op in &args.ops {
+        for &concurrency in &args.concurrency {
+            let through = load(&gateway, &prepared, op, concurrency, warmup, args.seconds).await?;
+            let straight = match &direct {
+                Some(channels) => Some(load(channels, &prepared, op, concurrency, warmup, args.seconds).await?),
+                None => None,
+            };
+            let name = format!("{op:?}").to_lowercase();
+            let (d_rate, d50, d99, ratio) = match &straight {
+                Some(d) => (
+                    format!("{:.0}", d.rate()),
+                    format!("{:.2}", d.ms(0.5)),
+                    format!("{:.2}", d.ms(0.99)),
+                    format!("{:.2}", through.rate() / d.rate().max(1e-9)),
+                ),
+                None => ("—".into(), "—".into(), "—".into(), "—".into()),
+            };
+            println!(
+                "{:<13} {:>9} | {:>10.0} {:>8.2} {:>8.2} | {:>10} {:>8} {:>8} | {:>7}",
+                name,
+                concurrency,
+                through.rate(),
+                through.ms(0.5),
+                through.ms(0.99),
+                d_rate,
+                d50,
+                d99,
+                ratio
+            );
+            for (place, m) in [("gateway", Some(&through)), ("direct", straight.as_ref())] {
+                if let Some(m) = m
+                    && let Some(status) = &m.first_error
+                {
+                    println!("  {place}: {} errors, first: {:?}: {}", m.errors, status.code(), status.message());
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -23,6 +23,9 @@ const LEEWAY_SECONDS: u64 = 5;
 pub(crate) const FETCH_SPACING: Duration = Duration::from_millis(100);
 /// How long a key id that a fetch did not find is answered "unknown" without fetching again.
 pub(crate) const MISSING_FOR: Duration = Duration::from_secs(1);
+/// Most verified tokens remembered (~1 KiB each); beyond it expired ones are dropped, then all.
+const MAX_VERIFIED: usize = 10_000;
+
 /// Most key ids remembered as missing (a flood of distinct ones clears the memory rather than
 /// growing it).
 const MAX_MISSING: usize = 4096;
@@ -73,6 +76,9 @@ struct VerifierInner {
     started: std::sync::atomic::AtomicU64,
     /// Key ids a recent fetch did not find, and when.
     missing: std::sync::Mutex<HashMap<String, Instant>>,
+    /// Tokens verified, by the SHA-256 of the whole token (a token changed in any byte is
+    /// another key, verified afresh), with the key id that signed them: valid until their `exp`.
+    verified: RwLock<HashMap<[u8; 32], (Principal, String)>>,
     validation: Validation,
 }
 
@@ -104,6 +110,7 @@ impl Verifier {
                 fetches: tokio::sync::Mutex::new(Fetches::default()),
                 started: Default::default(),
                 missing: Default::default(),
+                verified: Default::default(),
                 validation,
             }),
         }
@@ -206,6 +213,12 @@ impl Verifier {
                 Err(_) => tracing::warn!(kid = %jwk.kid, "published key is not a valid Ed25519 key"),
             }
         }
+        // What a retired or removed key signed is verified no more.
+        self.inner
+            .verified
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|_, (_, kid)| by_kid.contains_key(kid));
         *self.inner.keys.write().expect("key set lock") = Arc::new(KeySet { by_kid, jwks });
         fetches.done = Some((number, started_at));
         // A key published since is found by the next miss.
@@ -213,8 +226,42 @@ impl Verifier {
         Ok(())
     }
 
-    /// The principal a token names, if its signature, issuer and expiry hold.
+    /// The principal a token names, if its signature, issuer and expiry hold. A token verified
+    /// before is answered from memory until its expiry (the signature check is most of a call's
+    /// cost otherwise).
     pub async fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes");
+        let now = unix_now();
+        if let Some((principal, _)) =
+            self.inner.verified.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(&digest)
+            && principal.expires_at > now
+        {
+            return Ok(principal.clone());
+        }
+        let (principal, kid) = self.verify_signed(token).await?;
+        let mut verified = self.inner.verified.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if verified.len() >= MAX_VERIFIED {
+            verified.retain(|_, (p, _)| p.expires_at > now);
+            if verified.len() >= MAX_VERIFIED {
+                verified.clear();
+            }
+        }
+        // Only while its key is still published (a fetch may have retired it meanwhile).
+        if self.keys().by_kid.contains_key(&kid) {
+            verified.insert(digest, (principal.clone(), kid));
+        }
+        Ok(principal)
+    }
+
+    /// How many verified tokens are remembered.
+    pub fn remembered(&self) -> usize {
+        self.inner.verified.read().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    async fn verify_signed(&self, token: &str) -> Result<(Principal, String), ApiError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| ApiError::unauthenticated("the access token is malformed"))?;
         if header.alg != Algorithm::EdDSA {
@@ -237,8 +284,12 @@ impl Verifier {
                 }
                 _ => ApiError::unauthenticated("the access token is invalid"),
             })?;
-        Ok(Principal::from_claims(data.claims, token.to_string()))
+        Ok((Principal::from_claims(data.claims, token.to_string()), kid))
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 #[cfg(test)]
@@ -407,5 +458,37 @@ mod tests {
         // The made-up kids and the genuine one shared fetches: never one fetch each.
         assert!(fetches() <= 3, "{} fetches for 20 made-up key ids and one rotation", fetches());
         eprintln!("a genuine new key behind 20 made-up ones waited {waited:?} with {} fetches", fetches());
+    }
+
+    #[tokio::test]
+    async fn a_verified_token_is_remembered_until_its_key_goes() {
+        let (key, source, verifier) = setup();
+        let token = key.sign(&claims(now() + 60));
+        let first = verifier.verify(&token).await.unwrap();
+        let again = verifier.verify(&token).await.unwrap();
+        assert_eq!((first.subject.as_str(), again.subject.as_str()), ("user-1", "user-1"));
+        assert_eq!(verifier.remembered(), 1, "verified once, remembered");
+
+        // A token changed in any byte is not the remembered one: it is checked, and refused.
+        for at in [10, token.len() / 2, token.len() - 2] {
+            let mut bytes = token.clone().into_bytes();
+            bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
+            let tampered = String::from_utf8(bytes).unwrap();
+            assert_eq!(code(verifier.verify(&tampered).await), tonic::Code::Unauthenticated, "byte {at}");
+        }
+        assert_eq!(verifier.remembered(), 1);
+
+        // The key removed from the published set: what it signed is refused from then on.
+        source.0.lock().unwrap().keys.clear();
+        verifier.fetch(Duration::ZERO).await.unwrap();
+        assert_eq!(verifier.remembered(), 0);
+        assert_eq!(code(verifier.verify(&token).await), tonic::Code::Unauthenticated);
+
+        // An expired token is never answered from memory.
+        source.0.lock().unwrap().keys.push(key.jwk());
+        verifier.fetch(Duration::ZERO).await.unwrap();
+        let expired = key.sign(&claims(now() - 60));
+        assert_eq!(code(verifier.verify(&expired).await), tonic::Code::Unauthenticated);
+        assert_eq!(verifier.remembered(), 0);
     }
 }
