@@ -175,7 +175,7 @@ impl Runner {
         sql.push(", attempts = attempts + 1 WHERE id IN (SELECT id FROM jobs WHERE dead = 0 AND due_at <= ");
         sql.bind(now).push(" AND lease_until < ").bind(now).push(" AND ");
         sql.push_in("kind", self.handlers.keys().map(String::as_str));
-        sql.push(" ORDER BY due_at LIMIT ").bind(self.settings.batch);
+        sql.push(" ORDER BY due_at").limit(self.settings.batch);
         if self.db.backend() == Backend::Postgres {
             sql.push(" FOR UPDATE SKIP LOCKED");
         }

@@ -170,7 +170,7 @@ impl Page {
 
     /// ` LIMIT size + 1`: one row more than the page tells whether another page follows.
     pub fn push_limit(&self, sql: &mut Sql) {
-        sql.push(" LIMIT ").bind(self.size + 1);
+        sql.limit(self.size + 1);
     }
 
     /// [`Page::push_after`], [`Page::push_order`] and [`Page::push_limit`] in one.
@@ -242,7 +242,7 @@ mod tests {
         let first = Page::decode(&["roles"], 2, "", &order).unwrap();
         let mut sql = Sql::new("SELECT id, name FROM roles WHERE 1=1");
         first.push_keyset(&mut sql, &order);
-        assert_eq!(sql.text(), "SELECT id, name FROM roles WHERE 1=1 ORDER BY name ASC, id ASC LIMIT $1");
+        assert_eq!(sql.text(), "SELECT id, name FROM roles WHERE 1=1 ORDER BY name ASC, id ASC LIMIT 3");
 
         let token = Cursor::new(KeyValue::Text("Sales".into()), "r-9".into(), fingerprint(&["roles"])).encode();
         let next = Page::decode(&["roles"], 2, &token, &order).unwrap();
@@ -250,7 +250,7 @@ mod tests {
         next.push_keyset(&mut sql, &order);
         assert_eq!(
             sql.text(),
-            "SELECT id, name FROM roles WHERE 1=1 AND (name, id) > ($1, $2) ORDER BY name ASC, id ASC LIMIT $3"
+            "SELECT id, name FROM roles WHERE 1=1 AND (name, id) > ($1, $2) ORDER BY name ASC, id ASC LIMIT 3"
         );
         let events = Order::newest("occurred_at");
         assert!(Page::decode(&["roles"], 2, &token, &events).is_err(), "a text key does not suit a time order");

@@ -66,6 +66,15 @@ impl Sql {
         self
     }
 
+    /// ` LIMIT n` with `n` written into the statement, not bound: the plan a prepared statement
+    /// settles on then knows how few rows are wanted (PostgreSQL plans a bound LIMIT for a tenth
+    /// of the table, and may start parallel workers for a 50-row page).
+    pub fn limit(&mut self, n: i64) -> &mut Sql {
+        self.text.push_str(" LIMIT ");
+        self.text.push_str(&n.max(0).to_string());
+        self
+    }
+
     /// Appends a placeholder bound to `value`.
     pub fn bind(&mut self, value: impl Into<Bind>) -> &mut Sql {
         self.binds.push(value.into());
@@ -197,7 +206,7 @@ mod tests {
     #[test]
     fn nests_statements_renumbering_placeholders() {
         let mut inner = Sql::new("SELECT id FROM t WHERE a = ");
-        inner.bind("x").push(" LIMIT ").bind(10_i64);
+        inner.bind("x").limit(10);
         let mut outer = Sql::new("SELECT * FROM (");
         outer.push_sql(inner).push(") s WHERE b = ").bind("y");
         let mut first = Sql::new("WHERE c = ");
@@ -206,7 +215,7 @@ mod tests {
             sub.bind(2_i64);
             sub
         });
-        assert_eq!(outer.text(), "SELECT * FROM (SELECT id FROM t WHERE a = $1 LIMIT $2) s WHERE b = $3");
+        assert_eq!(outer.text(), "SELECT * FROM (SELECT id FROM t WHERE a = $1 LIMIT 10) s WHERE b = $2");
         assert_eq!(first.text(), "WHERE c = $1 AND d IN (SELECT 1 WHERE e = $2");
         let (_, binds) = first.into_parts();
         assert_eq!(binds, vec![Bind::Int(1), Bind::Int(2)]);

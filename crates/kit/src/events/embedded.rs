@@ -12,7 +12,7 @@ use crate::time::now_micros;
 /// Published rows of the outbox in `db` after `seq`, oldest first.
 pub(crate) async fn read_after(db: &Db, seq: i64, limit: i64) -> Result<Vec<(i64, Vec<u8>)>, ApiError> {
     let mut sql = Sql::new("SELECT seq, envelope FROM outbox WHERE seq IS NOT NULL AND seq > ");
-    sql.bind(seq).push(" ORDER BY seq LIMIT ").bind(limit);
+    sql.bind(seq).push(" ORDER BY seq").limit(limit);
     let rows = sql.query().fetch_all(db.pool()).await?;
     rows.iter().map(|r| Ok((r.try_get("seq")?, r.try_get("envelope")?))).collect()
 }

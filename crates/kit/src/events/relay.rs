@@ -266,7 +266,7 @@ impl Relay {
         loop {
             let mut sql = Sql::new("DELETE FROM outbox WHERE position IN (SELECT position FROM outbox WHERE seq < ");
             sql.bind(acked_below).push(" OR (seq IS NOT NULL AND created_at < ").bind(expired);
-            sql.push(") LIMIT ").bind(PRUNE_BATCH).push(")");
+            sql.push(")").limit(PRUNE_BATCH).push(")");
             let done = sql.query().execute(self.db.pool()).await?;
             if done.rows_affected() < PRUNE_BATCH as u64 {
                 return Ok(());

@@ -181,7 +181,7 @@ impl Store {
             q.page.push_limit(&mut sql);
             return sql;
         };
-        sql.push(" LIMIT ").bind(window);
+        sql.limit(window);
         let mut outer = Sql::new("SELECT * FROM (");
         outer.push_sql(sql).push(") AS candidates WHERE 1=1");
         self.push_search(&mut outer, kind, &q.terms);
