@@ -213,13 +213,15 @@ impl Verifier {
                 Err(_) => tracing::warn!(kid = %jwk.kid, "published key is not a valid Ed25519 key"),
             }
         }
-        // What a retired or removed key signed is verified no more.
+        let keys = Arc::new(KeySet { by_kid, jwks });
+        *self.inner.keys.write().expect("key set lock") = keys.clone();
+        // What a retired or removed key signed is verified no more. After the new keys are in
+        // place: a verification that remembers a token checks its key under the same lock.
         self.inner
             .verified
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .retain(|_, (_, kid)| by_kid.contains_key(kid));
-        *self.inner.keys.write().expect("key set lock") = Arc::new(KeySet { by_kid, jwks });
+            .retain(|_, (_, kid)| keys.by_kid.contains_key(kid));
         fetches.done = Some((number, started_at));
         // A key published since is found by the next miss.
         self.inner.missing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|_, at| *at > started_at);
