@@ -385,9 +385,22 @@ async fn twenty_drains_under_load_fail_no_call() {
         assert!(replica.terminate(Duration::from_secs(15)), "drain {drain}: {}", replica.output());
         replica.restart();
         replica.wait_serving(addr, CONTACTS_SERVICE).await;
-        // The gateway health-checks every 100 ms: let it see the replica back before the other
-        // one goes (with neither up, UNAVAILABLE would be the right answer).
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // The gateway must see the replica back before the other one goes (with neither up,
+        // UNAVAILABLE would be the right answer).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, metrics) = http_get(cluster.gateway, "/metrics").await;
+            let up = metrics
+                .lines()
+                .filter(|l| l.starts_with("crm_gateway_upstream_up{") && l.contains(CONTACTS_SERVICE))
+                .filter(|l| l.ends_with(" 1"))
+                .count();
+            if up == 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "drain {drain}: the gateway did not see both replicas up:\n{metrics}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (mut ok, mut failed) = (0, Vec::new());
