@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -102,17 +102,17 @@ where
 /// Why a request body was refused, kept for whoever forwards the body (the gateway answers the
 /// client with it rather than with what the failed forwarding says).
 #[derive(Debug, Clone, Default)]
-pub struct Refusal(Arc<Mutex<Option<(Code, String)>>>);
+pub struct Refusal(Arc<OnceLock<(Code, String)>>);
 
 impl Refusal {
     /// The status the body was refused with, if it was.
     pub fn status(&self) -> Option<Status> {
-        let refused = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        refused.as_ref().map(|(code, message)| Status::new(*code, message.clone()))
+        self.0.get().map(|(code, message)| Status::new(*code, message.clone()))
     }
 
+    /// A body is refused once: it ends there.
     fn set(&self, status: &Status) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((status.code(), status.message().to_string()));
+        let _ = self.0.set((status.code(), status.message().to_string()));
     }
 }
 
@@ -135,10 +135,9 @@ pub struct Limited<B> {
     refusal: Refusal,
     /// Each message, then the end, must arrive within this (zero: no limit).
     read_timeout: Duration,
-    /// When the next message (or the end) is due; armed at the first poll.
+    /// When the next message (or the end) is due; armed at the first poll, pushed back as each
+    /// message completes.
     due: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Messages completed so far.
-    messages: u64,
 }
 
 impl<B> Limited<B> {
@@ -161,7 +160,6 @@ impl<B> Limited<B> {
             refusal: Refusal::default(),
             read_timeout: DEFAULT_READ_TIMEOUT,
             due: None,
-            messages: 0,
         }
     }
 
@@ -225,7 +223,9 @@ impl<B> Limited<B> {
     }
 
     fn message_done(&mut self) -> Result<(), Status> {
-        self.messages += 1;
+        if let Some(due) = self.due.as_mut() {
+            due.as_mut().reset(tokio::time::Instant::now() + self.read_timeout);
+        }
         let Some(request) = self.request else { return Ok(()) };
         match request.check(&self.message[5..]) {
             Ok(()) => {
@@ -301,14 +301,8 @@ where
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         let passed = this.request.is_none().then(|| data.clone());
-                        let before = this.messages;
                         if let Err(status) = this.scan(data) {
                             return this.refuse(status);
-                        }
-                        if this.messages != before
-                            && let Some(due) = this.due.as_mut()
-                        {
-                            due.as_mut().reset(tokio::time::Instant::now() + this.read_timeout);
                         }
                         if let Some(data) = passed {
                             return Poll::Ready(Some(Ok(Frame::data(data))));

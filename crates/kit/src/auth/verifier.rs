@@ -167,13 +167,15 @@ impl Verifier {
         let needed = self.inner.started.load(std::sync::atomic::Ordering::SeqCst) + 1;
         let mut fetches = self.inner.fetches.lock().await;
         if fetches.done.is_some_and(|(number, _)| number >= needed) || self.keys().by_kid.contains_key(kid) {
-            return self.note_if_missing(kid);
+            self.note_if_missing(kid);
+            return Ok(());
         }
         if let Some((_, at)) = fetches.done {
             tokio::time::sleep(FETCH_SPACING.saturating_sub(at.elapsed())).await;
         }
         self.fetch_locked(&mut fetches).await?;
-        self.note_if_missing(kid)
+        self.note_if_missing(kid);
+        Ok(())
     }
 
     fn recently_missing(&self, kid: &str) -> bool {
@@ -181,7 +183,7 @@ impl Verifier {
         missing.get(kid).is_some_and(|at| at.elapsed() < MISSING_FOR)
     }
 
-    fn note_if_missing(&self, kid: &str) -> Result<(), ApiError> {
+    fn note_if_missing(&self, kid: &str) {
         if !self.keys().by_kid.contains_key(kid) {
             let mut missing = self.inner.missing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if missing.len() >= MAX_MISSING {
@@ -192,7 +194,6 @@ impl Verifier {
             }
             missing.insert(kid.to_string(), Instant::now());
         }
-        Ok(())
     }
 
     async fn fetch_locked(&self, fetches: &mut Fetches) -> Result<(), ApiError> {

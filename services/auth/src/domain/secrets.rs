@@ -34,16 +34,13 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
 
 /// [`hash_password`] in `memory` (grown to what argon2 needs, then reused).
 fn hash_with(password: &str, memory: &mut Vec<Block>) -> String {
-    let mut salt = [0u8; 16];
-    rand::rng().fill_bytes(&mut salt);
-    let salt = SaltString::encode_b64(&salt).expect("16 bytes make a valid salt");
-    let mut raw_salt = [0u8; 64];
-    let raw_salt = salt.decode_b64(&mut raw_salt).expect("a salt just encoded decodes");
+    let mut raw_salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut raw_salt);
+    let salt = SaltString::encode_b64(&raw_salt).expect("16 bytes make a valid salt");
     let params = Params::default();
     let mut out = [0u8; Params::DEFAULT_OUTPUT_LEN];
-    blocks(memory, params.block_count());
     Argon2::from(params.clone())
-        .hash_password_into_with_memory(password.as_bytes(), raw_salt, &mut out, &mut memory[..params.block_count()])
+        .hash_password_into_with_memory(password.as_bytes(), &raw_salt, &mut out, blocks(memory, params.block_count()))
         .expect("argon2 with default parameters hashes any password");
     let hash = PasswordHash {
         algorithm: Algorithm::Argon2id.ident(),
@@ -70,23 +67,20 @@ fn verify_with(password: &str, hash: &str, memory: &mut Vec<Block>) -> bool {
     let Ok(params) = Params::new(params.m_cost(), params.t_cost(), params.p_cost(), Some(expected.len())) else {
         return false;
     };
-    blocks(memory, params.block_count());
-    let block_count = params.block_count();
+    let memory = blocks(memory, params.block_count());
     let argon2 = Argon2::new(algorithm, version, params);
-    if argon2
-        .hash_password_into_with_memory(password.as_bytes(), raw_salt, &mut out, &mut memory[..block_count])
-        .is_err()
-    {
+    if argon2.hash_password_into_with_memory(password.as_bytes(), raw_salt, &mut out, memory).is_err() {
         return false;
     }
     same_hash(&out, expected.as_bytes())
 }
 
-/// Makes `memory` hold at least `count` blocks.
-fn blocks(memory: &mut Vec<Block>, count: usize) {
+/// The first `count` blocks of `memory`, grown to hold them if need be (and kept for reuse).
+fn blocks(memory: &mut Vec<Block>, count: usize) -> &mut [Block] {
     if memory.len() < count {
         memory.resize(count, Block::new());
     }
+    &mut memory[..count]
 }
 
 /// A hash no password is checked against for real: verifying against it when there is no

@@ -71,7 +71,8 @@ async fn successor_within(
     sql.push(" AND s.used_at = 0 AND s.expires_at > ").bind(now).push(" AND f.revoked_at = 0");
     let Some(row) = sql.query().fetch_optional(conn).await? else { return Ok(None) };
     let sealed: Option<Vec<u8>> = row.try_get("successor")?;
-    Ok(sealed.map(|sealed| (sealed, row.try_get("expires_at").unwrap_or(now))))
+    let expires_at: i64 = row.try_get("expires_at")?;
+    Ok(sealed.map(|sealed| (sealed, expires_at)))
 }
 
 /// The lock-out rule applied to a failed password check.
