@@ -361,7 +361,7 @@ fn comparison(spec: &Field, op: Op, value: &str, sql: &mut Sql) -> Result<(), Ap
                 let names: Vec<_> = values.iter().map(|(n, _)| *n).collect();
                 invalid(format!("{} is not a {} value; one of: {}", quote(value), spec.name, names.join(", ")))
             })?;
-            sql.push(spec.column).push(" ").push(op.sql()).push(" ").bind(number);
+            sql.push(spec.column).push(" ").push(op.sql()).push(" ").literal(number);
         }
         FieldKind::Time => {
             if op == Op::Has {
@@ -381,7 +381,7 @@ fn comparison(spec: &Field, op: Op, value: &str, sql: &mut Sql) -> Result<(), Ap
                 "false" => 0,
                 _ => return Err(invalid(format!("'{}' takes true or false", spec.name))),
             };
-            sql.push(spec.column).push(" ").push(op.sql()).push(" ").bind(flag as i64);
+            sql.push(spec.column).push(" ").push(op.sql()).push(" ").literal(flag);
         }
     }
     Ok(())
@@ -416,20 +416,21 @@ mod tests {
 
     #[test]
     fn compiles_to_bound_parameters() {
+        // Typed values are bound; an enum's number or a flag (from a fixed set) is written in.
         let (text, binds) = sql(r#"stage = CUSTOMER AND tags:vip AND create_time > "2026-01-01T00:00:00Z""#).unwrap();
         assert_eq!(
             text,
-            "SELECT 1 WHERE 1=1 AND ((stage = $1 AND id IN (SELECT record_id FROM tags WHERE tag = $2) AND created_at > $3))"
+            "SELECT 1 WHERE 1=1 AND ((stage = 3 AND id IN (SELECT record_id FROM tags WHERE tag = $1) AND created_at > $2))"
         );
-        assert_eq!(binds, vec![Bind::Int(3), Bind::Text("vip".into()), Bind::Int(1_767_225_600_000_000)]);
+        assert_eq!(binds, vec![Bind::Text("vip".into()), Bind::Int(1_767_225_600_000_000)]);
     }
 
     #[test]
     fn or_not_and_parentheses() {
         let (text, binds) =
             sql("(stage = LEAD OR stage = LIFECYCLE_STAGE_CUSTOMER) NOT do_not_contact = true").unwrap();
-        assert_eq!(text, "SELECT 1 WHERE 1=1 AND (((stage = $1 OR stage = $2) AND NOT (do_not_contact = $3)))");
-        assert_eq!(binds, vec![Bind::Int(1), Bind::Int(3), Bind::Int(1)]);
+        assert_eq!(text, "SELECT 1 WHERE 1=1 AND (((stage = 1 OR stage = 3) AND NOT (do_not_contact = 1)))");
+        assert!(binds.is_empty());
         let (text, _) = sql("-owner_id = abc").unwrap();
         assert!(text.ends_with("AND (NOT (owner_id = $1))"), "{text}");
     }

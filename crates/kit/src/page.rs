@@ -149,17 +149,28 @@ impl Page {
         self.size
     }
 
-    /// ` AND (column, tie) > (key, id)` (`<` when descending): the rows after the previous
-    /// page. Nothing on the first page.
+    /// ` AND (column, tie) >= (key, id) AND NOT (column = key AND tie = id)` (`<=` when
+    /// descending): the rows after the previous page. Nothing on the first page.
+    ///
+    /// The same rows as `(column, tie) > (key, id)`, and the same index
+    /// bound; but PostgreSQL estimates a row comparison by its first column alone, and for a
+    /// key many rows share (a last activity time of 0: never contacted) `column > key` looks
+    /// empty, so it would walk the sort's index through everyone's rows instead of the owner's
+    /// own index. `column >= key` keeps every such row in the estimate.
     pub fn push_after(&self, sql: &mut Sql, order: &Order) {
         let Some(cursor) = &self.after else { return };
         sql.push(" AND (").push(order.column).push(", ").push(order.tie).push(") ");
-        sql.push(if order.desc { "< (" } else { "> (" });
-        match &cursor.key {
-            KeyValue::Int(v) => sql.bind(*v),
-            KeyValue::Text(v) => sql.bind(v.as_str()),
+        sql.push(if order.desc { "<= (" } else { ">= (" });
+        let key = |sql: &mut Sql| {
+            match &cursor.key {
+                KeyValue::Int(v) => sql.bind(*v),
+                KeyValue::Text(v) => sql.bind(v.as_str()),
+            };
         };
-        sql.push(", ").bind(cursor.id.as_str()).push(")");
+        key(sql);
+        sql.push(", ").bind(cursor.id.as_str()).push(") AND NOT (").push(order.column).push(" = ");
+        key(sql);
+        sql.push(" AND ").push(order.tie).push(" = ").bind(cursor.id.as_str()).push(")");
     }
 
     /// ` ORDER BY column, tie` in the order's direction.
@@ -250,7 +261,8 @@ mod tests {
         next.push_keyset(&mut sql, &order);
         assert_eq!(
             sql.text(),
-            "SELECT id, name FROM roles WHERE 1=1 AND (name, id) > ($1, $2) ORDER BY name ASC, id ASC LIMIT 3"
+            "SELECT id, name FROM roles WHERE 1=1 AND (name, id) >= ($1, $2) AND NOT (name = $3 AND id = $4) \
+             ORDER BY name ASC, id ASC LIMIT 3"
         );
         let events = Order::newest("occurred_at");
         assert!(Page::decode(&["roles"], 2, &token, &events).is_err(), "a text key does not suit a time order");

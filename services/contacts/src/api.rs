@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use crm_kit::auth::{OwnerScope, Principal, ScopeCache, UserDirectory, UserStatus};
 use crm_kit::db::idempotency::MAX_REQUEST_ID_CHARS;
-use crm_kit::filter;
 use crm_kit::page::Page;
 use crm_kit::{ApiError, Violations, respond};
 use crm_proto::contacts::v1::contacts_service_server::ContactsService;
@@ -15,9 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::domain::{self, Key, Kind, Record, Rules};
 use crate::permissions::{READ, WRITE};
-use crate::store::{self, ListQuery, Store};
-
-const MAX_QUERY: usize = 200;
+use crate::store::{self, ListQuery, ListRequest, Store};
 
 /// Every call runs as the signed-in caller (`crm_kit::auth::Principal`, put there by the
 /// server's authentication layer): reads need `contacts.read`, changes `contacts.write`, and the
@@ -54,15 +51,6 @@ macro_rules! list_request {
             query: $r.query,
         }
     };
-}
-
-/// A list request's parts as they came.
-struct ListRequest {
-    page_size: i32,
-    page_token: String,
-    filter: String,
-    order_by: String,
-    query: String,
 }
 
 impl ContactsApi {
@@ -186,21 +174,8 @@ impl ContactsApi {
         self.store.delete::<R>(id, etag, &caller.principal.subject, &caller.scope).await
     }
 
-    /// A list request decoded once: its filter parsed against the kind's fields, its order and
-    /// page token decoded, its search terms found.
-    fn list_query(&self, kind: Kind, r: ListRequest, scope: OwnerScope) -> Result<ListQuery, ApiError> {
-        if r.query.chars().count() > MAX_QUERY {
-            return Err(ApiError::invalid("query", format!("must be at most {MAX_QUERY} characters")));
-        }
-        let order = store::sort_order(kind, &r.order_by)?;
-        let page = Page::decode(&[kind.noun(), &r.filter, &r.query, &r.order_by], r.page_size, &r.page_token, &order)?;
-        let filter = filter::parse(&r.filter, store::filter_fields(kind))?;
-        let terms = domain::search::terms(&r.query, &self.rules);
-        Ok(ListQuery { filter, terms, order, page, scope })
-    }
-
     async fn list<R: Record>(&self, caller: Caller, r: ListRequest) -> Result<(Vec<R>, String), ApiError> {
-        let query = self.list_query(R::KIND, r, caller.scope)?;
+        let query = ListQuery::parse(R::KIND, &r, &self.rules, caller.scope)?;
         self.store.list(&query).await
     }
 }

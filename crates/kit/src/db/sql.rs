@@ -75,6 +75,15 @@ impl Sql {
         self
     }
 
+    /// Appends an integer written into the statement. For values from a fixed set (an enum's
+    /// number, a flag), so that the planner sees the value itself: a partial index on it
+    /// applies, and its statistics per value count, in every plan (a bound value gets a generic
+    /// plan after a few runs).
+    pub fn literal(&mut self, n: i64) -> &mut Sql {
+        self.text.push_str(&n.to_string());
+        self
+    }
+
     /// Appends a placeholder bound to `value`.
     pub fn bind(&mut self, value: impl Into<Bind>) -> &mut Sql {
         self.binds.push(value.into());

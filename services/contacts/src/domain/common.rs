@@ -256,9 +256,13 @@ impl View<'_> {
 
     pub(super) fn search_parts(&self, out: &mut Vec<String>) {
         out.extend(self.emails.iter().map(|e| e.address.clone()));
-        out.extend(self.phones.iter().map(|p| p.e164.clone()));
         out.extend(self.social_handles.iter().map(|s| s.handle.to_lowercase()));
         out.push(self.region.to_lowercase());
+    }
+
+    pub(super) fn phone_digits(&self) -> String {
+        let numbers: Vec<&str> = self.phones.iter().map(|p| p.e164.trim_start_matches('+')).collect();
+        numbers.join(" ")
     }
 
     pub(super) fn keys(&self, out: &mut Vec<Key>) {

@@ -47,6 +47,7 @@ impl Record for Company {
             company_id: String::new(),
             do_not_contact: i64::from(self.do_not_contact),
             search_text: search_text(parts),
+            phone_digits: view!(self).phone_digits(),
         }
     }
 

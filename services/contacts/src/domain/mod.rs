@@ -108,7 +108,8 @@ mod tests {
             ]
         );
         let cols = p.columns();
-        assert_eq!(cols.search_text, "анна петрова anna@example.com +79161234567");
+        assert_eq!(cols.search_text, "анна петрова anna@example.com");
+        assert_eq!(cols.phone_digits, "79161234567");
         assert_eq!(cols.stage, 3);
     }
 

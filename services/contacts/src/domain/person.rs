@@ -45,6 +45,7 @@ impl Record for Person {
             company_id: self.company_id.clone(),
             do_not_contact: i64::from(self.do_not_contact),
             search_text: search_text(parts),
+            phone_digits: view!(self).phone_digits(),
         }
     }
 

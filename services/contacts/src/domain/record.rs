@@ -18,6 +18,9 @@ pub struct Columns {
     pub company_id: String,
     pub do_not_contact: i64,
     pub search_text: String,
+    /// The digits of every phone (E.164 without '+'), space-separated: what a number typed into
+    /// a search is looked for in.
+    pub phone_digits: String,
 }
 
 /// A normalised value that only one record of a kind may hold.

@@ -4,7 +4,7 @@
 //!
 //! Phones are stored (and searched) in E.164, so a run of words that looks like a phone number
 //! — `+7 957 100-00-10`, `957 100-00-10`, `00-10` — is one term of its digits, however it was
-//! typed. A whole number typed with the national trunk prefix or `00` (`8 957 100-00-10` with
+//! typed, looked for in the record's phone numbers only (their own index). A whole number typed with the national trunk prefix or `00` (`8 957 100-00-10` with
 //! calling code 7) also matches as the E.164 number it stands for.
 
 use super::{Rules, normalize};
@@ -12,11 +12,12 @@ use super::{Rules, normalize};
 /// Most terms a query is searched for; words beyond them are ignored.
 pub const MAX_TERMS: usize = 8;
 
-/// One term of a query: it matches when any of its forms (lower-cased text, or a phone's
-/// digits) occurs.
+/// One term of a query: it matches when any of its forms occurs — lower-cased text in a
+/// record's text, or (for a `phone` term) digits in its phone numbers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Term {
     pub forms: Vec<String>,
+    pub phone: bool,
 }
 
 fn phone_like(word: &str) -> bool {
@@ -43,7 +44,7 @@ pub fn terms(query: &str, rules: &Rules) -> Vec<Term> {
             terms.push(phone_term(&run, rules));
             run.clear();
         }
-        terms.push(Term { forms: vec![word.to_lowercase()] });
+        terms.push(Term { forms: vec![word.to_lowercase()], phone: false });
     }
     if !run.is_empty() {
         terms.push(phone_term(&run, rules));
@@ -67,7 +68,7 @@ fn phone_term(run: &[&str], rules: &Rules) -> Term {
             forms.push(e164);
         }
     }
-    Term { forms }
+    Term { forms, phone: true }
 }
 
 #[cfg(test)]
@@ -76,6 +77,12 @@ mod tests {
 
     fn forms(query: &str) -> Vec<Vec<String>> {
         terms(query, &Rules { default_calling_code: "7".into() }).into_iter().map(|t| t.forms).collect()
+    }
+
+    #[test]
+    fn numbers_are_phone_terms() {
+        let kinds: Vec<bool> = terms("anna +7 957 100-00-10", &Rules::default()).into_iter().map(|t| t.phone).collect();
+        assert_eq!(kinds, [false, true]);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use crm_kit::ApiError;
 use crm_kit::auth::OwnerScope;
 use crm_kit::db::{Backend, Sql};
-use crm_kit::filter::{Field, FieldKind, Filter};
+use crm_kit::filter::{self, Field, FieldKind, Filter};
 use crm_kit::page::{Order, Page};
 use crm_kit::validate::quote;
 use crm_proto::contacts::v1::{FieldChange, Revision};
@@ -12,8 +12,8 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{COLUMNS, Store, StoredChange, decode, table};
-use crate::domain::search::Term;
-use crate::domain::{Kind, Record};
+use crate::domain::search::{self, Term};
+use crate::domain::{Kind, Record, Rules};
 
 const STAGES: &[(&str, i64)] =
     &[("UNSPECIFIED", 0), ("LEAD", 1), ("PROSPECT", 2), ("CUSTOMER", 3), ("REPEAT_CUSTOMER", 4), ("LOST", 5)];
@@ -108,6 +108,19 @@ pub fn revision_order() -> Order {
     Order { column: "version", tie: "record_id", text: false, desc: true }
 }
 
+/// Longest text query, in characters.
+pub const MAX_QUERY: usize = 200;
+
+/// A list request's parts as they came, from `ListCompaniesRequest` or `ListPeopleRequest`.
+#[derive(Debug, Clone, Default)]
+pub struct ListRequest {
+    pub page_size: i32,
+    pub page_token: String,
+    pub filter: String,
+    pub order_by: String,
+    pub query: String,
+}
+
 /// A list or search request, decoded and checked.
 #[derive(Debug, Clone)]
 pub struct ListQuery {
@@ -125,6 +138,29 @@ pub struct ListQuery {
 /// the window; a rarer one costs the window scan plus the index lookup.
 pub const SEARCH_WINDOW_PER_ROW: i64 = 40;
 
+impl ListQuery {
+    /// A list request decoded once: its filter parsed against the kind's fields, its order and
+    /// page token decoded, its search terms found.
+    pub fn parse(kind: Kind, r: &ListRequest, rules: &Rules, scope: OwnerScope) -> Result<ListQuery, ApiError> {
+        if r.query.chars().count() > MAX_QUERY {
+            return Err(ApiError::invalid("query", format!("must be at most {MAX_QUERY} characters")));
+        }
+        let order = sort_order(kind, &r.order_by)?;
+        let page = Page::decode(&[kind.noun(), &r.filter, &r.query, &r.order_by], r.page_size, &r.page_token, &order)?;
+        let filter = filter::parse(&r.filter, filter_fields(kind))?;
+        let terms = search::terms(&r.query, rules);
+        Ok(ListQuery { filter, terms, order, page, scope })
+    }
+}
+
+/// One statement of a listing: its plan, and the rows it returned in how long.
+#[derive(Debug, Clone)]
+pub struct Explained {
+    pub plan: Vec<String>,
+    pub rows: usize,
+    pub elapsed: std::time::Duration,
+}
+
 fn like_pattern(term: &str) -> String {
     let escaped = term.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
     format!("%{escaped}%")
@@ -139,21 +175,61 @@ impl Store {
     /// next page.
     pub async fn list<R: Record>(&self, q: &ListQuery) -> Result<(Vec<R>, String), ApiError> {
         let kind = R::KIND;
-        let rows = if q.terms.is_empty() {
-            self.select(kind, q, None).query().fetch_all(self.db().pool()).await?
-        } else {
-            // A broad query matches a large share of the table; its first page is usually found
-            // among the first rows in sort order, which the sort index yields cheaply. When that
-            // window fills the page, the page is exactly what the full query returns.
-            let size = self.search_window.unwrap_or(SEARCH_WINDOW_PER_ROW * (q.page.size() + 1));
+        let rows = if let Some(size) = self.window(q) {
             let rows = self.select(kind, q, Some(size)).query().fetch_all(self.db().pool()).await?;
             if rows.len() as i64 > q.page.size() {
                 rows
             } else {
                 self.select(kind, q, None).query().fetch_all(self.db().pool()).await?
             }
+        } else {
+            self.select(kind, q, None).query().fetch_all(self.db().pool()).await?
         };
         q.page.finish(&rows, &q.order, decode::<R>)
+    }
+
+    /// The rows a text search first looks through, if it does. A broad query matches a large
+    /// share of the table; its first page is usually found among the first rows in sort order,
+    /// which the sort index yields cheaply. When that window fills the page, the page is exactly
+    /// what the full query returns. No search needs no window, and a phone number is selective:
+    /// both go straight to their indexes.
+    fn window(&self, q: &ListQuery) -> Option<i64> {
+        if q.terms.is_empty() || q.terms.iter().any(|t| t.phone) {
+            return None;
+        }
+        Some(self.search_window.unwrap_or(SEARCH_WINDOW_PER_ROW * (q.page.size() + 1)))
+    }
+
+    /// The statements [`Store::list`] runs for `q`, each with the plan the database chose and
+    /// how long it took (run once more, warm): on PostgreSQL the plan of `EXPLAIN (ANALYZE,
+    /// BUFFERS)`, on SQLite of `EXPLAIN QUERY PLAN`. For `crm bench plans`.
+    pub async fn explain<R: Record>(&self, q: &ListQuery) -> Result<Vec<Explained>, ApiError> {
+        let mut statements = Vec::new();
+        if let Some(size) = self.window(q) {
+            let window = self.select(R::KIND, q, Some(size));
+            let rows = window.query().fetch_all(self.db().pool()).await?;
+            statements.push(window);
+            if rows.len() as i64 <= q.page.size() {
+                statements.push(self.select(R::KIND, q, None));
+            }
+        } else {
+            statements.push(self.select(R::KIND, q, None));
+        }
+        let mut explained = Vec::with_capacity(statements.len());
+        for statement in statements {
+            let (prefix, column) = match self.db().backend() {
+                Backend::Postgres => ("EXPLAIN (ANALYZE, BUFFERS) ", 0),
+                Backend::Sqlite => ("EXPLAIN QUERY PLAN ", 3),
+            };
+            let mut sql = Sql::new(prefix);
+            sql.push_sql(statement.clone());
+            let lines = sql.query().fetch_all(self.db().pool()).await?;
+            let plan = lines.iter().map(|row| row.try_get::<String, _>(column)).collect::<Result<Vec<_>, _>>()?;
+            let started = std::time::Instant::now();
+            let rows = statement.query().fetch_all(self.db().pool()).await?.len();
+            explained.push(Explained { plan, rows, elapsed: started.elapsed() });
+        }
+        Ok(explained)
     }
 
     /// The listing query. With `window`, the text search applies only to the first `window`
@@ -190,30 +266,36 @@ impl Store {
         outer
     }
 
-    /// Every term must match: on PostgreSQL by `LIKE` (served by the trigram index), on SQLite
-    /// by the FTS5 trigram index for terms of 3 characters or more, `LIKE` for shorter ones.
+    /// Every term must match, text terms in `search_text` and phone terms in `phone_digits`:
+    /// on PostgreSQL by `LIKE` (served by each column's trigram index), on SQLite by each
+    /// column's FTS5 trigram index for terms of 3 characters or more, `LIKE` for shorter ones.
     fn push_search(&self, sql: &mut Sql, kind: Kind, terms: &[Term]) {
-        let indexed =
-            |term: &&Term| self.db().backend() == Backend::Sqlite && term.forms.iter().all(|f| f.chars().count() >= 3);
-        let (fts, like): (Vec<&Term>, Vec<&Term>) = terms.iter().partition(indexed);
-        if !fts.is_empty() {
-            let query = fts
-                .iter()
-                .map(|term| {
-                    let forms: Vec<String> = term.forms.iter().map(|f| fts_phrase(f)).collect();
-                    format!("({})", forms.join(" OR "))
-                })
-                .collect::<Vec<_>>()
-                .join(" AND ");
-            sql.push(" AND seq IN (SELECT rowid FROM ").push(table(kind)).push("_fts WHERE ");
-            sql.push(table(kind)).push("_fts MATCH ").bind(query).push(")");
-        }
-        for term in like {
-            sql.push(" AND (");
-            sql.push_each(&term.forms, " OR ", |sql, form| {
-                sql.push("search_text LIKE ").bind(like_pattern(form)).push(" ESCAPE '\\'");
-            });
-            sql.push(")");
+        for (phone, column, index) in [(false, "search_text", "_fts"), (true, "phone_digits", "_phones")] {
+            let terms = terms.iter().filter(|t| t.phone == phone);
+            let indexed = |term: &&Term| {
+                self.db().backend() == Backend::Sqlite && term.forms.iter().all(|f| f.chars().count() >= 3)
+            };
+            let (fts, like): (Vec<&Term>, Vec<&Term>) = terms.partition(indexed);
+            if !fts.is_empty() {
+                let query = fts
+                    .iter()
+                    .map(|term| {
+                        let forms: Vec<String> = term.forms.iter().map(|f| fts_phrase(f)).collect();
+                        format!("({})", forms.join(" OR "))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
+                let fts_table = format!("{}{index}", table(kind));
+                sql.push(" AND seq IN (SELECT rowid FROM ").push(&fts_table).push(" WHERE ");
+                sql.push(&fts_table).push(" MATCH ").bind(query).push(")");
+            }
+            for term in like {
+                sql.push(" AND (");
+                sql.push_each(&term.forms, " OR ", |sql, form| {
+                    sql.push(column).push(" LIKE ").bind(like_pattern(form)).push(" ESCAPE '\\'");
+                });
+                sql.push(")");
+            }
         }
     }
 

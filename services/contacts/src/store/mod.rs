@@ -22,7 +22,9 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 pub use keys::Duplicate;
-pub use list::{ListQuery, SEARCH_WINDOW_PER_ROW, filter_fields, revision_order, sort_order};
+pub use list::{
+    Explained, ListQuery, ListRequest, MAX_QUERY, SEARCH_WINDOW_PER_ROW, filter_fields, revision_order, sort_order,
+};
 
 use crate::domain::{self, Change, Columns, Key, Kind, Meta, Record};
 
@@ -232,7 +234,7 @@ impl Store {
         let mut sql = Sql::new("INSERT INTO ");
         sql.push(table(R::KIND)).push(
             " (id, display_name, owner_id, stage, source, region, industry, company_id, do_not_contact, \
-             search_text, created_at, updated_at, last_activity_at, version, doc) VALUES ",
+             search_text, phone_digits, created_at, updated_at, last_activity_at, version, doc) VALUES ",
         );
         let mut tags: Vec<(&str, &str)> = Vec::new();
         let mut revisions = Vec::with_capacity(records.len());
@@ -345,7 +347,8 @@ impl Store {
         assignments.push(", region = ").bind(c.region.as_str()).push(", industry = ").bind(c.industry.as_str());
         assignments.push(", company_id = ").bind(c.company_id.as_str());
         assignments.push(", do_not_contact = ").bind(c.do_not_contact);
-        assignments.push(", search_text = ").bind(c.search_text.as_str()).push(", doc = ").bind(document(&new));
+        assignments.push(", search_text = ").bind(c.search_text.as_str());
+        assignments.push(", phone_digits = ").bind(c.phone_digits.as_str()).push(", doc = ").bind(document(&new));
         let version = edit.save(assignments, now).await?;
         published.extend(events::updated(&old, &new, version, &changes, actor));
         let revision = NewRevision {
@@ -416,5 +419,5 @@ async fn insert_tags(tx: &mut Tx, pairs: &[(&str, &str)]) -> Result<(), ApiError
 fn push_columns(v: &mut crm_kit::db::Values<'_>, c: &Columns) {
     v.bind(c.display_name.as_str()).bind(c.owner_id.as_str()).bind(c.stage).bind(c.source.as_str());
     v.bind(c.region.as_str()).bind(c.industry.as_str()).bind(c.company_id.as_str()).bind(c.do_not_contact);
-    v.bind(c.search_text.as_str());
+    v.bind(c.search_text.as_str()).bind(c.phone_digits.as_str());
 }

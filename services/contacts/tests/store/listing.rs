@@ -177,7 +177,8 @@ pub async fn search_results_do_not_depend_on_the_window(env: Env) {
 
 pub async fn phones_are_found_however_they_are_typed(env: Env) {
     let api = &env.api;
-    create_person(api, person("Phone Search", "+7 957 100-00-10", "phone.search@example.com")).await.unwrap();
+    let found =
+        create_person(api, person("Phone Search", "+7 957 100-00-10", "phone.search@example.com")).await.unwrap();
     create_person(api, person("Someone Else", "+7 916 999-99-99", "someone.else@example.com")).await.unwrap();
     for query in [
         "+7 957 100-00-10",
@@ -193,4 +194,17 @@ pub async fn phones_are_found_however_they_are_typed(env: Env) {
         assert_eq!(names, ["Phone Search"], "query {query:?}");
     }
     assert!(list_people(api, "", "957 100-00-11", "", 10, "").await.unwrap().people.is_empty());
+
+    // A changed number is found by its new digits only; digits elsewhere (an e-mail) are not a
+    // phone.
+    let mut patch = found.clone();
+    patch.phones = vec![Phone { number: "+49 30 1234 5678".into(), ..Default::default() }];
+    api.update_person(req(UpdatePersonRequest { person: Some(patch), update_mask: mask(&["phones"]) })).await.unwrap();
+    let names = |page: ListPeopleResponse| page.people.into_iter().map(|p| p.full_name).collect::<Vec<_>>();
+    assert_eq!(names(list_people(api, "", "30 1234-5678", "", 10, "").await.unwrap()), ["Phone Search"]);
+    assert_eq!(names(list_people(api, "", "+49 30 1234", "", 10, "").await.unwrap()), ["Phone Search"]);
+    assert!(list_people(api, "", "00-10", "", 10, "").await.unwrap().people.is_empty());
+    create_person(api, person("Digits In Mail", "+7 916 555-44-33", "anna2024@example.com")).await.unwrap();
+    assert!(list_people(api, "", "2024", "", 10, "").await.unwrap().people.is_empty());
+    assert_eq!(names(list_people(api, "", "anna2024", "", 10, "").await.unwrap()), ["Digits In Mail"]);
 }
