@@ -268,12 +268,32 @@ impl Parser {
 #[derive(Debug, Clone)]
 pub struct Filter {
     condition: Sql,
+    pins: Vec<(&'static str, String)>,
 }
 
 impl Filter {
     /// Appends ` AND (condition)`.
     pub fn push_onto(&self, sql: &mut Sql) {
         sql.push(" AND (").push_sql(self.condition.clone()).push(")");
+    }
+
+    /// The columns every matching row has one value in, with that value as typed: the
+    /// `column = value` comparisons the filter's top-level `AND` requires. A store may tell a
+    /// selective filter (one owner's records) from a broad one by them.
+    pub fn pins(&self) -> &[(&'static str, String)] {
+        &self.pins
+    }
+}
+
+fn pins(expr: &Expr, fields: &[Field], out: &mut Vec<(&'static str, String)>) {
+    match expr {
+        Expr::And(parts) => parts.iter().for_each(|part| pins(part, fields, out)),
+        Expr::Cmp { field, op: Op::Eq, value } => {
+            if let Some(spec) = fields.iter().find(|f| f.name == field.as_str()) {
+                out.push((spec.column, value.clone()));
+            }
+        }
+        _ => {}
     }
 }
 
@@ -300,7 +320,9 @@ pub fn parse(text: &str, fields: &[Field]) -> Result<Option<Filter>, ApiError> {
     let Some(expr) = parse_expr(text)? else { return Ok(None) };
     let mut condition = Sql::default();
     compile(&expr, fields, &mut condition)?;
-    Ok(Some(Filter { condition }))
+    let mut pinned = Vec::new();
+    pins(&expr, fields, &mut pinned);
+    Ok(Some(Filter { condition, pins: pinned }))
 }
 
 fn compile(expr: &Expr, fields: &[Field], sql: &mut Sql) -> Result<(), ApiError> {
@@ -423,6 +445,15 @@ mod tests {
             "SELECT 1 WHERE 1=1 AND ((stage = 3 AND id IN (SELECT record_id FROM tags WHERE tag = $1) AND created_at > $2))"
         );
         assert_eq!(binds, vec![Bind::Text("vip".into()), Bind::Int(1_767_225_600_000_000)]);
+    }
+
+    #[test]
+    fn pins_are_the_equalities_every_match_has() {
+        let pinned = |text: &str| parse(text, FIELDS).unwrap().unwrap().pins().to_vec();
+        assert_eq!(pinned("owner_id = u1 AND stage = LEAD"), [("owner_id", "u1".into()), ("stage", "LEAD".into())]);
+        assert!(pinned("owner_id = u1 OR stage = LEAD").is_empty());
+        assert!(pinned("NOT owner_id = u1").is_empty());
+        assert!(pinned("owner_id != u1").is_empty());
     }
 
     #[test]

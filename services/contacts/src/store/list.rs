@@ -31,7 +31,12 @@ const COMMON_FIELDS: [Field; 10] = [
     Field {
         name: "tags",
         column: "",
-        kind: FieldKind::Collection { prefix: "id IN (SELECT record_id FROM tags WHERE tag = ", suffix: ")" },
+        // A probe per row (the tags' primary key), which both engines can run for the rows an
+        // index walk yields, or turn into a join when the tag is rare.
+        kind: FieldKind::Collection {
+            prefix: "EXISTS (SELECT 1 FROM tags WHERE tags.record_id = id AND tags.tag = ",
+            suffix: ")",
+        },
     },
     Field { name: "do_not_contact", column: "do_not_contact", kind: FieldKind::Bool },
     Field { name: "create_time", column: "created_at", kind: FieldKind::Time },
@@ -133,10 +138,10 @@ pub struct ListQuery {
     pub scope: OwnerScope,
 }
 
-/// Rows in sort order a search first looks through, per row of the page, before it asks the
-/// text index (see [`Store::list`]): a query matching at least 1 row in 40 (2.5%) is served from
-/// the window; a rarer one costs the window scan plus the index lookup.
-pub const SEARCH_WINDOW_PER_ROW: i64 = 40;
+/// Rows in sort order a listing first looks through, per row of the page, before it runs its
+/// full query (see [`Store::window`]): a condition matching at least 1 row in 40 (2.5%) is
+/// served from the window; a rarer one costs the window scan plus the full query.
+pub const WINDOW_PER_ROW: i64 = 40;
 
 impl ListQuery {
     /// A list request decoded once: its filter parsed against the kind's fields, its order and
@@ -150,6 +155,34 @@ impl ListQuery {
         let filter = filter::parse(&r.filter, filter_fields(kind))?;
         let terms = search::terms(&r.query, rules);
         Ok(ListQuery { filter, terms, order, page, scope })
+    }
+}
+
+/// Whether a filter (within a scope) picks few records through an index of its own: one owner's,
+/// one company's, one record, or those marked do-not-contact. Such a filter chooses the rows
+/// itself rather than sift a window.
+fn selective(filter: &Filter, scope: &OwnerScope) -> bool {
+    let one_owner = matches!(scope, OwnerScope::Owners(owners) if owners.len() == 1);
+    one_owner
+        || filter.pins().iter().any(|(column, value)| {
+            matches!(*column, "id" | "owner_id" | "company_id") || (*column == "do_not_contact" && value == "true")
+        })
+}
+
+/// The first rows in sort order a listing looks through (see [`Store::window`]).
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    rows: i64,
+    /// Whether the filter applies to the window's rows, rather than choosing them.
+    filter_outside: bool,
+    /// How many times the window may still grow (×4) before the full query runs.
+    widenings: u32,
+}
+
+impl Window {
+    /// The next window to look through when this one did not fill the page.
+    fn wider(self) -> Option<Window> {
+        (self.widenings > 0).then(|| Window { rows: self.rows * 4, widenings: self.widenings - 1, ..self })
     }
 }
 
@@ -174,30 +207,54 @@ impl Store {
     /// One page of a filtered, searched, sorted listing within `q.scope`, and the token of the
     /// next page.
     pub async fn list<R: Record>(&self, q: &ListQuery) -> Result<(Vec<R>, String), ApiError> {
-        let kind = R::KIND;
-        let rows = if let Some(size) = self.window(q) {
-            let rows = self.select(kind, q, Some(size)).query().fetch_all(self.db().pool()).await?;
-            if rows.len() as i64 > q.page.size() {
-                rows
-            } else {
-                self.select(kind, q, None).query().fetch_all(self.db().pool()).await?
-            }
-        } else {
-            self.select(kind, q, None).query().fetch_all(self.db().pool()).await?
-        };
+        let rows = self.fetch(R::KIND, q, None).await?;
         q.page.finish(&rows, &q.order, decode::<R>)
     }
 
-    /// The rows a text search first looks through, if it does. A broad query matches a large
-    /// share of the table; its first page is usually found among the first rows in sort order,
-    /// which the sort index yields cheaply. When that window fills the page, the page is exactly
-    /// what the full query returns. No search needs no window, and a phone number is selective:
-    /// both go straight to their indexes.
-    fn window(&self, q: &ListQuery) -> Option<i64> {
-        if q.terms.is_empty() || q.terms.iter().any(|t| t.phone) {
+    /// The rows of a listing's page (and one more): through windows that widen while they do
+    /// not fill the page, then the full query. Each statement run is added to `ran`.
+    async fn fetch(&self, kind: Kind, q: &ListQuery, mut ran: Option<&mut Vec<Sql>>) -> Result<Vec<AnyRow>, ApiError> {
+        let mut next = self.window(q);
+        loop {
+            let statement = self.select(kind, q, next);
+            let rows = statement.query_unprepared().fetch_all(self.db().pool()).await?;
+            if let Some(ran) = ran.as_deref_mut() {
+                ran.push(statement);
+            }
+            let Some(window) = next else { return Ok(rows) };
+            if rows.len() as i64 > q.page.size() {
+                return Ok(rows);
+            }
+            next = window.wider();
+        }
+    }
+
+    /// The rows in sort order a listing first looks through, if it does. A broad condition
+    /// matches a large share of the table; its first page is usually found among the first rows
+    /// in sort order, which the sort's index yields cheaply. When that window fills the page,
+    /// the page is exactly what the full query returns; when it does not, the full query runs.
+    ///
+    /// A text search looks through a window (its index cannot yield rows in order). So does a
+    /// broad filter on SQLite, whose planner reads every row a filter's index yields and sorts
+    /// them (200,000 rows for `stage = CUSTOMER` at 1M) rather than walk the sort's index;
+    /// a [`selective`] one chooses its rows through its own index. A phone
+    /// number is selective: it goes straight to its index, as does everything else on
+    /// PostgreSQL, whose planner weighs the walk against the sort itself.
+    fn window(&self, q: &ListQuery) -> Option<Window> {
+        if q.terms.iter().any(|t| t.phone) {
             return None;
         }
-        Some(self.search_window.unwrap_or(SEARCH_WINDOW_PER_ROW * (q.page.size() + 1)))
+        let sqlite = self.db().backend() == Backend::Sqlite;
+        let filter_outside = sqlite && q.filter.as_ref().is_some_and(|f| !selective(f, &q.scope));
+        if q.terms.is_empty() && !filter_outside {
+            return None;
+        }
+        let rows = self.window_rows.unwrap_or(WINDOW_PER_ROW * (q.page.size() + 1));
+        // SQLite's fallback (the filter's index, then a sort) can read a large share of the
+        // table, so a window widens twice (×4, ×16) before it; a windowed PostgreSQL search
+        // goes straight to its trigram index.
+        let widenings = if sqlite { 2 } else { 0 };
+        Some(Window { rows, filter_outside, widenings })
     }
 
     /// The statements [`Store::list`] runs for `q`, each with the plan the database chose and
@@ -205,16 +262,7 @@ impl Store {
     /// BUFFERS)`, on SQLite of `EXPLAIN QUERY PLAN`. For `crm bench plans`.
     pub async fn explain<R: Record>(&self, q: &ListQuery) -> Result<Vec<Explained>, ApiError> {
         let mut statements = Vec::new();
-        if let Some(size) = self.window(q) {
-            let window = self.select(R::KIND, q, Some(size));
-            let rows = window.query().fetch_all(self.db().pool()).await?;
-            statements.push(window);
-            if rows.len() as i64 <= q.page.size() {
-                statements.push(self.select(R::KIND, q, None));
-            }
-        } else {
-            statements.push(self.select(R::KIND, q, None));
-        }
+        self.fetch(R::KIND, q, Some(&mut statements)).await?;
         let mut explained = Vec::with_capacity(statements.len());
         for statement in statements {
             let (prefix, column) = match self.db().backend() {
@@ -223,28 +271,24 @@ impl Store {
             };
             let mut sql = Sql::new(prefix);
             sql.push_sql(statement.clone());
-            let lines = sql.query().fetch_all(self.db().pool()).await?;
+            let lines = sql.query_unprepared().fetch_all(self.db().pool()).await?;
             let plan = lines.iter().map(|row| row.try_get::<String, _>(column)).collect::<Result<Vec<_>, _>>()?;
             let started = std::time::Instant::now();
-            let rows = statement.query().fetch_all(self.db().pool()).await?.len();
+            let rows = statement.query_unprepared().fetch_all(self.db().pool()).await?.len();
             explained.push(Explained { plan, rows, elapsed: started.elapsed() });
         }
         Ok(explained)
     }
 
-    /// The listing query. With `window`, the text search applies only to the first `window`
-    /// rows (in sort order) that pass the filter and the cursor.
-    fn select(&self, kind: Kind, q: &ListQuery, window: Option<i64>) -> Sql {
+    /// The listing query. With a `window`, the text search (and the filter, when it is
+    /// outside) applies only to the first `window.rows` rows in sort order within the scope
+    /// after the cursor.
+    fn select(&self, kind: Kind, q: &ListQuery, window: Option<Window>) -> Sql {
         let mut sql = Sql::new("SELECT ");
-        sql.push(COLUMNS);
-        if window.is_some() {
-            sql.push(", search_text");
-            if self.db().backend() == Backend::Sqlite {
-                sql.push(", seq");
-            }
-        }
+        sql.push(if window.is_some() { "*" } else { COLUMNS });
         sql.push(" FROM ").push(table(kind)).push(" WHERE 1=1");
-        if let Some(filter) = &q.filter {
+        let filter_outside = window.is_some_and(|w| w.filter_outside);
+        if let Some(filter) = q.filter.as_ref().filter(|_| !filter_outside) {
             filter.push_onto(&mut sql);
         }
         q.scope.push_condition(&mut sql, self.db().backend(), "owner_id");
@@ -257,9 +301,12 @@ impl Store {
             q.page.push_limit(&mut sql);
             return sql;
         };
-        sql.limit(window);
+        sql.limit(window.rows);
         let mut outer = Sql::new("SELECT * FROM (");
         outer.push_sql(sql).push(") AS candidates WHERE 1=1");
+        if let Some(filter) = q.filter.as_ref().filter(|_| filter_outside) {
+            filter.push_onto(&mut outer);
+        }
         self.push_search(&mut outer, kind, &q.terms);
         q.page.push_order(&mut outer, &q.order);
         q.page.push_limit(&mut outer);

@@ -23,7 +23,7 @@ use sqlx::any::AnyRow;
 
 pub use keys::Duplicate;
 pub use list::{
-    Explained, ListQuery, ListRequest, MAX_QUERY, SEARCH_WINDOW_PER_ROW, filter_fields, revision_order, sort_order,
+    Explained, ListQuery, ListRequest, MAX_QUERY, WINDOW_PER_ROW, filter_fields, revision_order, sort_order,
 };
 
 use crate::domain::{self, Change, Columns, Key, Kind, Meta, Record};
@@ -56,8 +56,8 @@ const ACTION_DELETE: i64 = 3;
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Db,
-    /// Fixed window size; `None`: SEARCH_WINDOW_PER_ROW × (page size + 1).
-    search_window: Option<i64>,
+    /// Fixed window size; `None`: WINDOW_PER_ROW × (page size + 1).
+    window_rows: Option<i64>,
     outbox: Outbox,
 }
 
@@ -117,7 +117,7 @@ impl Store {
 
     /// The store over an opened (and migrated) database.
     pub fn new(db: Db) -> Store {
-        Store { db, search_window: None, outbox: Outbox::new(crate::SOURCE) }
+        Store { db, window_rows: None, outbox: Outbox::new(crate::SOURCE) }
     }
 
     /// Publishes its events through `outbox` (the role's, which its relay watches).
@@ -133,10 +133,10 @@ impl Store {
         Ok(sql.query().fetch_one(self.db.pool()).await?.try_get("n")?)
     }
 
-    /// Sets how many rows a text search looks through in sort order before it asks the text
-    /// index (tests make it small to exercise both paths).
-    pub fn with_search_window(mut self, rows: i64) -> Store {
-        self.search_window = Some(rows.max(1));
+    /// Sets how many rows a listing's first window looks through in sort order before it widens
+    /// or runs the full query (tests make it small to exercise every path).
+    pub fn with_window(mut self, rows: i64) -> Store {
+        self.window_rows = Some(rows.max(1));
         self
     }
 

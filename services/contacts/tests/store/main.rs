@@ -85,7 +85,7 @@ crm_kit::both_backends!(env =>
     request_ids_are_scoped_to_the_caller,
     company_with_people_cannot_be_deleted,
     concurrent_creates_of_one_phone_admit_one,
-    search_results_do_not_depend_on_the_window,
+    listings_do_not_depend_on_the_window,
     phones_are_found_however_they_are_typed,
     data_scope_limits_every_call,
     owners_are_assigned_within_scope,
