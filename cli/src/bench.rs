@@ -364,6 +364,13 @@ async fn seed(args: SeedArgs) -> anyhow::Result<()> {
                     region: pick(&mut rng, REGIONS).into(),
                     owner_id: owners.choose(&mut rng).cloned().unwrap_or_default(),
                     notes: "Seeded by crm bench seed".into(),
+                    // A few, as in a real address book (and so that statistics know of them).
+                    do_not_contact: i % 1000 == 999,
+                    do_not_contact_reason: if i % 1000 == 999 {
+                        "asked not to be called".into()
+                    } else {
+                        String::new()
+                    },
                     ..Default::default()
                 },
                 &rules,

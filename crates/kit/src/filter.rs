@@ -277,9 +277,10 @@ impl Filter {
         sql.push(" AND (").push_sql(self.condition.clone()).push(")");
     }
 
-    /// The columns every matching row has one value in, with that value as typed: the
-    /// `column = value` comparisons the filter's top-level `AND` requires. A store may tell a
-    /// selective filter (one owner's records) from a broad one by them.
+    /// The fields every matching row has one value in (or, for a list, holds), with that value
+    /// as typed: the `field = value` and `list:value` comparisons the filter's top-level `AND`
+    /// requires. A store may tell a selective filter (one owner's records) from a broad one by
+    /// them, or walk a tag's own index.
     pub fn pins(&self) -> &[(&'static str, String)] {
         &self.pins
     }
@@ -288,9 +289,9 @@ impl Filter {
 fn pins(expr: &Expr, fields: &[Field], out: &mut Vec<(&'static str, String)>) {
     match expr {
         Expr::And(parts) => parts.iter().for_each(|part| pins(part, fields, out)),
-        Expr::Cmp { field, op: Op::Eq, value } => {
+        Expr::Cmp { field, op: Op::Eq | Op::Has, value } => {
             if let Some(spec) = fields.iter().find(|f| f.name == field.as_str()) {
-                out.push((spec.column, value.clone()));
+                out.push((spec.name, value.clone()));
             }
         }
         _ => {}
@@ -454,6 +455,7 @@ mod tests {
         assert!(pinned("owner_id = u1 OR stage = LEAD").is_empty());
         assert!(pinned("NOT owner_id = u1").is_empty());
         assert!(pinned("owner_id != u1").is_empty());
+        assert_eq!(pinned("tags:vip create_time > \"2026-01-01T00:00:00Z\""), [("tags", "vip".into())]);
     }
 
     #[test]

@@ -158,15 +158,33 @@ impl ListQuery {
     }
 }
 
+/// A creation order as the tags' index holds it: the same keys (a record's creation time and
+/// id), so that a page token serves either way of listing.
+fn tag_order(order: &Order) -> Order {
+    Order { column: "record_created_at", tie: "record_id", ..*order }
+}
+
 /// Whether a filter (within a scope) picks few records through an index of its own: one owner's,
 /// one company's, one record, or those marked do-not-contact. Such a filter chooses the rows
 /// itself rather than sift a window.
 fn selective(filter: &Filter, scope: &OwnerScope) -> bool {
     let one_owner = matches!(scope, OwnerScope::Owners(owners) if owners.len() == 1);
     one_owner
-        || filter.pins().iter().any(|(column, value)| {
-            matches!(*column, "id" | "owner_id" | "company_id") || (*column == "do_not_contact" && value == "true")
+        || filter.pins().iter().any(|(field, value)| {
+            matches!(*field, "id" | "owner_id" | "company_id") || (*field == "do_not_contact" && value == "true")
         })
+}
+
+/// The tag a listing newest or oldest first walks the records of, in that order, through the
+/// tags' own index: a tag the filter requires, when nothing is searched. Walking the records'
+/// order and probing each one's tags instead depends on where the tag's records lie: the newest
+/// thousands of records untagged made a first page of 50 walk 52,000 rows.
+fn driving_tag(q: &ListQuery) -> Option<&str> {
+    if q.order.column != "created_at" || !q.terms.is_empty() {
+        return None;
+    }
+    let filter = q.filter.as_ref()?;
+    filter.pins().iter().find(|(field, _)| *field == "tags").map(|(_, tag)| tag.as_str())
 }
 
 /// The first rows in sort order a listing looks through (see [`Store::window`]).
@@ -208,7 +226,8 @@ impl Store {
     /// next page.
     pub async fn list<R: Record>(&self, q: &ListQuery) -> Result<(Vec<R>, String), ApiError> {
         let rows = self.fetch(R::KIND, q, None).await?;
-        q.page.finish(&rows, &q.order, decode::<R>)
+        let order = if driving_tag(q).is_some() { tag_order(&q.order) } else { q.order };
+        q.page.finish(&rows, &order, decode::<R>)
     }
 
     /// The rows of a listing's page (and one more): through windows that widen while they do
@@ -241,7 +260,7 @@ impl Store {
     /// number is selective: it goes straight to its index, as does everything else on
     /// PostgreSQL, whose planner weighs the walk against the sort itself.
     fn window(&self, q: &ListQuery) -> Option<Window> {
-        if q.terms.iter().any(|t| t.phone) {
+        if q.terms.iter().any(|t| t.phone) || driving_tag(q).is_some() {
             return None;
         }
         let sqlite = self.db().backend() == Backend::Sqlite;
@@ -284,6 +303,9 @@ impl Store {
     /// outside) applies only to the first `window.rows` rows in sort order within the scope
     /// after the cursor.
     fn select(&self, kind: Kind, q: &ListQuery, window: Option<Window>) -> Sql {
+        if let Some(tag) = driving_tag(q) {
+            return self.select_by_tag(kind, q, tag);
+        }
         let mut sql = Sql::new("SELECT ");
         sql.push(if window.is_some() { "*" } else { COLUMNS });
         sql.push(" FROM ").push(table(kind)).push(" WHERE 1=1");
@@ -311,6 +333,21 @@ impl Store {
         q.page.push_order(&mut outer, &q.order);
         q.page.push_limit(&mut outer);
         outer
+    }
+
+    /// A listing in creation order that requires `tag`: the tag's entries in that order (each
+    /// holds its record's creation time), each joined to its record, until the page is full.
+    fn select_by_tag(&self, kind: Kind, q: &ListQuery, tag: &str) -> Sql {
+        let order = tag_order(&q.order);
+        let mut sql = Sql::new("SELECT ");
+        sql.push(COLUMNS).push(", t.record_created_at, t.record_id FROM tags t JOIN ").push(table(kind));
+        sql.push(" r ON r.id = t.record_id WHERE t.tag = ").bind(tag);
+        if let Some(filter) = &q.filter {
+            filter.push_onto(&mut sql);
+        }
+        q.scope.push_condition(&mut sql, self.db().backend(), "owner_id");
+        q.page.push_keyset(&mut sql, &order);
+        sql
     }
 
     /// Every term must match, text terms in `search_text` and phone terms in `phone_digits`:

@@ -236,7 +236,7 @@ impl Store {
             " (id, display_name, owner_id, stage, source, region, industry, company_id, do_not_contact, \
              search_text, phone_digits, created_at, updated_at, last_activity_at, version, doc) VALUES ",
         );
-        let mut tags: Vec<(&str, &str)> = Vec::new();
+        let mut tags: Vec<(&str, &str, i64)> = Vec::new();
         let mut revisions = Vec::with_capacity(records.len());
         let mut published = Vec::with_capacity(records.len());
         sql.push_values(records, |v, record| {
@@ -246,7 +246,7 @@ impl Store {
             v.bind(record.id());
             push_columns(v, &c);
             v.bind(created_at).bind(created_at).bind(0_i64).bind(1_i64).bind(document(record));
-            tags.extend(record.tags().iter().map(|t| (t.as_str(), record.id())));
+            tags.extend(record.tags().iter().map(|t| (t.as_str(), record.id(), created_at)));
             revisions.push(NewRevision {
                 record_id: record.id().to_string(),
                 version: 1,
@@ -337,8 +337,9 @@ impl Store {
             let mut sql = Sql::new("DELETE FROM tags WHERE record_id = ");
             sql.bind(id);
             sql.query().execute(&mut **edit.tx()).await?;
-            let pairs: Vec<(&str, &str)> = new_tags.iter().map(|t| (t.as_str(), id)).collect();
-            insert_tags(edit.tx(), &pairs).await?;
+            let created_at = old.meta().created_at;
+            let rows: Vec<(&str, &str, i64)> = new_tags.iter().map(|t| (t.as_str(), id, created_at)).collect();
+            insert_tags(edit.tx(), &rows).await?;
         }
         let c = new.columns();
         let mut assignments = Sql::new("display_name = ");
@@ -404,12 +405,12 @@ impl Store {
     }
 }
 
-/// Inserts (tag, record id) pairs in one statement per 1,000.
-async fn insert_tags(tx: &mut Tx, pairs: &[(&str, &str)]) -> Result<(), ApiError> {
-    for chunk in pairs.chunks(1000) {
-        let mut sql = Sql::new("INSERT INTO tags (tag, record_id) VALUES ");
-        sql.push_values(chunk, |v, (tag, record_id)| {
-            v.bind(*tag).bind(*record_id);
+/// Inserts (tag, record id, record's creation time) rows in one statement per 1,000.
+async fn insert_tags(tx: &mut Tx, rows: &[(&str, &str, i64)]) -> Result<(), ApiError> {
+    for chunk in rows.chunks(1000) {
+        let mut sql = Sql::new("INSERT INTO tags (tag, record_id, record_created_at) VALUES ");
+        sql.push_values(chunk, |v, (tag, record_id, created_at)| {
+            v.bind(*tag).bind(*record_id).bind(*created_at);
         });
         sql.query().execute(&mut **tx).await?;
     }

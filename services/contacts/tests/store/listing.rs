@@ -135,6 +135,9 @@ pub async fn listings_do_not_depend_on_the_window(env: Env) {
         let name = if i % 3 == 0 { format!("Petrov {i:02}") } else { format!("Smith {i:02}") };
         let mut p = person(&name, &format!("+7 915 000-00-{i:02}"), &format!("w{i}@x.ru"));
         p.stage = if i % 2 == 0 { LifecycleStage::Customer as i32 } else { LifecycleStage::Lead as i32 };
+        if i % 4 == 0 {
+            p.tags = vec!["vip".into()];
+        }
         create_person(&env.api, p).await.unwrap();
     }
     let mut by_window = Vec::new();
@@ -156,6 +159,10 @@ pub async fn listings_do_not_depend_on_the_window(env: Env) {
             ("stage = CUSTOMER", "", "full_name"),
             ("stage = LEAD", "", "update_time desc"),
             ("NOT stage = LEAD", "", ""),
+            // A required tag in creation order walks the tag's own entries.
+            ("tags:vip", "", ""),
+            ("stage = CUSTOMER AND tags:vip", "", "create_time asc"),
+            ("tags:vip", "", "full_name"),
         ] {
             let mut names = Vec::new();
             let mut token = String::new();
@@ -178,6 +185,15 @@ pub async fn listings_do_not_depend_on_the_window(env: Env) {
     assert_eq!(by_window[0][5].len(), 20);
     assert_eq!(by_window[0][6].len(), 20);
     assert_eq!(by_window[0][7].len(), 20);
+    let tagged: Vec<usize> = (0..40).filter(|i| i % 4 == 0).collect();
+    let name = |i: &usize| if i.is_multiple_of(3) { format!("Petrov {i:02}") } else { format!("Smith {i:02}") };
+    let newest_first: Vec<String> = tagged.iter().rev().map(name).collect();
+    assert_eq!(by_window[0][8], newest_first, "tagged records, newest first, every one once");
+    let oldest_first: Vec<String> = tagged.iter().map(name).collect();
+    assert_eq!(by_window[0][9], oldest_first, "every tagged record is a customer (i % 4 == 0)");
+    let mut by_name = newest_first.clone();
+    by_name.sort();
+    assert_eq!(by_window[0][10], by_name);
     assert_eq!(by_window[0], by_window[1]);
     assert_eq!(by_window[0], by_window[2]);
 }
