@@ -449,6 +449,12 @@ impl Plan {
                         full_name: format!("{} {}", pick(&mut rng, FIRST), pick(&mut rng, LAST)),
                         phones: vec![Phone { number: format!("+1{n}"), ..Default::default() }],
                         emails: vec![Email { address: format!("bench.{n}@example.org"), ..Default::default() }],
+                        // Shaped like the seeded people, so that a bench run does not leave a
+                        // block of newest records unlike all the others (which skews plans).
+                        stage: rng.random_range(1..=5),
+                        source: pick(&mut rng, SOURCES).into(),
+                        region: pick(&mut rng, REGIONS).into(),
+                        tags: (0..rng.random_range(0..3)).map(|_| pick(&mut rng, TAGS).to_string()).collect(),
                         ..Default::default()
                     }),
                     request_id: String::new(),
