@@ -176,14 +176,18 @@ fn selective(filter: &Filter, scope: &OwnerScope) -> bool {
 }
 
 /// The tag a listing newest or oldest first walks the records of, in that order, through the
-/// tags' own index: a tag the filter requires, when nothing is searched. Walking the records'
-/// order and probing each one's tags instead depends on where the tag's records lie: the newest
-/// thousands of records untagged made a first page of 50 walk 52,000 rows.
+/// tags' own index: a tag the filter requires, for a caller who sees every record, when nothing
+/// is searched and nothing more [`selective`] chooses the rows. Walking the records' order and
+/// probing each one's tags instead depends on where the tag's records lie: the newest
+/// thousands of records untagged made a first page of 50 walk 52,000 rows. Within a data scope
+/// of some owners, their records are found through the owners' own indexes (walking everyone's
+/// tagged records for one salesperson took 30 ms, and for a head of ten PostgreSQL hashed them
+/// all: 160 ms).
 fn driving_tag(q: &ListQuery) -> Option<&str> {
-    if q.order.column != "created_at" || !q.terms.is_empty() {
+    if q.order.column != "created_at" || !q.terms.is_empty() || !matches!(q.scope, OwnerScope::All) {
         return None;
     }
-    let filter = q.filter.as_ref()?;
+    let filter = q.filter.as_ref().filter(|f| !selective(f, &q.scope))?;
     filter.pins().iter().find(|(field, _)| *field == "tags").map(|(_, tag)| tag.as_str())
 }
 
