@@ -213,21 +213,31 @@ impl Runner {
             return Ok(());
         }
         let span = tracing::info_span!("job", otel.name = %format_args!("job {}", job.kind), job.id = %job.id, job.attempts = job.attempts);
+        let metrics = &crate::metrics::metrics().jobs;
+        let kind = crate::metrics::JobKindLabels { kind: job.kind.clone() };
+        let late = (now_micros() - job.due_at).max(0) as f64 / 1e6;
+        metrics.start_delay.get_or_create(&kind).observe(late);
+        let started = std::time::Instant::now();
         let result = {
             use tracing::Instrument;
             handler.run(&mut tx, job).instrument(span).await
         };
-        match result {
+        let outcome = match result {
             Ok(()) => {
                 tx.commit().await?;
-                Ok(())
+                "done"
             }
             Err(err) => {
                 tx.rollback().await?;
                 tracing::warn!(worker = %self.worker, job = %job.id, kind = %job.kind, attempts = job.attempts, error = %err, "job failed");
-                self.release(job, Some(err.to_string())).await
+                self.release(job, Some(err.to_string())).await?;
+                if job.attempts >= self.settings.max_attempts { "dead" } else { "failed" }
             }
-        }
+        };
+        metrics.duration.get_or_create(&kind).observe(started.elapsed().as_secs_f64());
+        let labels = crate::metrics::JobLabels { kind: job.kind.clone(), outcome };
+        metrics.runs.get_or_create(&labels).inc();
+        Ok(())
     }
 
     /// Gives a claimed job back: failed (`error`), later or for good; or unstarted, at once.

@@ -57,6 +57,52 @@ pub struct GroupLabels {
     pub consumer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    pub kind: String,
+    /// `done`, `failed` (to be retried) or `dead` (failed for good).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobKindLabels {
+    pub kind: String,
+}
+
+/// Leased jobs' figures (kit::jobs).
+pub struct JobMetrics {
+    /// Jobs run, by kind and outcome.
+    pub runs: Family<JobLabels, Counter>,
+    /// How long after it was due a job started, seconds: whether reminders fire on time.
+    pub start_delay: HistogramFamily<JobKindLabels>,
+    /// How long a job's effect took, seconds.
+    pub duration: HistogramFamily<JobKindLabels>,
+}
+
+impl JobMetrics {
+    fn register(registry: &mut Registry) -> JobMetrics {
+        let m = JobMetrics {
+            runs: Family::default(),
+            start_delay: Family::new_with_constructor(duration_histogram),
+            duration: Family::new_with_constructor(duration_histogram),
+        };
+        registry.register("crm_jobs_runs", "Jobs run, by kind and outcome", m.runs.clone());
+        registry.register_with_unit(
+            "crm_jobs_start_delay",
+            "How long after it was due a job started",
+            prometheus_client::registry::Unit::Seconds,
+            m.start_delay.clone(),
+        );
+        registry.register_with_unit(
+            "crm_jobs_duration",
+            "How long a job's effect took",
+            prometheus_client::registry::Unit::Seconds,
+            m.duration.clone(),
+        );
+        m
+    }
+}
+
 /// The events backbone's figures (kit::events).
 pub struct EventMetrics {
     /// Committed events not yet published, per producing service.
@@ -131,6 +177,7 @@ pub struct Metrics {
     /// 1 when the gateway considers an upstream endpoint healthy, else 0.
     pub upstream_up: Family<UpstreamLabels, Gauge>,
     pub events: EventMetrics,
+    pub jobs: JobMetrics,
     /// Calls served with a caller's last data scope because the auth service was unreachable.
     pub stale_scopes: Counter,
     pools: Mutex<Vec<(String, sqlx::AnyPool)>>,
@@ -150,6 +197,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let upstream_up = Family::<UpstreamLabels, Gauge>::default();
     registry.register("crm_gateway_upstream_up", "Whether an upstream endpoint is healthy", upstream_up.clone());
     let events = EventMetrics::register(&mut registry);
+    let jobs = JobMetrics::register(&mut registry);
     let stale_scopes = Counter::default();
     registry.register(
         "crm_auth_stale_scopes",
@@ -162,6 +210,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         db_connections,
         upstream_up,
         events,
+        jobs,
         stale_scopes,
         pools: Mutex::new(Vec::new()),
     }

@@ -413,6 +413,17 @@ async fn jobs_fire_once(db: TestDb) {
         .unwrap()
         .get("last_error");
     assert_eq!(last_error, "cannot fire");
+
+    // What ran shows on /metrics: by kind and outcome, how late and how long.
+    let text = crm_kit::metrics::render();
+    let runs = |outcome: &str| -> f64 {
+        let prefix = format!("crm_jobs_runs_total{{kind=\"fire\",outcome=\"{outcome}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    };
+    assert!(runs("done") >= keys.len() as f64 - 1.0, "{text}");
+    assert!(runs("dead") >= 1.0, "{text}");
+    assert!(text.contains("crm_jobs_start_delay_seconds_count{kind=\"fire\"}"), "{text}");
+    assert!(text.contains("crm_jobs_duration_seconds_count{kind=\"fire\"}"), "{text}");
 }
 
 crm_kit::both_backends!(
