@@ -319,7 +319,7 @@ impl Store {
         }
         q.scope.push_condition(&mut sql, self.db().backend(), "owner_id");
         if window.is_none() {
-            self.push_search(&mut sql, kind, &q.terms);
+            self.push_search(&mut sql, kind, &q.terms, false);
         }
         q.page.push_after(&mut sql, &q.order);
         q.page.push_order(&mut sql, &q.order);
@@ -333,7 +333,7 @@ impl Store {
         if let Some(filter) = q.filter.as_ref().filter(|_| filter_outside) {
             filter.push_onto(&mut outer);
         }
-        self.push_search(&mut outer, kind, &q.terms);
+        self.push_search(&mut outer, kind, &q.terms, true);
         q.page.push_order(&mut outer, &q.order);
         q.page.push_limit(&mut outer);
         outer
@@ -357,11 +357,13 @@ impl Store {
     /// Every term must match, text terms in `search_text` and phone terms in `phone_digits`:
     /// on PostgreSQL by `LIKE` (served by each column's trigram index), on SQLite by each
     /// column's FTS5 trigram index for terms of 3 characters or more, `LIKE` for shorter ones.
-    fn push_search(&self, sql: &mut Sql, kind: Kind, terms: &[Term]) {
+    /// Over a window's few rows, `LIKE` on each row everywhere: SQLite would otherwise list
+    /// every match of the whole table first (30,000 for a common name: 20–38 ms).
+    fn push_search(&self, sql: &mut Sql, kind: Kind, terms: &[Term], windowed: bool) {
         for (phone, column, index) in [(false, "search_text", "_fts"), (true, "phone_digits", "_phones")] {
             let terms = terms.iter().filter(|t| t.phone == phone);
             let indexed = |term: &&Term| {
-                self.db().backend() == Backend::Sqlite && term.forms.iter().all(|f| f.chars().count() >= 3)
+                !windowed && self.db().backend() == Backend::Sqlite && term.forms.iter().all(|f| f.chars().count() >= 3)
             };
             let (fts, like): (Vec<&Term>, Vec<&Term>) = terms.partition(indexed);
             if !fts.is_empty() {
