@@ -231,13 +231,18 @@ impl Runner {
                 tx.rollback().await?;
                 tracing::warn!(worker = %self.worker, job = %job.id, kind = %job.kind, attempts = job.attempts, error = %err, "job failed");
                 self.release(job, Some(err.to_string())).await?;
-                if job.attempts >= self.settings.max_attempts { "dead" } else { "failed" }
+                if self.is_last_attempt(job) { "dead" } else { "failed" }
             }
         };
         metrics.duration.get_or_create(&kind).observe(started.elapsed().as_secs_f64());
         let labels = crate::metrics::JobLabels { kind: job.kind.clone(), outcome };
         metrics.runs.get_or_create(&labels).inc();
         Ok(())
+    }
+
+    /// Whether a failure of this run fails the job for good.
+    fn is_last_attempt(&self, job: &Job) -> bool {
+        job.attempts >= self.settings.max_attempts
     }
 
     /// Gives a claimed job back: failed (`error`), later or for good; or unstarted, at once.
@@ -249,7 +254,7 @@ impl Runner {
                 let delay = crate::events::backoff(self.settings.retry_backoff, attempt, Duration::from_secs(3600));
                 sql.push(", last_error = ").bind(error.chars().take(2000).collect::<String>());
                 sql.push(", due_at = ").bind(now_micros() + delay.as_micros() as i64);
-                sql.push(", dead = ").bind(i64::from(job.attempts >= self.settings.max_attempts));
+                sql.push(", dead = ").bind(i64::from(self.is_last_attempt(job)));
             }
             None => {
                 sql.push(", attempts = attempts - 1");

@@ -159,7 +159,6 @@ impl Sql {
         (self.text, self.binds)
     }
 
-    /// The query, ready to run. The text holds only fragments from code and placeholders.
     /// The statement as a query that is planned with its values each time it runs, never
     /// cached as a prepared statement. For listings, whose best plan depends on the values (a
     /// tag, a cursor): PostgreSQL plans a cached statement once for any value after five runs,
@@ -169,6 +168,7 @@ impl Sql {
         self.query().persistent(false)
     }
 
+    /// The query, ready to run. The text holds only fragments from code and placeholders.
     pub fn query(&self) -> Query<'static, Any, AnyArguments> {
         let mut query = sqlx::query(AssertSqlSafe(self.text.clone()));
         for bind in &self.binds {

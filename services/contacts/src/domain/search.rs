@@ -4,8 +4,9 @@
 //!
 //! Phones are stored (and searched) in E.164, so a run of words that looks like a phone number
 //! — `+7 957 100-00-10`, `957 100-00-10`, `00-10` — is one term of its digits, however it was
-//! typed, looked for in the record's phone numbers only (their own index). A whole number typed with the national trunk prefix or `00` (`8 957 100-00-10` with
-//! calling code 7) also matches as the E.164 number it stands for.
+//! typed, looked for in the record's phone numbers only (their own index). A whole number
+//! typed with the national trunk prefix or `00` (`8 957 100-00-10` with calling code 7) also
+//! matches as the E.164 number it stands for.
 
 use super::{Rules, normalize};
 

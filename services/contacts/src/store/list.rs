@@ -114,7 +114,7 @@ pub fn revision_order() -> Order {
 }
 
 /// Longest text query, in characters.
-pub const MAX_QUERY: usize = 200;
+const MAX_QUERY: usize = 200;
 
 /// A list request's parts as they came, from `ListCompaniesRequest` or `ListPeopleRequest`.
 #[derive(Debug, Clone, Default)]
@@ -159,7 +159,7 @@ impl ListQuery {
 }
 
 /// A creation order as the tags' index holds it: the same keys (a record's creation time and
-/// id), so that a page token serves either way of listing.
+/// id), so that the rows' own `created_at` and `id` make the page token either way.
 fn tag_order(order: &Order) -> Order {
     Order { column: "record_created_at", tie: "record_id", ..*order }
 }
@@ -230,8 +230,7 @@ impl Store {
     /// next page.
     pub async fn list<R: Record>(&self, q: &ListQuery) -> Result<(Vec<R>, String), ApiError> {
         let rows = self.fetch(R::KIND, q, None).await?;
-        let order = if driving_tag(q).is_some() { tag_order(&q.order) } else { q.order };
-        q.page.finish(&rows, &order, decode::<R>)
+        q.page.finish(&rows, &q.order, decode::<R>)
     }
 
     /// The rows of a listing's page (and one more): through windows that widen while they do
@@ -344,7 +343,7 @@ impl Store {
     fn select_by_tag(&self, kind: Kind, q: &ListQuery, tag: &str) -> Sql {
         let order = tag_order(&q.order);
         let mut sql = Sql::new("SELECT ");
-        sql.push(COLUMNS).push(", t.record_created_at, t.record_id FROM tags t JOIN ").push(table(kind));
+        sql.push(COLUMNS).push(" FROM tags t JOIN ").push(table(kind));
         sql.push(" r ON r.id = t.record_id WHERE t.tag = ").bind(tag);
         if let Some(filter) = &q.filter {
             filter.push_onto(&mut sql);
