@@ -5,6 +5,8 @@
 #   CRM_TEST_POSTGRES_URL  PostgreSQL server the tests create their databases on
 #                          (default postgres://postgres@127.0.0.1:5432/postgres)
 #   CRM_TEST_REDIS_URL     Redis server (default redis://127.0.0.1:6379)
+# It also installs the Python packages of the tests' real peers (tests/peers/requirements.txt:
+# an SMTP server) when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,8 +56,22 @@ ensure_redis() {
   echo "Redis did not start on 127.0.0.1:6379" >&2; exit 1
 }
 
+ensure_python_peers() {
+  # Real peers of the end-to-end tests written in Python (the SMTP server), pinned.
+  if ! command -v python3 >/dev/null; then
+    log "installing Python"
+    apt_install python3 python3-pip
+  fi
+  if ! python3 -c "import aiosmtpd" 2>/dev/null; then
+    log "installing the test peers' Python packages"
+    python3 -m pip install --quiet --disable-pip-version-check -r tests/peers/requirements.txt \
+      || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages -r tests/peers/requirements.txt
+  fi
+}
+
 ensure_postgres
 ensure_redis
+ensure_python_peers
 export CRM_TEST_POSTGRES_URL="${CRM_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export CRM_TEST_REDIS_URL="${CRM_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 

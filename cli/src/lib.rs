@@ -24,9 +24,10 @@ use crm_kit::telemetry::LogFormat;
 
 /// The roles of the suite, in the order they start (each after those it calls).
 static ROLES: &[&dyn Role] = &[
-    &Entry::<crm_auth::Auth>::NEW,           // the organisation, sign-in and tokens
-    &Entry::<crm_contacts::Contacts>::NEW,   // companies and people
-    &Entry::<crm_gateway::GatewayRole>::NEW, // the edge, in front of every service
+    &Entry::<crm_auth::Auth>::NEW,                   // the organisation, sign-in and tokens
+    &Entry::<crm_contacts::Contacts>::NEW,           // companies and people
+    &Entry::<crm_notifications::Notifications>::NEW, // inboxes, e-mail, templates, preferences
+    &Entry::<crm_gateway::GatewayRole>::NEW,         // the edge, in front of every service
 ];
 
 /// The suite this binary runs.

@@ -14,6 +14,7 @@ use crm_proto::auth::v1::auth_service_client::AuthServiceClient;
 use crm_proto::auth::v1::org_service_client::OrgServiceClient;
 use crm_proto::auth::v1::{SignInRequest, TokenPair};
 use crm_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
+use crm_proto::notifications::v1::notifications_service_client::NotificationsServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -27,6 +28,7 @@ pub use crm::SUITE;
 pub const CONTACTS_SERVICE: &str = "crm.contacts.v1.ContactsService";
 pub const AUTH_SERVICE: &str = "crm.auth.v1.AuthService";
 pub const ORG_SERVICE: &str = "crm.auth.v1.OrgService";
+pub const NOTIFICATIONS_SERVICE: &str = "crm.notifications.v1.NotificationsService";
 
 /// The first administrator of every suite the harness starts.
 pub const ADMIN_EMAIL: &str = "admin@example.com";
@@ -351,6 +353,11 @@ impl Cluster {
         self.group(role).replicas[i].0
     }
 
+    /// The process id of replica `i` of `role`.
+    pub fn process_pid(&self, role: &str, i: usize) -> u32 {
+        self.group(role).replicas[i].1.pid()
+    }
+
     /// The process of replica `i` of `role`.
     pub fn process(&mut self, role: &str, i: usize) -> &mut Process {
         let group = self.roles.iter_mut().find(|g| g.role == role).unwrap_or_else(|| panic!("no role {role}"));
@@ -483,6 +490,11 @@ pub async fn org_as(addr: SocketAddr, token: &str) -> OrgServiceClient<Authed> {
     OrgServiceClient::new(authed(addr, token).await)
 }
 
+/// Notifications at `addr`, calling as the holder of `token`.
+pub async fn notifications_as(addr: SocketAddr, token: &str) -> NotificationsServiceClient<Authed> {
+    NotificationsServiceClient::new(authed(addr, token).await)
+}
+
 /// The auth service at `addr` without a token: sign-in, refresh, sign-out, keys.
 pub async fn auth(addr: SocketAddr) -> AuthServiceClient<Channel> {
     AuthServiceClient::new(channel(addr).await)
@@ -529,4 +541,98 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
+}
+
+/// A real SMTP server ([aiosmtpd], `tests/peers/smtp_sink.py`) on a free port, writing what it
+/// receives into a directory of its own, decoded by Python's `email` package; it can be told
+/// to refuse or to hold messages ([`SmtpSink::control`]).
+pub struct SmtpSink {
+    pub port: u16,
+    pub process: Process,
+    dir: tempfile::TempDir,
+    control: PathBuf,
+}
+
+impl SmtpSink {
+    pub async fn start() -> SmtpSink {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let control = dir.path().join("control.json");
+        std::fs::write(&control, "{}").expect("write the control file");
+        let mail = dir.path().join("mail");
+        std::fs::create_dir(&mail).expect("mail dir");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join("smtp_sink.py");
+        let port = free_addr().port();
+        let args = [
+            script.to_str().expect("UTF-8 path"),
+            "--port",
+            &port.to_string(),
+            "--dir",
+            mail.to_str().expect("UTF-8 path"),
+            "--control",
+            control.to_str().expect("UTF-8 path"),
+        ];
+        let process = Process::start_program(Path::new("python3"), &format!("smtp-{port}"), &args, &[]);
+        process.wait_output("ready", Duration::from_secs(30)).await;
+        SmtpSink { port, process, dir, control }
+    }
+
+    /// The notifications flags that send e-mail here.
+    pub fn flags(&self) -> Vec<String> {
+        ["--smtp-host", "127.0.0.1", "--smtp-port", &self.port.to_string(), "--smtp-tls", "none", "--smtp-from"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["CRM <crm@example.com>".to_string()])
+            .collect()
+    }
+
+    /// Sets how it behaves from the next message on: `{"fail": 2, "code": 451}`, `{"hold": true}`,
+    /// `{}`.
+    pub fn control(&self, control: serde_json::Value) {
+        let tmp = self.control.with_extension("tmp");
+        std::fs::write(&tmp, control.to_string()).expect("write the control file");
+        std::fs::rename(&tmp, &self.control).expect("replace the control file");
+    }
+
+    /// Every message received so far, in order, as decoded JSON (`subject`, `to`, `body`,
+    /// `message_id`, `charset`, `rcpt_tos`…).
+    pub fn messages(&self) -> Vec<serde_json::Value> {
+        let mail = self.dir.path().join("mail");
+        let mut numbered: Vec<(u64, serde_json::Value)> = std::fs::read_dir(&mail)
+            .expect("read the mail dir")
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let n: u64 = name.strip_suffix(".json")?.parse().ok()?;
+                let text = std::fs::read_to_string(e.path()).ok()?;
+                Some((n, serde_json::from_str(&text).expect("the sink writes JSON")))
+            })
+            .collect();
+        numbered.sort_by_key(|(n, _)| *n);
+        numbered.into_iter().map(|(_, m)| m).collect()
+    }
+
+    /// Whether a message is being held (received, its reply not sent).
+    pub fn holding(&self) -> bool {
+        std::fs::read_dir(self.dir.path().join("mail"))
+            .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".held")))
+            .unwrap_or(false)
+    }
+
+    /// Waits until `count` messages have arrived (failing after `within`) and returns them all.
+    pub async fn wait_for(&self, count: usize, within: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let messages = self.messages();
+            if messages.len() >= count {
+                return messages;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{count} e-mail(s) expected, {} arrived:\n{}",
+                messages.len(),
+                self.process.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

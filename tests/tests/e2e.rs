@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crm_proto::auth::v1::org_service_client::OrgServiceClient;
-use crm_proto::auth::v1::{GetMeRequest, ListUsersRequest};
+use crm_proto::auth::v1::{CreateUserRequest, GetMeRequest, ListRolesRequest, ListUsersRequest, User};
 use crm_proto::contacts::v1::*;
+use crm_proto::notifications::v1::{ListNotificationsRequest, SubscribeRequest};
 use crm_tests::*;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -291,6 +292,7 @@ async fn dev_mode_runs_the_suite_on_sqlite() {
     exercise_contacts(addr, &token).await;
     anonymous_calls(addr).await;
     ops_endpoints(addr).await;
+    assignment_notifies_the_new_owner(addr, &token).await;
     let mut c = contacts_as(addr, &token).await;
     let kept = c
         .create_person(CreatePersonRequest {
@@ -308,6 +310,40 @@ async fn dev_mode_runs_the_suite_on_sqlite() {
     let _dev = start_dev("dev-again", &data_dir, addr, &[]).await;
     let mut c = contacts_as(addr, &admin_token(addr).await).await;
     assert_eq!(c.get_person(GetPersonRequest { id: kept.id }).await.unwrap().into_inner().full_name, "Persisted");
+}
+
+/// A person created for a new salesperson reaches their live stream and inbox (events through
+/// the databases in `crm dev`).
+async fn assignment_notifies_the_new_owner(addr: SocketAddr, admin: &str) {
+    let mut org = org_as(addr, admin).await;
+    let roles = org.list_roles(ListRolesRequest { page_size: 100, ..Default::default() }).await.unwrap().into_inner();
+    let salesperson = roles.roles.iter().find(|r| r.name == "Salesperson").unwrap().id.clone();
+    let me = auth_as(addr, admin).await.get_me(GetMeRequest {}).await.unwrap().into_inner();
+    let user = User {
+        email: "dev-seller@example.com".into(),
+        display_name: "Seller".into(),
+        department_id: me.department_id,
+        role_ids: vec![salesperson],
+        active: true,
+        ..Default::default()
+    };
+    let request = CreateUserRequest { user: Some(user), password: "seller-password-1".into() };
+    let seller = org.create_user(request).await.unwrap().into_inner();
+    let token = sign_in(addr, "dev-seller@example.com", "seller-password-1").await.unwrap().access_token;
+    let mut live =
+        notifications_as(addr, &token).await.subscribe(SubscribeRequest::default()).await.unwrap().into_inner();
+    let person = Person { full_name: "Vera Lebedeva".into(), owner_id: seller.id, ..Default::default() };
+    contacts_as(addr, admin)
+        .await
+        .create_person(CreatePersonRequest { person: Some(person), request_id: String::new() })
+        .await
+        .unwrap();
+    let pushed =
+        tokio::time::timeout(Duration::from_secs(20), live.message()).await.expect("pushed in time").unwrap().unwrap();
+    assert_eq!(pushed.title, "Assigned to you: Vera Lebedeva");
+    let request = ListNotificationsRequest::default();
+    let inbox = notifications_as(addr, &token).await.list_notifications(request).await.unwrap().into_inner();
+    assert_eq!(inbox.notifications, [pushed]);
 }
 
 /// `crm serve` with every role in one process: the roles find each other there without any

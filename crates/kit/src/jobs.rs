@@ -8,6 +8,11 @@
 //! completion commit together or not at all. A runner killed mid-job leaves the lease to expire
 //! and another runner takes the job; a handler that fails is tried again with back-off and kept
 //! as failed (`dead`) after the last attempt.
+//!
+//! A job whose effect leaves the database (an e-mail, an HTTP call) cannot commit with it: an
+//! [`ExternalJobHandler`] runs with no transaction open, under its lease, keeps its own record
+//! of each attempt (so that an attempt cut short by a crash is recognised, not silently
+//! repeated), and tells the runner whether it is done or when to run again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -68,9 +73,40 @@ pub async fn cancel(tx: &mut Tx, kind: &str, key: &str) -> Result<bool, ApiError
     Ok(sql.query().execute(&mut **tx).await?.rows_affected() > 0)
 }
 
+impl Job {
+    /// Until when (microseconds since the epoch) the job is this runner's: an external effect
+    /// must be over by then, or another runner takes the job.
+    pub fn lease_until(&self) -> i64 {
+        self.lease_until
+    }
+}
+
 /// What a kind of job does: its effect, written in `tx`, commits with the job's completion.
 pub trait JobHandler: Send + Sync + 'static {
     fn run<'a>(&'a self, tx: &'a mut Tx, job: &'a Job) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+/// What an external job asks of the runner after a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Finished (its effect happened, or will never happen): the job goes.
+    Done,
+    /// Run it again at this time (microseconds since the epoch), on its own schedule.
+    RetryAt(i64),
+}
+
+/// A kind of job whose effect leaves the database: it runs with no transaction open, records
+/// its own progress in `db`, and must finish before [`Job::lease_until`]. An error (its own
+/// database unreachable, say) gives the job back with the runner's back-off, as for
+/// [`JobHandler`].
+pub trait ExternalJobHandler: Send + Sync + 'static {
+    fn run<'a>(&'a self, db: &'a Db, job: &'a Job) -> BoxFuture<'a, Result<Next, HandlerError>>;
+}
+
+#[derive(Clone)]
+enum Handling {
+    InTransaction(Arc<dyn JobHandler>),
+    External(Arc<dyn ExternalJobHandler>),
 }
 
 /// How a runner behaves.
@@ -105,7 +141,7 @@ pub struct Runner {
     db: Db,
     worker: String,
     settings: RunnerSettings,
-    handlers: HashMap<String, Arc<dyn JobHandler>>,
+    handlers: HashMap<String, Handling>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -123,7 +159,13 @@ impl Runner {
 
     /// Runs jobs of `kind` with `handler`.
     pub fn handle(mut self, kind: &str, handler: Arc<dyn JobHandler>) -> Runner {
-        self.handlers.insert(kind.to_string(), handler);
+        self.handlers.insert(kind.to_string(), Handling::InTransaction(handler));
+        self
+    }
+
+    /// Runs jobs of `kind` with an external `handler`.
+    pub fn handle_external(mut self, kind: &str, handler: Arc<dyn ExternalJobHandler>) -> Runner {
+        self.handlers.insert(kind.to_string(), Handling::External(handler));
         self
     }
 
@@ -202,7 +244,11 @@ impl Runner {
     }
 
     async fn run_one(&self, job: &Job) -> Result<(), ApiError> {
-        let Some(handler) = self.handlers.get(&job.kind) else { return Ok(()) };
+        let handler = match self.handlers.get(&job.kind) {
+            Some(Handling::InTransaction(handler)) => handler,
+            Some(Handling::External(handler)) => return self.run_external(handler.as_ref(), job).await,
+            None => return Ok(()),
+        };
         let mut tx = self.db.begin_write().await?;
         let mut done = Sql::new("DELETE FROM jobs WHERE id = ");
         done.bind(job.id.as_str()).push(" AND leased_by = ").bind(self.worker.as_str());
@@ -212,15 +258,10 @@ impl Runner {
             tx.rollback().await?;
             return Ok(());
         }
-        let span = tracing::info_span!("job", otel.name = %format_args!("job {}", job.kind), job.id = %job.id, job.attempts = job.attempts);
-        let metrics = &crate::metrics::metrics().jobs;
-        let kind = crate::metrics::JobKindLabels { kind: job.kind.clone() };
-        let late = (now_micros() - job.due_at).max(0) as f64 / 1e6;
-        metrics.start_delay.get_or_create(&kind).observe(late);
-        let started = std::time::Instant::now();
+        let started = self.started(job);
         let result = {
             use tracing::Instrument;
-            handler.run(&mut tx, job).instrument(span).await
+            handler.run(&mut tx, job).instrument(job_span(job)).await
         };
         let outcome = match result {
             Ok(()) => {
@@ -234,10 +275,62 @@ impl Runner {
                 if self.is_last_attempt(job) { "dead" } else { "failed" }
             }
         };
+        self.finished(job, started, outcome);
+        Ok(())
+    }
+
+    /// Runs an external job outside any transaction, then removes it or reschedules it as the
+    /// handler asks, if the lease is still this runner's.
+    async fn run_external(&self, handler: &dyn ExternalJobHandler, job: &Job) -> Result<(), ApiError> {
+        let started = self.started(job);
+        let result = {
+            use tracing::Instrument;
+            handler.run(&self.db, job).instrument(job_span(job)).await
+        };
+        let outcome = match result {
+            Ok(Next::Done) => {
+                let mut done = Sql::new("DELETE FROM jobs WHERE id = ");
+                done.bind(job.id.as_str()).push(" AND leased_by = ").bind(self.worker.as_str());
+                done.push(" AND lease_until = ").bind(job.lease_until);
+                done.query().execute(self.db.pool()).await?;
+                "done"
+            }
+            Ok(Next::RetryAt(at)) => {
+                // The handler keeps its own count and schedule; the runner's count starts over.
+                let mut sql = Sql::new("UPDATE jobs SET lease_until = 0, leased_by = '', attempts = 0, due_at = ");
+                sql.bind(at).push(" WHERE id = ").bind(job.id.as_str());
+                sql.push(" AND leased_by = ")
+                    .bind(self.worker.as_str())
+                    .push(" AND lease_until = ")
+                    .bind(job.lease_until);
+                sql.query().execute(self.db.pool()).await?;
+                "failed"
+            }
+            Err(err) => {
+                tracing::warn!(worker = %self.worker, job = %job.id, kind = %job.kind, attempts = job.attempts, error = %err, "job failed");
+                self.release(job, Some(err.to_string())).await?;
+                if self.is_last_attempt(job) { "dead" } else { "failed" }
+            }
+        };
+        self.finished(job, started, outcome);
+        Ok(())
+    }
+
+    /// Counts a job's start (how late it is) and times it.
+    fn started(&self, job: &Job) -> std::time::Instant {
+        let kind = crate::metrics::JobKindLabels { kind: job.kind.clone() };
+        let late = (now_micros() - job.due_at).max(0) as f64 / 1e6;
+        crate::metrics::metrics().jobs.start_delay.get_or_create(&kind).observe(late);
+        std::time::Instant::now()
+    }
+
+    /// Counts a run's outcome ("done", "failed", "dead") and duration.
+    fn finished(&self, job: &Job, started: std::time::Instant, outcome: &'static str) {
+        let metrics = &crate::metrics::metrics().jobs;
+        let kind = crate::metrics::JobKindLabels { kind: job.kind.clone() };
         metrics.duration.get_or_create(&kind).observe(started.elapsed().as_secs_f64());
         let labels = crate::metrics::JobLabels { kind: job.kind.clone(), outcome };
         metrics.runs.get_or_create(&labels).inc();
-        Ok(())
     }
 
     /// Whether a failure of this run fails the job for good.
@@ -264,6 +357,10 @@ impl Runner {
         sql.query().execute(self.db.pool()).await?;
         Ok(())
     }
+}
+
+fn job_span(job: &Job) -> tracing::Span {
+    tracing::info_span!("job", otel.name = %format_args!("job {}", job.kind), job.id = %job.id, job.attempts = job.attempts)
 }
 
 /// How many jobs wait (due or not) and how many failed for good.

@@ -4,6 +4,7 @@
 use crm_kit::ApiError;
 use crm_kit::db::Sql;
 use crm_kit::time::now_micros;
+use crm_proto::auth::v1::{PasswordChanged, UserLockedOut};
 use sqlx::{AnyConnection, Row};
 
 use super::events::insert_event;
@@ -162,6 +163,14 @@ impl Store {
                     crm_kit::time::format_rfc3339(policy.lock_until)
                 );
                 insert_event(&mut tx, &Event { kind: events::LOCKED_OUT, detail, ..event.clone() }).await?;
+                let locked_out = UserLockedOut {
+                    user_id: user_id.to_string(),
+                    email: event.email.clone(),
+                    failed_attempts: i32::try_from(policy.max_failures).unwrap_or(i32::MAX),
+                    locked_until: crm_kit::time::to_timestamp(policy.lock_until),
+                    client_address: event.client_address.clone(),
+                };
+                self.outbox.append(&mut tx, user_id, &event.actor_id, &locked_out).await?;
                 locked = true;
             }
         }
@@ -312,6 +321,12 @@ impl Store {
             return Err(ApiError::NotFound(format!("user {user_id} not found")));
         }
         let revoked = revoke_user_sessions(&mut tx, user_id, now).await?;
+        let changed = PasswordChanged {
+            user_id: user_id.to_string(),
+            by_self: event.actor_id == user_id,
+            revoked_sessions: i32::try_from(revoked).unwrap_or(i32::MAX),
+        };
+        self.outbox.append(&mut tx, user_id, &event.actor_id, &changed).await?;
         let event = Event { detail: format!("{revoked} sign-in(s) revoked"), ..event.clone() };
         insert_event(&mut tx, &event).await?;
         tx.commit().await?;

@@ -1,0 +1,234 @@
+//! Users' preferences and language; administrators' event type settings and templates.
+
+use std::collections::HashMap;
+
+use crm_kit::ApiError;
+use crm_kit::db::{Sql, Tx};
+use crm_kit::time::now_micros;
+use sqlx::Row;
+
+use super::Store;
+
+/// Channel numbers as stored: "1,2".
+pub fn channels_text(channels: &[i32]) -> String {
+    channels.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")
+}
+
+pub fn channels_of(text: &str) -> Vec<i32> {
+    text.split(',').filter_map(|c| c.trim().parse().ok()).collect()
+}
+
+/// An administrator's settings of an event type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventTypeSettings {
+    pub default_channels: Vec<i32>,
+    pub mandatory_in_app: bool,
+    pub enabled: bool,
+}
+
+/// A user's language and chosen channels per event type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prefs {
+    pub locale: String,
+    pub channels: HashMap<String, Vec<i32>>,
+}
+
+/// An administrator's template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTemplate {
+    pub event_type: String,
+    pub channel: i32,
+    pub locale: String,
+    pub subject: String,
+    pub body: String,
+    pub updated_at: i64,
+    pub updated_by: String,
+}
+
+impl Store {
+    /// Every event type an administrator changed.
+    pub async fn event_type_settings(&self) -> Result<HashMap<String, EventTypeSettings>, ApiError> {
+        let rows = Sql::new("SELECT name, default_channels, mandatory_in_app, enabled FROM event_types")
+            .query()
+            .fetch_all(self.db.pool())
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("name")?,
+                    EventTypeSettings {
+                        default_channels: channels_of(&r.try_get::<String, _>("default_channels")?),
+                        mandatory_in_app: r.try_get::<i64, _>("mandatory_in_app")? != 0,
+                        enabled: r.try_get::<i64, _>("enabled")? != 0,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// The administrator's settings of `name` read in `tx`, if any.
+    pub async fn event_type_in(&self, tx: &mut Tx, name: &str) -> Result<Option<EventTypeSettings>, ApiError> {
+        let mut sql = Sql::new("SELECT default_channels, mandatory_in_app, enabled FROM event_types WHERE name = ");
+        sql.bind(name);
+        let Some(r) = sql.query().fetch_optional(&mut **tx).await? else { return Ok(None) };
+        Ok(Some(EventTypeSettings {
+            default_channels: channels_of(&r.try_get::<String, _>("default_channels")?),
+            mandatory_in_app: r.try_get::<i64, _>("mandatory_in_app")? != 0,
+            enabled: r.try_get::<i64, _>("enabled")? != 0,
+        }))
+    }
+
+    pub async fn put_event_type(&self, name: &str, s: &EventTypeSettings, by: &str) -> Result<(), ApiError> {
+        let mut sql = Sql::new(
+            "INSERT INTO event_types (name, default_channels, mandatory_in_app, enabled, updated_at, updated_by) VALUES ",
+        );
+        sql.push_values([s], |v, s| {
+            v.bind(name).bind(channels_text(&s.default_channels)).bind(i64::from(s.mandatory_in_app));
+            v.bind(i64::from(s.enabled)).bind(now_micros()).bind(by);
+        });
+        sql.push(
+            " ON CONFLICT (name) DO UPDATE SET default_channels = excluded.default_channels, \
+             mandatory_in_app = excluded.mandatory_in_app, enabled = excluded.enabled, \
+             updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+        );
+        sql.query().execute(self.db.pool()).await?;
+        Ok(())
+    }
+
+    /// `user`'s language and choices.
+    pub async fn prefs(&self, user: &str) -> Result<Prefs, ApiError> {
+        let mut conn = self.db.pool().acquire().await?;
+        prefs_in(&mut conn, user, None).await
+    }
+
+    /// `user`'s language and their choice for `event_type`, read in `tx`.
+    pub async fn prefs_for(&self, tx: &mut Tx, user: &str, event_type: &str) -> Result<Prefs, ApiError> {
+        prefs_in(tx, user, Some(event_type)).await
+    }
+
+    /// Sets `user`'s language (when `locale` is given) and their channels for the event types
+    /// in `channels` (the others keep theirs).
+    pub async fn set_prefs(
+        &self,
+        user: &str,
+        locale: Option<&str>,
+        channels: &[(String, Vec<i32>)],
+    ) -> Result<(), ApiError> {
+        let now = now_micros();
+        let mut tx = self.db.begin_write().await?;
+        if let Some(locale) = locale {
+            let mut sql = Sql::new("INSERT INTO user_settings (user_id, locale, updated_at) VALUES (");
+            sql.bind(user).push(", ").bind(locale).push(", ").bind(now).push(")");
+            sql.push(" ON CONFLICT (user_id) DO UPDATE SET locale = excluded.locale, updated_at = excluded.updated_at");
+            sql.query().execute(&mut *tx).await?;
+        }
+        if !channels.is_empty() {
+            let mut sql = Sql::new("INSERT INTO preferences (user_id, event_type, channels, updated_at) VALUES ");
+            sql.push_values(channels, |v, (event_type, chosen)| {
+                v.bind(user).bind(event_type.as_str()).bind(channels_text(chosen)).bind(now);
+            });
+            sql.push(
+                " ON CONFLICT (user_id, event_type) DO UPDATE SET channels = excluded.channels, \
+                 updated_at = excluded.updated_at",
+            );
+            sql.query().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Administrators' templates, narrowed by whichever of the keys are given.
+    pub async fn templates(
+        &self,
+        event_type: Option<&str>,
+        channel: Option<i32>,
+        locale: Option<&str>,
+    ) -> Result<Vec<StoredTemplate>, ApiError> {
+        let mut sql = Sql::new(
+            "SELECT event_type, channel, locale, subject, body, updated_at, updated_by FROM templates WHERE 1 = 1",
+        );
+        if let Some(event_type) = event_type {
+            sql.push(" AND event_type = ").bind(event_type);
+        }
+        if let Some(channel) = channel {
+            sql.push(" AND channel = ").bind(i64::from(channel));
+        }
+        if let Some(locale) = locale {
+            sql.push(" AND locale = ").bind(locale);
+        }
+        sql.push(" ORDER BY event_type, channel, locale");
+        let rows = sql.query().fetch_all(self.db.pool()).await?;
+        rows.iter().map(template_of).collect()
+    }
+
+    /// The administrators' templates of `event_type` on `channel` in any of `locales`, read in
+    /// `tx`.
+    pub async fn templates_in(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        event_type: &str,
+        channel: i32,
+        locales: &[String],
+    ) -> Result<Vec<StoredTemplate>, ApiError> {
+        let mut sql = Sql::new(
+            "SELECT event_type, channel, locale, subject, body, updated_at, updated_by FROM templates WHERE event_type = ",
+        );
+        sql.bind(event_type).push(" AND channel = ").bind(i64::from(channel)).push(" AND ").push_in("locale", locales);
+        let rows = sql.query().fetch_all(tx).await?;
+        rows.iter().map(template_of).collect()
+    }
+
+    pub async fn put_template(&self, t: &StoredTemplate) -> Result<(), ApiError> {
+        let mut sql = Sql::new(
+            "INSERT INTO templates (event_type, channel, locale, subject, body, updated_at, updated_by) VALUES ",
+        );
+        sql.push_values([t], |v, t| {
+            v.bind(t.event_type.as_str()).bind(i64::from(t.channel)).bind(t.locale.as_str());
+            v.bind(t.subject.as_str()).bind(t.body.as_str()).bind(t.updated_at).bind(t.updated_by.as_str());
+        });
+        sql.push(
+            " ON CONFLICT (event_type, channel, locale) DO UPDATE SET subject = excluded.subject, \
+             body = excluded.body, updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+        );
+        sql.query().execute(self.db.pool()).await?;
+        Ok(())
+    }
+
+    /// Removes an administrator's template; whether there was one.
+    pub async fn delete_template(&self, event_type: &str, channel: i32, locale: &str) -> Result<bool, ApiError> {
+        let mut sql = Sql::new("DELETE FROM templates WHERE event_type = ");
+        sql.bind(event_type).push(" AND channel = ").bind(i64::from(channel)).push(" AND locale = ").bind(locale);
+        Ok(sql.query().execute(self.db.pool()).await?.rows_affected() > 0)
+    }
+}
+
+fn template_of(r: &sqlx::any::AnyRow) -> Result<StoredTemplate, ApiError> {
+    Ok(StoredTemplate {
+        event_type: r.try_get("event_type")?,
+        channel: i32::try_from(r.try_get::<i64, _>("channel")?).unwrap_or_default(),
+        locale: r.try_get("locale")?,
+        subject: r.try_get("subject")?,
+        body: r.try_get("body")?,
+        updated_at: r.try_get("updated_at")?,
+        updated_by: r.try_get("updated_by")?,
+    })
+}
+
+async fn prefs_in(conn: &mut sqlx::AnyConnection, user: &str, event_type: Option<&str>) -> Result<Prefs, ApiError> {
+    let mut sql = Sql::new("SELECT locale FROM user_settings WHERE user_id = ");
+    sql.bind(user);
+    let locale = match sql.query().fetch_optional(&mut *conn).await? {
+        Some(row) => row.try_get("locale")?,
+        None => String::new(),
+    };
+    let mut sql = Sql::new("SELECT event_type, channels FROM preferences WHERE user_id = ");
+    sql.bind(user);
+    if let Some(event_type) = event_type {
+        sql.push(" AND event_type = ").bind(event_type);
+    }
+    let mut channels = HashMap::new();
+    for row in sql.query().fetch_all(&mut *conn).await? {
+        channels.insert(row.try_get("event_type")?, channels_of(&row.try_get::<String, _>("channels")?));
+    }
+    Ok(Prefs { locale, channels })
+}

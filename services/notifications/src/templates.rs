@@ -1,0 +1,58 @@
+//! Which template a notification uses: for each locale in the recipient's fallback list
+//! ([`render::fallbacks`]), an administrator's template, else the shipped one.
+
+use crm_kit::ApiError;
+use crm_proto::notifications::v1::Channel;
+use serde_json::Value;
+
+use crate::render::{self, Rendered, Source};
+use crate::store::Store;
+
+/// A template chosen for a notification.
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    pub source: Source,
+    pub locale: String,
+    pub customized: bool,
+}
+
+/// The template of `event_type` on `channel` for a user of `locale`, read through `conn`.
+pub async fn choose(
+    store: &Store,
+    conn: &mut sqlx::AnyConnection,
+    event_type: &str,
+    channel: Channel,
+    locale: &str,
+    default_locale: &str,
+) -> Result<Option<Chosen>, ApiError> {
+    let locales = render::fallbacks(locale, default_locale);
+    let stored = store.templates_in(conn, event_type, channel as i32, &locales).await?;
+    for candidate in &locales {
+        if let Some(t) = stored.iter().find(|t| &t.locale == candidate) {
+            let source = Source { subject: t.subject.clone(), body: t.body.clone() };
+            return Ok(Some(Chosen { source, locale: candidate.clone(), customized: true }));
+        }
+        if let Some(source) = render::shipped(event_type, channel, candidate) {
+            return Ok(Some(Chosen { source, locale: candidate.clone(), customized: false }));
+        }
+    }
+    Ok(None)
+}
+
+/// Renders `chosen` with `context`; an administrator's template that fails on this event falls
+/// back to the shipped one of its locale (logged), so that a template never loses a
+/// notification.
+pub fn render_chosen(chosen: &Chosen, event_type: &str, channel: Channel, context: &Value) -> Result<Rendered, String> {
+    match render::render(&chosen.source, context) {
+        Ok(out) => Ok(out),
+        Err(err) if chosen.customized => {
+            tracing::warn!(event_type, ?channel, locale = %chosen.locale, error = %err,
+                "an administrator's template failed on this event; the shipped one is used");
+            let shipped = render::shipped(event_type, channel, &chosen.locale)
+                .or_else(|| render::shipped(event_type, channel, "en"))
+                .ok_or(err)?;
+            render::render(&shipped, context)
+        }
+        Err(err) => Err(err),
+    }
+}
