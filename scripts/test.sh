@@ -57,12 +57,13 @@ ensure_redis() {
 }
 
 ensure_python_peers() {
-  # Real peers of the end-to-end tests written in Python (the SMTP server), pinned.
+  # Real peers of the end-to-end tests written in Python (an SMTP server, a webhook receiver
+  # verifying signatures with the Standard Webhooks library), pinned.
   if ! command -v python3 >/dev/null; then
     log "installing Python"
     apt_install python3 python3-pip
   fi
-  if ! python3 -c "import aiosmtpd" 2>/dev/null; then
+  if ! python3 -c "import aiosmtpd, standardwebhooks" 2>/dev/null; then
     log "installing the test peers' Python packages"
     python3 -m pip install --quiet --disable-pip-version-check -r tests/peers/requirements.txt \
       || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages -r tests/peers/requirements.txt

@@ -226,6 +226,9 @@ pub struct ClusterConfig {
     pub replicas: Vec<(&'static str, usize)>,
     /// Extra flags for every process of a role, e.g. `("auth", vec!["--access-token-ttl", "2s"])`.
     pub flags: Vec<(&'static str, Vec<String>)>,
+    /// Extra environment variables for every process of a role (secrets that are never flags),
+    /// e.g. `("notifications", "CRM_SMS_API_KEY", "key")`.
+    pub env: Vec<(&'static str, &'static str, String)>,
 }
 
 impl ClusterConfig {
@@ -314,6 +317,8 @@ impl Cluster {
                     }
                     args.extend(config.flags(spec.name));
                     let name = if front { spec.name.to_string() } else { format!("{}-{i}", spec.name) };
+                    let mut env = env.clone();
+                    env.extend(config.env.iter().filter(|(r, _, _)| *r == spec.name).map(|(_, k, v)| (*k, v.as_str())));
                     replicas.push((addr, Process::start(&name, &strs(&args), &env)));
                 }
                 roles.push(Replicas { role: spec.name, replicas });
@@ -543,24 +548,35 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// A real SMTP server ([aiosmtpd], `tests/peers/smtp_sink.py`) on a free port, writing what it
-/// receives into a directory of its own, decoded by Python's `email` package; it can be told
-/// to refuse or to hold messages ([`SmtpSink::control`]).
-pub struct SmtpSink {
+/// A real server of the tests' own (`tests/peers/`): an SMTP server ([`Sink::smtp`], aiosmtpd)
+/// or an HTTP server ([`Sink::http`]) that verifies webhook signatures with the Standard
+/// Webhooks library, each on a free port, writing what it receives into a directory as JSON
+/// (decoded by Python's own libraries); it can be told to refuse or to hold ([`Sink::control`]).
+pub struct Sink {
     pub port: u16,
     pub process: Process,
     dir: tempfile::TempDir,
     control: PathBuf,
 }
 
-impl SmtpSink {
-    pub async fn start() -> SmtpSink {
+impl Sink {
+    /// An SMTP server.
+    pub async fn smtp() -> Sink {
+        Sink::start("smtp_sink.py").await
+    }
+
+    /// An HTTP server taking POSTs at any path.
+    pub async fn http() -> Sink {
+        Sink::start("http_sink.py").await
+    }
+
+    async fn start(script: &str) -> Sink {
         let dir = tempfile::tempdir().expect("temp dir");
         let control = dir.path().join("control.json");
         std::fs::write(&control, "{}").expect("write the control file");
-        let mail = dir.path().join("mail");
-        std::fs::create_dir(&mail).expect("mail dir");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join("smtp_sink.py");
+        let mail = dir.path().join("received");
+        std::fs::create_dir(&mail).expect("received dir");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join(script);
         let port = free_addr().port();
         let args = [
             script.to_str().expect("UTF-8 path"),
@@ -571,13 +587,18 @@ impl SmtpSink {
             "--control",
             control.to_str().expect("UTF-8 path"),
         ];
-        let process = Process::start_program(Path::new("python3"), &format!("smtp-{port}"), &args, &[]);
+        let process = Process::start_program(Path::new("python3"), &format!("sink-{port}"), &args, &[]);
         process.wait_output("ready", Duration::from_secs(30)).await;
-        SmtpSink { port, process, dir, control }
+        Sink { port, process, dir, control }
     }
 
-    /// The notifications flags that send e-mail here.
-    pub fn flags(&self) -> Vec<String> {
+    /// Its address as a URL path, for an HTTP sink: `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The notifications flags that send e-mail here (an SMTP sink).
+    pub fn smtp_flags(&self) -> Vec<String> {
         ["--smtp-host", "127.0.0.1", "--smtp-port", &self.port.to_string(), "--smtp-tls", "none", "--smtp-from"]
             .iter()
             .map(|s| s.to_string())
@@ -585,18 +606,19 @@ impl SmtpSink {
             .collect()
     }
 
-    /// Sets how it behaves from the next message on: `{"fail": 2, "code": 451}`, `{"hold": true}`,
-    /// `{}`.
+    /// Sets how it behaves from the next message on: SMTP `{"fail": 2, "code": 451}`,
+    /// `{"hold": true}`; HTTP `{"secret": "whsec_…", "fail": 2, "status": 503}`; `{}`.
     pub fn control(&self, control: serde_json::Value) {
         let tmp = self.control.with_extension("tmp");
         std::fs::write(&tmp, control.to_string()).expect("write the control file");
         std::fs::rename(&tmp, &self.control).expect("replace the control file");
     }
 
-    /// Every message received so far, in order, as decoded JSON (`subject`, `to`, `body`,
-    /// `message_id`, `charset`, `rcpt_tos`…).
+    /// Everything received so far, in order, as JSON: for e-mail `subject`, `to`, `body`,
+    /// `message_id`, `charset`, `rcpt_tos`…; for HTTP `path`, `headers`, `body`, `status`,
+    /// `verified`.
     pub fn messages(&self) -> Vec<serde_json::Value> {
-        let mail = self.dir.path().join("mail");
+        let mail = self.dir.path().join("received");
         let mut numbered: Vec<(u64, serde_json::Value)> = std::fs::read_dir(&mail)
             .expect("read the mail dir")
             .filter_map(|e| e.ok())
@@ -613,7 +635,7 @@ impl SmtpSink {
 
     /// Whether a message is being held (received, its reply not sent).
     pub fn holding(&self) -> bool {
-        std::fs::read_dir(self.dir.path().join("mail"))
+        std::fs::read_dir(self.dir.path().join("received"))
             .map(|d| d.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().ends_with(".held")))
             .unwrap_or(false)
     }
@@ -628,7 +650,7 @@ impl SmtpSink {
             }
             assert!(
                 Instant::now() < deadline,
-                "{count} e-mail(s) expected, {} arrived:\n{}",
+                "{count} message(s) expected, {} arrived:\n{}",
                 messages.len(),
                 self.process.output()
             );

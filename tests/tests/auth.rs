@@ -1164,6 +1164,7 @@ async fn cluster_organisation_changes_reach_every_contacts_replica() {
     let cluster = Cluster::start(ClusterConfig {
         replicas: vec![("contacts", 2)],
         flags: vec![("contacts", ["--visibility-cache-ttl", "1h"].map(String::from).to_vec())],
+        ..ClusterConfig::default()
     })
     .await;
     moved_salesperson_leaves_the_heads_view(cluster.gateway).await;

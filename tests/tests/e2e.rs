@@ -389,6 +389,7 @@ async fn twenty_drains_under_load_fail_no_call() {
             ("contacts", ["--drain-delay", "600ms"].map(String::from).to_vec()),
             ("gateway", ["--health-interval", "100ms"].map(String::from).to_vec()),
         ],
+        ..ClusterConfig::default()
     })
     .await;
     let token = admin_token(cluster.gateway).await;

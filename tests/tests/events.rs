@@ -149,6 +149,7 @@ async fn cluster_events_survive_kills_and_races() {
     let mut cluster = Cluster::start(ClusterConfig {
         replicas: vec![("contacts", 2)],
         flags: vec![("auth", on_redis.clone()), ("contacts", contacts_flags), ("gateway", on_redis)],
+        ..ClusterConfig::default()
     })
     .await;
     let probe_db = TestDb::postgres().await;

@@ -541,7 +541,7 @@ async fn sign_in_flood(addr: SocketAddr, pid: u32, secs: u64) -> u64 {
 async fn cluster_refuses_hostile_input_on_postgresql() {
     let slow = || ["--request-read-timeout", "2s"].map(String::from).to_vec();
     let flags = vec![("gateway", slow()), ("contacts", slow()), ("auth", slow())];
-    let mut cluster = Cluster::start(ClusterConfig { replicas: vec![], flags }).await;
+    let mut cluster = Cluster::start(ClusterConfig { flags, ..ClusterConfig::default() }).await;
     let (auth_addr, auth_pid) = (cluster.replica("auth", 0), cluster.process("auth", 0).pid());
     let peak = sign_in_flood(auth_addr, auth_pid, 6).await;
     assert!(peak < 150 << 20, "auth's memory through a sign-in flood: {} MiB", peak >> 20);

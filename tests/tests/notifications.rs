@@ -23,6 +23,10 @@ struct Member {
 }
 
 async fn member(gateway: SocketAddr, admin: &str, email: &str, name: &str) -> Member {
+    member_with_phone(gateway, admin, email, name, "").await
+}
+
+async fn member_with_phone(gateway: SocketAddr, admin: &str, email: &str, name: &str, phone: &str) -> Member {
     let mut org = org_as(gateway, admin).await;
     let roles = org.list_roles(ListRolesRequest { page_size: 100, ..Default::default() }).await.unwrap().into_inner();
     let salesperson = roles.roles.iter().find(|r| r.name == "Salesperson").expect("a Salesperson role").id.clone();
@@ -30,6 +34,7 @@ async fn member(gateway: SocketAddr, admin: &str, email: &str, name: &str) -> Me
     let user = User {
         email: email.into(),
         display_name: name.into(),
+        phone: phone.into(),
         department_id: me.department_id,
         role_ids: vec![salesperson],
         active: true,
@@ -100,8 +105,8 @@ async fn wait_deliveries(
     }
 }
 
-fn notifications_flags(sink: &SmtpSink, extra: &[&str]) -> Vec<String> {
-    let mut flags = sink.flags();
+fn notifications_flags(sink: &Sink, extra: &[&str]) -> Vec<String> {
+    let mut flags = sink.smtp_flags();
     flags.extend(extra.iter().map(|s| s.to_string()));
     flags
 }
@@ -111,10 +116,11 @@ fn notifications_flags(sink: &SmtpSink, extra: &[&str]) -> Vec<String> {
 /// and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn notifications_reach_inboxes_streams_and_mailboxes() {
-    let sink = SmtpSink::start().await;
+    let sink = Sink::smtp().await;
     let config = ClusterConfig {
         replicas: vec![("notifications", 2)],
         flags: vec![("notifications", notifications_flags(&sink, &[]))],
+        ..ClusterConfig::default()
     };
     let cluster = Cluster::start(config).await;
     let gw = cluster.gateway;
@@ -261,10 +267,14 @@ async fn subscriber(gw: SocketAddr, token: &str, after: &str, count: usize, reco
 /// itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn email_is_retried_parked_and_never_sent_twice() {
-    let sink = SmtpSink::start().await;
+    let sink = Sink::smtp().await;
     let flags =
         notifications_flags(&sink, &["--smtp-timeout", "2s", "--notifications-retry-schedule", "200ms,200ms,200ms"]);
-    let config = ClusterConfig { replicas: vec![("notifications", 2)], flags: vec![("notifications", flags)] };
+    let config = ClusterConfig {
+        replicas: vec![("notifications", 2)],
+        flags: vec![("notifications", flags)],
+        ..ClusterConfig::default()
+    };
     let mut cluster = Cluster::start(config).await;
     let gw = cluster.gateway;
     let admin = admin_token(gw).await;
@@ -346,4 +356,118 @@ async fn sending_replica(cluster: &Cluster) -> usize {
     let leased_by: String = row.get("leased_by");
     let pid: u32 = leased_by.split('-').next().unwrap().parse().unwrap();
     (0..2).find(|&i| cluster.process_pid("notifications", i) == pid).expect("the lease names a replica")
+}
+
+/// Webhooks reach a real receiver signed so that the Standard Webhooks library verifies them
+/// (also across a secret rotation), refused ones are retried, and URLs inside the cluster are
+/// refused; text messages reach the SMS provider with its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhooks_and_text_messages_reach_real_receivers() {
+    let receiver = Sink::http().await;
+    let flags = [
+        "--webhooks-allow-networks",
+        "127.0.0.0/8",
+        "--sms-url",
+        &receiver.url("/sms"),
+        "--sms-from",
+        "ACME CRM",
+        "--notifications-retry-schedule",
+        "200ms,200ms,200ms",
+    ]
+    .map(String::from)
+    .to_vec();
+    let config = ClusterConfig {
+        flags: vec![("notifications", flags)],
+        env: vec![("notifications", "CRM_SMS_API_KEY", "sms-provider-key".to_string())],
+        ..ClusterConfig::default()
+    };
+    let cluster = Cluster::start(config).await;
+    let gw = cluster.gateway;
+    let admin = admin_token(gw).await;
+    let mut admin_client = notifications_as(gw, &admin).await;
+
+    // Inside addresses are refused (only 127.0.0.0/8 is allowed here).
+    for url in ["http://10.0.0.5/hook", "http://169.254.169.254/latest/meta-data", "http://[fd00::1]/hook"] {
+        let webhook = Webhook {
+            url: url.into(),
+            event_types: vec!["crm.contacts.v1.ContactCreated".into()],
+            ..Default::default()
+        };
+        let status = admin_client.create_webhook(CreateWebhookRequest { webhook: Some(webhook) }).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{url}");
+        assert!(status.message().contains("webhook.url"), "{url}: {}", status.message());
+    }
+    let webhook = Webhook {
+        url: receiver.url("/hooks/crm"),
+        event_types: vec!["crm.contacts.v1.ContactCreated".into(), OWNER_CHANGED.into()],
+        description: "the data warehouse".into(),
+        ..Default::default()
+    };
+    let created =
+        admin_client.create_webhook(CreateWebhookRequest { webhook: Some(webhook) }).await.unwrap().into_inner();
+    let hook = created.webhook.unwrap();
+    receiver.control(json!({"secret": created.secret, "fail": 2, "status": 503, "fail_path": "/hooks/"}));
+
+    // Pavel wants assignments by SMS too.
+    let pavel = member_with_phone(gw, &admin, "pavel@example.com", "Pavel", "+79161234567").await;
+    let channels = vec![EventPreference {
+        event_type: OWNER_CHANGED.into(),
+        channels: vec![Channel::InApp as i32, Channel::Sms as i32],
+        ..Default::default()
+    }];
+    set_locale(gw, &pavel.token, "en", channels).await;
+    let person = assign(gw, &admin, &pavel.user.id, "Maria Ivanova").await;
+
+    // Two webhooks (created, assigned) after two refusals, and one text message: five requests.
+    receiver.wait_for(5, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = receiver.messages();
+    assert_eq!(received.len(), 5, "nothing more: {received:#?}");
+    let hooks: Vec<&serde_json::Value> = received.iter().filter(|r| r["path"] == "/hooks/crm").collect();
+    assert_eq!(hooks.len(), 4);
+    for request in &hooks {
+        assert_eq!(request["verified"], true, "the Standard Webhooks library verifies it: {request}");
+    }
+    assert_eq!(hooks.iter().filter(|r| r["status"] == 503).count(), 2);
+    let delivered: Vec<serde_json::Value> = hooks
+        .iter()
+        .filter(|r| r["status"] == 200)
+        .map(|r| serde_json::from_str(r["body"].as_str().unwrap()).unwrap())
+        .collect();
+    let types: Vec<&str> = delivered.iter().map(|b| b["type"].as_str().unwrap()).collect();
+    assert!(types.contains(&"crm.contacts.v1.ContactCreated") && types.contains(&OWNER_CHANGED), "{types:?}");
+    let assigned = delivered.iter().find(|b| b["type"] == OWNER_CHANGED).unwrap();
+    assert_eq!(assigned["data"]["display_name"], "Maria Ivanova");
+    assert_eq!(assigned["data"]["to_owner_id"], pavel.user.id.as_str());
+    assert_eq!(assigned["subject_id"], person.id.as_str());
+    let sms: Vec<&serde_json::Value> = received.iter().filter(|r| r["path"] == "/sms").collect();
+    assert_eq!(sms.len(), 1);
+    assert_eq!(sms[0]["headers"]["authorization"], "Bearer sms-provider-key");
+    let text: serde_json::Value = serde_json::from_str(sms[0]["body"].as_str().unwrap()).unwrap();
+    assert_eq!((text["to"].as_str(), text["from"].as_str()), (Some("+79161234567"), Some("ACME CRM")));
+    assert_eq!(text["text"], "CRM: Maria Ivanova is now yours.");
+
+    // The deliveries tell the same story: the webhook ones tried three times, by HTTP status.
+    let list = wait_deliveries(gw, &admin, &hook.id, "webhooks delivered", |d| {
+        d.len() == 2 && d.iter().all(|d| d.state == DeliveryState::Sent as i32)
+    })
+    .await;
+    let mut codes: Vec<Vec<i32>> = list.iter().map(|d| d.attempts.iter().map(|a| a.response_code).collect()).collect();
+    codes.sort();
+    assert_eq!(codes.concat().iter().filter(|c| **c == 503).count(), 2, "{codes:?}");
+    let ids: Vec<&str> =
+        hooks.iter().filter(|r| r["status"] == 200).map(|r| r["headers"]["webhook-id"].as_str().unwrap()).collect();
+    assert!(list.iter().all(|d| ids.contains(&d.id.as_str())), "webhook-id is the delivery's id");
+
+    // After a rotation the receiver verifies with the new secret (the old one signs too for a day).
+    let rotated = admin_client.rotate_webhook_secret(RotateWebhookSecretRequest { id: hook.id.clone() }).await.unwrap();
+    receiver.control(json!({"secret": rotated.get_ref().secret}));
+    assign(gw, &admin, &pavel.user.id, "Second Customer").await;
+    let received = receiver.wait_for(8, Duration::from_secs(60)).await;
+    let after: Vec<&serde_json::Value> = received[5..].iter().filter(|r| r["path"] == "/hooks/crm").collect();
+    assert_eq!(after.len(), 2);
+    for request in after {
+        assert_eq!(request["verified"], true, "{request}");
+        assert_eq!(request["headers"]["webhook-signature"].as_str().unwrap().split(' ').count(), 2);
+    }
 }

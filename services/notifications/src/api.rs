@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::catalog::{self, EventSpec};
 use crate::live::Hub;
+use crate::outbound::Policy;
 use crate::permissions::ADMIN;
 use crate::render::{self, Source};
 use crate::store::{self, DeliveryFilter, EventTypeSettings, Store, StoredTemplate};
@@ -31,6 +32,8 @@ pub struct NotificationsApi {
     default_locale: String,
     /// How often a stream looks for notifications without being woken.
     live_poll: Duration,
+    /// Where webhooks may point.
+    webhook_policy: Policy,
 }
 
 /// The caller, who must be a user with an inbox.
@@ -48,16 +51,31 @@ fn admin<T>(request: &Request<T>) -> Result<Principal, ApiError> {
     Ok(principal)
 }
 
-/// A channel a request names, checked.
+/// A channel users choose (and templates are for), checked.
 fn channel(v: &mut Violations, field: &str, value: i32) -> Option<Channel> {
     match Channel::try_from(value) {
-        Ok(c @ (Channel::InApp | Channel::Email)) => Some(c),
+        Ok(c @ (Channel::InApp | Channel::Email | Channel::Sms)) => Some(c),
         _ => {
-            v.add(field, "must be CHANNEL_IN_APP or CHANNEL_EMAIL");
+            v.add(field, "must be CHANNEL_IN_APP, CHANNEL_EMAIL or CHANNEL_SMS");
             None
         }
     }
 }
+
+/// A channel deliveries go through, checked.
+fn delivery_channel(v: &mut Violations, field: &str, value: i32) -> Option<Channel> {
+    match Channel::try_from(value) {
+        Ok(c @ (Channel::Email | Channel::Sms | Channel::Webhook)) => Some(c),
+        _ => {
+            v.add(field, "must be CHANNEL_EMAIL, CHANNEL_SMS or CHANNEL_WEBHOOK");
+            None
+        }
+    }
+}
+
+/// Most webhook subscriptions, and most event types one subscribes to.
+const MAX_WEBHOOKS: usize = 100;
+const MAX_URL_CHARS: usize = 2000;
 
 fn event_type(v: &mut Violations, field: &str, name: &str) -> Option<&'static EventSpec> {
     let spec = catalog::event(name.trim());
@@ -111,7 +129,13 @@ fn shipped_template(event_type: &str, channel: Channel, locale: &str, source: So
 
 impl NotificationsApi {
     pub fn new(store: Store, hub: Hub, default_locale: String, live_poll: Duration) -> NotificationsApi {
-        NotificationsApi { store, hub, default_locale, live_poll }
+        NotificationsApi { store, hub, default_locale, live_poll, webhook_policy: Policy::default() }
+    }
+
+    /// Where webhooks may point (the operator's allowed networks).
+    pub fn with_webhook_policy(mut self, policy: Policy) -> NotificationsApi {
+        self.webhook_policy = policy;
+        self
     }
 
     async fn list(&self, request: Request<ListNotificationsRequest>) -> Result<ListNotificationsResponse, ApiError> {
@@ -385,7 +409,11 @@ impl NotificationsApi {
         let t = request.into_inner().template.ok_or_else(|| ApiError::invalid("template", "is required"))?;
         let mut v = Violations::new();
         let keys = Self::keys(&mut v, "template.", &t.event_type, t.channel, &t.locale);
-        v.required("template.subject", &t.subject);
+        if keys.as_ref().is_some_and(|(_, ch, _)| render::has_subject(*ch)) {
+            v.required("template.subject", &t.subject);
+        } else if !t.subject.is_empty() {
+            v.add("template.subject", "must be empty: a text message has only its body");
+        }
         v.required("template.body", &t.body);
         v.max_chars("template.subject", &t.subject, render::MAX_SUBJECT_SOURCE);
         v.max_chars("template.body", &t.body, render::MAX_BODY_SOURCE);
@@ -484,7 +512,7 @@ impl NotificationsApi {
                 None
             }
         };
-        let ch = (r.channel != 0).then(|| channel(&mut v, "channel", r.channel)).flatten();
+        let ch = (r.channel != 0).then(|| delivery_channel(&mut v, "channel", r.channel)).flatten();
         if !r.recipient_id.is_empty() {
             v.uuid("recipient_id", &r.recipient_id);
         }
@@ -522,10 +550,119 @@ impl NotificationsApi {
         for (i, id) in r.ids.iter().enumerate().take(1000) {
             v.uuid(&format!("ids[{i}]"), id);
         }
-        let ch = (r.channel != 0).then(|| channel(&mut v, "channel", r.channel)).flatten();
+        let ch = (r.channel != 0).then(|| delivery_channel(&mut v, "channel", r.channel)).flatten();
         v.check()?;
         let retried = self.store.retry_deliveries(&r.ids, ch.map(|c| c as i32)).await?;
         Ok(RetryDeliveriesResponse { retried })
+    }
+}
+
+impl NotificationsApi {
+    /// Checks a webhook's URL, event types and description; the checked URL and types.
+    async fn check_webhook(&self, v: &mut Violations, w: &Webhook, paths: Option<&[String]>) -> (String, Vec<String>) {
+        let wants = |field: &str| paths.is_none_or(|p| p.iter().any(|x| x == field));
+        let mut url = String::new();
+        if wants("url") {
+            if w.url.chars().count() > MAX_URL_CHARS {
+                v.add("webhook.url", format!("must be at most {MAX_URL_CHARS} characters"));
+            } else {
+                match self.webhook_policy.check_url(&w.url).await {
+                    Ok(parsed) => url = parsed.to_string(),
+                    Err(err) => v.add("webhook.url", err),
+                }
+            }
+        }
+        let mut types: Vec<String> = Vec::new();
+        if wants("event_types") {
+            let known = catalog::webhook_event_types();
+            if w.event_types.is_empty() {
+                v.add("webhook.event_types", "name at least one event type (ListEventTypes lists them)");
+            }
+            v.max_items("webhook.event_types", &w.event_types, known.len());
+            for (i, t) in w.event_types.iter().enumerate().take(known.len()) {
+                let t = t.trim();
+                if !known.iter().any(|k| k == t) {
+                    v.add(
+                        format!("webhook.event_types[{i}]"),
+                        format!("{} is not an event webhooks can receive", crm_kit::validate::quote(t)),
+                    );
+                } else if !types.iter().any(|x| x == t) {
+                    types.push(t.to_string());
+                }
+            }
+        }
+        if wants("description") {
+            v.max_chars("webhook.description", &w.description, 500);
+        }
+        (url, types)
+    }
+
+    async fn create_webhook_(&self, request: Request<CreateWebhookRequest>) -> Result<WebhookWithSecret, ApiError> {
+        let caller = admin(&request)?;
+        let w = request.into_inner().webhook.ok_or_else(|| ApiError::invalid("webhook", "is required"))?;
+        let mut v = Violations::new();
+        let (url, event_types) = self.check_webhook(&mut v, &w, None).await;
+        v.check()?;
+        if self.store.webhooks().await?.len() >= MAX_WEBHOOKS {
+            return Err(ApiError::FailedPrecondition(format!("at most {MAX_WEBHOOKS} webhooks; delete one first")));
+        }
+        let new = Webhook { url, event_types, enabled: true, description: w.description.trim().to_string(), ..w };
+        let secret = crate::webhooks::new_secret();
+        let stored = self.store.create_webhook(&new, &secret, &caller.subject).await?;
+        Ok(WebhookWithSecret { webhook: Some(stored.webhook), secret })
+    }
+
+    async fn update_webhook_(&self, request: Request<UpdateWebhookRequest>) -> Result<Webhook, ApiError> {
+        admin(&request)?;
+        let r = request.into_inner();
+        let patch = r.webhook.ok_or_else(|| ApiError::invalid("webhook", "is required"))?;
+        let paths: Vec<String> = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let mut v = Violations::new();
+        v.uuid("webhook.id", &patch.id);
+        if paths.is_empty() {
+            v.add("update_mask", "name the fields to change: url, event_types, enabled, description");
+        }
+        for path in &paths {
+            if !matches!(path.as_str(), "url" | "event_types" | "enabled" | "description") {
+                v.add("update_mask", format!("{path:?} cannot be changed (url, event_types, enabled, description)"));
+            }
+        }
+        let (url, types) = self.check_webhook(&mut v, &patch, Some(&paths)).await;
+        v.check()?;
+        let mut hook = self.store.webhook(&patch.id).await?.webhook;
+        for path in &paths {
+            match path.as_str() {
+                "url" => hook.url = url.clone(),
+                "event_types" => hook.event_types = types.clone(),
+                "enabled" => hook.enabled = patch.enabled,
+                _ => hook.description = patch.description.trim().to_string(),
+            }
+        }
+        Ok(self.store.update_webhook(&hook).await?.webhook)
+    }
+
+    async fn rotate_webhook_(
+        &self,
+        request: Request<RotateWebhookSecretRequest>,
+    ) -> Result<WebhookWithSecret, ApiError> {
+        admin(&request)?;
+        let id = request.into_inner().id;
+        let mut v = Violations::new();
+        v.uuid("id", &id);
+        v.check()?;
+        let secret = crate::webhooks::new_secret();
+        let until = crm_kit::time::now_micros() + crate::webhooks::ROTATION_OVERLAP_MICROS;
+        let stored = self.store.rotate_webhook_secret(&id, &secret, until).await?;
+        Ok(WebhookWithSecret { webhook: Some(stored.webhook), secret })
+    }
+
+    async fn delete_webhook_(&self, request: Request<DeleteWebhookRequest>) -> Result<(), ApiError> {
+        admin(&request)?;
+        let id = request.into_inner().id;
+        let mut v = Violations::new();
+        v.uuid("id", &id);
+        v.check()?;
+        self.store.delete_webhook(&id).await
     }
 }
 
@@ -591,7 +728,10 @@ impl NotificationsService for NotificationsApi {
         respond(
             async {
                 crm_kit::auth::principal(&request)?;
-                Ok(ListEventTypesResponse { event_types: self.event_types().await? })
+                Ok(ListEventTypesResponse {
+                    event_types: self.event_types().await?,
+                    webhook_event_types: catalog::webhook_event_types(),
+                })
             }
             .await,
         )
@@ -635,5 +775,41 @@ impl NotificationsService for NotificationsApi {
         request: Request<RetryDeliveriesRequest>,
     ) -> Result<Response<RetryDeliveriesResponse>, Status> {
         respond(self.retry(request).await)
+    }
+
+    async fn create_webhook(
+        &self,
+        request: Request<CreateWebhookRequest>,
+    ) -> Result<Response<WebhookWithSecret>, Status> {
+        respond(self.create_webhook_(request).await)
+    }
+
+    async fn list_webhooks(
+        &self,
+        request: Request<ListWebhooksRequest>,
+    ) -> Result<Response<ListWebhooksResponse>, Status> {
+        respond(
+            async {
+                admin(&request)?;
+                let webhooks = self.store.webhooks().await?.into_iter().map(|w| w.webhook).collect();
+                Ok(ListWebhooksResponse { webhooks })
+            }
+            .await,
+        )
+    }
+
+    async fn update_webhook(&self, request: Request<UpdateWebhookRequest>) -> Result<Response<Webhook>, Status> {
+        respond(self.update_webhook_(request).await)
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        request: Request<RotateWebhookSecretRequest>,
+    ) -> Result<Response<WebhookWithSecret>, Status> {
+        respond(self.rotate_webhook_(request).await)
+    }
+
+    async fn delete_webhook(&self, request: Request<DeleteWebhookRequest>) -> Result<Response<()>, Status> {
+        respond(self.delete_webhook_(request).await)
     }
 }

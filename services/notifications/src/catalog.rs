@@ -100,8 +100,23 @@ pub fn event(name: &str) -> Option<&'static EventSpec> {
 /// Locales every shipped template exists in; others fall back (see [`crate::render`]).
 pub const LOCALES: &[&str] = &["en", "ru", "zh"];
 
-/// Channels that have templates.
-pub const CHANNELS: &[Channel] = &[Channel::InApp, Channel::Email];
+/// Channels that have templates (and that users choose).
+pub const CHANNELS: &[Channel] = &[Channel::InApp, Channel::Email, Channel::Sms];
+
+/// Every event a webhook may subscribe to: each message of the `events.proto` of a service
+/// whose events this one consumes.
+pub fn webhook_event_types() -> Vec<String> {
+    let mut out: Vec<String> = pool()
+        .files()
+        .filter(|f| {
+            let parts: Vec<&str> = f.name().split('/').collect();
+            matches!(parts.as_slice(), ["crm", source, _, "events.proto"] if crate::CONSUMES.contains(source))
+        })
+        .flat_map(|f| f.messages().map(|m| m.full_name().to_string()).collect::<Vec<_>>())
+        .collect();
+    out.sort();
+    out
+}
 
 fn pool() -> &'static DescriptorPool {
     static POOL: OnceLock<DescriptorPool> = OnceLock::new();
@@ -164,6 +179,18 @@ mod tests {
         assert_eq!(vars["by_self"], true);
         assert_eq!(vars["revoked_sessions"], 0, "defaults are variables too");
         assert!(variables("crm.auth.v1.NoSuchEvent", &[]).is_err());
+    }
+
+    #[test]
+    fn webhooks_may_subscribe_to_the_consumed_services_events() {
+        let types = webhook_event_types();
+        for name in
+            ["crm.contacts.v1.ContactCreated", "crm.contacts.v1.ContactOwnerChanged", "crm.auth.v1.UserLockedOut"]
+        {
+            assert!(types.iter().any(|t| t == name), "{name} in {types:?}");
+        }
+        assert!(!types.iter().any(|t| t.starts_with("crm.notifications.")), "not its own");
+        assert!(!types.iter().any(|t| t == "crm.contacts.v1.Person"), "not API messages");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Events in, notifications out: the notifications service's consumer of other services'
-//! events. For an event type of the catalog it finds the recipients (rules over the event's
+//! events. Every event goes to the webhooks subscribed to its type. For an event type of the
+//! catalog it also finds the recipients (rules over the event's
 //! fields, a supervisor through the auth service), each recipient's channels (their choice,
 //! else the event type's default; in-app when mandatory), puts the notification into their
 //! inbox and creates a delivery per outside channel — all in the consumer's transaction, so a
@@ -26,6 +27,8 @@ pub struct IntakeSettings {
     pub default_locale: String,
     /// Whether e-mail can be sent (an SMTP server is configured).
     pub email: bool,
+    /// Whether text messages can be sent (an SMS provider is configured).
+    pub sms: bool,
 }
 
 pub struct Intake {
@@ -121,18 +124,58 @@ impl Intake {
                     notification_id = n.id;
                 }
             }
-            if channels.contains(&(Channel::Email as i32)) && self.settings.email {
-                let variables = context(Channel::Email).to_value().to_string();
-                let delivery = NewDelivery {
-                    notification_id,
-                    event_id: envelope.id.clone(),
-                    event_type: spec.name.to_string(),
-                    recipient_id: recipient.clone(),
-                    channel: Channel::Email as i32,
-                    variables,
-                };
-                self.store.add_delivery(tx, &delivery).await?;
+            for (channel, on) in [(Channel::Email, self.settings.email), (Channel::Sms, self.settings.sms)] {
+                if on && channels.contains(&(channel as i32)) {
+                    let delivery = NewDelivery {
+                        notification_id: notification_id.clone(),
+                        event_id: envelope.id.clone(),
+                        event_type: spec.name.to_string(),
+                        recipient_id: recipient.clone(),
+                        channel: channel as i32,
+                        // The recipient's details are filled in at send time.
+                        variables: context(channel).to_value().to_string(),
+                    };
+                    self.store.add_delivery(tx, &delivery).await?;
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// A delivery of the event to every enabled webhook subscribed to its type.
+    async fn webhooks(&self, tx: &mut Tx, delivered: &Delivered) -> Result<(), HandlerError> {
+        let envelope = &delivered.envelope;
+        let hooks = self.store.webhooks_for(tx, &envelope.r#type).await?;
+        if hooks.is_empty() {
+            return Ok(());
+        }
+        let data = match catalog::variables(&envelope.r#type, &envelope.payload) {
+            Ok(data) => data,
+            Err(err) => {
+                tracing::warn!(event_type = %envelope.r#type, error = %err, "an event webhooks subscribe to does not decode; not sent");
+                return Ok(());
+            }
+        };
+        let time = envelope.time.map(|t| format_rfc3339(crm_kit::time::from_timestamp(&t))).unwrap_or_default();
+        let body = crate::webhooks::payload(
+            &envelope.id,
+            &envelope.r#type,
+            &envelope.source,
+            &envelope.subject,
+            &envelope.actor,
+            &time,
+            data,
+        );
+        for hook in hooks {
+            let delivery = NewDelivery {
+                notification_id: String::new(),
+                event_id: envelope.id.clone(),
+                event_type: envelope.r#type.clone(),
+                recipient_id: hook,
+                channel: Channel::Webhook as i32,
+                variables: body.to_string(),
+            };
+            self.store.add_delivery(tx, &delivery).await?;
         }
         Ok(())
     }
@@ -145,10 +188,10 @@ fn text(event: &Value, field: &str) -> String {
 impl Handler for Intake {
     fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Delivered) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            match catalog::event(&event.envelope.r#type) {
-                Some(spec) => self.notify(tx, spec, event).await,
-                None => Ok(()),
+            if let Some(spec) = catalog::event(&event.envelope.r#type) {
+                self.notify(tx, spec, event).await?;
             }
+            self.webhooks(tx, event).await
         })
     }
 }

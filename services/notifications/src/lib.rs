@@ -1,6 +1,7 @@
 //! The notifications service (SPEC N1-N4, N6): each user's inbox with a live stream, e-mail to
-//! users over SMTP, templates per event type, channel and locale, preferences per user and
-//! event type, and a log of every delivery attempt with dead letters an administrator retries.
+//! users over SMTP, text messages through an SMS provider, signed outgoing webhooks, templates
+//! per event type, channel and locale, preferences per user and event type, and a log of every
+//! delivery attempt with dead letters an administrator retries.
 //!
 //! Nobody calls it to notify: it consumes the other services' events ([`intake`]) — contacts'
 //! assignments and transfers, auth's lock-outs and password changes — and turns those of its
@@ -9,12 +10,16 @@
 
 pub mod api;
 pub mod catalog;
+pub mod deliver;
 pub mod email;
 pub mod intake;
 pub mod live;
+pub mod outbound;
 pub mod render;
+pub mod sms;
 pub mod store;
 pub mod templates;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,9 +34,13 @@ use crm_proto::notifications::v1::notifications_service_server::{self, Notificat
 pub use api::NotificationsApi;
 pub use store::Store;
 
-use crate::email::{EmailJob, Mailer, SmtpSettings, SmtpTls};
+use crate::deliver::{DeliveryJob, Senders};
+use crate::email::{EmailSender, Mailer, SmtpSettings, SmtpTls};
 use crate::intake::{Intake, IntakeSettings};
 use crate::live::Hub;
+use crate::outbound::{Network, Policy};
+use crate::sms::{SmsSender, SmsSettings};
+use crate::webhooks::WebhookSender;
 
 /// The name notifications publishes its events under, and its consumer group.
 pub const SOURCE: &str = "notifications";
@@ -56,6 +65,8 @@ pub mod permissions {
 
 /// The environment variable holding the SMTP password (never a flag).
 pub const SMTP_PASSWORD_ENV: &str = "CRM_SMTP_PASSWORD";
+/// The environment variable holding the SMS provider's key (never a flag).
+pub const SMS_KEY_ENV: &str = "CRM_SMS_API_KEY";
 
 /// Settings of the notifications role.
 #[derive(clap::Args, Debug, Clone)]
@@ -90,6 +101,30 @@ pub struct NotificationsArgs {
     #[arg(long = "smtp-timeout", value_name = "DURATION", env = "CRM_SMTP_TIMEOUT", default_value = "20s",
           value_parser = crm_kit::config::parse_duration)]
     pub smtp_timeout: Duration,
+    /// SMS provider's endpoint: a JSON POST {"from", "to", "text", "reference"} with
+    /// `Authorization: Bearer` and the key in CRM_SMS_API_KEY; empty: no text messages.
+    #[arg(long = "sms-url", value_name = "URL", env = "CRM_SMS_URL", default_value = "")]
+    pub sms_url: String,
+    /// Sender name or number of text messages.
+    #[arg(long = "sms-from", value_name = "SENDER", env = "CRM_SMS_FROM", default_value = "CRM")]
+    pub sms_from: String,
+    /// How long the SMS provider may take to answer.
+    #[arg(long = "sms-timeout", value_name = "DURATION", env = "CRM_SMS_TIMEOUT", default_value = "10s",
+          value_parser = crm_kit::config::parse_duration)]
+    pub sms_timeout: Duration,
+    /// Internal networks webhooks may reach, comma-separated CIDRs (10.20.0.0/16, fd00::/8):
+    /// URLs resolving to loopback, private or link-local addresses are refused otherwise.
+    #[arg(
+        long = "webhooks-allow-networks",
+        value_name = "CIDRS",
+        env = "CRM_WEBHOOKS_ALLOW_NETWORKS",
+        value_delimiter = ','
+    )]
+    pub webhooks_allow_networks: Vec<String>,
+    /// How long a webhook receiver may take to answer.
+    #[arg(long = "webhooks-timeout", value_name = "DURATION", env = "CRM_WEBHOOKS_TIMEOUT", default_value = "10s",
+          value_parser = crm_kit::config::parse_duration)]
+    pub webhooks_timeout: Duration,
     /// Pauses before each new attempt at a failed delivery, comma-separated; after the last, the
     /// delivery is dead (listed, retried by an administrator).
     #[arg(
@@ -129,6 +164,37 @@ impl NotificationsArgs {
             return Err("--notifications-retry-schedule: at most 20 pauses".into());
         }
         Ok(pauses)
+    }
+
+    /// The SMS provider, when text messages are on.
+    pub fn sms(&self) -> Result<Option<SmsSettings>, String> {
+        let url = self.sms_url.trim();
+        if url.is_empty() {
+            return Ok(None);
+        }
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("--sms-url {url:?} is not a URL: {e}"))?;
+        if !matches!(parsed.scheme(), "https" | "http") {
+            return Err(format!("--sms-url {url:?} must be http:// or https://"));
+        }
+        let api_key = std::env::var(SMS_KEY_ENV).ok().filter(|k| !k.is_empty());
+        Ok(Some(SmsSettings { url: url.to_string(), api_key, from: self.sms_from.clone(), timeout: self.sms_timeout }))
+    }
+
+    /// The networks webhooks may reach.
+    pub fn webhook_policy(&self) -> Result<Policy, String> {
+        let allowed = self
+            .webhooks_allow_networks
+            .iter()
+            .map(|n| n.trim())
+            .filter(|n| !n.is_empty())
+            .map(|n| n.parse::<Network>().map_err(|e| format!("--webhooks-allow-networks: {e}")))
+            .collect::<Result<_, _>>()?;
+        Ok(Policy { allowed })
+    }
+
+    /// How long a delivery job holds its lease: three steps of its slowest channel, and some.
+    pub fn lease(&self) -> Duration {
+        self.smtp_timeout.max(self.sms_timeout).max(self.webhooks_timeout) * 3 + Duration::from_secs(5)
     }
 
     /// The SMTP settings, when e-mail is on.
@@ -199,7 +265,10 @@ impl role::Service for Notifications {
         let store = Store::new(db.clone()).with_outbox(outbox);
         let hub = Hub::new();
 
-        let intake_settings = IntakeSettings { default_locale: default_locale.clone(), email: smtp.is_some() };
+        let sms = args.sms()?;
+        let policy = args.webhook_policy()?;
+        let intake_settings =
+            IntakeSettings { default_locale: default_locale.clone(), email: smtp.is_some(), sms: sms.is_some() };
         let intake = Intake::new(store.clone(), Some(directory.clone()), intake_settings);
         let consumer = ctx.events().consumer(SOURCE, &db, CONSUMES, Arc::new(intake));
         // Every replica hears every new notification and wakes the streams it holds.
@@ -211,24 +280,31 @@ impl role::Service for Notifications {
                 }
             }
         });
-        let mut runner =
-            Runner::new(db.clone(), RunnerSettings { lease: Duration::from_secs(60), ..RunnerSettings::default() });
-        let email_line = match &smtp {
-            Some(settings) => {
-                let mailer = Mailer::new(settings)?;
-                let job = EmailJob::new(store.clone(), directory, mailer, schedule, default_locale.clone());
-                runner = runner.handle_external(store::deliveries::JOB_KIND, Arc::new(job));
-                format!("e-mail through {}:{}", settings.host, settings.port)
-            }
-            None => "no e-mail (set --smtp-host to send it)".to_string(),
+        let mut channels = Vec::new();
+        let mut senders = Senders {
+            webhooks: Some(WebhookSender::new(store.clone(), policy.clone(), args.webhooks_timeout)?),
+            ..Senders::default()
         };
-        tracing::info!(role = SOURCE, "{email_line}");
+        if let Some(settings) = &smtp {
+            let mailer = Mailer::new(settings)?;
+            senders.email = Some(EmailSender::new(store.clone(), directory.clone(), mailer, default_locale.clone()));
+            channels.push(format!("e-mail through {}:{}", settings.host, settings.port));
+        }
+        if let Some(settings) = sms {
+            channels.push(format!("SMS through {}", settings.url));
+            senders.sms = Some(SmsSender::new(store.clone(), directory, settings, default_locale.clone())?);
+        }
+        channels.push("webhooks".into());
+        let channels = format!("in-app, {}", channels.join(", "));
+        tracing::info!(role = SOURCE, "delivers {channels}");
+        let runner = Runner::new(db.clone(), RunnerSettings { lease: args.lease(), ..RunnerSettings::default() })
+            .handle_external(store::deliveries::JOB_KIND, Arc::new(DeliveryJob::new(store.clone(), senders, schedule)));
 
-        let api = NotificationsApi::new(store, hub.clone(), default_locale, args.live_poll);
+        let api = NotificationsApi::new(store, hub.clone(), default_locale, args.live_poll).with_webhook_policy(policy);
         let server = ctx.server().add_service(NotificationsServiceServer::new(api)).authenticate(ctx.authenticator()?);
         Ok(Opened::new(server)
             .with_db(db)
-            .banner(format!("notifications: {email_line}"))
+            .banner(format!("Notifications: {channels}"))
             .job("event relay", move |shutdown| relay.run(shutdown))
             .job("event intake", move |shutdown| consumer.run(shutdown))
             .job("live inboxes", move |shutdown| listener.run(shutdown))

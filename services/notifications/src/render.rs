@@ -4,7 +4,8 @@
 //!
 //! A template's context: `event` (the event's fields by proto name), `event_type`, `event_id`,
 //! `source`, `subject_id`, `actor_id`, `occurred_at` (RFC 3339), and `recipient` — `id`
-//! everywhere, plus `display_name` and `email` in e-mail templates.
+//! everywhere, plus `display_name` in e-mail and SMS templates and `email` in e-mail ones. An
+//! SMS template's subject is empty: a text message has only its body.
 
 use crm_proto::notifications::v1::Channel;
 use minijinja::{Environment, UndefinedBehavior};
@@ -94,8 +95,14 @@ impl Context<'_> {
 pub fn recipient(channel: Channel, id: &str, display_name: &str, email: &str) -> Value {
     match channel {
         Channel::Email => json!({"id": id, "display_name": display_name, "email": email}),
+        Channel::Sms => json!({"id": id, "display_name": display_name}),
         _ => json!({"id": id}),
     }
+}
+
+/// Whether templates of `channel` have a subject (an SMS has only its text).
+pub fn has_subject(channel: Channel) -> bool {
+    channel != Channel::Sms
 }
 
 /// The variables a template of `event_type` on `channel` may use.
@@ -105,8 +112,10 @@ pub fn variables(event_type: &str, channel: Channel) -> Vec<String> {
     names.extend(
         ["event_type", "event_id", "source", "subject_id", "actor_id", "occurred_at", "recipient.id"].map(String::from),
     );
-    if channel == Channel::Email {
-        names.extend(["recipient.display_name", "recipient.email"].map(String::from));
+    match channel {
+        Channel::Email => names.extend(["recipient.display_name", "recipient.email"].map(String::from)),
+        Channel::Sms => names.push("recipient.display_name".into()),
+        _ => {}
     }
     names
 }
@@ -279,6 +288,46 @@ pub const SHIPPED: &[(&str, Channel, &str, &str, &str)] = &[
         "您的 CRM 密码已更改",
         "{{ recipient.display_name }}，您好：\n\n{% if event.by_self %}您已更改密码{% else %}管理员为您设置了新密码{% endif %}，已结束 {{ event.revoked_sessions }} 个登录。\n\n如果这不是您本人的操作，请立即告知管理员。\n",
     ),
+    // Text messages: a body only.
+    ("crm.contacts.v1.ContactOwnerChanged", Channel::Sms, "en", "", "CRM: {{ event.display_name }} is now yours."),
+    ("crm.contacts.v1.ContactOwnerChanged", Channel::Sms, "ru", "", "CRM: {{ event.display_name }} теперь ваш клиент."),
+    ("crm.contacts.v1.ContactOwnerChanged", Channel::Sms, "zh", "", "CRM：「{{ event.display_name }}」现在由您负责。"),
+    (
+        "crm.auth.v1.UserLockedOut",
+        Channel::Sms,
+        "en",
+        "",
+        "CRM: your account is locked until {{ event.locked_until }} after {{ event.failed_attempts }} wrong passwords.",
+    ),
+    (
+        "crm.auth.v1.UserLockedOut",
+        Channel::Sms,
+        "ru",
+        "",
+        "CRM: вход заблокирован до {{ event.locked_until }} после {{ event.failed_attempts }} неверных паролей.",
+    ),
+    (
+        "crm.auth.v1.UserLockedOut",
+        Channel::Sms,
+        "zh",
+        "",
+        "CRM：连续 {{ event.failed_attempts }} 次密码错误，账户已锁定至 {{ event.locked_until }}。",
+    ),
+    (
+        "crm.auth.v1.PasswordChanged",
+        Channel::Sms,
+        "en",
+        "",
+        "CRM: your password was changed. Not you? Tell your administrator.",
+    ),
+    (
+        "crm.auth.v1.PasswordChanged",
+        Channel::Sms,
+        "ru",
+        "",
+        "CRM: ваш пароль изменён. Если это не вы, сообщите администратору.",
+    ),
+    ("crm.auth.v1.PasswordChanged", Channel::Sms, "zh", "", "CRM：您的密码已更改。如非本人操作，请告知管理员。"),
 ];
 
 /// The sample context of an event type on a channel: for previews, and to check a template
@@ -312,7 +361,8 @@ mod tests {
                         .unwrap_or_else(|| panic!("no {locale} {channel:?} template for {}", spec.name));
                     let out = render(&source, &sample_context(spec.name, channel, &event))
                         .unwrap_or_else(|e| panic!("{} {channel:?} {locale}: {e}", spec.name));
-                    assert!(!out.subject.is_empty() && !out.body.is_empty());
+                    assert_eq!(out.subject.is_empty(), !has_subject(channel));
+                    assert!(!out.body.is_empty());
                 }
             }
         }

@@ -102,3 +102,20 @@ CREATE TABLE delivery_attempts (
     error TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (delivery_id, number)
 );
+
+-- Outgoing webhook subscriptions. The secret signs deliveries (Standard Webhooks); after a
+-- rotation the previous one signs too until `previous_until`.
+CREATE TABLE webhooks (
+    id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    -- Full event names, comma-separated.
+    event_types TEXT NOT NULL,
+    enabled BIGINT NOT NULL,
+    description TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    previous_secret TEXT NOT NULL DEFAULT '',
+    previous_until BIGINT NOT NULL DEFAULT 0,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL,
+    created_by TEXT NOT NULL
+);

@@ -5,10 +5,12 @@
 //!   marking read, the unread count;
 //! - [`settings`]: users' preferences and language, administrators' event type settings and
 //!   templates;
-//! - [`deliveries`]: deliveries outside the inbox, their attempts and their jobs.
+//! - [`deliveries`]: deliveries outside the inbox, their attempts and their jobs;
+//! - [`webhooks`]: outgoing webhook subscriptions.
 
 pub mod deliveries;
 pub mod settings;
+pub mod webhooks;
 
 use crm_kit::ApiError;
 use crm_kit::db::{Db, DbError, Migrations, Sql, Tx};
@@ -21,6 +23,7 @@ use sqlx::any::AnyRow;
 
 pub use deliveries::{Attempt, AttemptResult, DeliveryFilter, NewDelivery, Start};
 pub use settings::{EventTypeSettings, Prefs, StoredTemplate};
+pub use webhooks::StoredWebhook;
 
 pub fn migrations() -> Migrations {
     Migrations { postgres: sqlx::migrate!("migrations/postgres"), sqlite: sqlx::migrate!("migrations/sqlite") }

@@ -38,7 +38,8 @@ struct Env {
 async fn env(db: TestDb) -> Env {
     let store = Store::open(db.url(), 4).await.expect("open the store");
     let api = NotificationsApi::new(store.clone(), Hub::new(), "en".into(), Duration::from_millis(50));
-    let intake = Intake::new(store.clone(), None, IntakeSettings { default_locale: "en".into(), email: true });
+    let intake =
+        Intake::new(store.clone(), None, IntakeSettings { default_locale: "en".into(), email: true, sms: false });
     Env { store, api, intake, _db: db }
 }
 
@@ -293,7 +294,7 @@ async fn templates_are_checked_customised_previewed_and_reset(env: Env) {
     // Listed as customised beside the shipped ones.
     let list = ListTemplatesRequest { event_type: OWNER_CHANGED.into(), ..Default::default() };
     let templates = env.api.list_templates(as_admin(list)).await.unwrap().into_inner().templates;
-    assert_eq!(templates.len(), 6, "two channels × three languages");
+    assert_eq!(templates.len(), 9, "three channels × three languages");
     assert_eq!(templates.iter().filter(|t| t.customized).count(), 1);
     // Preview: the one in use, or a draft, against the sample or a given event.
     let preview = PreviewTemplateRequest {
@@ -315,6 +316,12 @@ async fn templates_are_checked_customised_previewed_and_reset(env: Env) {
     let bad_event = PreviewTemplateRequest { template: Some(template("x")), event_json: r#"{"nope": 1}"#.into() };
     let status = env.api.preview_template(as_admin(bad_event)).await.unwrap_err();
     assert_eq!(field_violations(&status)[0].0, "event_json");
+    // A text message has no subject.
+    let sms = Template { channel: Channel::Sms as i32, ..template("{{ event.display_name }}") };
+    let status = env.api.put_template(as_admin(put(sms.clone()))).await.unwrap_err();
+    assert_eq!(field_violations(&status)[0].0, "template.subject");
+    let sms = Template { subject: String::new(), ..sms };
+    assert!(env.api.put_template(as_admin(put(sms))).await.is_ok());
     // Reset: the shipped one again.
     let reset =
         ResetTemplateRequest { event_type: OWNER_CHANGED.into(), channel: Channel::InApp as i32, locale: "en".into() };
@@ -401,7 +408,92 @@ async fn subscribers_resume_after_the_last_id_they_saw(env: Env) {
     assert_eq!(env.api.get_unread_count(request).await.unwrap_err().code(), Code::PermissionDenied);
 }
 
+async fn webhooks_are_checked_and_get_the_events_of_their_types(env: Env) {
+    let create = |url: &str, types: &[&str]| CreateWebhookRequest {
+        webhook: Some(Webhook {
+            url: url.into(),
+            event_types: types.iter().map(|t| t.to_string()).collect(),
+            description: "warehouse".into(),
+            ..Default::default()
+        }),
+    };
+    // Refused: private addresses, unknown types, not an administrator.
+    let status = env
+        .api
+        .create_webhook(as_admin(create("https://127.0.0.1/hook", &["crm.contacts.v1.ContactCreated"])))
+        .await
+        .unwrap_err();
+    let violations = field_violations(&status);
+    assert_eq!(violations[0].0, "webhook.url");
+    assert!(violations[0].1.contains("loopback"), "{violations:?}");
+    let status = env
+        .api
+        .create_webhook(as_admin(create("https://192.168.0.10/", &["crm.contacts.v1.Person"])))
+        .await
+        .unwrap_err();
+    let fields: Vec<String> = field_violations(&status).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(fields, ["webhook.url", "webhook.event_types[0]"]);
+    let status = env
+        .api
+        .create_webhook(as_user(ALICE, create("https://203.0.113.5/", &["crm.contacts.v1.ContactCreated"])))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // Accepted: a public address (never called here); the secret is shown once.
+    let created = env
+        .api
+        .create_webhook(as_admin(create(
+            "https://93.184.215.14/crm",
+            &["crm.contacts.v1.ContactCreated", "crm.contacts.v1.ContactCreated"],
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.secret.starts_with("whsec_"));
+    let hook = created.webhook.unwrap();
+    assert_eq!(hook.event_types, ["crm.contacts.v1.ContactCreated"], "listed once");
+    let rotated =
+        env.api.rotate_webhook_secret(as_admin(RotateWebhookSecretRequest { id: hook.id.clone() })).await.unwrap();
+    assert_ne!(rotated.get_ref().secret, created.secret);
+    let stored = env.store.webhook(&hook.id).await.unwrap();
+    assert_eq!(stored.signing_secrets(crm_kit::time::now_micros()).len(), 2, "the old secret signs for a day");
+    // Its events become deliveries, once each; others do not.
+    let contact = crm_proto::contacts::v1::ContactCreated {
+        record_type: RecordType::Company as i32,
+        id: crm_kit::id::new(),
+        display_name: "Acme".into(),
+        owner_id: ADMIN.into(),
+    };
+    let event = delivered("contacts", &contact.id, ADMIN, &contact);
+    deliver(&env, &event).await;
+    deliver(&env, &event).await;
+    deliver(&env, &delivered("contacts", "c", ADMIN, &assigned(BOB, "Boris"))).await;
+    let filter = DeliveryFilter { channel: Some(Channel::Webhook as i32), ..Default::default() };
+    let hooks = env.store.list_deliveries(&filter, &first_page(&store::deliveries::ORDER)).await.unwrap().0;
+    assert_eq!(hooks.len(), 1);
+    assert_eq!(
+        (hooks[0].recipient_id.as_str(), hooks[0].event_type.as_str()),
+        (hook.id.as_str(), "crm.contacts.v1.ContactCreated")
+    );
+    // Disabled: no more deliveries.
+    let off = UpdateWebhookRequest {
+        webhook: Some(Webhook { id: hook.id.clone(), enabled: false, ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["enabled".into()] }),
+    };
+    let updated = env.api.update_webhook(as_admin(off)).await.unwrap().into_inner();
+    assert!(!updated.enabled && updated.url == "https://93.184.215.14/crm");
+    let again = crm_proto::contacts::v1::ContactCreated { id: crm_kit::id::new(), ..contact };
+    deliver(&env, &delivered("contacts", &again.id, ADMIN, &again)).await;
+    assert_eq!(env.store.list_deliveries(&filter, &first_page(&store::deliveries::ORDER)).await.unwrap().0.len(), 1);
+    let list = env.api.list_webhooks(as_admin(ListWebhooksRequest {})).await.unwrap().into_inner().webhooks;
+    assert_eq!(list, [updated]);
+    env.api.delete_webhook(as_admin(DeleteWebhookRequest { id: hook.id.clone() })).await.unwrap();
+    let status = env.api.delete_webhook(as_admin(DeleteWebhookRequest { id: hook.id })).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+}
+
 crm_kit::both_backends!(env =>
+    webhooks_are_checked_and_get_the_events_of_their_types,
     an_event_reaches_each_recipient_once,
     inbox_pages_orders_marks_and_counts,
     preferences_choose_channels_but_not_over_mandatory_in_app,

@@ -1,0 +1,163 @@
+//! The job that makes a delivery outside the inbox (e-mail, SMS, webhook): one leased
+//! external job per delivery (`crm_kit::jobs`), whatever its channel.
+//!
+//! At most one delivery: each attempt is recorded as under way before anything leaves. An
+//! attempt that surely did not reach the receiver (refused for now, no connection) is tried
+//! again on the retry schedule, with jitter; one refused for good ends the delivery. When the
+//! outcome is unknown — the connection broke or timed out mid-way, or the sender was killed (the
+//! next runner finds the attempt still under way) — the receiver may have it, so the delivery is
+//! parked as dead with the reason rather than sent twice; an administrator retries it.
+
+use std::time::Duration;
+
+use crm_kit::auth::RemoteDirectory;
+use crm_kit::db::Db;
+use crm_kit::events::HandlerError;
+use crm_kit::jobs::{ExternalJobHandler, Job, Next};
+use crm_kit::time::now_micros;
+use crm_proto::auth::v1::User;
+use crm_proto::notifications::v1::Channel;
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+
+use crate::email::EmailSender;
+use crate::render::Rendered;
+use crate::sms::SmsSender;
+use crate::store::{Attempt, AttemptResult, Start, Store};
+use crate::templates;
+use crate::webhooks::WebhookSender;
+
+/// The senders of the channels this process can deliver to.
+#[derive(Default)]
+pub struct Senders {
+    pub email: Option<EmailSender>,
+    pub sms: Option<SmsSender>,
+    pub webhooks: Option<WebhookSender>,
+}
+
+pub struct DeliveryJob {
+    store: Store,
+    senders: Senders,
+    /// Pauses after each failed attempt; one attempt more than pauses.
+    schedule: Vec<Duration>,
+}
+
+impl DeliveryJob {
+    pub fn new(store: Store, senders: Senders, schedule: Vec<Duration>) -> DeliveryJob {
+        DeliveryJob { store, senders, schedule }
+    }
+
+    async fn attempt(&self, attempt: &Attempt, lease_until: i64) -> AttemptResult {
+        let missing = |what: &str| AttemptResult {
+            error: format!("{what} is not configured on this replica"),
+            ..AttemptResult::default()
+        };
+        match Channel::try_from(attempt.channel) {
+            Ok(Channel::Email) => match &self.senders.email {
+                Some(sender) => sender.attempt(attempt, lease_until).await,
+                None => missing("e-mail (--smtp-host)"),
+            },
+            Ok(Channel::Sms) => match &self.senders.sms {
+                Some(sender) => sender.attempt(attempt).await,
+                None => missing("SMS (--sms-url)"),
+            },
+            Ok(Channel::Webhook) => match &self.senders.webhooks {
+                Some(sender) => sender.attempt(attempt).await,
+                None => missing("webhooks"),
+            },
+            _ => AttemptResult {
+                permanent: true,
+                error: format!("channel {} is not delivered by jobs", attempt.channel),
+                ..AttemptResult::default()
+            },
+        }
+    }
+
+    /// When to try again after failed attempt `round` of this round; `None`: never.
+    fn retry_at(&self, round: i64) -> Option<i64> {
+        let pause = *self.schedule.get(usize::try_from(round - 1).ok()?)?;
+        let jitter = rand::random_range(0..=pause.as_micros() as u64 / 10);
+        Some(now_micros() + pause.as_micros() as i64 + jitter as i64)
+    }
+}
+
+impl ExternalJobHandler for DeliveryJob {
+    fn run<'a>(&'a self, _db: &'a Db, job: &'a Job) -> BoxFuture<'a, Result<Next, HandlerError>> {
+        Box::pin(async move {
+            let id = String::from_utf8_lossy(&job.payload).to_string();
+            let attempt = match self.store.start_attempt(&id).await? {
+                Start::Go(attempt) => attempt,
+                Start::Finished => return Ok(Next::Done),
+                Start::Interrupted { number } => {
+                    tracing::error!(delivery = %id, attempt = number,
+                        "a delivery attempt stopped before its outcome was known; parked as dead, not resent");
+                    return Ok(Next::Done);
+                }
+            };
+            let started = std::time::Instant::now();
+            let mut result = self.attempt(&attempt, job.lease_until()).await;
+            result.latency_micros = started.elapsed().as_micros() as i64;
+            if result.unknown {
+                result.error =
+                    format!("outcome unknown, the receiver may have it; not sent again by itself: {}", result.error);
+            }
+            let retry_at =
+                if result.sent || result.permanent || result.unknown { None } else { self.retry_at(attempt.round) };
+            if result.sent {
+                tracing::info!(delivery = %id, channel = attempt.channel, attempt = attempt.number, "delivered");
+            } else {
+                tracing::warn!(delivery = %id, channel = attempt.channel, attempt = attempt.number,
+                    error = %result.error, retry = retry_at.is_some(), "not delivered");
+            }
+            // The outcome must be recorded: a delivery left under way is parked as interrupted.
+            let mut tries = 0;
+            loop {
+                match self.store.finish_attempt(&attempt, &result, retry_at).await {
+                    Ok(()) => break,
+                    Err(err) if tries < 5 => {
+                        tries += 1;
+                        tracing::warn!(delivery = %id, error = %err, "recording a delivery attempt failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            Ok(retry_at.map_or(Next::Done, Next::RetryAt))
+        })
+    }
+}
+
+/// The delivery's recipient as the organisation has them now; a failed attempt when they are
+/// gone, deactivated or auth cannot be asked.
+pub async fn recipient_user(directory: &RemoteDirectory, id: &str) -> Result<User, AttemptResult> {
+    let failed = |permanent: bool, error: String| AttemptResult { permanent, error, ..AttemptResult::default() };
+    match directory.user(id).await {
+        Ok(Some(user)) if user.active => Ok(user),
+        Ok(Some(_)) => Err(failed(true, "the recipient is deactivated".into())),
+        Ok(None) => Err(failed(true, "the recipient is no longer a user".into())),
+        Err(err) => Err(failed(false, format!("looking the recipient up: {err}"))),
+    }
+}
+
+/// The delivery rendered with the template in use for the recipient's language on `channel`;
+/// the error says whether another attempt could help.
+pub async fn render_for(
+    store: &Store,
+    attempt: &Attempt,
+    channel: Channel,
+    recipient: Value,
+    default_locale: &str,
+) -> Result<Rendered, (bool, String)> {
+    let prefs = store.prefs(&attempt.recipient_id).await.map_err(|e| (false, e.to_string()))?;
+    let mut context: Value =
+        serde_json::from_str(&attempt.variables).map_err(|e| (true, format!("stored variables: {e}")))?;
+    context["recipient"] = recipient;
+    let mut conn = store.db().pool().acquire().await.map_err(|e| (false, e.to_string()))?;
+    let chosen = templates::choose(store, &mut conn, &attempt.event_type, channel, &prefs.locale, default_locale)
+        .await
+        .map_err(|e| (false, e.to_string()))?
+        .ok_or_else(|| (true, format!("no {channel:?} template for {}", attempt.event_type)))?;
+    drop(conn);
+    templates::render_chosen(&chosen, &attempt.event_type, channel, &context)
+        .map_err(|e| (true, format!("template: {e}")))
+}
