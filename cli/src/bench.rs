@@ -48,6 +48,9 @@ enum BenchCommand {
     Suite(SuiteArgs),
     /// Measure the events backbone: outbox to consumer throughput and commit-to-handled latency.
     Events(crate::bench_events::EventsBenchArgs),
+    /// Measure notifications: events to inboxes, commit to live subscribers, the inbox calls on
+    /// a large inbox, webhook deliveries.
+    Notifications(crate::bench_notifications::NotificationsBenchArgs),
     /// Every README filter and sort and a few searches against a seeded database, first page
     /// and a later page, each statement with the plan the database chose and its time.
     Plans(crate::bench_plans::PlansArgs),
@@ -137,6 +140,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Tokens(a) => tokens(a).await,
         BenchCommand::Plans(a) => crate::bench_plans::plans(a).await,
         BenchCommand::Events(a) => crate::bench_events::run(a).await,
+        BenchCommand::Notifications(a) => crate::bench_notifications::run(a).await,
     }
 }
 

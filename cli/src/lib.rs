@@ -10,6 +10,7 @@
 
 mod bench;
 mod bench_events;
+mod bench_notifications;
 mod bench_plans;
 mod dev;
 mod events;

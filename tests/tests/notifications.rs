@@ -225,6 +225,81 @@ async fn notifications_reach_inboxes_streams_and_mailboxes() {
     let count = notifications_as(gw, &ivan.token).await.get_unread_count(GetUnreadCountRequest {}).await.unwrap();
     assert_eq!((count.get_ref().unread, count.get_ref().last_sequence), (501, 501));
     assert_eq!(sink.messages().len(), 2, "no e-mail for the in-app-only assignments");
+
+    customers_get_messages_unless_they_opted_out(&cluster, &sink, &admin, &ivan).await;
+}
+
+/// A message to a customer reaches them and their timeline; one marked do-not-contact, or out
+/// of the sender's scope, gets nothing.
+async fn customers_get_messages_unless_they_opted_out(cluster: &Cluster, sink: &Sink, admin: &str, ivan: &Member) {
+    let gw = cluster.gateway;
+    let mut contacts = contacts_as(gw, admin).await;
+    let customer = Person {
+        full_name: "Ольга Кузнецова".into(),
+        emails: vec![crm_proto::contacts::v1::Email { address: "olga.k@example.com".into(), ..Default::default() }],
+        ..Default::default()
+    };
+    let customer = contacts
+        .create_person(CreatePersonRequest { person: Some(customer), request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let message = SendCustomerMessageRequest {
+        person_id: customer.id.clone(),
+        channel: Channel::Email as i32,
+        subject: "Предложение для {{ person.full_name }}".into(),
+        body: "Здравствуйте, {{ person.full_name }}! Ваш менеджер: {{ sender.display_name }}.".into(),
+        request_id: "offer-1".into(),
+    };
+    let mut client = notifications_as(gw, admin).await;
+    let sent = client.send_customer_message(message.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        (sent.address.as_str(), sent.subject.as_str()),
+        ("olga.k@example.com", "Предложение для Ольга Кузнецова")
+    );
+    let again = client.send_customer_message(message.clone()).await.unwrap().into_inner();
+    assert_eq!(again.id, sent.id, "the same request id: the same message");
+    let mail = sink.wait_for(3, Duration::from_secs(30)).await;
+    assert_eq!(mail[2]["rcpt_tos"][0], "olga.k@example.com");
+    assert_eq!(mail[2]["subject"], "Предложение для Ольга Кузнецова");
+    assert!(mail[2]["body"].as_str().unwrap().starts_with("Здравствуйте, Ольга Кузнецова!"), "{}", mail[2]["body"]);
+    // Its timeline event, published once it was sent.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut conn =
+            <sqlx::PgConnection as sqlx::Connection>::connect(cluster.database_url("notifications")).await.unwrap();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM outbox WHERE event_type = 'crm.notifications.v1.CustomerMessageSent'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no CustomerMessageSent event");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Marked do-not-contact: refused, nothing sent.
+    let mut opted_out = customer.clone();
+    opted_out.do_not_contact = true;
+    opted_out.do_not_contact_reason = "asked by phone".into();
+    let mask = FieldMask { paths: vec!["do_not_contact".into(), "do_not_contact_reason".into()] };
+    contacts.update_person(UpdatePersonRequest { person: Some(opted_out), update_mask: Some(mask) }).await.unwrap();
+    let refused = SendCustomerMessageRequest { request_id: "offer-2".into(), ..message.clone() };
+    let status = client.send_customer_message(refused).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(
+        status.message().contains("do-not-contact") && status.message().contains("asked by phone"),
+        "{}",
+        status.message()
+    );
+    // Outside Ivan's scope (the administrator's customer): as if it did not exist.
+    let theirs = SendCustomerMessageRequest { request_id: "offer-3".into(), ..message };
+    let status = notifications_as(gw, &ivan.token).await.send_customer_message(theirs).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.messages().len(), 3);
 }
 
 async fn cluster_admin_id(gw: SocketAddr, admin: &str) -> String {

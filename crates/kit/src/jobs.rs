@@ -66,6 +66,24 @@ pub async fn schedule(
     Ok(sql.query().fetch_one(&mut **tx).await?.try_get("id")?)
 }
 
+/// Schedules jobs of `kind` in one statement: each `(key, due_at, payload)` as [`schedule`]
+/// would (a waiting job of the same kind and key is replaced).
+pub async fn schedule_all(tx: &mut Tx, kind: &str, jobs: &[(&str, i64, &[u8])]) -> Result<(), ApiError> {
+    let now = now_micros();
+    for chunk in jobs.chunks(500) {
+        let mut sql = Sql::new("INSERT INTO jobs (id, kind, job_key, due_at, payload, created_at) VALUES ");
+        sql.push_values(chunk, |v, (key, due_at, payload)| {
+            v.bind(crate::id::new()).bind(kind).bind(*key).bind(*due_at).bind(*payload).bind(now);
+        });
+        sql.push(
+            " ON CONFLICT (kind, job_key) DO UPDATE SET due_at = excluded.due_at, payload = excluded.payload, \
+             attempts = 0, dead = 0, last_error = '', lease_until = 0, leased_by = ''",
+        );
+        sql.query().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 /// Cancels the waiting job of `kind` with `key`; whether there was one.
 pub async fn cancel(tx: &mut Tx, kind: &str, key: &str) -> Result<bool, ApiError> {
     let mut sql = Sql::new("DELETE FROM jobs WHERE kind = ");

@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use crm_kit::auth::Principal;
 use crm_kit::page::Page;
+use crm_kit::peer::Peer;
 use crm_kit::time::to_timestamp;
 use crm_kit::{ApiError, Violations, respond};
+use crm_proto::contacts::v1::GetPersonRequest;
+use crm_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
 use crm_proto::notifications::v1::notifications_service_server::NotificationsService;
 use crm_proto::notifications::v1::*;
 use tokio_stream::Stream;
@@ -17,9 +20,9 @@ use tonic::{Request, Response, Status};
 use crate::catalog::{self, EventSpec};
 use crate::live::Hub;
 use crate::outbound::Policy;
-use crate::permissions::ADMIN;
+use crate::permissions::{ADMIN, SEND};
 use crate::render::{self, Source};
-use crate::store::{self, DeliveryFilter, EventTypeSettings, Store, StoredTemplate};
+use crate::store::{self, CustomerDraft, DeliveryFilter, EventTypeSettings, Store, StoredTemplate};
 use crate::templates;
 
 /// How many notifications a stream reads at a time.
@@ -34,6 +37,8 @@ pub struct NotificationsApi {
     live_poll: Duration,
     /// Where webhooks may point.
     webhook_policy: Policy,
+    /// Where customers are read (as the caller) for messages to them.
+    contacts: Option<Peer>,
 }
 
 /// The caller, who must be a user with an inbox.
@@ -129,7 +134,13 @@ fn shipped_template(event_type: &str, channel: Channel, locale: &str, source: So
 
 impl NotificationsApi {
     pub fn new(store: Store, hub: Hub, default_locale: String, live_poll: Duration) -> NotificationsApi {
-        NotificationsApi { store, hub, default_locale, live_poll, webhook_policy: Policy::default() }
+        NotificationsApi { store, hub, default_locale, live_poll, webhook_policy: Policy::default(), contacts: None }
+    }
+
+    /// Reads customers from the contacts service (messages to customers).
+    pub fn with_contacts(mut self, contacts: Peer) -> NotificationsApi {
+        self.contacts = Some(contacts);
+        self
     }
 
     /// Where webhooks may point (the operator's allowed networks).
@@ -558,6 +569,103 @@ impl NotificationsApi {
 }
 
 impl NotificationsApi {
+    async fn send_customer_message_(
+        &self,
+        request: Request<SendCustomerMessageRequest>,
+    ) -> Result<CustomerMessage, ApiError> {
+        let caller = crm_kit::auth::principal(&request)?;
+        caller.require(SEND.name)?;
+        let r = request.into_inner();
+        let mut v = Violations::new();
+        v.uuid("person_id", &r.person_id);
+        let ch = match Channel::try_from(r.channel) {
+            Ok(c @ (Channel::Email | Channel::Sms)) => Some(c),
+            _ => {
+                v.add("channel", "must be CHANNEL_EMAIL or CHANNEL_SMS");
+                None
+            }
+        };
+        match ch {
+            Some(Channel::Email) => v.required("subject", &r.subject),
+            Some(_) if !r.subject.is_empty() => v.add("subject", "must be empty: a text message has only its body"),
+            _ => {}
+        }
+        v.required("body", &r.body);
+        v.max_chars("subject", &r.subject, render::MAX_SUBJECT_SOURCE);
+        v.max_chars("body", &r.body, render::MAX_BODY_SOURCE);
+        v.max_chars("request_id", &r.request_id, crm_kit::db::idempotency::MAX_REQUEST_ID_CHARS);
+        v.check()?;
+        let ch = ch.expect("checked");
+        let contacts = self
+            .contacts
+            .as_ref()
+            .ok_or_else(|| ApiError::Unavailable("no contacts service to read customers from".into()))?;
+        // As the caller: a person outside their data scope is NOT_FOUND, as in contacts.
+        let person = match ContactsServiceClient::new(contacts.as_caller(&caller))
+            .get_person(GetPersonRequest { id: r.person_id.clone() })
+            .await
+        {
+            Ok(person) => person.into_inner(),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                return Err(ApiError::NotFound(format!("person {} not found", r.person_id)));
+            }
+            Err(status) if status.code() == tonic::Code::PermissionDenied => {
+                return Err(ApiError::PermissionDenied(status.message().to_string()));
+            }
+            Err(status) => return Err(ApiError::Unavailable(format!("contacts service: {}", status.message()))),
+        };
+        if person.do_not_contact {
+            let reason = if person.do_not_contact_reason.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", person.do_not_contact_reason)
+            };
+            return Err(ApiError::FailedPrecondition(format!(
+                "{} is marked do-not-contact{reason}: nothing was sent",
+                person.full_name
+            )));
+        }
+        let to = match ch {
+            Channel::Email => person.emails.first().map(|e| e.address.clone()),
+            _ => person.phones.first().map(|p| if p.e164.is_empty() { p.number.clone() } else { p.e164.clone() }),
+        }
+        .filter(|a| !a.trim().is_empty())
+        .ok_or_else(|| {
+            let what = if ch == Channel::Email { "e-mail address" } else { "phone number" };
+            ApiError::FailedPrecondition(format!("{} has no {what}: nothing was sent", person.full_name))
+        })?;
+        let context = serde_json::json!({
+            "person": {
+                "id": person.id,
+                "full_name": person.full_name,
+                "company_id": person.company_id,
+                "company_role": person.company_role,
+                "region": person.region,
+                "owner_id": person.owner_id,
+            },
+            "sender": {"id": caller.subject, "display_name": caller.name},
+        });
+        let out =
+            render::render(&Source { subject: r.subject.clone(), body: r.body.clone() }, &context).map_err(|err| {
+                let field = if err.starts_with("subject") { "subject" } else { "body" };
+                ApiError::invalid(field, err)
+            })?;
+        let key = if r.request_id.trim().is_empty() {
+            crm_kit::id::new()
+        } else {
+            format!("customer-message:{}:{}", caller.subject, r.request_id.trim())
+        };
+        let draft = CustomerDraft {
+            person_id: person.id.clone(),
+            to,
+            to_name: person.full_name.clone(),
+            subject: out.subject,
+            body: out.body,
+            sent_by: caller.subject.clone(),
+        };
+        self.store.add_customer_message(&key, ch as i32, &draft).await
+    }
+
     /// Checks a webhook's URL, event types and description; the checked URL and types.
     async fn check_webhook(&self, v: &mut Violations, w: &Webhook, paths: Option<&[String]>) -> (String, Vec<String>) {
         let wants = |field: &str| paths.is_none_or(|p| p.iter().any(|x| x == field));
@@ -775,6 +883,13 @@ impl NotificationsService for NotificationsApi {
         request: Request<RetryDeliveriesRequest>,
     ) -> Result<Response<RetryDeliveriesResponse>, Status> {
         respond(self.retry(request).await)
+    }
+
+    async fn send_customer_message(
+        &self,
+        request: Request<SendCustomerMessageRequest>,
+    ) -> Result<Response<CustomerMessage>, Status> {
+        respond(self.send_customer_message_(request).await)
     }
 
     async fn create_webhook(

@@ -14,8 +14,11 @@ use crm_kit::auth::RemoteDirectory;
 use crm_kit::db::Db;
 use crm_kit::events::HandlerError;
 use crm_kit::jobs::{ExternalJobHandler, Job, Next};
+use crm_kit::peer::Peer;
 use crm_kit::time::now_micros;
 use crm_proto::auth::v1::User;
+use crm_proto::contacts::v1::GetPersonRequest;
+use crm_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
 use crm_proto::notifications::v1::Channel;
 use futures_util::future::BoxFuture;
 use serde_json::Value;
@@ -23,7 +26,7 @@ use serde_json::Value;
 use crate::email::EmailSender;
 use crate::render::Rendered;
 use crate::sms::SmsSender;
-use crate::store::{Attempt, AttemptResult, Start, Store};
+use crate::store::{Attempt, AttemptResult, CUSTOMER_MESSAGE, CustomerDraft, Start, Store};
 use crate::templates;
 use crate::webhooks::WebhookSender;
 
@@ -40,14 +43,47 @@ pub struct DeliveryJob {
     senders: Senders,
     /// Pauses after each failed attempt; one attempt more than pauses.
     schedule: Vec<Duration>,
+    /// Where a customer's do-not-contact flag is checked again before a message goes.
+    contacts: Option<Peer>,
 }
 
 impl DeliveryJob {
     pub fn new(store: Store, senders: Senders, schedule: Vec<Duration>) -> DeliveryJob {
-        DeliveryJob { store, senders, schedule }
+        DeliveryJob { store, senders, schedule, contacts: None }
+    }
+
+    /// Checks customers with the contacts service (as the suite's service account) just before a
+    /// message to one of them goes.
+    pub fn with_contacts(mut self, contacts: Peer) -> DeliveryJob {
+        self.contacts = Some(contacts);
+        self
+    }
+
+    /// Whether the customer a message is for still exists and may be contacted.
+    async fn customer_reachable(&self, attempt: &Attempt) -> Result<(), AttemptResult> {
+        let Some(contacts) = &self.contacts else { return Ok(()) };
+        let failed = |permanent: bool, error: String| AttemptResult { permanent, error, ..AttemptResult::default() };
+        let draft = customer_draft(attempt)?;
+        let channel = contacts.as_service().await.map_err(|e| failed(false, format!("contacts service: {e}")))?;
+        let request = GetPersonRequest { id: draft.person_id.clone() };
+        match ContactsServiceClient::new(channel).get_person(request).await {
+            Ok(person) if person.get_ref().do_not_contact => {
+                Err(failed(true, "the customer is marked do-not-contact since the message was written".into()))
+            }
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                Err(failed(true, "the customer was deleted".into()))
+            }
+            Err(status) => Err(failed(false, format!("contacts service GetPerson: {}", status.message()))),
+        }
     }
 
     async fn attempt(&self, attempt: &Attempt, lease_until: i64) -> AttemptResult {
+        if attempt.event_type == CUSTOMER_MESSAGE
+            && let Err(refused) = self.customer_reachable(attempt).await
+        {
+            return refused;
+        }
         let missing = |what: &str| AttemptResult {
             error: format!("{what} is not configured on this replica"),
             ..AttemptResult::default()
@@ -104,7 +140,7 @@ impl ExternalJobHandler for DeliveryJob {
             let retry_at =
                 if result.sent || result.permanent || result.unknown { None } else { self.retry_at(attempt.round) };
             if result.sent {
-                tracing::info!(delivery = %id, channel = attempt.channel, attempt = attempt.number, "delivered");
+                tracing::debug!(delivery = %id, channel = attempt.channel, attempt = attempt.number, "delivered");
             } else {
                 tracing::warn!(delivery = %id, channel = attempt.channel, attempt = attempt.number,
                     error = %result.error, retry = retry_at.is_some(), "not delivered");
@@ -160,4 +196,13 @@ pub async fn render_for(
     drop(conn);
     templates::render_chosen(&chosen, &attempt.event_type, channel, &context)
         .map_err(|e| (true, format!("template: {e}")))
+}
+
+/// A message to a customer, as written.
+pub fn customer_draft(attempt: &Attempt) -> Result<CustomerDraft, AttemptResult> {
+    serde_json::from_str(&attempt.variables).map_err(|e| AttemptResult {
+        permanent: true,
+        error: format!("stored customer message: {e}"),
+        ..AttemptResult::default()
+    })
 }

@@ -18,7 +18,8 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
-use crate::store::{Attempt, AttemptResult, Store};
+use crate::render::Rendered;
+use crate::store::{Attempt, AttemptResult, CUSTOMER_MESSAGE, Store};
 
 /// How the connection to the SMTP server is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -100,15 +101,21 @@ impl EmailSender {
     }
 
     async fn send(&self, attempt: &Attempt, lease_until: i64) -> Result<AttemptResult, AttemptResult> {
-        let user = crate::deliver::recipient_user(&self.directory, &attempt.recipient_id).await?;
         let failed = |permanent: bool, error: String| AttemptResult { permanent, error, ..AttemptResult::default() };
-        let address = lettre::Address::from_str(user.email.trim())
+        let (email, name, out) = if attempt.event_type == CUSTOMER_MESSAGE {
+            let draft = crate::deliver::customer_draft(attempt)?;
+            (draft.to, draft.to_name, Rendered { subject: draft.subject, body: draft.body })
+        } else {
+            let user = crate::deliver::recipient_user(&self.directory, &attempt.recipient_id).await?;
+            let recipient = crate::render::recipient(Channel::Email, &user.id, &user.display_name, &user.email);
+            let out = crate::deliver::render_for(&self.store, attempt, Channel::Email, recipient, &self.default_locale)
+                .await
+                .map_err(|(permanent, error)| failed(permanent, error))?;
+            (user.email, user.display_name, out)
+        };
+        let address = lettre::Address::from_str(email.trim())
             .map_err(|e| failed(true, format!("the recipient has no usable e-mail address ({e})")))?;
-        let recipient = crate::render::recipient(Channel::Email, &user.id, &user.display_name, &user.email);
-        let out = crate::deliver::render_for(&self.store, attempt, Channel::Email, recipient, &self.default_locale)
-            .await
-            .map_err(|(permanent, error)| failed(permanent, error))?;
-        let to = Mailbox::new((!user.display_name.is_empty()).then(|| user.display_name.clone()), address.clone());
+        let to = Mailbox::new((!name.is_empty()).then_some(name), address.clone());
         let message = Message::builder()
             .from(self.mailer.from.clone())
             .to(to)

@@ -4,7 +4,8 @@
 //! fields, a supervisor through the auth service), each recipient's channels (their choice,
 //! else the event type's default; in-app when mandatory), puts the notification into their
 //! inbox and creates a delivery per outside channel — all in the consumer's transaction, so a
-//! redelivered event has no second effect, and unique keys make it impossible anyway.
+//! redelivered event has no second effect, and unique keys make it impossible anyway. A batch of
+//! events read together is handled with a fixed number of statements.
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use serde_json::Value;
 
 use crate::catalog::{self, EventSpec, Recipient};
 use crate::render::{self, Context};
-use crate::store::{NewDelivery, NewNotification, Store};
+use crate::store::{NewDelivery, NewNotification, Prefs, Store};
 use crate::templates;
 
 /// What the intake needs to know of the role's settings.
@@ -70,114 +71,172 @@ impl Intake {
         Ok(out)
     }
 
-    async fn notify(&self, tx: &mut Tx, spec: &EventSpec, delivered: &Delivered) -> Result<(), HandlerError> {
-        let envelope = &delivered.envelope;
-        let admin = self.store.event_type_in(tx, spec.name).await?;
-        let (defaults, mandatory) = match &admin {
-            Some(s) if !s.enabled => return Ok(()),
-            Some(s) => (s.default_channels.clone(), s.mandatory_in_app),
-            None => (spec.default_channels.iter().map(|c| *c as i32).collect(), spec.mandatory_in_app),
-        };
-        let event = catalog::variables(spec.name, &envelope.payload)?;
-        let occurred_at = envelope.time.map(|t| format_rfc3339(crm_kit::time::from_timestamp(&t))).unwrap_or_default();
-        for recipient in self.recipients(spec, &event, &envelope.actor).await? {
-            let prefs = self.store.prefs_for(tx, &recipient, spec.name).await?;
-            let mut channels = prefs.channels.get(spec.name).cloned().unwrap_or_else(|| defaults.clone());
-            if mandatory && !channels.contains(&(Channel::InApp as i32)) {
-                channels.push(Channel::InApp as i32);
+    /// Notifications and deliveries for `events`, in `tx`, with a fixed number of statements
+    /// whatever their number: the administrators' settings, the recipients' preferences and
+    /// templates read once, inbox entries and deliveries written in multi-row statements.
+    async fn handle_all(&self, tx: &mut Tx, events: &[&Delivered]) -> Result<(), HandlerError> {
+        let admin = self.store.event_type_settings_in(tx).await?;
+        // Who gets what.
+        struct Planned<'e> {
+            delivered: &'e Delivered,
+            spec: &'static EventSpec,
+            event: Value,
+            occurred_at: String,
+            recipients: Vec<String>,
+        }
+        let mut planned: Vec<Planned> = Vec::new();
+        for delivered in events {
+            let envelope = &delivered.envelope;
+            let Some(spec) = catalog::event(&envelope.r#type) else { continue };
+            if admin.get(spec.name).is_some_and(|s| !s.enabled) {
+                continue;
             }
-            let context = |channel: Channel| Context {
-                event: &event,
-                event_type: spec.name,
-                event_id: &envelope.id,
-                source: &envelope.source,
-                subject_id: &envelope.subject,
-                actor_id: &envelope.actor,
-                occurred_at: &occurred_at,
-                recipient: render::recipient(channel, &recipient, "", ""),
+            let event = catalog::variables(spec.name, &envelope.payload)?;
+            let recipients = self.recipients(spec, &event, &envelope.actor).await?;
+            let occurred_at =
+                envelope.time.map(|t| format_rfc3339(crm_kit::time::from_timestamp(&t))).unwrap_or_default();
+            planned.push(Planned { delivered, spec, event, occurred_at, recipients });
+        }
+        let mut users: Vec<&str> = planned.iter().flat_map(|p| p.recipients.iter().map(String::as_str)).collect();
+        users.sort_unstable();
+        users.dedup();
+        let prefs = if users.is_empty() { Default::default() } else { self.store.prefs_of(tx, &users).await? };
+        let mut types: Vec<&str> = planned.iter().map(|p| p.spec.name).collect();
+        types.sort_unstable();
+        types.dedup();
+        let templates = self.store.templates_of(tx, &types, Channel::InApp as i32).await?;
+        let no_prefs = Prefs::default();
+        let mut inbox: Vec<NewNotification> = Vec::new();
+        // Deliveries, with the index of their inbox entry (if any) for its id.
+        let mut outside: Vec<(Option<usize>, NewDelivery)> = Vec::new();
+        for p in &planned {
+            let envelope = &p.delivered.envelope;
+            let (defaults, mandatory) = match admin.get(p.spec.name) {
+                Some(s) => (s.default_channels.clone(), s.mandatory_in_app),
+                None => (p.spec.default_channels.iter().map(|c| *c as i32).collect(), p.spec.mandatory_in_app),
             };
-            let mut notification_id = String::new();
-            if channels.contains(&(Channel::InApp as i32)) {
-                let chosen = templates::choose(
-                    &self.store,
-                    tx,
-                    spec.name,
-                    Channel::InApp,
-                    &prefs.locale,
-                    &self.settings.default_locale,
-                )
-                .await?
-                .ok_or_else(|| format!("no in-app template for {}", spec.name))?;
-                let out =
-                    templates::render_chosen(&chosen, spec.name, Channel::InApp, &context(Channel::InApp).to_value())?;
-                let new = NewNotification {
-                    recipient_id: recipient.clone(),
-                    event_id: envelope.id.clone(),
-                    event_type: spec.name.to_string(),
-                    source: envelope.source.clone(),
-                    subject_id: envelope.subject.clone(),
-                    actor_id: envelope.actor.clone(),
-                    title: out.subject,
-                    body: out.body,
-                };
-                if let Some(n) = self.store.add(tx, &new).await? {
-                    notification_id = n.id;
+            for recipient in &p.recipients {
+                let user = prefs.get(recipient).unwrap_or(&no_prefs);
+                let mut channels = user.channels.get(p.spec.name).cloned().unwrap_or_else(|| defaults.clone());
+                if mandatory && !channels.contains(&(Channel::InApp as i32)) {
+                    channels.push(Channel::InApp as i32);
                 }
-            }
-            for (channel, on) in [(Channel::Email, self.settings.email), (Channel::Sms, self.settings.sms)] {
-                if on && channels.contains(&(channel as i32)) {
-                    let delivery = NewDelivery {
-                        notification_id: notification_id.clone(),
-                        event_id: envelope.id.clone(),
-                        event_type: spec.name.to_string(),
+                let context = |channel: Channel| Context {
+                    event: &p.event,
+                    event_type: p.spec.name,
+                    event_id: &envelope.id,
+                    source: &envelope.source,
+                    subject_id: &envelope.subject,
+                    actor_id: &envelope.actor,
+                    occurred_at: &p.occurred_at,
+                    recipient: render::recipient(channel, recipient, "", ""),
+                };
+                let mut entry = None;
+                if channels.contains(&(Channel::InApp as i32)) {
+                    let chosen = templates::choose_from(
+                        &templates,
+                        p.spec.name,
+                        Channel::InApp,
+                        &user.locale,
+                        &self.settings.default_locale,
+                    )
+                    .ok_or_else(|| format!("no in-app template for {}", p.spec.name))?;
+                    let out = templates::render_chosen(
+                        &chosen,
+                        p.spec.name,
+                        Channel::InApp,
+                        &context(Channel::InApp).to_value(),
+                    )?;
+                    entry = Some(inbox.len());
+                    inbox.push(NewNotification {
                         recipient_id: recipient.clone(),
-                        channel: channel as i32,
-                        // The recipient's details are filled in at send time.
-                        variables: context(channel).to_value().to_string(),
-                    };
-                    self.store.add_delivery(tx, &delivery).await?;
+                        event_id: envelope.id.clone(),
+                        event_type: p.spec.name.to_string(),
+                        source: envelope.source.clone(),
+                        subject_id: envelope.subject.clone(),
+                        actor_id: envelope.actor.clone(),
+                        title: out.subject,
+                        body: out.body,
+                    });
+                }
+                for (channel, on) in [(Channel::Email, self.settings.email), (Channel::Sms, self.settings.sms)] {
+                    if on && channels.contains(&(channel as i32)) {
+                        let delivery = NewDelivery {
+                            notification_id: String::new(),
+                            event_id: envelope.id.clone(),
+                            event_type: p.spec.name.to_string(),
+                            recipient_id: recipient.clone(),
+                            channel: channel as i32,
+                            // The recipient's details are filled in at send time.
+                            variables: context(channel).to_value().to_string(),
+                        };
+                        outside.push((entry, delivery));
+                    }
                 }
             }
         }
+        let made = self.store.add_all(tx, &inbox).await?;
+        let mut deliveries: Vec<NewDelivery> = outside
+            .into_iter()
+            .map(|(entry, mut d)| {
+                if let Some(Some(n)) = entry.map(|i| &made[i]) {
+                    d.notification_id = n.id.clone();
+                }
+                d
+            })
+            .collect();
+        deliveries.extend(self.webhook_deliveries(tx, events).await?);
+        self.store.add_deliveries(tx, &deliveries).await?;
         Ok(())
     }
 
-    /// A delivery of the event to every enabled webhook subscribed to its type.
-    async fn webhooks(&self, tx: &mut Tx, delivered: &Delivered) -> Result<(), HandlerError> {
-        let envelope = &delivered.envelope;
-        let hooks = self.store.webhooks_for(tx, &envelope.r#type).await?;
+    /// A delivery of each event to every enabled webhook subscribed to its type.
+    async fn webhook_deliveries(&self, tx: &mut Tx, events: &[&Delivered]) -> Result<Vec<NewDelivery>, HandlerError> {
+        let hooks = self.store.enabled_webhooks(tx).await?;
+        let mut out = Vec::new();
         if hooks.is_empty() {
-            return Ok(());
+            return Ok(out);
         }
-        let data = match catalog::variables(&envelope.r#type, &envelope.payload) {
-            Ok(data) => data,
-            Err(err) => {
-                tracing::warn!(event_type = %envelope.r#type, error = %err, "an event webhooks subscribe to does not decode; not sent");
-                return Ok(());
+        for delivered in events {
+            let envelope = &delivered.envelope;
+            let subscribed: Vec<&String> = hooks
+                .iter()
+                .filter(|(_, types)| types.iter().any(|t| t == &envelope.r#type))
+                .map(|(id, _)| id)
+                .collect();
+            if subscribed.is_empty() {
+                continue;
             }
-        };
-        let time = envelope.time.map(|t| format_rfc3339(crm_kit::time::from_timestamp(&t))).unwrap_or_default();
-        let body = crate::webhooks::payload(
-            &envelope.id,
-            &envelope.r#type,
-            &envelope.source,
-            &envelope.subject,
-            &envelope.actor,
-            &time,
-            data,
-        );
-        for hook in hooks {
-            let delivery = NewDelivery {
-                notification_id: String::new(),
-                event_id: envelope.id.clone(),
-                event_type: envelope.r#type.clone(),
-                recipient_id: hook,
-                channel: Channel::Webhook as i32,
-                variables: body.to_string(),
+            let data = match catalog::variables(&envelope.r#type, &envelope.payload) {
+                Ok(data) => data,
+                Err(err) => {
+                    tracing::warn!(event_type = %envelope.r#type, error = %err, "an event webhooks subscribe to does not decode; not sent");
+                    continue;
+                }
             };
-            self.store.add_delivery(tx, &delivery).await?;
+            let time = envelope.time.map(|t| format_rfc3339(crm_kit::time::from_timestamp(&t))).unwrap_or_default();
+            let body = crate::webhooks::payload(
+                &envelope.id,
+                &envelope.r#type,
+                &envelope.source,
+                &envelope.subject,
+                &envelope.actor,
+                &time,
+                data,
+            )
+            .to_string();
+            for hook in subscribed {
+                out.push(NewDelivery {
+                    notification_id: String::new(),
+                    event_id: envelope.id.clone(),
+                    event_type: envelope.r#type.clone(),
+                    recipient_id: hook.clone(),
+                    channel: Channel::Webhook as i32,
+                    variables: body.clone(),
+                });
+            }
         }
-        Ok(())
+        Ok(out)
     }
 }
 
@@ -187,11 +246,14 @@ fn text(event: &Value, field: &str) -> String {
 
 impl Handler for Intake {
     fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Delivered) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move {
-            if let Some(spec) = catalog::event(&event.envelope.r#type) {
-                self.notify(tx, spec, event).await?;
-            }
-            self.webhooks(tx, event).await
-        })
+        Box::pin(async move { self.handle_all(tx, &[event]).await })
+    }
+
+    fn handle_batch<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        events: &'a [&'a Delivered],
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(self.handle_all(tx, events))
     }
 }

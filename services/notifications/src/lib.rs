@@ -45,8 +45,11 @@ use crate::webhooks::WebhookSender;
 /// The name notifications publishes its events under, and its consumer group.
 pub const SOURCE: &str = "notifications";
 
+/// The contacts service: its events, and its customers' addresses and do-not-contact flags.
+pub const CONTACTS_ROLE: &str = "contacts";
+
 /// The services whose events it turns into notifications.
-pub const CONSUMES: &[&str] = &["contacts", AUTH_ROLE];
+pub const CONSUMES: &[&str] = &[CONTACTS_ROLE, AUTH_ROLE];
 
 /// The permissions the notifications service's calls check (a user's own inbox and preferences
 /// need none).
@@ -56,11 +59,18 @@ pub mod permissions {
     /// Event types, templates and deliveries.
     pub const ADMIN: Permission = Permission {
         name: "notifications.admin",
-        about: "change which events notify and how (channels, templates), see deliveries and retry them",
+        about: "change which events notify and how (channels, templates, webhooks), see deliveries and retry them",
         grant: Grant::Administrators,
         for_services: false,
     };
-    pub const ALL: &[Permission] = &[ADMIN];
+    /// E-mail and text messages to customers.
+    pub const SEND: Permission = Permission {
+        name: "notifications.send",
+        about: "send e-mail and text messages to customers one may see",
+        grant: Grant::Everyone,
+        for_services: true,
+    };
+    pub const ALL: &[Permission] = &[ADMIN, SEND];
 }
 
 /// The environment variable holding the SMTP password (never a flag).
@@ -239,7 +249,7 @@ impl role::Service for Notifications {
         public_methods: &[],
         permissions: permissions::ALL,
         default_port: 50054,
-        calls: Calls::Roles(&[AUTH_ROLE]),
+        calls: Calls::Roles(&[AUTH_ROLE, CONTACTS_ROLE]),
         consumes: CONSUMES,
     };
 
@@ -252,6 +262,7 @@ impl role::Service for Notifications {
         let schedule = args.retry_schedule()?;
         let smtp = args.smtp()?;
         let auth = ctx.peer(AUTH_ROLE)?;
+        let contacts = ctx.peer(CONTACTS_ROLE)?;
         if ctx.service_credentials().is_none() {
             return Err(format!(
                 "notifications looks users' addresses and supervisors up with the auth service, as the suite's \
@@ -298,9 +309,14 @@ impl role::Service for Notifications {
         let channels = format!("in-app, {}", channels.join(", "));
         tracing::info!(role = SOURCE, "delivers {channels}");
         let runner = Runner::new(db.clone(), RunnerSettings { lease: args.lease(), ..RunnerSettings::default() })
-            .handle_external(store::deliveries::JOB_KIND, Arc::new(DeliveryJob::new(store.clone(), senders, schedule)));
+            .handle_external(
+                store::deliveries::JOB_KIND,
+                Arc::new(DeliveryJob::new(store.clone(), senders, schedule).with_contacts(contacts.clone())),
+            );
 
-        let api = NotificationsApi::new(store, hub.clone(), default_locale, args.live_poll).with_webhook_policy(policy);
+        let api = NotificationsApi::new(store, hub.clone(), default_locale, args.live_poll)
+            .with_webhook_policy(policy)
+            .with_contacts(contacts);
         let server = ctx.server().add_service(NotificationsServiceServer::new(api)).authenticate(ctx.authenticator()?);
         Ok(Opened::new(server)
             .with_db(db)

@@ -21,7 +21,7 @@ use crm_proto::notifications::v1::Channel;
 use serde_json::json;
 
 use crate::outbound::{self, Policy};
-use crate::store::{Attempt, AttemptResult, Store};
+use crate::store::{Attempt, AttemptResult, CUSTOMER_MESSAGE, Store};
 
 /// Where and how text messages are sent.
 #[derive(Clone)]
@@ -65,17 +65,22 @@ impl SmsSender {
     }
 
     async fn send(&self, attempt: &Attempt) -> Result<AttemptResult, AttemptResult> {
-        let user = crate::deliver::recipient_user(&self.directory, &attempt.recipient_id).await?;
         let failed = |permanent: bool, error: String| AttemptResult { permanent, error, ..AttemptResult::default() };
-        let phone = user.phone.trim().to_string();
+        let (phone, text) = if attempt.event_type == CUSTOMER_MESSAGE {
+            let draft = crate::deliver::customer_draft(attempt)?;
+            (draft.to, draft.body)
+        } else {
+            let user = crate::deliver::recipient_user(&self.directory, &attempt.recipient_id).await?;
+            let recipient = crate::render::recipient(Channel::Sms, &user.id, &user.display_name, &user.email);
+            let out = crate::deliver::render_for(&self.store, attempt, Channel::Sms, recipient, &self.default_locale)
+                .await
+                .map_err(|(permanent, error)| failed(permanent, error))?;
+            (user.phone.trim().to_string(), out.body)
+        };
         if phone.is_empty() {
             return Err(failed(true, "the recipient has no phone number".into()));
         }
-        let recipient = crate::render::recipient(Channel::Sms, &user.id, &user.display_name, &user.email);
-        let out = crate::deliver::render_for(&self.store, attempt, Channel::Sms, recipient, &self.default_locale)
-            .await
-            .map_err(|(permanent, error)| failed(permanent, error))?;
-        let body = json!({"from": self.settings.from, "to": phone, "text": out.body, "reference": attempt.delivery_id});
+        let body = json!({"from": self.settings.from, "to": phone, "text": text, "reference": attempt.delivery_id});
         let mut headers = Vec::new();
         if let Some(key) = &self.settings.api_key {
             headers.push(("authorization", format!("Bearer {key}")));

@@ -6,7 +6,7 @@ use crm_proto::notifications::v1::Channel;
 use serde_json::Value;
 
 use crate::render::{self, Rendered, Source};
-use crate::store::Store;
+use crate::store::{Store, StoredTemplate};
 
 /// A template chosen for a notification.
 #[derive(Debug, Clone)]
@@ -27,16 +27,30 @@ pub async fn choose(
 ) -> Result<Option<Chosen>, ApiError> {
     let locales = render::fallbacks(locale, default_locale);
     let stored = store.templates_in(conn, event_type, channel as i32, &locales).await?;
-    for candidate in &locales {
-        if let Some(t) = stored.iter().find(|t| &t.locale == candidate) {
+    Ok(choose_from(&stored, event_type, channel, locale, default_locale))
+}
+
+/// The template of `event_type` on `channel` for a user of `locale`, among the administrators'
+/// templates `stored` (any event types, channels and locales) and the shipped ones.
+pub fn choose_from(
+    stored: &[StoredTemplate],
+    event_type: &str,
+    channel: Channel,
+    locale: &str,
+    default_locale: &str,
+) -> Option<Chosen> {
+    for candidate in render::fallbacks(locale, default_locale) {
+        let own =
+            stored.iter().find(|t| t.event_type == event_type && t.channel == channel as i32 && t.locale == candidate);
+        if let Some(t) = own {
             let source = Source { subject: t.subject.clone(), body: t.body.clone() };
-            return Ok(Some(Chosen { source, locale: candidate.clone(), customized: true }));
+            return Some(Chosen { source, locale: candidate, customized: true });
         }
-        if let Some(source) = render::shipped(event_type, channel, candidate) {
-            return Ok(Some(Chosen { source, locale: candidate.clone(), customized: false }));
+        if let Some(source) = render::shipped(event_type, channel, &candidate) {
+            return Some(Chosen { source, locale: candidate, customized: false });
         }
     }
-    Ok(None)
+    None
 }
 
 /// Renders `chosen` with `context`; an administrator's template that fails on this event falls

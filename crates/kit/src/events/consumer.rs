@@ -44,6 +44,24 @@ impl Delivered {
 /// know are simply `Ok`.
 pub trait Handler: Send + Sync + 'static {
     fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Delivered) -> BoxFuture<'a, Result<(), HandlerError>>;
+
+    /// Several events (a batch read together, none handled before) in one transaction: a
+    /// handler that can do its work with set-based statements overrides this; by default each
+    /// is handled in turn. An error rolls the whole batch back, which is then handled one event
+    /// at a time.
+    fn handle_batch<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        events: &'a [&'a Delivered],
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            for event in events {
+                let span = envelope::handler_span("batch", &event.envelope);
+                self.handle(tx, event).instrument(span).await?;
+            }
+            Ok(())
+        })
+    }
 }
 
 /// What handling one event came to.
@@ -268,18 +286,20 @@ impl Consumer {
             fresh.insert(row.try_get::<String, _>("event_id").map_err(|e| Failure::Store(e.into()))?);
         }
         let mut outcomes = Vec::with_capacity(events.len());
+        let mut handled: Vec<&Delivered> = Vec::with_capacity(events.len());
         for event in events {
             // An event delivered twice in one read has its effect once.
-            if !fresh.remove(&event.envelope.id) {
+            if fresh.remove(&event.envelope.id) {
+                handled.push(event);
+                outcomes.push(Outcome::Handled);
+            } else {
                 outcomes.push(Outcome::Duplicate);
-                continue;
             }
-            let span = envelope::handler_span(&self.name, &event.envelope);
-            if let Err(err) = self.handler.handle(&mut tx, event).instrument(span).await {
-                let _ = tx.rollback().await;
-                return Err(Failure::Handler(err));
-            }
-            outcomes.push(Outcome::Handled);
+        }
+        let span = tracing::info_span!("handle events", consumer = %self.name, events = handled.len());
+        if let Err(err) = self.handler.handle_batch(&mut tx, &handled).instrument(span).await {
+            let _ = tx.rollback().await;
+            return Err(Failure::Handler(err));
         }
         tx.commit().await.map_err(|e| Failure::Store(e.into()))?;
         Ok(outcomes)

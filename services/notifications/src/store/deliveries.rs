@@ -7,7 +7,9 @@ use crm_kit::ApiError;
 use crm_kit::db::{Sql, Tx};
 use crm_kit::page::{Order, Page};
 use crm_kit::time::{now_micros, to_timestamp};
-use crm_proto::notifications::v1::{Delivery, DeliveryAttempt, DeliveryState};
+use crm_proto::notifications::v1::{
+    Channel, CustomerMessage, CustomerMessageSent, Delivery, DeliveryAttempt, DeliveryState,
+};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -15,6 +17,21 @@ use super::Store;
 
 /// The job kind that sends a delivery (its key: the delivery's id).
 pub const JOB_KIND: &str = "notifications.delivery";
+
+/// The event type of deliveries that are messages to customers (SendCustomerMessage): their
+/// variables are a [`CustomerDraft`], already rendered.
+pub const CUSTOMER_MESSAGE: &str = "crm.notifications.v1.CustomerMessageSent";
+
+/// A message to a customer as written, kept as the delivery's variables.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CustomerDraft {
+    pub person_id: String,
+    pub to: String,
+    pub to_name: String,
+    pub subject: String,
+    pub body: String,
+    pub sent_by: String,
+}
 
 /// Newest first.
 pub const ORDER: Order = Order::newest("created_at");
@@ -111,26 +128,34 @@ fn decode(row: &AnyRow) -> Result<Delivery, ApiError> {
 }
 
 impl Store {
-    /// Creates the delivery (unless this event already has one for this recipient and
-    /// channel) and its job, due now, in `tx`. Returns its id when created.
-    pub async fn add_delivery(&self, tx: &mut Tx, d: &NewDelivery) -> Result<Option<String>, ApiError> {
-        let id = crm_kit::id::new();
+    /// Creates the deliveries (but those whose event already has one for the same recipient and
+    /// channel) and their jobs, due now, in `tx`. Returns the ids of those created.
+    pub async fn add_deliveries(&self, tx: &mut Tx, items: &[NewDelivery]) -> Result<Vec<String>, ApiError> {
         let now = now_micros();
-        let mut sql = Sql::new(
-            "INSERT INTO deliveries (id, notification_id, event_id, event_type, recipient_id, channel, state, \
-             variables, next_attempt_at, created_at) VALUES ",
-        );
-        sql.push_values([d], |v, d| {
-            v.bind(id.as_str()).bind(d.notification_id.as_str()).bind(d.event_id.as_str());
-            v.bind(d.event_type.as_str()).bind(d.recipient_id.as_str()).bind(i64::from(d.channel));
-            v.bind(DeliveryState::Pending as i64).bind(d.variables.as_str()).bind(now).bind(now);
-        });
-        sql.push(" ON CONFLICT (event_id, recipient_id, channel) DO NOTHING");
-        if sql.query().execute(&mut **tx).await?.rows_affected() == 0 {
-            return Ok(None);
+        let mut created = Vec::new();
+        for chunk in items.chunks(400) {
+            let mut sql = Sql::new(
+                "INSERT INTO deliveries (id, notification_id, event_id, event_type, recipient_id, channel, state, \
+                 variables, next_attempt_at, created_at) VALUES ",
+            );
+            sql.push_values(chunk, |v, d| {
+                v.bind(crm_kit::id::new()).bind(d.notification_id.as_str()).bind(d.event_id.as_str());
+                v.bind(d.event_type.as_str()).bind(d.recipient_id.as_str()).bind(i64::from(d.channel));
+                v.bind(DeliveryState::Pending as i64).bind(d.variables.as_str()).bind(now).bind(now);
+            });
+            sql.push(" ON CONFLICT (event_id, recipient_id, channel) DO NOTHING RETURNING id");
+            for row in sql.query().fetch_all(&mut **tx).await? {
+                created.push(row.try_get::<String, _>("id")?);
+            }
         }
-        crm_kit::jobs::schedule(tx, JOB_KIND, Some(&id), now, id.as_bytes()).await?;
-        Ok(Some(id))
+        let jobs: Vec<(&str, i64, &[u8])> = created.iter().map(|id| (id.as_str(), now, id.as_bytes())).collect();
+        crm_kit::jobs::schedule_all(tx, JOB_KIND, &jobs).await?;
+        Ok(created)
+    }
+
+    /// [`Store::add_deliveries`] of one delivery: its id when created.
+    pub async fn add_delivery(&self, tx: &mut Tx, d: &NewDelivery) -> Result<Option<String>, ApiError> {
+        Ok(self.add_deliveries(tx, std::slice::from_ref(d)).await?.pop())
     }
 
     /// Records that an attempt at delivery `id` starts, before anything is sent; or tells why
@@ -228,8 +253,73 @@ impl Store {
         }
         sql.push(" WHERE id = ").bind(attempt.delivery_id.as_str());
         sql.query().execute(&mut *tx).await?;
+        if result.sent && attempt.event_type == CUSTOMER_MESSAGE {
+            // For the customer's timeline, with the outcome.
+            let draft: CustomerDraft = serde_json::from_str(&attempt.variables)
+                .map_err(|e| ApiError::Internal(format!("stored customer message: {e}")))?;
+            let channel = if attempt.channel == Channel::Sms as i32 { "sms" } else { "email" };
+            let event = CustomerMessageSent {
+                message_id: attempt.delivery_id.clone(),
+                person_id: draft.person_id.clone(),
+                channel: channel.into(),
+                address: draft.to,
+                subject: draft.subject,
+                body: draft.body,
+                sent_by: draft.sent_by.clone(),
+            };
+            self.outbox.append(&mut tx, &draft.person_id, &draft.sent_by, &event).await?;
+        }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Queues a message to a customer; with the same `key` (from the caller's request id) as an
+    /// earlier one, that one is returned instead.
+    pub async fn add_customer_message(
+        &self,
+        key: &str,
+        channel: i32,
+        draft: &CustomerDraft,
+    ) -> Result<CustomerMessage, ApiError> {
+        let mut tx = self.db.begin_write().await?;
+        let new = NewDelivery {
+            notification_id: String::new(),
+            event_id: key.to_string(),
+            event_type: CUSTOMER_MESSAGE.to_string(),
+            recipient_id: draft.person_id.clone(),
+            channel,
+            variables: serde_json::to_string(draft).map_err(|e| ApiError::Internal(e.to_string()))?,
+        };
+        if let Some(id) = self.add_delivery(&mut tx, &new).await? {
+            let mut sql = Sql::new("UPDATE deliveries SET address = ");
+            sql.bind(draft.to.as_str())
+                .push(", subject = ")
+                .bind(draft.subject.as_str())
+                .push(" WHERE id = ")
+                .bind(id.as_str());
+            sql.query().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        let mut sql = Sql::new("SELECT ");
+        sql.push(COLUMNS).push(" FROM deliveries WHERE event_id = ").bind(key);
+        sql.push(" AND recipient_id = ")
+            .bind(draft.person_id.as_str())
+            .push(" AND channel = ")
+            .bind(i64::from(channel));
+        let row = sql.query().fetch_one(self.db.pool()).await?;
+        let delivery = decode(&row)?;
+        let stored: CustomerDraft = serde_json::from_str(&row.try_get::<String, _>("variables")?)
+            .map_err(|e| ApiError::Internal(format!("stored customer message: {e}")))?;
+        Ok(CustomerMessage {
+            id: delivery.id,
+            person_id: stored.person_id,
+            channel: delivery.channel,
+            address: stored.to,
+            subject: stored.subject,
+            body: stored.body,
+            state: delivery.state,
+            create_time: delivery.create_time,
+        })
     }
 
     /// One page of deliveries, newest first, each with its attempts.

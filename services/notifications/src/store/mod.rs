@@ -21,7 +21,7 @@ use crm_proto::notifications::v1::{Notification, NotificationCreated};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-pub use deliveries::{Attempt, AttemptResult, DeliveryFilter, NewDelivery, Start};
+pub use deliveries::{Attempt, AttemptResult, CUSTOMER_MESSAGE, CustomerDraft, DeliveryFilter, NewDelivery, Start};
 pub use settings::{EventTypeSettings, Prefs, StoredTemplate};
 pub use webhooks::StoredWebhook;
 
@@ -101,60 +101,114 @@ impl Store {
         &self.db
     }
 
-    /// Puts `n` into its recipient's inbox in `tx`, with the next number of that inbox, and
-    /// announces it (`NotificationCreated`). `None` when the recipient already has a
-    /// notification of this event: at most one per event and recipient.
-    pub async fn add(&self, tx: &mut Tx, n: &NewNotification) -> Result<Option<Notification>, ApiError> {
-        // Taking the inbox row first serialises the recipient's new notifications: numbers are
-        // given in commit order.
-        let mut head = Sql::new("INSERT INTO inboxes (recipient_id, last_seq, unread) VALUES (");
-        head.bind(n.recipient_id.as_str()).push(", 1, 1) ON CONFLICT (recipient_id) DO UPDATE SET ");
-        head.push("last_seq = inboxes.last_seq + 1, unread = inboxes.unread + 1 RETURNING last_seq");
-        let seq: i64 = head.query().fetch_one(&mut **tx).await?.try_get("last_seq")?;
-        let id = crm_kit::id::new();
-        let now = now_micros();
-        let mut insert = Sql::new("INSERT INTO notifications (recipient_id, ");
-        insert.push(COLUMNS).push(") VALUES ");
-        insert.push_values([n], |v, n| {
-            v.bind(n.recipient_id.as_str())
-                .bind(id.as_str())
-                .bind(seq)
-                .bind(seq + UNREAD)
-                .bind(n.event_id.as_str())
-                .bind(n.event_type.as_str());
-            v.bind(n.source.as_str()).bind(n.subject_id.as_str()).bind(n.actor_id.as_str());
-            v.bind(n.title.as_str()).bind(n.body.as_str()).bind(now).bind(0_i64);
-        });
-        insert.push(" ON CONFLICT (event_id, recipient_id) DO NOTHING");
-        if insert.query().execute(&mut **tx).await?.rows_affected() == 0 {
-            // Still holding the inbox row: nobody took a number after ours.
-            let mut undo =
-                Sql::new("UPDATE inboxes SET last_seq = last_seq - 1, unread = unread - 1 WHERE recipient_id = ");
-            undo.bind(n.recipient_id.as_str());
-            undo.query().execute(&mut **tx).await?;
-            return Ok(None);
+    /// Puts `items` into their recipients' inboxes in `tx` and announces each
+    /// (`NotificationCreated`). Each recipient's new notifications take the next numbers of
+    /// their inbox, given under the lock of its row (taken in recipient order, so concurrent
+    /// batches never deadlock): numbers follow commit order. Returns, per item, the
+    /// notification made, or `None` when that recipient already had one of that event.
+    pub async fn add_all(&self, tx: &mut Tx, items: &[NewNotification]) -> Result<Vec<Option<Notification>>, ApiError> {
+        let mut out: Vec<Option<Notification>> = vec![None; items.len()];
+        if items.is_empty() {
+            return Ok(out);
         }
-        let created = NotificationCreated {
-            notification_id: id.clone(),
-            recipient_id: n.recipient_id.clone(),
-            sequence: seq,
-            event_type: n.event_type.clone(),
-        };
-        self.outbox.append(tx, &n.recipient_id, &n.actor_id, &created).await?;
-        Ok(Some(Notification {
-            id,
-            sequence: seq,
-            event_type: n.event_type.clone(),
-            event_id: n.event_id.clone(),
-            source: n.source.clone(),
-            subject_id: n.subject_id.clone(),
-            actor_id: n.actor_id.clone(),
-            title: n.title.clone(),
-            body: n.body.clone(),
-            read: false,
-            create_time: to_timestamp(now),
-            read_time: None,
-        }))
+        let mut events: Vec<&str> = items.iter().map(|n| n.event_id.as_str()).collect();
+        events.sort_unstable();
+        events.dedup();
+        let mut there = std::collections::HashSet::new();
+        for chunk in events.chunks(500) {
+            let mut sql = Sql::new("SELECT event_id, recipient_id FROM notifications WHERE ");
+            sql.push_in("event_id", chunk.iter().copied());
+            for row in sql.query().fetch_all(&mut **tx).await? {
+                there.insert((row.try_get::<String, _>("event_id")?, row.try_get::<String, _>("recipient_id")?));
+            }
+        }
+        let mut fresh: Vec<usize> = Vec::new();
+        for (i, n) in items.iter().enumerate() {
+            if there.insert((n.event_id.clone(), n.recipient_id.clone())) {
+                fresh.push(i);
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(out);
+        }
+        let mut counts: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+        for &i in &fresh {
+            *counts.entry(items[i].recipient_id.as_str()).or_default() += 1;
+        }
+        let mut next: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+        let counts: Vec<(&str, i64)> = counts.into_iter().collect();
+        for chunk in counts.chunks(500) {
+            let mut head = Sql::new("INSERT INTO inboxes (recipient_id, last_seq, unread) VALUES ");
+            head.push_values(chunk, |v, (recipient, n)| {
+                v.bind(*recipient).bind(*n).bind(*n);
+            });
+            head.push(
+                " ON CONFLICT (recipient_id) DO UPDATE SET last_seq = inboxes.last_seq + excluded.last_seq, \
+                 unread = inboxes.unread + excluded.unread RETURNING recipient_id, last_seq",
+            );
+            for row in head.query().fetch_all(&mut **tx).await? {
+                let recipient: String = row.try_get("recipient_id")?;
+                let last: i64 = row.try_get("last_seq")?;
+                let n = chunk.iter().find(|(r, _)| *r == recipient).map_or(0, |(_, n)| *n);
+                next.insert(recipient, last - n + 1);
+            }
+        }
+        let now = now_micros();
+        let mut made: Vec<(usize, Notification)> = Vec::with_capacity(fresh.len());
+        for &i in &fresh {
+            let n = &items[i];
+            let seq = next.get_mut(&n.recipient_id).ok_or_else(|| ApiError::Internal("inbox row missing".into()))?;
+            made.push((
+                i,
+                Notification {
+                    id: crm_kit::id::new(),
+                    sequence: *seq,
+                    event_type: n.event_type.clone(),
+                    event_id: n.event_id.clone(),
+                    source: n.source.clone(),
+                    subject_id: n.subject_id.clone(),
+                    actor_id: n.actor_id.clone(),
+                    title: n.title.clone(),
+                    body: n.body.clone(),
+                    read: false,
+                    create_time: to_timestamp(now),
+                    read_time: None,
+                },
+            ));
+            *seq += 1;
+        }
+        for chunk in made.chunks(400) {
+            let mut insert = Sql::new("INSERT INTO notifications (recipient_id, ");
+            insert.push(COLUMNS).push(") VALUES ");
+            insert.push_values(chunk, |v, (i, n)| {
+                v.bind(items[*i].recipient_id.as_str()).bind(n.id.as_str()).bind(n.sequence).bind(n.sequence + UNREAD);
+                v.bind(n.event_id.as_str()).bind(n.event_type.as_str()).bind(n.source.as_str());
+                v.bind(n.subject_id.as_str()).bind(n.actor_id.as_str()).bind(n.title.as_str()).bind(n.body.as_str());
+                v.bind(now).bind(0_i64);
+            });
+            insert.push(" ON CONFLICT (event_id, recipient_id) DO NOTHING");
+            if insert.query().execute(&mut **tx).await?.rows_affected() != chunk.len() as u64 {
+                // Another transaction put one of these in meanwhile: this one's numbers are off.
+                return Err(ApiError::Aborted("a notification of these events was added meanwhile".into()));
+            }
+        }
+        let announcements: Vec<_> = made
+            .iter()
+            .map(|(i, n)| {
+                let created = NotificationCreated {
+                    notification_id: n.id.clone(),
+                    recipient_id: items[*i].recipient_id.clone(),
+                    sequence: n.sequence,
+                    event_type: n.event_type.clone(),
+                };
+                crm_kit::events::envelope::envelope(crate::SOURCE, &items[*i].recipient_id, &n.actor_id, &created)
+            })
+            .collect();
+        self.outbox.append_all(tx, &announcements).await?;
+        for (i, n) in made {
+            out[i] = Some(n);
+        }
+        Ok(out)
     }
 
     /// One page of `recipient`'s notifications in `order`, unread ones only if asked.

@@ -48,34 +48,49 @@ pub struct StoredTemplate {
 impl Store {
     /// Every event type an administrator changed.
     pub async fn event_type_settings(&self) -> Result<HashMap<String, EventTypeSettings>, ApiError> {
-        let rows = Sql::new("SELECT name, default_channels, mandatory_in_app, enabled FROM event_types")
-            .query()
-            .fetch_all(self.db.pool())
-            .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("name")?,
-                    EventTypeSettings {
-                        default_channels: channels_of(&r.try_get::<String, _>("default_channels")?),
-                        mandatory_in_app: r.try_get::<i64, _>("mandatory_in_app")? != 0,
-                        enabled: r.try_get::<i64, _>("enabled")? != 0,
-                    },
-                ))
-            })
-            .collect()
+        let mut conn = self.db.pool().acquire().await?;
+        event_type_settings_in(&mut conn).await
     }
 
-    /// The administrator's settings of `name` read in `tx`, if any.
-    pub async fn event_type_in(&self, tx: &mut Tx, name: &str) -> Result<Option<EventTypeSettings>, ApiError> {
-        let mut sql = Sql::new("SELECT default_channels, mandatory_in_app, enabled FROM event_types WHERE name = ");
-        sql.bind(name);
-        let Some(r) = sql.query().fetch_optional(&mut **tx).await? else { return Ok(None) };
-        Ok(Some(EventTypeSettings {
-            default_channels: channels_of(&r.try_get::<String, _>("default_channels")?),
-            mandatory_in_app: r.try_get::<i64, _>("mandatory_in_app")? != 0,
-            enabled: r.try_get::<i64, _>("enabled")? != 0,
-        }))
+    /// [`Store::event_type_settings`], read in `tx`.
+    pub async fn event_type_settings_in(&self, tx: &mut Tx) -> Result<HashMap<String, EventTypeSettings>, ApiError> {
+        event_type_settings_in(tx).await
+    }
+
+    /// The language and choices of each of `users`, read in `tx` (two statements).
+    pub async fn prefs_of(&self, tx: &mut Tx, users: &[&str]) -> Result<HashMap<String, Prefs>, ApiError> {
+        let mut out: HashMap<String, Prefs> = HashMap::new();
+        for chunk in users.chunks(500) {
+            let mut sql = Sql::new("SELECT user_id, locale FROM user_settings WHERE ");
+            sql.push_in("user_id", chunk.iter().copied());
+            for row in sql.query().fetch_all(&mut **tx).await? {
+                out.entry(row.try_get("user_id")?).or_default().locale = row.try_get("locale")?;
+            }
+            let mut sql = Sql::new("SELECT user_id, event_type, channels FROM preferences WHERE ");
+            sql.push_in("user_id", chunk.iter().copied());
+            for row in sql.query().fetch_all(&mut **tx).await? {
+                let channels = channels_of(&row.try_get::<String, _>("channels")?);
+                out.entry(row.try_get("user_id")?).or_default().channels.insert(row.try_get("event_type")?, channels);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The administrators' templates of `event_types` on `channel`, read in `tx`.
+    pub async fn templates_of(
+        &self,
+        tx: &mut Tx,
+        event_types: &[&str],
+        channel: i32,
+    ) -> Result<Vec<StoredTemplate>, ApiError> {
+        if event_types.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sql = Sql::new(
+            "SELECT event_type, channel, locale, subject, body, updated_at, updated_by FROM templates WHERE channel = ",
+        );
+        sql.bind(i64::from(channel)).push(" AND ").push_in("event_type", event_types.iter().copied());
+        sql.query().fetch_all(&mut **tx).await?.iter().map(template_of).collect()
     }
 
     pub async fn put_event_type(&self, name: &str, s: &EventTypeSettings, by: &str) -> Result<(), ApiError> {
@@ -98,12 +113,7 @@ impl Store {
     /// `user`'s language and choices.
     pub async fn prefs(&self, user: &str) -> Result<Prefs, ApiError> {
         let mut conn = self.db.pool().acquire().await?;
-        prefs_in(&mut conn, user, None).await
-    }
-
-    /// `user`'s language and their choice for `event_type`, read in `tx`.
-    pub async fn prefs_for(&self, tx: &mut Tx, user: &str, event_type: &str) -> Result<Prefs, ApiError> {
-        prefs_in(tx, user, Some(event_type)).await
+        prefs_in(&mut conn, user).await
     }
 
     /// Sets `user`'s language (when `locale` is given) and their channels for the event types
@@ -214,7 +224,7 @@ fn template_of(r: &sqlx::any::AnyRow) -> Result<StoredTemplate, ApiError> {
     })
 }
 
-async fn prefs_in(conn: &mut sqlx::AnyConnection, user: &str, event_type: Option<&str>) -> Result<Prefs, ApiError> {
+async fn prefs_in(conn: &mut sqlx::AnyConnection, user: &str) -> Result<Prefs, ApiError> {
     let mut sql = Sql::new("SELECT locale FROM user_settings WHERE user_id = ");
     sql.bind(user);
     let locale = match sql.query().fetch_optional(&mut *conn).await? {
@@ -223,12 +233,30 @@ async fn prefs_in(conn: &mut sqlx::AnyConnection, user: &str, event_type: Option
     };
     let mut sql = Sql::new("SELECT event_type, channels FROM preferences WHERE user_id = ");
     sql.bind(user);
-    if let Some(event_type) = event_type {
-        sql.push(" AND event_type = ").bind(event_type);
-    }
     let mut channels = HashMap::new();
     for row in sql.query().fetch_all(&mut *conn).await? {
         channels.insert(row.try_get("event_type")?, channels_of(&row.try_get::<String, _>("channels")?));
     }
     Ok(Prefs { locale, channels })
+}
+
+async fn event_type_settings_in(
+    conn: &mut sqlx::AnyConnection,
+) -> Result<HashMap<String, EventTypeSettings>, ApiError> {
+    let rows = Sql::new("SELECT name, default_channels, mandatory_in_app, enabled FROM event_types")
+        .query()
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("name")?,
+                EventTypeSettings {
+                    default_channels: channels_of(&r.try_get::<String, _>("default_channels")?),
+                    mandatory_in_app: r.try_get::<i64, _>("mandatory_in_app")? != 0,
+                    enabled: r.try_get::<i64, _>("enabled")? != 0,
+                },
+            ))
+        })
+        .collect()
 }

@@ -125,17 +125,15 @@ impl Store {
         Ok(())
     }
 
-    /// The enabled webhooks subscribed to `event_type`, read in `tx`.
-    pub async fn webhooks_for(&self, tx: &mut Tx, event_type: &str) -> Result<Vec<String>, ApiError> {
+    /// The enabled webhooks and the event types each gets, read in `tx`.
+    pub async fn enabled_webhooks(&self, tx: &mut Tx) -> Result<Vec<(String, Vec<String>)>, ApiError> {
         let rows =
             Sql::new("SELECT id, event_types FROM webhooks WHERE enabled = 1").query().fetch_all(&mut **tx).await?;
-        let mut out = Vec::new();
-        for row in rows {
-            let types: String = row.try_get("event_types")?;
-            if types.split(',').any(|t| t == event_type) {
-                out.push(row.try_get("id")?);
-            }
-        }
-        Ok(out)
+        rows.iter()
+            .map(|row| {
+                let types: String = row.try_get("event_types")?;
+                Ok((row.try_get("id")?, types.split(',').filter(|t| !t.is_empty()).map(String::from).collect()))
+            })
+            .collect()
     }
 }

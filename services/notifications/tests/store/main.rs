@@ -492,7 +492,42 @@ async fn webhooks_are_checked_and_get_the_events_of_their_types(env: Env) {
     assert_eq!(status.code(), Code::NotFound);
 }
 
+async fn a_batch_numbers_each_inbox_in_order(env: Env) {
+    deliver(&env, &delivered("contacts", "c0", ADMIN, &assigned(ALICE, "Before"))).await;
+    let batch: Vec<Delivered> = (1..=6)
+        .map(|i| delivered("contacts", "c", ADMIN, &assigned(if i % 2 == 0 { BOB } else { ALICE }, &format!("P{i}"))))
+        .collect();
+    let again = batch[0].clone();
+    let mut refs: Vec<&Delivered> = batch.iter().collect();
+    refs.push(&again);
+    let mut tx = env.store.db().begin_write().await.unwrap();
+    env.intake.handle_batch(&mut tx, &refs).await.expect("the batch is handled");
+    tx.commit().await.unwrap();
+    let numbers = |list: Vec<Notification>| {
+        let mut out: Vec<(i64, String)> = list.into_iter().map(|n| (n.sequence, n.title)).collect();
+        out.sort();
+        out
+    };
+    let alice = numbers(inbox(&env, ALICE).await);
+    assert_eq!(alice.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3, 4], "{alice:?}");
+    assert_eq!(alice[1].1, "Assigned to you: P1", "in the order of the batch");
+    assert_eq!(alice[3].1, "Assigned to you: P5");
+    let bob = numbers(inbox(&env, BOB).await);
+    assert_eq!(bob.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!((unread(&env, ALICE).await, unread(&env, BOB).await), (4, 3));
+    // The same events again, in a batch: nothing new.
+    let mut tx = env.store.db().begin_write().await.unwrap();
+    env.intake.handle_batch(&mut tx, &refs).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!((inbox(&env, ALICE).await.len(), unread(&env, ALICE).await), (4, 4));
+    let deliveries =
+        env.store.list_deliveries(&DeliveryFilter::default(), &first_page(&store::deliveries::ORDER)).await.unwrap().0;
+    assert_eq!(deliveries.len(), 7, "one e-mail per event and recipient");
+    assert!(deliveries.iter().all(|d| !d.notification_id.is_empty()), "each tied to its inbox entry");
+}
+
 crm_kit::both_backends!(env =>
+    a_batch_numbers_each_inbox_in_order,
     webhooks_are_checked_and_get_the_events_of_their_types,
     an_event_reaches_each_recipient_once,
     inbox_pages_orders_marks_and_counts,
