@@ -1,6 +1,7 @@
 //! The events backbone and leased jobs on both backends, with real Redis: outbox atomicity,
 //! publication order, one effect per event through redelivery and a Redis that lost its data,
-//! dead letters and their retry, racing relays, jobs firing once with racing and dying runners.
+//! dead letters and their retry, racing relays, jobs firing once with racing and dying runners,
+//! external jobs rescheduling themselves and losing their lease.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crm_kit::db::{Db, Migrations, Sql, Tx};
 use crm_kit::events::{self, Delivered, Events, Handler, HandlerError, Outbox, Settings, admin};
-use crm_kit::jobs::{self, Job, JobHandler, Runner, RunnerSettings};
+use crm_kit::jobs::{self, ExternalJobHandler, Job, JobHandler, Next, Runner, RunnerSettings};
 use crm_kit::role::Suite;
 use crm_kit::shutdown::{self, Shutdown, Trigger};
 use crm_kit::testing::{TestDb, redis_url, unique_stream_prefix};
@@ -426,7 +427,76 @@ async fn jobs_fire_once(db: TestDb) {
     assert!(text.contains("crm_jobs_duration_seconds_count{kind=\"fire\"}"), "{text}");
 }
 
+/// Runs of an external job, by key, with the runner's attempt count of each.
+#[derive(Default)]
+struct External(std::sync::Mutex<Vec<(String, i64)>>);
+
+impl ExternalJobHandler for External {
+    fn run<'a>(&'a self, _db: &'a Db, job: &'a Job) -> BoxFuture<'a, Result<Next, HandlerError>> {
+        Box::pin(async move {
+            let key = job.key.clone().unwrap_or_default();
+            let runs = {
+                let mut runs = self.0.lock().unwrap();
+                runs.push((key.clone(), job.attempts));
+                runs.iter().filter(|(k, _)| *k == key).count()
+            };
+            match key.as_str() {
+                "later" if runs == 1 => Ok(Next::RetryAt(crm_kit::time::now_micros() + 100_000)),
+                "broken" => Err("the receiver refused".into()),
+                // Outlives its lease the first time: another runner takes it meanwhile.
+                "slow" if runs == 1 => {
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    Ok(Next::Done)
+                }
+                _ => Ok(Next::Done),
+            }
+        })
+    }
+}
+
+/// External jobs run outside any transaction: done goes, a retry at a time of the handler's own
+/// comes back then (its attempt count starting over), an error is retried and kept as failed
+/// after the last attempt, and a run that outlived its lease removes nothing of the runner that
+/// took the job over.
+async fn external_jobs_finish_reschedule_and_fail(db: TestDb) {
+    let db = open(&db).await;
+    let now = crm_kit::time::now_micros();
+    let mut tx = db.begin_write().await.unwrap();
+    for key in ["done", "later", "broken", "slow"] {
+        jobs::schedule(&mut tx, "send", Some(key), now, b"").await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let settings = RunnerSettings {
+        lease: Duration::from_millis(300),
+        batch: 1,
+        poll: Duration::from_millis(20),
+        max_attempts: 2,
+        retry_backoff: Duration::from_millis(10),
+    };
+    let handler = Arc::new(External::default());
+    let (mut running, shutdown) = Running::new();
+    for _ in 0..2 {
+        let runner = Runner::new(db.clone(), settings.clone()).handle_external("send", handler.clone());
+        running.tasks.spawn(runner.run(shutdown.clone()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while jobs::counts(&db).await.unwrap() != (0, 1) {
+        assert!(Instant::now() < deadline, "jobs left: {:?}", jobs::counts(&db).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    running.stop().await;
+    let runs = handler.0.lock().unwrap().clone();
+    let of = |key: &str| runs.iter().filter(|(k, _)| k == key).map(|(_, a)| *a).collect::<Vec<i64>>();
+    assert_eq!(of("done"), [1]);
+    assert_eq!(of("later"), [1, 1], "rescheduled by the handler, its count started over");
+    assert_eq!(of("broken"), [1, 2], "retried, then kept as failed");
+    assert_eq!(of("slow").len(), 2, "taken over after its lease");
+    assert_eq!(jobs::counts(&db).await.unwrap(), (0, 1), "only the failed one stays");
+}
+
 crm_kit::both_backends!(
+    external_jobs_finish_reschedule_and_fail,
     outbox_follows_the_transaction,
     delivers_each_event_once_embedded,
     delivers_each_event_once_through_redis,
