@@ -1,7 +1,7 @@
-//! The notifications service (SPEC N1-N4, N6): each user's inbox with a live stream, e-mail to
-//! users over SMTP, text messages through an SMS provider, signed outgoing webhooks, templates
-//! per event type, channel and locale, preferences per user and event type, and a log of every
-//! delivery attempt with dead letters an administrator retries.
+//! The notifications service (SPEC N1-N6): each user's inbox with a live stream, e-mail to users
+//! over SMTP, text messages through an SMS provider, signed outgoing webhooks, templates per
+//! event type, channel and locale, preferences per user and event type, messages to customers,
+//! and a log of every delivery attempt with dead letters an administrator retries.
 //!
 //! Nobody calls it to notify: it consumes the other services' events ([`intake`]) — contacts'
 //! assignments and transfers, auth's lock-outs and password changes — and turns those of its
@@ -261,12 +261,15 @@ impl role::Service for Notifications {
         let default_locale = args.default_locale()?;
         let schedule = args.retry_schedule()?;
         let smtp = args.smtp()?;
+        let sms = args.sms()?;
+        let policy = args.webhook_policy()?;
         let auth = ctx.peer(AUTH_ROLE)?;
         let contacts = ctx.peer(CONTACTS_ROLE)?;
         if ctx.service_credentials().is_none() {
             return Err(format!(
-                "notifications looks users' addresses and supervisors up with the auth service, as the suite's \
-                 service account: set --service-client-id (CRM_SERVICE_CLIENT_ID) and {SERVICE_SECRET_ENV}"
+                "notifications looks users' addresses and supervisors up with the auth service, and customers' \
+                 do-not-contact flags with the contacts service, as the suite's service account: set \
+                 --service-client-id (CRM_SERVICE_CLIENT_ID) and {SERVICE_SECRET_ENV}"
             )
             .into());
         }
@@ -276,8 +279,6 @@ impl role::Service for Notifications {
         let store = Store::new(db.clone()).with_outbox(outbox);
         let hub = Hub::new();
 
-        let sms = args.sms()?;
-        let policy = args.webhook_policy()?;
         let intake_settings =
             IntakeSettings { default_locale: default_locale.clone(), email: smtp.is_some(), sms: sms.is_some() };
         let intake = Intake::new(store.clone(), Some(directory.clone()), intake_settings);
