@@ -45,7 +45,7 @@ pub struct EventsBenchArgs {
 /// Remembers when each event's transaction committed; the handler reads it back.
 #[derive(Default)]
 struct Clock {
-    committed: Mutex<HashMap<String, Instant>>,
+    committed: Committed,
     latencies: Mutex<Option<Histogram<u64>>>,
     handled: std::sync::atomic::AtomicU64,
 }
@@ -67,6 +67,68 @@ impl Handler for Measure {
         self.0.handled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async { Ok(()) })
     }
+}
+
+/// When each event's transaction committed, by event id.
+pub(crate) type Committed = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// How producers load an outbox: `transactions` of `per_tx` events from `producers` tasks, at
+/// `rate` events per second (0: as fast as they go).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Load {
+    pub transactions: u64,
+    pub per_tx: u64,
+    pub producers: u64,
+    pub rate: u64,
+}
+
+/// Commits the events `make` builds (numbered from 0) into `outbox` in `db` as `load` says,
+/// noting each event's commit time in `committed`.
+pub(crate) async fn produce(
+    db: &Db,
+    outbox: &crm_kit::events::Outbox,
+    committed: &Committed,
+    load: Load,
+    make: Arc<dyn Fn(u64) -> Envelope + Send + Sync>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..load.producers.max(1) {
+        let (db, outbox, committed, next, make) =
+            (db.clone(), outbox.clone(), committed.clone(), next.clone(), make.clone());
+        set.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if n >= load.transactions {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                if load.rate > 0 {
+                    let due = started + Duration::from_secs_f64((n * load.per_tx) as f64 / load.rate as f64);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let batch: Vec<Envelope> = (0..load.per_tx).map(|i| make(n * load.per_tx + i)).collect();
+                let mut tx = db.begin_write().await?;
+                outbox.append_all(&mut tx, &batch).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                // Noted just before the commit (a consumer may see an event before this task
+                // runs again), then moved to the commit's end for the events not yet handled.
+                let before = Instant::now();
+                committed.lock().expect("clock").extend(batch.iter().map(|e| (e.id.clone(), before)));
+                tx.commit().await?;
+                let now = Instant::now();
+                let mut committed = committed.lock().expect("clock");
+                for e in &batch {
+                    if let Some(at) = committed.get_mut(&e.id) {
+                        *at = now;
+                    }
+                }
+            }
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        done??;
+    }
+    Ok(())
 }
 
 fn no_migrations() -> Migrations {
@@ -120,48 +182,14 @@ pub async fn run(args: EventsBenchArgs) -> anyhow::Result<()> {
         if args.rate == 0 { "unlimited".to_string() } else { format!("{}/s", args.rate) }
     );
     let started = Instant::now();
-    let transactions = args.events.div_ceil(args.per_tx.max(1));
-    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut producers = tokio::task::JoinSet::new();
-    for _ in 0..args.producers.max(1) {
-        let (producer, outbox, clock, next, run) =
-            (producer.clone(), outbox.clone(), clock.clone(), next.clone(), run.clone());
-        let (per_tx, rate) = (args.per_tx.max(1), args.rate);
-        producers.spawn(async move {
-            loop {
-                let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if n >= transactions {
-                    return Ok::<(), anyhow::Error>(());
-                }
-                if rate > 0 {
-                    let due = started + Duration::from_secs_f64((n * per_tx) as f64 / rate as f64);
-                    tokio::time::sleep_until(due.into()).await;
-                }
-                let batch: Vec<Envelope> = (0..per_tx)
-                    .map(|i| envelope(source, &format!("{run}-{n}-{i}"), "bench", &Envelope::default()))
-                    .collect();
-                let mut tx = producer.begin_write().await?;
-                outbox.append_all(&mut tx, &batch).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-                // Set just before the commit (the consumer may see the event before this task
-                // runs again), then moved to the commit's end for the events not yet handled.
-                let before = Instant::now();
-                clock.committed.lock().expect("clock").extend(batch.iter().map(|e| (e.id.clone(), before)));
-                tx.commit().await?;
-                let now = Instant::now();
-                let mut committed = clock.committed.lock().expect("clock");
-                for e in &batch {
-                    if let Some(at) = committed.get_mut(&e.id) {
-                        *at = now;
-                    }
-                }
-            }
-        });
-    }
-    while let Some(done) = producers.join_next().await {
-        done??;
-    }
+    let per_tx = args.per_tx.max(1);
+    let transactions = args.events.div_ceil(per_tx);
+    let make = move |n: u64| envelope(source, &format!("{run}-{n}"), "bench", &Envelope::default());
+    let (rate, producers) = (args.rate, args.producers);
+    produce(&producer, &outbox, &clock.committed, Load { transactions, per_tx, producers, rate }, Arc::new(make))
+        .await?;
     let produced = started.elapsed();
-    let total = transactions * args.per_tx.max(1);
+    let total = transactions * per_tx;
     let deadline = Instant::now() + Duration::from_secs(600);
     while clock.handled.load(std::sync::atomic::Ordering::SeqCst) < total {
         anyhow::ensure!(Instant::now() < deadline, "events stopped arriving");

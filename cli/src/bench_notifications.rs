@@ -5,11 +5,11 @@
 //! reports event-to-inbox throughput, commit-to-inbox and commit-to-subscriber latency, the
 //! inbox calls on the largest inbox, and webhook deliveries to a local receiver.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::bench_events::{Committed, Load, produce};
 use anyhow::Context;
 use crm_kit::auth::{Claims, Principal};
 use crm_kit::db::{Db, Migrations, Sql, Tx};
@@ -72,7 +72,7 @@ pub struct NotificationsBenchArgs {
 
 /// When each event's transaction committed, and what has been seen of it.
 struct Clock {
-    committed: Mutex<HashMap<String, Instant>>,
+    committed: Committed,
     to_inbox: Mutex<Histogram<u64>>,
     to_subscriber: Mutex<Histogram<u64>>,
     handled: AtomicU64,
@@ -177,7 +177,7 @@ pub async fn run(args: NotificationsBenchArgs) -> anyhow::Result<()> {
     let store = store.with_outbox(own_outbox.clone());
     let hist = || Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
     let clock = Arc::new(Clock {
-        committed: Mutex::new(HashMap::new()),
+        committed: Committed::default(),
         to_inbox: Mutex::new(hist()),
         to_subscriber: Mutex::new(hist()),
         handled: AtomicU64::new(0),
@@ -251,8 +251,8 @@ pub async fn run(args: NotificationsBenchArgs) -> anyhow::Result<()> {
             envelope("contacts", &event.id, "bench", &event)
         }
     };
-    produce(&source_db, &source_outbox, &clock, transactions, per_tx, args.producers, args.rate, Arc::new(make))
-        .await?;
+    let load = Load { transactions, per_tx, producers: args.producers, rate: args.rate };
+    produce(&source_db, &source_outbox, &clock.committed, load, Arc::new(make)).await?;
     let produced = started.elapsed();
     let deadline = Instant::now() + Duration::from_secs(900);
     while clock.handled.load(Ordering::SeqCst) < total
@@ -280,60 +280,6 @@ pub async fn run(args: NotificationsBenchArgs) -> anyhow::Result<()> {
     }
     trigger.fire();
     while tasks.join_next().await.is_some() {}
-    Ok(())
-}
-
-/// Commits `transactions` transactions of `per_tx` events made by `make`, from `producers`
-/// tasks, at `rate` events per second (0: unlimited), noting each event's commit time.
-#[allow(clippy::too_many_arguments)]
-async fn produce(
-    db: &Db,
-    outbox: &crm_kit::events::Outbox,
-    clock: &Arc<Clock>,
-    transactions: u64,
-    per_tx: u64,
-    producers: u64,
-    rate: u64,
-    make: Arc<dyn Fn(u64) -> Envelope + Send + Sync>,
-) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let next = Arc::new(AtomicU64::new(0));
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..producers.max(1) {
-        let (db, outbox, clock, next, make) = (db.clone(), outbox.clone(), clock.clone(), next.clone(), make.clone());
-        set.spawn(async move {
-            loop {
-                let n = next.fetch_add(1, Ordering::SeqCst);
-                if n >= transactions {
-                    return Ok::<(), anyhow::Error>(());
-                }
-                if rate > 0 {
-                    tokio::time::sleep_until(
-                        (started + Duration::from_secs_f64((n * per_tx) as f64 / rate as f64)).into(),
-                    )
-                    .await;
-                }
-                let batch: Vec<Envelope> = (0..per_tx).map(|i| make(n * per_tx + i)).collect();
-                let mut tx = db.begin_write().await?;
-                outbox.append_all(&mut tx, &batch).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-                // Noted before the commit (the consumer may see an event first), moved to the
-                // commit's end below.
-                let before = Instant::now();
-                clock.committed.lock().expect("clock").extend(batch.iter().map(|e| (e.id.clone(), before)));
-                tx.commit().await?;
-                let now = Instant::now();
-                let mut committed = clock.committed.lock().expect("clock");
-                for e in &batch {
-                    if let Some(at) = committed.get_mut(&e.id) {
-                        *at = now;
-                    }
-                }
-            }
-        });
-    }
-    while let Some(done) = set.join_next().await {
-        done??;
-    }
     Ok(())
 }
 
@@ -431,7 +377,8 @@ async fn webhooks(
         };
         envelope("contacts", &event.id, "bench", &event)
     };
-    produce(source_db, source_outbox, clock, transactions, per_tx, args.producers, 0, Arc::new(make)).await?;
+    let load = Load { transactions, per_tx, producers: args.producers, rate: 0 };
+    produce(source_db, source_outbox, &clock.committed, load, Arc::new(make)).await?;
     let deadline = Instant::now() + Duration::from_secs(900);
     while received.load(Ordering::SeqCst) < total {
         anyhow::ensure!(Instant::now() < deadline, "webhooks stopped arriving");
