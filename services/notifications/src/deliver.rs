@@ -62,19 +62,21 @@ impl DeliveryJob {
     /// Whether the customer a message is for still exists and may be contacted.
     async fn customer_reachable(&self, attempt: &Attempt) -> Result<(), AttemptResult> {
         let Some(contacts) = &self.contacts else { return Ok(()) };
-        let failed = |permanent: bool, error: String| AttemptResult { permanent, error, ..AttemptResult::default() };
         let draft = customer_draft(attempt)?;
-        let channel = contacts.as_service().await.map_err(|e| failed(false, format!("contacts service: {e}")))?;
+        let channel =
+            contacts.as_service().await.map_err(|e| AttemptResult::failed(false, format!("contacts service: {e}")))?;
         let request = GetPersonRequest { id: draft.person_id.clone() };
         match ContactsServiceClient::new(channel).get_person(request).await {
             Ok(person) if person.get_ref().do_not_contact => {
-                Err(failed(true, "the customer is marked do-not-contact since the message was written".into()))
+                Err(AttemptResult::failed(true, "the customer is marked do-not-contact since the message was written"))
             }
             Ok(_) => Ok(()),
             Err(status) if status.code() == tonic::Code::NotFound => {
-                Err(failed(true, "the customer was deleted".into()))
+                Err(AttemptResult::failed(true, "the customer was deleted"))
             }
-            Err(status) => Err(failed(false, format!("contacts service GetPerson: {}", status.message()))),
+            Err(status) => {
+                Err(AttemptResult::failed(false, format!("contacts service GetPerson: {}", status.message())))
+            }
         }
     }
 
@@ -84,10 +86,7 @@ impl DeliveryJob {
         {
             return refused;
         }
-        let missing = |what: &str| AttemptResult {
-            error: format!("{what} is not configured on this replica"),
-            ..AttemptResult::default()
-        };
+        let missing = |what: &str| AttemptResult::failed(false, format!("{what} is not configured on this replica"));
         match Channel::try_from(attempt.channel) {
             Ok(Channel::Email) => match &self.senders.email {
                 Some(sender) => sender.attempt(attempt, lease_until).await,
@@ -101,11 +100,7 @@ impl DeliveryJob {
                 Some(sender) => sender.attempt(attempt).await,
                 None => missing("webhooks"),
             },
-            _ => AttemptResult {
-                permanent: true,
-                error: format!("channel {} is not delivered by jobs", attempt.channel),
-                ..AttemptResult::default()
-            },
+            _ => AttemptResult::failed(true, format!("channel {} is not delivered by jobs", attempt.channel)),
         }
     }
 
@@ -166,12 +161,11 @@ impl ExternalJobHandler for DeliveryJob {
 /// The delivery's recipient as the organisation has them now; a failed attempt when they are
 /// gone, deactivated or auth cannot be asked.
 pub async fn recipient_user(directory: &RemoteDirectory, id: &str) -> Result<User, AttemptResult> {
-    let failed = |permanent: bool, error: String| AttemptResult { permanent, error, ..AttemptResult::default() };
     match directory.user(id).await {
         Ok(Some(user)) if user.active => Ok(user),
-        Ok(Some(_)) => Err(failed(true, "the recipient is deactivated".into())),
-        Ok(None) => Err(failed(true, "the recipient is no longer a user".into())),
-        Err(err) => Err(failed(false, format!("looking the recipient up: {err}"))),
+        Ok(Some(_)) => Err(AttemptResult::failed(true, "the recipient is deactivated")),
+        Ok(None) => Err(AttemptResult::failed(true, "the recipient is no longer a user")),
+        Err(err) => Err(AttemptResult::failed(false, format!("looking the recipient up: {err}"))),
     }
 }
 
@@ -200,9 +194,6 @@ pub async fn render_for(
 
 /// A message to a customer, as written.
 pub fn customer_draft(attempt: &Attempt) -> Result<CustomerDraft, AttemptResult> {
-    serde_json::from_str(&attempt.variables).map_err(|e| AttemptResult {
-        permanent: true,
-        error: format!("stored customer message: {e}"),
-        ..AttemptResult::default()
-    })
+    serde_json::from_str(&attempt.variables)
+        .map_err(|e| AttemptResult::failed(true, format!("stored customer message: {e}")))
 }

@@ -101,7 +101,6 @@ impl EmailSender {
     }
 
     async fn send(&self, attempt: &Attempt, lease_until: i64) -> Result<AttemptResult, AttemptResult> {
-        let failed = |permanent: bool, error: String| AttemptResult { permanent, error, ..AttemptResult::default() };
         let (email, name, out) = if attempt.event_type == CUSTOMER_MESSAGE {
             let draft = crate::deliver::customer_draft(attempt)?;
             (draft.to, draft.to_name, Rendered { subject: draft.subject, body: draft.body })
@@ -110,11 +109,11 @@ impl EmailSender {
             let recipient = crate::render::recipient(Channel::Email, &user.id, &user.display_name, &user.email);
             let out = crate::deliver::render_for(&self.store, attempt, Channel::Email, recipient, &self.default_locale)
                 .await
-                .map_err(|(permanent, error)| failed(permanent, error))?;
+                .map_err(|(permanent, error)| AttemptResult::failed(permanent, error))?;
             (user.email, user.display_name, out)
         };
         let address = lettre::Address::from_str(email.trim())
-            .map_err(|e| failed(true, format!("the recipient has no usable e-mail address ({e})")))?;
+            .map_err(|e| AttemptResult::failed(true, format!("the recipient has no usable e-mail address ({e})")))?;
         let to = Mailbox::new((!name.is_empty()).then_some(name), address.clone());
         let message = Message::builder()
             .from(self.mailer.from.clone())
@@ -123,7 +122,7 @@ impl EmailSender {
             .message_id(Some(format!("<{}@crm>", attempt.delivery_id)))
             .header(ContentType::TEXT_PLAIN)
             .body(out.body)
-            .map_err(|e| failed(true, format!("building the message: {e}")))?;
+            .map_err(|e| AttemptResult::failed(true, format!("building the message: {e}")))?;
         let mut result =
             AttemptResult { address: address.to_string(), subject: out.subject, ..AttemptResult::default() };
         // The send must be over while the job is still this runner's (the transport's own

@@ -13,6 +13,7 @@ use crm_kit::auth::RemoteDirectory;
 use crm_kit::db::Tx;
 use crm_kit::events::{Delivered, Handler, HandlerError};
 use crm_kit::time::format_rfc3339;
+use crm_proto::events::v1::Envelope;
 use crm_proto::notifications::v1::Channel;
 use futures_util::future::BoxFuture;
 use serde_json::Value;
@@ -93,8 +94,7 @@ impl Intake {
             }
             let event = catalog::variables(spec.name, &envelope.payload)?;
             let recipients = self.recipients(spec, &event, &envelope.actor).await?;
-            let occurred_at =
-                envelope.time.map(|t| format_rfc3339(crm_kit::time::from_timestamp(&t))).unwrap_or_default();
+            let occurred_at = occurred_at(envelope);
             planned.push(Planned { delivered, spec, event, occurred_at, recipients });
         }
         let mut users: Vec<&str> = planned.iter().flat_map(|p| p.recipients.iter().map(String::as_str)).collect();
@@ -214,7 +214,7 @@ impl Intake {
                     continue;
                 }
             };
-            let time = envelope.time.map(|t| format_rfc3339(crm_kit::time::from_timestamp(&t))).unwrap_or_default();
+            let time = occurred_at(envelope);
             let body = crate::webhooks::payload(
                 &envelope.id,
                 &envelope.r#type,
@@ -238,6 +238,11 @@ impl Intake {
         }
         Ok(out)
     }
+}
+
+/// When the event's change committed, in RFC 3339 (empty when it does not say).
+fn occurred_at(envelope: &Envelope) -> String {
+    envelope.time.map(|t| format_rfc3339(crm_kit::time::from_timestamp(&t))).unwrap_or_default()
 }
 
 fn text(event: &Value, field: &str) -> String {

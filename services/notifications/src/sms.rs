@@ -65,7 +65,6 @@ impl SmsSender {
     }
 
     async fn send(&self, attempt: &Attempt) -> Result<AttemptResult, AttemptResult> {
-        let failed = |permanent: bool, error: String| AttemptResult { permanent, error, ..AttemptResult::default() };
         let (phone, text) = if attempt.event_type == CUSTOMER_MESSAGE {
             let draft = crate::deliver::customer_draft(attempt)?;
             (draft.to, draft.body)
@@ -74,11 +73,11 @@ impl SmsSender {
             let recipient = crate::render::recipient(Channel::Sms, &user.id, &user.display_name, &user.email);
             let out = crate::deliver::render_for(&self.store, attempt, Channel::Sms, recipient, &self.default_locale)
                 .await
-                .map_err(|(permanent, error)| failed(permanent, error))?;
+                .map_err(|(permanent, error)| AttemptResult::failed(permanent, error))?;
             (user.phone.trim().to_string(), out.body)
         };
         if phone.is_empty() {
-            return Err(failed(true, "the recipient has no phone number".into()));
+            return Err(AttemptResult::failed(true, "the recipient has no phone number"));
         }
         let body = json!({"from": self.settings.from, "to": phone, "text": text, "reference": attempt.delivery_id});
         let mut headers = Vec::new();

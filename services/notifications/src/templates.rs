@@ -25,8 +25,7 @@ pub async fn choose(
     locale: &str,
     default_locale: &str,
 ) -> Result<Option<Chosen>, ApiError> {
-    let locales = render::fallbacks(locale, default_locale);
-    let stored = store.templates_in(conn, event_type, channel as i32, &locales).await?;
+    let stored = store.templates_of(conn, &[event_type], channel as i32).await?;
     Ok(choose_from(&stored, event_type, channel, locale, default_locale))
 }
 

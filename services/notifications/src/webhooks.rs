@@ -71,20 +71,19 @@ impl WebhookSender {
     }
 
     pub async fn attempt(&self, attempt: &Attempt) -> AttemptResult {
-        let failed = |permanent: bool, error: String| AttemptResult { permanent, error, ..AttemptResult::default() };
         let hook = match self.store.webhook(&attempt.recipient_id).await {
             Ok(hook) => hook,
-            Err(crm_kit::ApiError::NotFound(_)) => return failed(true, "the webhook was deleted".into()),
-            Err(err) => return failed(false, err.to_string()),
+            Err(crm_kit::ApiError::NotFound(_)) => return AttemptResult::failed(true, "the webhook was deleted"),
+            Err(err) => return AttemptResult::failed(false, err.to_string()),
         };
         if !hook.webhook.enabled {
-            return failed(true, "the webhook is disabled".into());
+            return AttemptResult::failed(true, "the webhook is disabled");
         }
         let body = attempt.variables.clone().into_bytes();
         let timestamp = now_micros() / 1_000_000;
         let signature = match signature(&hook.signing_secrets(now_micros()), &attempt.delivery_id, timestamp, &body) {
             Ok(s) => s,
-            Err(err) => return failed(true, err),
+            Err(err) => return AttemptResult::failed(true, err),
         };
         let headers = [
             ("webhook-id", attempt.delivery_id.clone()),

@@ -91,6 +91,13 @@ pub struct AttemptResult {
     pub subject: String,
 }
 
+impl AttemptResult {
+    /// Not delivered, for `error`; `permanent`: no retry can help.
+    pub fn failed(permanent: bool, error: impl Into<String>) -> AttemptResult {
+        AttemptResult { permanent, error: error.into(), ..AttemptResult::default() }
+    }
+}
+
 /// What to list.
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryFilter {

@@ -3,11 +3,13 @@
 use std::collections::HashMap;
 
 use crm_kit::ApiError;
-use crm_kit::db::{Sql, Tx};
+use crm_kit::db::Sql;
 use crm_kit::time::now_micros;
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 
 use super::Store;
+
+const TEMPLATE_COLUMNS: &str = "event_type, channel, locale, subject, body, updated_at, updated_by";
 
 /// Channel numbers as stored: "1,2".
 pub fn channels_text(channels: &[i32]) -> String {
@@ -49,26 +51,45 @@ impl Store {
     /// Every event type an administrator changed.
     pub async fn event_type_settings(&self) -> Result<HashMap<String, EventTypeSettings>, ApiError> {
         let mut conn = self.db.pool().acquire().await?;
-        event_type_settings_in(&mut conn).await
+        self.event_type_settings_in(&mut conn).await
     }
 
-    /// [`Store::event_type_settings`], read in `tx`.
-    pub async fn event_type_settings_in(&self, tx: &mut Tx) -> Result<HashMap<String, EventTypeSettings>, ApiError> {
-        event_type_settings_in(tx).await
+    /// [`Store::event_type_settings`], read through `conn` (a transaction's, say).
+    pub async fn event_type_settings_in(
+        &self,
+        conn: &mut AnyConnection,
+    ) -> Result<HashMap<String, EventTypeSettings>, ApiError> {
+        let rows = Sql::new("SELECT name, default_channels, mandatory_in_app, enabled FROM event_types")
+            .query()
+            .fetch_all(conn)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("name")?,
+                    EventTypeSettings {
+                        default_channels: channels_of(&r.try_get::<String, _>("default_channels")?),
+                        mandatory_in_app: r.try_get::<i64, _>("mandatory_in_app")? != 0,
+                        enabled: r.try_get::<i64, _>("enabled")? != 0,
+                    },
+                ))
+            })
+            .collect()
     }
 
-    /// The language and choices of each of `users`, read in `tx` (two statements).
-    pub async fn prefs_of(&self, tx: &mut Tx, users: &[&str]) -> Result<HashMap<String, Prefs>, ApiError> {
+    /// The language and choices of each of `users`, read through `conn` (two statements per
+    /// 500 users).
+    pub async fn prefs_of(&self, conn: &mut AnyConnection, users: &[&str]) -> Result<HashMap<String, Prefs>, ApiError> {
         let mut out: HashMap<String, Prefs> = HashMap::new();
         for chunk in users.chunks(500) {
             let mut sql = Sql::new("SELECT user_id, locale FROM user_settings WHERE ");
             sql.push_in("user_id", chunk.iter().copied());
-            for row in sql.query().fetch_all(&mut **tx).await? {
+            for row in sql.query().fetch_all(&mut *conn).await? {
                 out.entry(row.try_get("user_id")?).or_default().locale = row.try_get("locale")?;
             }
             let mut sql = Sql::new("SELECT user_id, event_type, channels FROM preferences WHERE ");
             sql.push_in("user_id", chunk.iter().copied());
-            for row in sql.query().fetch_all(&mut **tx).await? {
+            for row in sql.query().fetch_all(&mut *conn).await? {
                 let channels = channels_of(&row.try_get::<String, _>("channels")?);
                 out.entry(row.try_get("user_id")?).or_default().channels.insert(row.try_get("event_type")?, channels);
             }
@@ -76,21 +97,20 @@ impl Store {
         Ok(out)
     }
 
-    /// The administrators' templates of `event_types` on `channel`, read in `tx`.
+    /// The administrators' templates of `event_types` on `channel`, read through `conn`.
     pub async fn templates_of(
         &self,
-        tx: &mut Tx,
+        conn: &mut AnyConnection,
         event_types: &[&str],
         channel: i32,
     ) -> Result<Vec<StoredTemplate>, ApiError> {
         if event_types.is_empty() {
             return Ok(Vec::new());
         }
-        let mut sql = Sql::new(
-            "SELECT event_type, channel, locale, subject, body, updated_at, updated_by FROM templates WHERE channel = ",
-        );
-        sql.bind(i64::from(channel)).push(" AND ").push_in("event_type", event_types.iter().copied());
-        sql.query().fetch_all(&mut **tx).await?.iter().map(template_of).collect()
+        let mut sql = Sql::new("SELECT ");
+        sql.push(TEMPLATE_COLUMNS).push(" FROM templates WHERE channel = ").bind(i64::from(channel));
+        sql.push(" AND ").push_in("event_type", event_types.iter().copied());
+        sql.query().fetch_all(conn).await?.iter().map(template_of).collect()
     }
 
     pub async fn put_event_type(&self, name: &str, s: &EventTypeSettings, by: &str) -> Result<(), ApiError> {
@@ -113,7 +133,7 @@ impl Store {
     /// `user`'s language and choices.
     pub async fn prefs(&self, user: &str) -> Result<Prefs, ApiError> {
         let mut conn = self.db.pool().acquire().await?;
-        prefs_in(&mut conn, user).await
+        Ok(self.prefs_of(&mut conn, &[user]).await?.remove(user).unwrap_or_default())
     }
 
     /// Sets `user`'s language (when `locale` is given) and their channels for the event types
@@ -154,9 +174,8 @@ impl Store {
         channel: Option<i32>,
         locale: Option<&str>,
     ) -> Result<Vec<StoredTemplate>, ApiError> {
-        let mut sql = Sql::new(
-            "SELECT event_type, channel, locale, subject, body, updated_at, updated_by FROM templates WHERE 1 = 1",
-        );
+        let mut sql = Sql::new("SELECT ");
+        sql.push(TEMPLATE_COLUMNS).push(" FROM templates WHERE 1 = 1");
         if let Some(event_type) = event_type {
             sql.push(" AND event_type = ").bind(event_type);
         }
@@ -168,23 +187,6 @@ impl Store {
         }
         sql.push(" ORDER BY event_type, channel, locale");
         let rows = sql.query().fetch_all(self.db.pool()).await?;
-        rows.iter().map(template_of).collect()
-    }
-
-    /// The administrators' templates of `event_type` on `channel` in any of `locales`, read in
-    /// `tx`.
-    pub async fn templates_in(
-        &self,
-        tx: &mut sqlx::AnyConnection,
-        event_type: &str,
-        channel: i32,
-        locales: &[String],
-    ) -> Result<Vec<StoredTemplate>, ApiError> {
-        let mut sql = Sql::new(
-            "SELECT event_type, channel, locale, subject, body, updated_at, updated_by FROM templates WHERE event_type = ",
-        );
-        sql.bind(event_type).push(" AND channel = ").bind(i64::from(channel)).push(" AND ").push_in("locale", locales);
-        let rows = sql.query().fetch_all(tx).await?;
         rows.iter().map(template_of).collect()
     }
 
@@ -222,41 +224,4 @@ fn template_of(r: &sqlx::any::AnyRow) -> Result<StoredTemplate, ApiError> {
         updated_at: r.try_get("updated_at")?,
         updated_by: r.try_get("updated_by")?,
     })
-}
-
-async fn prefs_in(conn: &mut sqlx::AnyConnection, user: &str) -> Result<Prefs, ApiError> {
-    let mut sql = Sql::new("SELECT locale FROM user_settings WHERE user_id = ");
-    sql.bind(user);
-    let locale = match sql.query().fetch_optional(&mut *conn).await? {
-        Some(row) => row.try_get("locale")?,
-        None => String::new(),
-    };
-    let mut sql = Sql::new("SELECT event_type, channels FROM preferences WHERE user_id = ");
-    sql.bind(user);
-    let mut channels = HashMap::new();
-    for row in sql.query().fetch_all(&mut *conn).await? {
-        channels.insert(row.try_get("event_type")?, channels_of(&row.try_get::<String, _>("channels")?));
-    }
-    Ok(Prefs { locale, channels })
-}
-
-async fn event_type_settings_in(
-    conn: &mut sqlx::AnyConnection,
-) -> Result<HashMap<String, EventTypeSettings>, ApiError> {
-    let rows = Sql::new("SELECT name, default_channels, mandatory_in_app, enabled FROM event_types")
-        .query()
-        .fetch_all(conn)
-        .await?;
-    rows.iter()
-        .map(|r| {
-            Ok((
-                r.try_get("name")?,
-                EventTypeSettings {
-                    default_channels: channels_of(&r.try_get::<String, _>("default_channels")?),
-                    mandatory_in_app: r.try_get::<i64, _>("mandatory_in_app")? != 0,
-                    enabled: r.try_get::<i64, _>("enabled")? != 0,
-                },
-            ))
-        })
-        .collect()
 }
