@@ -55,7 +55,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let callees = callees(&SUITE, |spec| vec![addrs[spec.name].to_string()]);
     let credentials = ServiceCredentials::generate(DEV_SERVICE_CLIENT_ID);
     let intervals = args.common.intervals().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let peers = Peers::new(callees, intervals, args.common.keys_refresh_interval, Some(credentials), shutdown.clone());
+    let peers = Peers::new(callees, intervals, args.common.keys_refresh_interval, Some(credentials), shutdown.clone())
+        .with_visibility(args.common.visibility());
     // Events go through the roles' databases: every producer runs in this process.
     let events = Events::embedded(&SUITE, Settings::default());
     // One process: nothing balances over its roles, so a stop drains at once.

@@ -28,6 +28,7 @@ static ROLES: &[&dyn Role] = &[
     &Entry::<crm_auth::Auth>::NEW,                   // the organisation, sign-in and tokens
     &Entry::<crm_contacts::Contacts>::NEW,           // companies and people
     &Entry::<crm_notifications::Notifications>::NEW, // inboxes, e-mail, templates, preferences
+    &Entry::<crm_tasks::Tasks>::NEW,                 // tasks, reminders, activity records, comments
     &Entry::<crm_gateway::GatewayRole>::NEW,         // the edge, in front of every service
 ];
 
@@ -251,10 +252,10 @@ mod tests {
         ])
         .expect("parses");
         let Command::Dev(args) = cli.command else { panic!("dev") };
+        assert_eq!(args.common.visibility().ttl, std::time::Duration::ZERO);
         let matches = args.flags.matches();
         use clap::FromArgMatches;
         let contacts = crm_contacts::ContactsArgs::from_arg_matches(matches).unwrap();
-        assert_eq!(contacts.visibility_cache_ttl, std::time::Duration::ZERO);
         assert_eq!(contacts.default_calling_code, "49");
         let auth = crm_auth::AuthArgs::from_arg_matches(matches).unwrap();
         assert_eq!(auth.access_token_ttl, std::time::Duration::from_secs(300));

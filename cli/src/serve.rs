@@ -53,7 +53,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     });
     let credentials = args.service_account.credentials().map_err(|e| anyhow::anyhow!("{e}"))?;
     let intervals = args.common.intervals().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let peers = Peers::new(callees, intervals, args.common.keys_refresh_interval, credentials, shutdown.clone());
+    let peers = Peers::new(callees, intervals, args.common.keys_refresh_interval, credentials, shutdown.clone())
+        .with_visibility(args.common.visibility());
     let events = args.events.events(&SUITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let settings = args.common.server_settings().map_err(|e| anyhow::anyhow!("{e}"))?;
 

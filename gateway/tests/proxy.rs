@@ -89,6 +89,12 @@ impl ContactsService for TestContacts {
         self.release.notified().await;
         Ok(Response::new(ListPeopleResponse::default()))
     }
+    async fn batch_get_customers(
+        &self,
+        _: Request<BatchGetCustomersRequest>,
+    ) -> Result<Response<BatchGetCustomersResponse>, Status> {
+        unimplemented()
+    }
     async fn check_duplicates(
         &self,
         _: Request<CheckDuplicatesRequest>,

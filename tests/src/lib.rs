@@ -15,6 +15,7 @@ use crm_proto::auth::v1::org_service_client::OrgServiceClient;
 use crm_proto::auth::v1::{SignInRequest, TokenPair};
 use crm_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
 use crm_proto::notifications::v1::notifications_service_client::NotificationsServiceClient;
+use crm_proto::tasks::v1::tasks_service_client::TasksServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -29,6 +30,7 @@ pub const CONTACTS_SERVICE: &str = "crm.contacts.v1.ContactsService";
 pub const AUTH_SERVICE: &str = "crm.auth.v1.AuthService";
 pub const ORG_SERVICE: &str = "crm.auth.v1.OrgService";
 pub const NOTIFICATIONS_SERVICE: &str = "crm.notifications.v1.NotificationsService";
+pub const TASKS_SERVICE: &str = "crm.tasks.v1.TasksService";
 
 /// The first administrator of every suite the harness starts.
 pub const ADMIN_EMAIL: &str = "admin@example.com";
@@ -493,6 +495,11 @@ pub async fn contacts_as(addr: SocketAddr, token: &str) -> ContactsServiceClient
 /// The organisation service at `addr`, calling as the holder of `token`.
 pub async fn org_as(addr: SocketAddr, token: &str) -> OrgServiceClient<Authed> {
     OrgServiceClient::new(authed(addr, token).await)
+}
+
+/// Tasks at `addr`, calling as the holder of `token`.
+pub async fn tasks_as(addr: SocketAddr, token: &str) -> TasksServiceClient<Authed> {
+    TasksServiceClient::new(authed(addr, token).await)
 }
 
 /// Notifications at `addr`, calling as the holder of `token`.

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod balance;
 pub mod config;
+pub mod customers;
 pub mod db;
 pub mod error;
 pub mod events;

@@ -23,7 +23,7 @@ use std::time::Duration;
 use http::HeaderValue;
 use tonic::body::Body;
 
-use crate::auth::{AUTH_ROLE, Principal, ServiceCredentials, ServiceTokens, Verifier};
+use crate::auth::{AUTH_ROLE, Principal, ScopeCache, ServiceCredentials, ServiceTokens, Verifier, Visibility};
 use crate::balance::{Intervals, Pool, ResponseBody};
 use crate::error::ApiError;
 use crate::shutdown::Shutdown;
@@ -49,6 +49,8 @@ struct Inner {
     credentials: Option<ServiceCredentials>,
     tokens: OnceLock<Option<ServiceTokens>>,
     verifier: OnceLock<Verifier>,
+    visibility: Visibility,
+    scopes: OnceLock<ScopeCache>,
     shutdown: Shutdown,
 }
 
@@ -95,9 +97,31 @@ impl Peers {
                 credentials,
                 tokens: OnceLock::new(),
                 verifier: OnceLock::new(),
+                visibility: Visibility::default(),
+                scopes: OnceLock::new(),
                 shutdown,
             }),
         }
+    }
+
+    /// Caches data scopes as `visibility` says (before the first [`Peers::scopes`]; the
+    /// default is [`Visibility::default`]).
+    pub fn with_visibility(mut self, visibility: Visibility) -> Peers {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.visibility = visibility;
+        }
+        self
+    }
+
+    /// The callers' data scopes, resolved by the auth service: one cache for every role in the
+    /// process.
+    pub fn scopes(&self) -> Result<ScopeCache, NotConfigured> {
+        if let Some(scopes) = self.inner.scopes.get() {
+            return Ok(scopes.clone());
+        }
+        let auth = self.peer(AUTH_ROLE)?;
+        let Visibility { ttl, stale_for } = self.inner.visibility;
+        Ok(self.inner.scopes.get_or_init(|| ScopeCache::remote(auth, ttl).stale_for(stale_for)).clone())
     }
 
     /// The replicas of `role`, one pool for the whole process.

@@ -21,10 +21,13 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use futures_util::future::BoxFuture;
 use tokio::net::TcpListener;
 
-use crate::auth::{Authenticator, Catalog, Permission, ServiceCredentials, Verifier};
+use crate::auth::{
+    AUTH_ROLE, Authenticator, Catalog, Permission, ScopeCache, ServiceCredentials, Verifier, Visibility,
+    is_organisation_change,
+};
 use crate::balance::Intervals;
 use crate::db::{Db, Migrations};
-use crate::events::{Events, Outbox, Relay};
+use crate::events::{Events, Listener, Outbox, Relay};
 use crate::peer::{Callee, Peer, Peers};
 use crate::server::{Server, ServerSettings};
 use crate::shutdown::Shutdown;
@@ -388,9 +391,36 @@ pub struct CommonArgs {
         value_parser = crate::config::parse_duration
     )]
     pub drain_delay: Duration,
+    /// How long a caller's visible owners (their data scope, resolved by the auth service) are
+    /// reused by every service that lists records: an organisation change (a user moved, a
+    /// role's scope changed) shows within it even while its event is delayed; "0" asks the auth
+    /// service on every call.
+    #[arg(
+        long = "visibility-cache-ttl",
+        value_name = "DURATION",
+        env = "CRM_VISIBILITY_CACHE_TTL",
+        default_value = "2s",
+        value_parser = crate::config::parse_duration
+    )]
+    pub visibility_cache_ttl: Duration,
+    /// While the auth service cannot be reached, how long past the cache TTL a caller's last
+    /// resolved data scope is still used (callers never resolved get UNAVAILABLE); "0": never.
+    #[arg(
+        long = "visibility-stale-for",
+        value_name = "DURATION",
+        env = "CRM_VISIBILITY_STALE_FOR",
+        default_value = "5m",
+        value_parser = crate::config::parse_duration
+    )]
+    pub visibility_stale_for: Duration,
 }
 
 impl CommonArgs {
+    /// How data scopes are cached ([`Peers::scopes`]).
+    pub fn visibility(&self) -> Visibility {
+        Visibility { ttl: self.visibility_cache_ttl, stale_for: self.visibility_stale_for }
+    }
+
     /// How servers treat their connections.
     pub fn server_settings(&self) -> Result<ServerSettings, Error> {
         if self.max_concurrent_streams == 0 {
@@ -529,6 +559,23 @@ impl Context {
         let db = Db::open(&database.url, database.max_connections, migrations, self.spec.name).await?;
         tracing::info!(role = self.spec.name, database = %crate::db::redact(&database.url), "database open");
         Ok(db)
+    }
+
+    /// The callers' data scopes, resolved by the auth service and cached for the whole process
+    /// ([`Peers::scopes`]), and the listener to run as a job that drops them at once when auth
+    /// publishes an organisation change.
+    pub fn scopes(&self) -> Result<(ScopeCache, Listener), Error> {
+        let scopes = self.peers.scopes()?;
+        let listener = self.events.listener(AUTH_ROLE, {
+            let scopes = scopes.clone();
+            move |event| {
+                if is_organisation_change(&event.envelope.r#type) {
+                    tracing::debug!(event = %event.envelope.r#type, "organisation changed; data scopes dropped");
+                    scopes.forget_all();
+                }
+            }
+        });
+        Ok((scopes, listener))
     }
 
     /// Token checks with this process's verifier (keys from the auth service).

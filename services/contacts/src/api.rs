@@ -16,6 +16,9 @@ use crate::domain::{self, Key, Kind, Record, Rules};
 use crate::permissions::{READ, WRITE};
 use crate::store::{self, ListQuery, ListRequest, Store};
 
+/// Most customers one BatchGetCustomers call may ask for.
+pub const MAX_BATCH: usize = 500;
+
 /// Every call runs as the signed-in caller (`crm_kit::auth::Principal`, put there by the
 /// server's authentication layer): reads need `contacts.read`, changes `contacts.write`, and the
 /// store sees only the owners the caller's data scope allows (resolved by the auth service,
@@ -249,6 +252,47 @@ impl ContactsService for ContactsApi {
                 .await
                 .map(|(people, next_page_token)| ListPeopleResponse { people, next_page_token }),
         )
+    }
+
+    async fn batch_get_customers(
+        &self,
+        request: Request<BatchGetCustomersRequest>,
+    ) -> Result<Response<BatchGetCustomersResponse>, Status> {
+        let caller = self.caller(&request, READ.name).await?;
+        let r = request.into_inner();
+        let result = async {
+            let mut v = Violations::new();
+            v.max_items("customers", &r.customers, MAX_BATCH);
+            let mut keys = Vec::with_capacity(r.customers.len());
+            for (i, key) in r.customers.iter().enumerate() {
+                let kind = Kind::from_record_type(i64::from(key.record_type));
+                if kind.is_none() {
+                    v.add(format!("customers[{i}].record_type"), "must be RECORD_TYPE_COMPANY or RECORD_TYPE_PERSON");
+                }
+                v.uuid(&format!("customers[{i}].id"), &key.id);
+                if let Some(kind) = kind
+                    && !keys.contains(&(kind, key.id.clone()))
+                {
+                    keys.push((kind, key.id.clone()));
+                }
+            }
+            v.check()?;
+            let found = self.store.summaries(&keys, &caller.scope).await?;
+            let customers = found
+                .into_iter()
+                .map(|s| CustomerSummary {
+                    record_type: s.kind.record_type() as i32,
+                    id: s.id,
+                    display_name: s.display_name,
+                    owner_id: s.owner_id,
+                    do_not_contact: s.do_not_contact,
+                    last_activity_time: crm_kit::time::to_timestamp(s.last_activity_at),
+                    last_activity_summary: s.last_activity_summary,
+                })
+                .collect();
+            Ok(BatchGetCustomersResponse { customers })
+        };
+        respond(result.await)
     }
 
     async fn check_duplicates(

@@ -1,17 +1,19 @@
-//! The contacts service (SPEC C1, C3, C5, C7): companies and people, duplicate protection,
-//! search and filters with keyset pagination, and revision history.
+//! The contacts service (SPEC C1, C3, C5, C7, C8's last activity): companies and people,
+//! duplicate protection, search and filters with keyset pagination, revision history, and each
+//! customer's last activity as the tasks service's activity records report it ([`intake`]).
 //!
 //! [`Contacts`] is the role: its database, and the auth service it asks for data scopes (with
-//! the caller's token) and for owners' status (as the suite's service account).
+//! the caller's token) and for owners' status (as the suite's service account). Other services
+//! look customers up many at a time with `BatchGetCustomers` (`crm_kit::customers`).
 
 pub mod api;
 pub mod domain;
+pub mod intake;
 pub mod store;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use crm_kit::auth::{AUTH_ROLE, Grant, Permission, RemoteDirectory, ScopeCache};
+use crm_kit::auth::{AUTH_ROLE, Grant, Permission, RemoteDirectory};
 use crm_kit::db::Migrations;
 use crm_kit::role::{self, Calls, Context, Opened, RoleSpec, SERVICE_SECRET_ENV};
 use crm_proto::contacts::v1::contacts_service_server::{self, ContactsServiceServer};
@@ -48,27 +50,6 @@ pub struct ContactsArgs {
     /// empty: such numbers are refused.
     #[arg(long = "default-calling-code", value_name = "CODE", env = "CRM_DEFAULT_CALLING_CODE", default_value = "")]
     pub default_calling_code: String,
-    /// How long a caller's visible owners (their data scope, resolved by the auth service) are
-    /// reused: an organisation change (a user moved, a role's scope changed) shows within it;
-    /// "0" asks the auth service on every call.
-    #[arg(
-        long = "visibility-cache-ttl",
-        value_name = "DURATION",
-        env = "CRM_VISIBILITY_CACHE_TTL",
-        default_value = "2s",
-        value_parser = crm_kit::config::parse_duration
-    )]
-    pub visibility_cache_ttl: Duration,
-    /// While the auth service cannot be reached, how long past the cache TTL a caller's last
-    /// resolved data scope is still used (callers never resolved get UNAVAILABLE); "0": never.
-    #[arg(
-        long = "visibility-stale-for",
-        value_name = "DURATION",
-        env = "CRM_VISIBILITY_STALE_FOR",
-        default_value = "5m",
-        value_parser = crm_kit::config::parse_duration
-    )]
-    pub visibility_stale_for: Duration,
 }
 
 impl ContactsArgs {
@@ -88,21 +69,6 @@ pub const SOURCE: &str = "contacts";
 /// The contacts role.
 pub struct Contacts;
 
-/// Whether an event of auth's changes who sees what.
-fn is_organisation_change(event_type: &str) -> bool {
-    use crm_proto::auth::v1::{DepartmentChanged, RoleChanged, UserCreated, UserDeactivated, UserUpdated};
-    use prost::Name;
-    [
-        UserCreated::full_name(),
-        UserUpdated::full_name(),
-        UserDeactivated::full_name(),
-        DepartmentChanged::full_name(),
-        RoleChanged::full_name(),
-    ]
-    .iter()
-    .any(|name| name == event_type)
-}
-
 impl role::Service for Contacts {
     type Args = ContactsArgs;
 
@@ -115,7 +81,7 @@ impl role::Service for Contacts {
         permissions: permissions::ALL,
         default_port: 50051,
         calls: Calls::Roles(&[AUTH_ROLE]),
-        consumes: &[],
+        consumes: &[intake::TASKS_ROLE],
     };
 
     fn migrations() -> Option<Migrations> {
@@ -134,24 +100,18 @@ impl role::Service for Contacts {
         }
         let db = ctx.open_db(&store::migrations()).await?;
         let (outbox, relay) = ctx.outbox(&db);
-        let scopes = ScopeCache::remote(auth.clone(), args.visibility_cache_ttl).stale_for(args.visibility_stale_for);
         // An organisation change in auth drops every cached data scope at once; the TTL only
         // bounds how stale one can be while events are delayed.
-        let organisation = ctx.events().listener(AUTH_ROLE, {
-            let scopes = scopes.clone();
-            move |event| {
-                if is_organisation_change(&event.envelope.r#type) {
-                    tracing::debug!(event = %event.envelope.r#type, "organisation changed; data scopes dropped");
-                    scopes.forget_all();
-                }
-            }
-        });
+        let (scopes, organisation) = ctx.scopes()?;
         let store = Store::new(db.clone()).with_outbox(outbox);
+        let consumer =
+            ctx.events().consumer(SOURCE, &db, &[intake::TASKS_ROLE], Arc::new(intake::Intake::new(store.clone())));
         let api = ContactsApi::new(store, rules, scopes, Arc::new(RemoteDirectory::new(auth)));
         let server = ctx.server().add_service(ContactsServiceServer::new(api)).authenticate(ctx.authenticator()?);
         Ok(Opened::new(server)
             .with_db(db)
             .job("event relay", move |shutdown| relay.run(shutdown))
-            .job("organisation changes", move |shutdown| organisation.run(shutdown)))
+            .job("organisation changes", move |shutdown| organisation.run(shutdown))
+            .job("event intake", move |shutdown| consumer.run(shutdown)))
     }
 }

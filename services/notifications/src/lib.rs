@@ -4,7 +4,8 @@
 //! and a log of every delivery attempt with dead letters an administrator retries.
 //!
 //! Nobody calls it to notify: it consumes the other services' events ([`intake`]) — contacts'
-//! assignments and transfers, auth's lock-outs and password changes — and turns those of its
+//! assignments and transfers, auth's lock-outs and password changes, tasks' assignments,
+//! reminders, overdue tasks and comments — and turns those of its
 //! [`catalog`] into notifications. A new kind of notification is a catalog entry and its
 //! templates, not a new mechanism.
 
@@ -48,8 +49,11 @@ pub const SOURCE: &str = "notifications";
 /// The contacts service: its events, and its customers' addresses and do-not-contact flags.
 pub const CONTACTS_ROLE: &str = "contacts";
 
+/// The tasks service: its assignments, reminders, overdue tasks and comments.
+pub const TASKS_ROLE: &str = "tasks";
+
 /// The services whose events it turns into notifications.
-pub const CONSUMES: &[&str] = &[CONTACTS_ROLE, AUTH_ROLE];
+pub const CONSUMES: &[&str] = &[CONTACTS_ROLE, AUTH_ROLE, TASKS_ROLE];
 
 /// The permissions the notifications service's calls check (a user's own inbox and preferences
 /// need none).

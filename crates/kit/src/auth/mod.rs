@@ -22,7 +22,7 @@ pub use layer::{AuthLayer, Authenticate, Authenticator};
 pub use permission::{Catalog, Grant, Permission};
 pub use principal::{Principal, bearer_token, client_address, principal};
 pub use scope::OwnerScope;
-pub use scopes::{ScopeCache, ScopeSource};
+pub use scopes::{ScopeCache, ScopeSource, Visibility, is_organisation_change};
 pub use service_token::{ServiceCredentials, ServiceTokens};
 pub use verifier::{KeySource, Verifier};
 

@@ -41,6 +41,37 @@ impl ScopeSource for RemoteScopes {
     }
 }
 
+/// How a process caches data scopes (the `--visibility-*` settings every process takes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Visibility {
+    /// How long a resolved scope is reused.
+    pub ttl: Duration,
+    /// How long past `ttl` it is still used while the auth service cannot be reached.
+    pub stale_for: Duration,
+}
+
+impl Default for Visibility {
+    fn default() -> Visibility {
+        Visibility { ttl: Duration::from_secs(2), stale_for: DEFAULT_STALE_FOR }
+    }
+}
+
+/// Whether an event of auth's changes who sees what (a user created, moved or deactivated, a
+/// department or a role changed): cached scopes must go.
+pub fn is_organisation_change(event_type: &str) -> bool {
+    use crm_proto::auth::v1::{DepartmentChanged, RoleChanged, UserCreated, UserDeactivated, UserUpdated};
+    use prost::Name;
+    [
+        UserCreated::full_name(),
+        UserUpdated::full_name(),
+        UserDeactivated::full_name(),
+        DepartmentChanged::full_name(),
+        RoleChanged::full_name(),
+    ]
+    .iter()
+    .any(|name| name == event_type)
+}
+
 /// Most principals whose scope is cached; beyond it expired entries are dropped, then all.
 const VISIBILITY_CACHE_ENTRIES: usize = 100_000;
 

@@ -337,6 +337,7 @@ macro_rules! meta_fields {
             self.create_time = crm_kit::time::to_timestamp(meta.created_at);
             self.update_time = crm_kit::time::to_timestamp(meta.updated_at);
             self.last_activity_time = crm_kit::time::to_timestamp(meta.last_activity_at);
+            self.last_activity_summary = meta.last_activity_summary.clone();
         }
 
         fn meta(&self) -> Meta {
@@ -348,6 +349,7 @@ macro_rules! meta_fields {
                 created_at: micros(&self.create_time),
                 updated_at: micros(&self.update_time),
                 last_activity_at: micros(&self.last_activity_time),
+                last_activity_summary: self.last_activity_summary.clone(),
             }
         }
 
@@ -361,6 +363,7 @@ macro_rules! meta_fields {
             self.create_time = None;
             self.update_time = None;
             self.last_activity_time = None;
+            self.last_activity_summary.clear();
         }
     };
 }

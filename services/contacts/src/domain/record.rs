@@ -39,6 +39,7 @@ pub struct Meta {
     pub created_at: i64,
     pub updated_at: i64,
     pub last_activity_at: i64,
+    pub last_activity_summary: String,
 }
 
 pub const MAX_NAME: usize = 300;

@@ -37,13 +37,34 @@ fn table(kind: Kind) -> &'static str {
     }
 }
 
-const COLUMNS: &str = "id, version, display_name, created_at, updated_at, last_activity_at, doc";
+const COLUMNS: &str = "id, version, display_name, created_at, updated_at, last_activity_at, last_activity_summary, doc";
 
 #[derive(Serialize, Deserialize)]
 struct StoredChange {
     field: String,
     old: String,
     new: String,
+}
+
+/// What other services see of a customer ([`Store::summaries`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub kind: Kind,
+    pub id: String,
+    pub display_name: String,
+    pub owner_id: String,
+    pub do_not_contact: bool,
+    pub last_activity_at: i64,
+    pub last_activity_summary: String,
+}
+
+/// A customer's newest activity as an event reports it ([`Store::record_activities`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastActivity {
+    pub kind: Kind,
+    pub id: String,
+    pub at: i64,
+    pub summary: String,
 }
 
 /// Revision actions, as stored.
@@ -66,6 +87,7 @@ fn meta_of(row: &AnyRow) -> Result<Meta, sqlx::Error> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         last_activity_at: row.try_get("last_activity_at")?,
+        last_activity_summary: row.try_get("last_activity_summary")?,
     })
 }
 
@@ -152,6 +174,55 @@ impl Store {
         decode(&row)
     }
 
+    /// The records of `keys` that `scope` allows, in the order asked (each at most once): one
+    /// statement per kind, whatever their number.
+    pub async fn summaries(&self, keys: &[(Kind, String)], scope: &OwnerScope) -> Result<Vec<Summary>, ApiError> {
+        let mut found: Vec<Summary> = Vec::new();
+        for kind in [Kind::Company, Kind::Person] {
+            let ids: Vec<&str> = keys.iter().filter(|(k, _)| *k == kind).map(|(_, id)| id.as_str()).collect();
+            if ids.is_empty() {
+                continue;
+            }
+            let mut sql = Sql::new(
+                "SELECT id, display_name, owner_id, do_not_contact, last_activity_at, last_activity_summary FROM ",
+            );
+            sql.push(table(kind)).push(" WHERE ").push_in("id", ids);
+            scope.push_condition(&mut sql, self.db.backend(), "owner_id");
+            for row in sql.query().fetch_all(self.db.pool()).await? {
+                found.push(Summary {
+                    kind,
+                    id: row.try_get("id")?,
+                    display_name: row.try_get("display_name")?,
+                    owner_id: row.try_get("owner_id")?,
+                    do_not_contact: row.try_get::<i64, _>("do_not_contact")? != 0,
+                    last_activity_at: row.try_get("last_activity_at")?,
+                    last_activity_summary: row.try_get("last_activity_summary")?,
+                });
+            }
+        }
+        let mut ordered = Vec::with_capacity(found.len());
+        for (kind, id) in keys {
+            if let Some(i) = found.iter().position(|s| s.kind == *kind && s.id == *id) {
+                ordered.push(found.swap_remove(i));
+            }
+        }
+        Ok(ordered)
+    }
+
+    /// Moves each record's last activity to `at` with `summary`, where that is later than the one
+    /// it has (so that events applied late or twice change nothing): system-kept fields, not an
+    /// edit — no new version, no revision. Records that are gone are passed over.
+    pub async fn record_activities(&self, tx: &mut Tx, activities: &[LastActivity]) -> Result<(), ApiError> {
+        for activity in activities {
+            let mut sql = Sql::new("UPDATE ");
+            sql.push(table(activity.kind)).push(" SET last_activity_at = ").bind(activity.at);
+            sql.push(", last_activity_summary = ").bind(activity.summary.as_str());
+            sql.push(" WHERE id = ").bind(activity.id.as_str()).push(" AND last_activity_at < ").bind(activity.at);
+            sql.query().execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
     /// Creates a normalised record for `caller`. With a `request_id`, the caller's repeated
     /// call returns the record their first one created (if `scope` still lets them see it).
     /// `scope` applies to the replay only: the caller checks the new record's owner.
@@ -179,7 +250,14 @@ impl Store {
                 return self.get(&record_id, scope).await;
             }
         }
-        let meta = Meta { id, version: 1, created_at: now, updated_at: now, last_activity_at: 0 };
+        let meta = Meta {
+            id,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+            last_activity_at: 0,
+            last_activity_summary: String::new(),
+        };
         record.set_meta(&meta);
         self.check_references(&mut tx, &record, scope).await?;
         let keys: Vec<(String, Key)> = record.keys().into_iter().map(|k| (meta.id.clone(), k)).collect();
@@ -197,8 +275,14 @@ impl Store {
         let mut prepared = Vec::with_capacity(records.len());
         let mut keys: Vec<(String, Key)> = Vec::new();
         for mut record in records {
-            let meta =
-                Meta { id: crm_kit::id::new(), version: 1, created_at: now, updated_at: now, last_activity_at: 0 };
+            let meta = Meta {
+                id: crm_kit::id::new(),
+                version: 1,
+                created_at: now,
+                updated_at: now,
+                last_activity_at: 0,
+                last_activity_summary: String::new(),
+            };
             record.set_meta(&meta);
             keys.extend(record.keys().into_iter().map(|k| (meta.id.clone(), k)));
             prepared.push(record);

@@ -61,6 +61,7 @@ pub fn req<T>(message: T) -> Request<T> {
 
 pub struct Env {
     pub api: ContactsApi,
+    pub store: Store,
     pub org: Org,
     pub _db: TestDb,
 }
@@ -68,7 +69,7 @@ pub struct Env {
 async fn env(db: TestDb) -> Env {
     let store = Store::open(db.url(), 8).await.expect("open store");
     let org = org();
-    Env { api: api_over(store, &org), org, _db: db }
+    Env { api: api_over(store.clone(), &org), store, org, _db: db }
 }
 
 crm_kit::both_backends!(env =>
@@ -92,6 +93,8 @@ crm_kit::both_backends!(env =>
     owners_must_be_active_users,
     permissions_are_required,
     nothing_leaks_outside_the_scope,
+    activities_move_the_last_activity,
+    customers_are_looked_up_in_one_call,
 );
 
 /// The fields named by an INVALID_ARGUMENT's `google.rpc.BadRequest`.

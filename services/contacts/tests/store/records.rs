@@ -456,3 +456,77 @@ pub async fn nothing_leaks_outside_the_scope(env: Env) {
         .unwrap_err();
     assert_eq!((refused.code(), refused.message()), (missing.code(), missing.message()));
 }
+
+/// Activity records logged in the tasks service (their events) move a customer's last activity
+/// forward only, without a new version; repeats and late arrivals change nothing.
+pub async fn activities_move_the_last_activity(env: Env) {
+    use crm_kit::events::Handler;
+    let anna = create_person(&env.api, person("Anna Petrova", "+7 916 555-01-02", "anna.p@example.com")).await.unwrap();
+    let intake = crm_contacts::intake::Intake::new(env.store.clone());
+    let logged = |at: i64, summary: &str| crm_kit::events::Delivered {
+        envelope: crm_kit::events::envelope::envelope(
+            "tasks",
+            "activity",
+            ALICE,
+            &crm_proto::tasks::v1::ActivityLogged {
+                summary: summary.into(),
+                occur_time: crm_kit::time::to_timestamp(at),
+                customer_type: RecordType::Person as i32,
+                customer_id: anna.id.clone(),
+                ..Default::default()
+            },
+        ),
+        seq: 1,
+        redelivered: false,
+    };
+    let (t1, t2) = (1_780_000_000_000_000, 1_780_000_600_000_000);
+    let newer = logged(t2, "Agreed on the renewal");
+    let older = logged(t1, "First call");
+    // A batch holding both, then each again alone: the newest stays.
+    let mut tx = env.store.db().begin_write().await.unwrap();
+    intake.handle_batch(&mut tx, &[&older, &newer]).await.unwrap();
+    tx.commit().await.unwrap();
+    for event in [&older, &newer] {
+        let mut tx = env.store.db().begin_write().await.unwrap();
+        intake.handle(&mut tx, event).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let got = env.api.get_person(req(GetPersonRequest { id: anna.id.clone() })).await.unwrap().into_inner();
+    assert_eq!(got.last_activity_time, crm_kit::time::to_timestamp(t2));
+    assert_eq!(got.last_activity_summary, "Agreed on the renewal");
+    assert_eq!(got.etag, anna.etag, "no new version");
+    let filter = format!("last_activity_time > \"{}\"", crm_kit::time::format_rfc3339(t1));
+    let list = env.api.list_people(req(ListPeopleRequest { filter, ..Default::default() })).await.unwrap().into_inner();
+    assert_eq!(list.people.len(), 1, "the filter sees the new time");
+}
+
+/// Other services look many customers up at once, through the caller's scope.
+pub async fn customers_are_looked_up_in_one_call(env: Env) {
+    let anna = create_person(&env.api, person("Anna Petrova", "+7 916 555-01-02", "anna.p@example.com")).await.unwrap();
+    let acme = create_company(&env.api, "Acme").await;
+    let keys = vec![
+        CustomerKey { record_type: RecordType::Company as i32, id: acme.id.clone() },
+        CustomerKey { record_type: RecordType::Person as i32, id: crm_kit::id::new() },
+        CustomerKey { record_type: RecordType::Person as i32, id: anna.id.clone() },
+        CustomerKey { record_type: RecordType::Person as i32, id: acme.id.clone() },
+    ];
+    let found = env
+        .api
+        .batch_get_customers(req(BatchGetCustomersRequest { customers: keys.clone() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .customers;
+    let names: Vec<&str> = found.iter().map(|c| c.display_name.as_str()).collect();
+    assert_eq!(names, ["Acme", "Anna Petrova"], "in the order asked; unknown ids and wrong kinds left out");
+    let carol = env
+        .api
+        .batch_get_customers(as_user(CAROL, &[CONTACTS_READ], BatchGetCustomersRequest { customers: keys }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(carol.customers.is_empty(), "the administrator's records are outside Carol's scope");
+    let bad = vec![CustomerKey { record_type: 0, id: "x".into() }];
+    let err = env.api.batch_get_customers(req(BatchGetCustomersRequest { customers: bad })).await.unwrap_err();
+    assert_eq!(fields(&err), ["customers[0].record_type", "customers[0].id"]);
+}
