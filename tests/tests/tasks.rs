@@ -6,6 +6,8 @@
 //!   call moves the customer's last activity in contacts; a head sees and comments on the team's
 //!   records and the author is told; an overdue task reaches the assignee's supervisor once;
 //!   staff of another department see none of it;
+//! - `crm_dev_runs_tasks_on_sqlite`: the same paths in the embedded mode (one process, SQLite,
+//!   events in-process): an assignment reaches the inbox, a logged call reaches contacts;
 //! - `reminders_fire_once_with_a_replica_killed`: 1,000 reminders coming due over a few seconds
 //!   on three tasks replicas, one killed (SIGKILL) among them, make exactly 1,000 notifications.
 
@@ -299,4 +301,57 @@ async fn reminders_fire_once_with_a_replica_killed() {
     let twice: Vec<_> = per_task.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "reminders that arrived more than once: {twice:?}");
     assert_eq!(reminders.len(), TASKS);
+}
+
+/// The embedded mode: `crm dev` on SQLite carries tasks' events to notifications and contacts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crm_dev_runs_tasks_on_sqlite() {
+    let data = tempfile::tempdir().unwrap();
+    let gw = free_addr();
+    let _dev = start_dev("dev", &data.path().join("crm-data"), gw, &[("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD)]).await;
+    let admin = admin_token(gw).await;
+    let sales = department(gw, &admin, "Sales").await;
+    let alice = member(gw, &admin, "alice@example.com", "Salesperson", &sales.id, "").await;
+    let task = Task { title: "Prepare the contract".into(), assignee_id: alice.user.id.clone(), ..Default::default() };
+    let task = tasks_as(gw, &admin)
+        .await
+        .create_task(CreateTaskRequest { task: Some(task), request_id: String::new() })
+        .await
+        .expect("the administrator gives Alice a task")
+        .into_inner();
+    let told = wait_inbox(gw, &alice.token, ASSIGNED, 1).await;
+    assert_eq!(told[0].subject_id, task.id);
+
+    let person = Person { full_name: "Boris Ivanov".into(), ..Default::default() };
+    let boris = contacts_as(gw, &alice.token)
+        .await
+        .create_person(CreatePersonRequest { person: Some(person), request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let visit = Activity {
+        r#type: ActivityType::Visit as i32,
+        summary: "Visited the warehouse".into(),
+        customer: Some(CustomerRef {
+            record_type: RecordType::Person as i32,
+            id: boris.id.clone(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    tasks_as(gw, &alice.token)
+        .await
+        .log_activity(LogActivityRequest { activity: Some(visit), request_id: String::new() })
+        .await
+        .expect("Alice logs a visit");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p =
+            contacts_as(gw, &alice.token).await.get_person(GetPersonRequest { id: boris.id.clone() }).await.unwrap();
+        if p.into_inner().last_activity_summary == "Visited the warehouse" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "contacts never recorded the visit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
