@@ -18,9 +18,10 @@ fn protos(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// `pub mod contacts { pub mod v1 { tonic::include_proto!("crm.contacts.v1"); } }` for every
-/// package `crm.<service>.<version>`.
+/// package `crm.<service>.<version>`, inside `pub mod crm` (so that the generated code's
+/// relative paths to `google.api` resolve) and re-exported at the crate root.
 fn modules(packages: &[String]) -> String {
-    let mut out = String::new();
+    let mut out = String::from("pub mod crm {\n");
     for package in packages {
         let parts: Vec<&str> = package.split('.').skip(1).collect();
         for part in &parts {
@@ -30,6 +31,7 @@ fn modules(packages: &[String]) -> String {
         out.push_str(&"} ".repeat(parts.len()));
         out.push('\n');
     }
+    out.push_str("}\npub use self::crm::*;\n");
     out
 }
 

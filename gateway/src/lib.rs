@@ -5,10 +5,12 @@
 //! shedding and deadlines.
 //!
 //! Server reflection over every CRM service, `grpc.health.v1` (including one status per service
-//! behind it), `/healthz`, `/readyz` and `/metrics` are answered by the gateway itself.
+//! behind it), `/healthz`, `/readyz` and `/metrics` are answered by the gateway itself, and
+//! plain GET addresses for the calls that answer with a raw body (a calendar feed: `bodies`).
 
 #![warn(missing_docs)]
 
+mod bodies;
 mod edge;
 mod proxy;
 
@@ -157,6 +159,23 @@ impl Gateway {
         let Gateway { upstreams, policy, authenticator } = self;
         let health = server.health_reporter();
         let mut fallback = proxy::router(upstreams.clone(), &policy);
+        for route in bodies::routes(&bodies::suite_pool()) {
+            let Some(upstream) = upstreams
+                .iter()
+                .find(|u| u.packages.iter().any(|p| route.grpc_path[1..].starts_with(&format!("{p}."))))
+            else {
+                continue;
+            };
+            let (route, upstream) = (Arc::new(route), upstream.clone());
+            let timeout = if policy.request_timeout.is_zero() { Duration::MAX } else { policy.request_timeout };
+            let path = route.path.clone();
+            fallback = fallback.route(
+                &path,
+                axum::routing::get(move |axum::extract::Path(value): axum::extract::Path<String>| {
+                    bodies::answer(route.clone(), upstream.clone(), value, timeout)
+                }),
+            );
+        }
         if let Some(authenticator) = authenticator {
             let keys = authenticator.verifier().clone();
             fallback = fallback.route("/.well-known/jwks.json", axum::routing::get(move || jwks(keys.clone())));

@@ -173,7 +173,7 @@ fn forwarded_for(parts: &mut http::request::Parts) {
 
 /// Forwards one call to a replica of `upstream`; a call no replica could take, or that failed
 /// on its way, is answered with the matching gRPC status.
-async fn forward(upstream: &Upstream, request: Request<HttpBody>) -> Response<HttpBody> {
+pub(crate) async fn forward(upstream: &Upstream, request: Request<HttpBody>) -> Response<HttpBody> {
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     forwarded_for(&mut parts);

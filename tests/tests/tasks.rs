@@ -5,7 +5,8 @@
 //! - `tasks_reach_people_and_customers`: an assignment reaches the assignee's inbox; a logged
 //!   call moves the customer's last activity in contacts; a head sees and comments on the team's
 //!   records and the author is told; an overdue task reaches the assignee's supervisor once;
-//!   staff of another department see none of it;
+//!   staff of another department see none of it; an agenda and a calendar feed fetched over
+//!   plain HTTP, revoked;
 //! - `crm_dev_runs_tasks_on_sqlite`: the same paths in the embedded mode (one process, SQLite,
 //!   events in-process): an assignment reaches the inbox, a logged call reaches contacts;
 //! - `reminders_fire_once_with_a_replica_killed`: 1,000 reminders coming due over a few seconds
@@ -234,6 +235,21 @@ async fn tasks_reach_people_and_customers() {
     expected.sort_unstable();
     assert_eq!(subjects, expected, "each overdue task escalated exactly once");
     assert!(inbox(gw, &carol.token).await.is_empty(), "nothing of the Sales department reaches East");
+
+    // T2: Bob's agenda holds the task Alice gave him; his calendar feed serves it to any
+    // calendar app at a secret address, until he revokes it.
+    let due_day = crm_kit::time::format_rfc3339(now + 86_400_000_000)[..10].to_string();
+    let agenda = GetAgendaRequest { start_date: due_day, days: 1, time_zone: "UTC".into(), ..Default::default() };
+    let agenda = tasks_as(gw, &bob.token).await.get_agenda(agenda).await.unwrap().into_inner();
+    assert_eq!(agenda.items.len(), 1);
+    let feed = tasks_as(gw, &bob.token).await.create_calendar_feed(CreateCalendarFeedRequest {}).await.unwrap();
+    let feed = feed.into_inner();
+    let (status, body) = http_get(gw, &feed.path).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("BEGIN:VCALENDAR") && body.contains("SUMMARY:Task: Send Anna the offer"), "{body}");
+    assert_eq!(http_get(gw, "/calendar/not-a-feed").await.0, 404);
+    tasks_as(gw, &bob.token).await.revoke_calendar_feed(RevokeCalendarFeedRequest {}).await.unwrap();
+    assert_eq!(http_get(gw, &feed.path).await.0, 404, "a revoked feed answers no more");
 }
 
 /// 1,000 reminders on three tasks replicas, one killed while they come due: every reminder

@@ -202,6 +202,12 @@ impl UserDirectory for Org {
         let status = self.users.lock().expect("org lock").get(user_id).copied().unwrap_or(UserStatus::Unknown);
         Box::pin(async move { Ok(status) })
     }
+
+    fn statuses<'a>(&'a self, user_ids: &'a [String]) -> BoxFuture<'a, Result<Vec<UserStatus>, ApiError>> {
+        let users = self.users.lock().expect("org lock");
+        let found = user_ids.iter().map(|id| users.get(id).copied().unwrap_or(UserStatus::Unknown)).collect();
+        Box::pin(async move { Ok(found) })
+    }
 }
 
 /// Where [`spawn`] finds the roles the spawned one calls, and the suite it belongs to.

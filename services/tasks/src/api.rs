@@ -12,15 +12,16 @@ use crm_kit::page::Page;
 use crm_kit::time::now_micros;
 use crm_kit::{ApiError, Violations, respond};
 use crm_proto::contacts::v1::{CustomerKey, RecordType};
+use crm_proto::google::api::HttpBody;
 use crm_proto::tasks::v1::tasks_service_server::TasksService;
 use crm_proto::tasks::v1::*;
 use tonic::{Request, Response, Status};
 
-use crate::domain;
 use crate::permissions::{READ, WRITE};
 use crate::store::activities::{self, ActivityQuery, CountQuery};
 use crate::store::comments::{self, Subject};
 use crate::store::{Schedule, Store, TaskQuery, Viewer};
+use crate::{domain, feed};
 
 /// The fields UpdateTask may replace.
 const TASK_MASK: crm_kit::mask::Mask<Task> = crm_kit::mask!(Task {
@@ -32,6 +33,20 @@ const TASK_MASK: crm_kit::mask::Mask<Task> = crm_kit::mask!(Task {
     time_zone,
     priority,
     reminders,
+    customer,
+    deal_id
+});
+
+/// The fields UpdateEvent may replace.
+const EVENT_MASK: crm_kit::mask::Mask<CalendarEvent> = crm_kit::mask!(CalendarEvent {
+    kind,
+    title,
+    description,
+    location,
+    start_time,
+    end_time,
+    time_zone,
+    attendee_ids,
     customer,
     deal_id
 });
@@ -350,6 +365,173 @@ impl TasksApi {
     }
 }
 
+impl TasksApi {
+    /// Attendees must be active users: asked of auth in one call.
+    async fn check_attendees(&self, ids: &[String]) -> Result<(), ApiError> {
+        let statuses = self.users.statuses(ids).await?;
+        let mut v = Violations::new();
+        for (i, status) in statuses.iter().enumerate() {
+            match status {
+                UserStatus::Active => {}
+                UserStatus::Deactivated => v.add(format!("event.attendee_ids[{i}]"), "is a deactivated user"),
+                UserStatus::Unknown => v.add(format!("event.attendee_ids[{i}]"), "no user has this id"),
+            }
+        }
+        v.check()
+    }
+
+    async fn create_event(&self, caller: Caller, r: CreateEventRequest) -> Result<CalendarEvent, ApiError> {
+        let mut event = r.event.ok_or_else(|| ApiError::invalid("event", "is required"))?;
+        let me = caller.principal.subject.clone();
+        event.organizer_id = me.clone();
+        let mut v = Violations::new();
+        v.max_chars("request_id", &r.request_id, MAX_REQUEST_ID_CHARS);
+        domain::normalize_event(&mut event, &mut v);
+        v.check()?;
+        self.check_attendees(&event.attendee_ids).await?;
+        self.resolve_customer(&caller, &mut event.customer, "event.customer").await?;
+        self.store.create_event(event, &me, r.request_id.trim(), &caller.viewer).await
+    }
+
+    async fn update_event(&self, caller: Caller, r: UpdateEventRequest) -> Result<CalendarEvent, ApiError> {
+        let patch = r.event.ok_or_else(|| ApiError::invalid("event", "is required"))?;
+        let mut v = Violations::new();
+        v.uuid("event.id", &patch.id);
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let mut probe = CalendarEvent::default();
+        EVENT_MASK.apply(&mut probe, &patch, &paths, &mut v);
+        v.check()?;
+        let touches = |field: &str| paths.iter().any(|p| p == field || p == "*");
+        let current = self.store.get_event(&patch.id, &caller.viewer).await?;
+        // New attendees and a new customer are checked before the row is locked.
+        let mut check = CalendarEvent {
+            organizer_id: current.organizer_id.clone(),
+            attendee_ids: patch.attendee_ids.clone(),
+            customer: patch.customer.clone(),
+            ..current.clone()
+        };
+        let mut cv = Violations::new();
+        domain::normalize_event(&mut check, &mut cv);
+        if let Some((field, why)) =
+            cv.iter().find(|(f, _)| f.starts_with("event.attendee_ids") || f.starts_with("event.customer"))
+        {
+            return Err(ApiError::invalid(field.clone(), why.clone()));
+        }
+        if touches("attendee_ids") {
+            let added: Vec<String> =
+                check.attendee_ids.iter().filter(|a| !current.attendee_ids.contains(a)).cloned().collect();
+            self.check_attendees(&added).await?;
+        }
+        let new_customer = touches("customer")
+            && check.customer.as_ref().map(|c| (c.record_type, c.id.as_str()))
+                != current.customer.as_ref().map(|c| (c.record_type, c.id.as_str()));
+        let mut customer = check.customer.clone();
+        if new_customer {
+            self.resolve_customer(&caller, &mut customer, "event.customer").await?;
+        }
+        self.store
+            .edit_event(&patch.id, &patch.etag, &caller.viewer, |event| {
+                let old = event.clone();
+                let mut v = Violations::new();
+                EVENT_MASK.apply(event, &patch, &paths, &mut v);
+                domain::normalize_event(event, &mut v);
+                if touches("customer") {
+                    event.customer = if new_customer { customer } else { old.customer.clone() };
+                }
+                v.check()
+            })
+            .await
+    }
+
+    async fn get_agenda(&self, caller: Caller, r: GetAgendaRequest) -> Result<Agenda, ApiError> {
+        let mut v = Violations::new();
+        let user =
+            if r.user_id.trim().is_empty() { caller.principal.subject.clone() } else { r.user_id.trim().to_string() };
+        v.uuid("user_id", &user);
+        let tz = domain::zone(&r.time_zone);
+        if tz.is_none() {
+            v.add("time_zone", "is not an IANA time zone such as Europe/Berlin or Asia/Shanghai");
+        }
+        let start = if r.start_date.trim().is_empty() { None } else { domain::parse_date(&r.start_date) };
+        if !r.start_date.trim().is_empty() && start.is_none() {
+            v.add("start_date", "must be a day as YYYY-MM-DD");
+        }
+        let days = if r.days == 0 { 1 } else { i64::from(r.days) };
+        if !(1..=domain::MAX_AGENDA_DAYS).contains(&days) {
+            v.add("days", format!("must be 1 to {}", domain::MAX_AGENDA_DAYS));
+        }
+        v.check()?;
+        if user != caller.principal.subject && !caller.viewer.scope.allows(&user) {
+            return Err(ApiError::PermissionDenied(format!(
+                "user_id: {user} is outside your data scope; you may see your own agenda and those of users you supervise"
+            )));
+        }
+        let tz = tz.expect("checked");
+        let start = start.unwrap_or_else(|| domain::today(tz));
+        let (from, to) = domain::day_range(start, days, tz);
+        let (events, tasks) = self.store.agenda(&user, from, to).await?;
+        let spans: Vec<(String, i64, i64)> = events
+            .iter()
+            .map(|e| {
+                let at =
+                    |t: &Option<prost_types::Timestamp>| t.as_ref().map(crm_kit::time::from_timestamp).unwrap_or(0);
+                (e.id.clone(), at(&e.start_time), at(&e.end_time))
+            })
+            .collect();
+        let overlaps = domain::overlaps(&spans)
+            .into_iter()
+            .map(|(first_event_id, second_event_id)| Overlap { first_event_id, second_event_id })
+            .collect();
+        let mut items: Vec<(i64, AgendaItem)> = Vec::with_capacity(events.len() + tasks.len());
+        for (event, (_, start, _)) in events.into_iter().zip(&spans) {
+            let item = AgendaItem {
+                time: event.start_time,
+                local_time: domain::local_time(*start, tz),
+                item: Some(agenda_item::Item::Event(event)),
+            };
+            items.push((*start, item));
+        }
+        for task in tasks {
+            let due = domain::due_at(&task);
+            let item = AgendaItem {
+                time: task.due_time,
+                local_time: domain::local_time(due, tz),
+                item: Some(agenda_item::Item::Task(task)),
+            };
+            items.push((due, item));
+        }
+        items.sort_by_key(|(at, _)| *at);
+        let end = start.checked_add_days(chrono::Days::new(days as u64 - 1)).unwrap_or(start);
+        Ok(Agenda {
+            user_id: user,
+            time_zone: tz.name().to_string(),
+            start_date: start.format("%Y-%m-%d").to_string(),
+            end_date: end.format("%Y-%m-%d").to_string(),
+            items: items.into_iter().map(|(_, item)| item).collect(),
+            overlaps,
+        })
+    }
+
+    async fn calendar_feed(&self, r: GetCalendarFeedRequest) -> Result<HttpBody, ApiError> {
+        let token = r.token.trim();
+        if token.is_empty() || token.len() > 100 {
+            return Err(ApiError::invalid("token", "is not a calendar feed token"));
+        }
+        let owner = self.store.feed_owner(&feed::token_hash(token)).await?;
+        let owner = owner.ok_or_else(|| ApiError::NotFound("no calendar feed at this address (revoked?)".into()))?;
+        let now = now_micros();
+        let day = 86_400_000_000_i64;
+        let (events, tasks) =
+            self.store.agenda(&owner, now - feed::PAST_DAYS * day, now + feed::AHEAD_DAYS * day).await?;
+        let text = feed::render("CRM agenda", &events, &tasks);
+        Ok(HttpBody {
+            content_type: "text/calendar; charset=utf-8".into(),
+            data: text.into_bytes(),
+            extensions: vec![],
+        })
+    }
+}
+
 fn check_id(id: &str) -> Result<(), ApiError> {
     let mut v = Violations::new();
     v.uuid("id", id);
@@ -410,6 +592,78 @@ impl TasksService for TasksApi {
     async fn list_tasks(&self, request: Request<ListTasksRequest>) -> Result<Response<ListTasksResponse>, Status> {
         let caller = self.caller(&request, READ.name).await?;
         respond(self.list_tasks(caller, request.into_inner()).await)
+    }
+
+    async fn create_event(&self, request: Request<CreateEventRequest>) -> Result<Response<CalendarEvent>, Status> {
+        let caller = self.caller(&request, WRITE.name).await?;
+        respond(self.create_event(caller, request.into_inner()).await)
+    }
+
+    async fn get_event(&self, request: Request<GetEventRequest>) -> Result<Response<CalendarEvent>, Status> {
+        let caller = self.caller(&request, READ.name).await?;
+        let r = request.into_inner();
+        respond(
+            async {
+                check_id(&r.id)?;
+                self.store.get_event(&r.id, &caller.viewer).await
+            }
+            .await,
+        )
+    }
+
+    async fn update_event(&self, request: Request<UpdateEventRequest>) -> Result<Response<CalendarEvent>, Status> {
+        let caller = self.caller(&request, WRITE.name).await?;
+        respond(self.update_event(caller, request.into_inner()).await)
+    }
+
+    async fn delete_event(&self, request: Request<DeleteEventRequest>) -> Result<Response<()>, Status> {
+        let caller = self.caller(&request, WRITE.name).await?;
+        let r = request.into_inner();
+        respond(
+            async {
+                check_id(&r.id)?;
+                self.store.delete_event(&r.id, &r.etag, &caller.viewer).await
+            }
+            .await,
+        )
+    }
+
+    async fn get_agenda(&self, request: Request<GetAgendaRequest>) -> Result<Response<Agenda>, Status> {
+        let caller = self.caller(&request, READ.name).await?;
+        respond(self.get_agenda(caller, request.into_inner()).await)
+    }
+
+    async fn create_calendar_feed(
+        &self,
+        request: Request<CreateCalendarFeedRequest>,
+    ) -> Result<Response<CalendarFeed>, Status> {
+        let caller = self.caller(&request, READ.name).await?;
+        let result = async {
+            if caller.principal.service_account {
+                return Err(ApiError::FailedPrecondition("a service account has no calendar".into()));
+            }
+            let token = feed::new_token();
+            let at = self.store.set_feed(&caller.principal.subject, &feed::token_hash(&token)).await?;
+            let path = format!("{}{token}", feed::PATH_PREFIX);
+            Ok(CalendarFeed { token, path, create_time: crm_kit::time::to_timestamp(at) })
+        };
+        respond(result.await)
+    }
+
+    async fn revoke_calendar_feed(&self, request: Request<RevokeCalendarFeedRequest>) -> Result<Response<()>, Status> {
+        let caller = self.caller(&request, READ.name).await?;
+        let result = async {
+            if self.store.revoke_feed(&caller.principal.subject).await? {
+                Ok(())
+            } else {
+                Err(ApiError::NotFound("you have no calendar feed".into()))
+            }
+        };
+        respond(result.await)
+    }
+
+    async fn get_calendar_feed(&self, request: Request<GetCalendarFeedRequest>) -> Result<Response<HttpBody>, Status> {
+        respond(self.calendar_feed(request.into_inner()).await)
     }
 
     async fn log_activity(&self, request: Request<LogActivityRequest>) -> Result<Response<Activity>, Status> {

@@ -8,7 +8,7 @@ use chrono::{DateTime, Days, LocalResult, NaiveDateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use crm_kit::Violations;
 use crm_proto::contacts::v1::RecordType;
-use crm_proto::tasks::v1::{Activity, ActivityType, CustomerRef, Priority, Task, TaskKind};
+use crm_proto::tasks::v1::{Activity, ActivityType, CalendarEvent, CustomerRef, EventKind, Priority, Task, TaskKind};
 
 /// `due_at` of a task without a due time: after every dated one.
 pub const NO_DUE: i64 = i64::MAX;
@@ -200,6 +200,92 @@ pub fn normalize_activity(activity: &mut Activity, now: i64, v: &mut Violations)
     }
 }
 
+/// Longest a calendar event may last.
+pub const MAX_EVENT_MICROS: i64 = 14 * 86_400 * 1_000_000;
+pub const MAX_ATTENDEES: usize = 50;
+/// Most days one agenda spans.
+pub const MAX_AGENDA_DAYS: i64 = 31;
+
+/// Trims a calendar event's fields and fills its defaults, adding a violation for each field
+/// that is wrong. The organizer is dropped from the attendees (they take part anyway).
+pub fn normalize_event(event: &mut CalendarEvent, v: &mut Violations) {
+    if event.kind == 0 {
+        event.kind = EventKind::Meeting as i32;
+    } else if EventKind::try_from(event.kind).is_err() {
+        v.add("event.kind", "must be EVENT_KIND_MEETING or EVENT_KIND_CALL");
+    }
+    event.title = event.title.trim().to_string();
+    v.required("event.title", &event.title);
+    v.max_chars("event.title", &event.title, MAX_TITLE);
+    v.max_chars("event.description", &event.description, MAX_TEXT);
+    event.location = event.location.trim().to_string();
+    v.max_chars("event.location", &event.location, MAX_TITLE);
+    match (micros(&event.start_time), micros(&event.end_time)) {
+        (None, _) => v.add("event.start_time", "is required"),
+        (_, None) => v.add("event.end_time", "is required"),
+        (Some(start), Some(end)) if end <= start => v.add("event.end_time", "must come after start_time"),
+        (Some(start), Some(end)) if end - start > MAX_EVENT_MICROS => {
+            v.add("event.end_time", "must be at most 14 days after start_time")
+        }
+        (Some(start), _) if !(0..=253_402_300_799_000_000).contains(&start) => {
+            v.add("event.start_time", "must lie between 1970 and 9999")
+        }
+        _ => {}
+    }
+    event.time_zone = event.time_zone.trim().to_string();
+    if event.time_zone.is_empty() {
+        event.time_zone = "UTC".into();
+    }
+    if zone(&event.time_zone).is_none() {
+        v.add("event.time_zone", "is not an IANA time zone such as Europe/Berlin or Asia/Shanghai");
+    }
+    let organizer = event.organizer_id.clone();
+    let mut attendees: Vec<String> = Vec::new();
+    for (i, id) in event.attendee_ids.iter().enumerate() {
+        let id = id.trim().to_string();
+        v.uuid(&format!("event.attendee_ids[{i}]"), &id);
+        if id != organizer && !attendees.contains(&id) {
+            attendees.push(id);
+        }
+    }
+    event.attendee_ids = attendees;
+    v.max_items("event.attendee_ids", &event.attendee_ids, MAX_ATTENDEES);
+    event.deal_id = event.deal_id.trim().to_string();
+    v.optional_uuid("event.deal_id", &event.deal_id);
+    check_customer(&mut event.customer, "event.customer", v);
+}
+
+/// The first instant of `date` in `tz`, and of the day `days` later: an agenda's range.
+pub fn day_range(date: chrono::NaiveDate, days: i64, tz: Tz) -> (i64, i64) {
+    let start = instant(tz, date.and_time(chrono::NaiveTime::MIN));
+    let end_date = date.checked_add_days(Days::new(days as u64)).unwrap_or(date);
+    (start, instant(tz, end_date.and_time(chrono::NaiveTime::MIN)))
+}
+
+/// Today in `tz`.
+pub fn today(tz: Tz) -> chrono::NaiveDate {
+    Utc::now().with_timezone(&tz).date_naive()
+}
+
+/// "2026-12-08 09:00": an instant on the wall clock of `tz`, without the zone's name.
+pub fn local_time(micros: i64, tz: Tz) -> String {
+    utc(micros).with_timezone(&tz).format("%Y-%m-%d %H:%M").to_string()
+}
+
+/// The pairs of `events` (id, start, end; sorted by start) whose times overlap.
+pub fn overlaps(events: &[(String, i64, i64)]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (i, (a, _, a_end)) in events.iter().enumerate() {
+        for (b, b_start, _) in &events[i + 1..] {
+            if *b_start >= *a_end {
+                break;
+            }
+            out.push((a.clone(), b.clone()));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +325,39 @@ mod tests {
         // 02:30 on 2027-10-31 happens twice: the earlier (CEST, 00:30Z).
         let due = at("2027-11-01T01:30:00Z");
         assert_eq!(reminder_at(due, berlin, 86_400), at("2027-10-31T00:30:00Z"));
+    }
+
+    #[test]
+    fn agenda_days_follow_the_wall_clock() {
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        // The day daylight saving starts has 23 hours in Berlin.
+        let (start, end) = day_range(parse_date("2027-03-28").unwrap(), 1, berlin);
+        assert_eq!((start, end), (at("2027-03-27T23:00:00Z"), at("2027-03-28T22:00:00Z")));
+        let (start, end) = day_range(parse_date("2026-12-07").unwrap(), 7, Tz::UTC);
+        assert_eq!((start, end), (at("2026-12-07T00:00:00Z"), at("2026-12-14T00:00:00Z")));
+        let events = vec![("a".to_string(), 0, 10), ("b".to_string(), 5, 20), ("c".to_string(), 10, 15)];
+        assert_eq!(overlaps(&events), [("a".to_string(), "b".to_string()), ("b".to_string(), "c".to_string())]);
+    }
+
+    #[test]
+    fn events_are_checked() {
+        let mut e = CalendarEvent {
+            title: "Demo".into(),
+            organizer_id: "0190a000-0000-7000-8000-000000000001".into(),
+            attendee_ids: vec![
+                "0190a000-0000-7000-8000-000000000001".into(),
+                "0190a000-0000-7000-8000-000000000002".into(),
+                " 0190a000-0000-7000-8000-000000000002".into(),
+            ],
+            start_time: crm_kit::time::to_timestamp(at("2026-12-08T09:00:00Z")),
+            end_time: crm_kit::time::to_timestamp(at("2026-12-08T08:00:00Z")),
+            ..Default::default()
+        };
+        let mut v = Violations::new();
+        normalize_event(&mut e, &mut v);
+        assert_eq!(v.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(), ["event.end_time"]);
+        assert_eq!(e.attendee_ids, ["0190a000-0000-7000-8000-000000000002"]);
+        assert_eq!(e.kind, EventKind::Meeting as i32);
     }
 
     #[test]

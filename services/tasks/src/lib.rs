@@ -1,9 +1,12 @@
-//! The tasks service (SPEC T1, T3-T6, A5 groundwork): tasks with reminders and escalation,
-//! follow-ups logged as activity records, supervisors' comments on either, and the views a head
+//! The tasks service (SPEC T1-T6, A5 groundwork): tasks with reminders and escalation, a
+//! calendar of meetings and calls, follow-ups logged as activity records, supervisors' comments on either, and the views a head
 //! of sales watches the team's work with — all through the caller's data scope.
 //!
 //! - a task is visible to its assignee, its creator and whoever may see the assignee's records;
-//!   an activity record to whoever may see its author's;
+//!   a calendar event to who takes part and whoever may see its organizer's; an activity record
+//!   to whoever may see its author's;
+//! - a user's agenda (tasks due and events, in their time zone) is also a calendar feed any
+//!   calendar app subscribes to ([`feed`]);
 //! - reminders and escalations are leased jobs ([`jobs`]): each fires once, whatever the number
 //!   of replicas and whichever dies;
 //! - everything others react to is an event: assignments, reminders due and overdue tasks
@@ -13,6 +16,7 @@
 
 pub mod api;
 pub mod domain;
+pub mod feed;
 pub mod intake;
 pub mod jobs;
 pub mod store;
@@ -82,7 +86,8 @@ impl role::Service for Tasks {
         title: "the tasks service",
         packages: &["crm.tasks.v1"],
         services: &[tasks_service_server::SERVICE_NAME],
-        public_methods: &[],
+        // The calendar feed: its secret token is its only credential.
+        public_methods: &["/crm.tasks.v1.TasksService/GetCalendarFeed"],
         permissions: permissions::ALL,
         default_port: 50055,
         calls: Calls::Roles(&[AUTH_ROLE, CONTACTS_ROLE]),

@@ -4,7 +4,7 @@
 //! organisation.
 
 use crm_proto::auth::v1::org_service_client::OrgServiceClient;
-use crm_proto::auth::v1::{GetUserRequest, User};
+use crm_proto::auth::v1::{BatchGetUsersRequest, GetUserRequest, User};
 use futures_util::future::BoxFuture;
 
 use crate::error::ApiError;
@@ -22,6 +22,9 @@ pub enum UserStatus {
 /// Where a service looks users up.
 pub trait UserDirectory: Send + Sync + 'static {
     fn status<'a>(&'a self, user_id: &'a str) -> BoxFuture<'a, Result<UserStatus, ApiError>>;
+
+    /// The status of each of `user_ids`, in their order, asked at once.
+    fn statuses<'a>(&'a self, user_ids: &'a [String]) -> BoxFuture<'a, Result<Vec<UserStatus>, ApiError>>;
 }
 
 /// The auth service's `GetUser`, called as the suite's service account.
@@ -52,7 +55,46 @@ impl RemoteDirectory {
     }
 }
 
+impl RemoteDirectory {
+    /// The users of `user_ids` that exist, in one call (`BatchGetUsers`, at most 500 ids).
+    pub async fn users(&self, user_ids: &[String]) -> Result<Vec<User>, ApiError> {
+        if user_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut client = OrgServiceClient::new(self.auth.as_service().await?);
+        match client.batch_get_users(BatchGetUsersRequest { ids: user_ids.to_vec() }).await {
+            Ok(found) => Ok(found.into_inner().users),
+            Err(status) => match status.code() {
+                tonic::Code::PermissionDenied => Err(ApiError::Internal(format!(
+                    "the suite's service account may not read users (it needs org.read): {}",
+                    status.message()
+                ))),
+                tonic::Code::InvalidArgument => {
+                    Err(ApiError::Internal(format!("auth BatchGetUsers: {}", status.message())))
+                }
+                code => {
+                    Err(ApiError::Unavailable(format!("auth service BatchGetUsers: {} ({code:?})", status.message())))
+                }
+            },
+        }
+    }
+}
+
 impl UserDirectory for RemoteDirectory {
+    fn statuses<'a>(&'a self, user_ids: &'a [String]) -> BoxFuture<'a, Result<Vec<UserStatus>, ApiError>> {
+        Box::pin(async move {
+            let found = self.users(user_ids).await?;
+            Ok(user_ids
+                .iter()
+                .map(|id| match found.iter().find(|u| &u.id == id) {
+                    Some(user) if user.active => UserStatus::Active,
+                    Some(_) => UserStatus::Deactivated,
+                    None => UserStatus::Unknown,
+                })
+                .collect())
+        })
+    }
+
     fn status<'a>(&'a self, user_id: &'a str) -> BoxFuture<'a, Result<UserStatus, ApiError>> {
         Box::pin(async move {
             Ok(match self.user(user_id).await? {

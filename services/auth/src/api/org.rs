@@ -100,6 +100,9 @@ impl AuthApi {
     }
 }
 
+/// Most users one BatchGetUsers call asks for.
+pub const MAX_BATCH_USERS: usize = 500;
+
 #[tonic::async_trait]
 impl OrgService for AuthApi {
     async fn create_department(
@@ -205,6 +208,30 @@ impl OrgService for AuthApi {
             let id = request.into_inner().id;
             uuid("id", &id)?;
             self.store.get_user(&id).await
+        };
+        respond(result.await)
+    }
+
+    async fn batch_get_users(
+        &self,
+        request: Request<BatchGetUsersRequest>,
+    ) -> Result<Response<BatchGetUsersResponse>, Status> {
+        let result = async {
+            can_read(&auth::principal(&request)?)?;
+            let r = request.into_inner();
+            let mut v = Violations::new();
+            v.max_items("ids", &r.ids, MAX_BATCH_USERS);
+            for (i, id) in r.ids.iter().enumerate().take(MAX_BATCH_USERS) {
+                v.uuid(&format!("ids[{i}]"), id);
+            }
+            v.check()?;
+            let mut ids: Vec<String> = Vec::with_capacity(r.ids.len());
+            for id in r.ids {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            Ok(BatchGetUsersResponse { users: self.store.get_users(&ids).await? })
         };
         respond(result.await)
     }

@@ -4,12 +4,14 @@
 //! - this module: tasks, with their reminders and escalation as leased jobs scheduled in the
 //!   same transaction as the change that asks for them;
 //! - [`activities`]: activity records and the supervision counts;
-//! - [`comments`]: comments on either.
+//! - [`calendar`]: meetings and calls, agendas and calendar feeds;
+//! - [`comments`]: comments on tasks and activity records.
 //!
 //! What a caller sees is decided in each statement ([`Viewer`]): a task by its assignee's owner
 //! scope or its creator, an activity record by its author's.
 
 pub mod activities;
+pub mod calendar;
 pub mod comments;
 
 use crm_kit::ApiError;
@@ -41,8 +43,9 @@ pub const ESCALATION_JOB: &str = "tasks.escalation";
 const CREATED_TASK: i64 = 1;
 pub(crate) const CREATED_ACTIVITY: i64 = 2;
 pub(crate) const CREATED_COMMENT: i64 = 3;
+pub(crate) const CREATED_EVENT: i64 = 4;
 
-const TASK_COLUMNS: &str = "id, title, kind, status, priority, assignee_id, creator_id, due_at, deal_id, \
+pub(crate) const TASK_COLUMNS: &str = "id, title, kind, status, priority, assignee_id, creator_id, due_at, deal_id, \
                             handover_needed, comment_count, created_at, updated_at, closed_at, version, doc";
 
 /// Who is looking: their id and the owners their data scope allows.
@@ -127,7 +130,7 @@ pub struct TaskQuery {
     pub overdue_at: Option<i64>,
 }
 
-fn decode_task(row: &AnyRow) -> Result<Task, ApiError> {
+pub(crate) fn decode_task(row: &AnyRow) -> Result<Task, ApiError> {
     let id: String = row.try_get("id")?;
     let doc: Vec<u8> = row.try_get("doc")?;
     let mut task = Task::decode(doc.as_slice())

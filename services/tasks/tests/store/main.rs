@@ -562,10 +562,173 @@ async fn a_deactivated_users_open_tasks_wait_for_handover(env: Env) {
     assert!(!handed.handover_needed);
 }
 
+async fn calendars_agendas_and_feeds(env: Env) {
+    let at = |t: &str| crm_kit::time::parse_rfc3339(t).unwrap();
+    let event = |title: &str, start: &str, end: &str, attendees: &[&str]| CalendarEvent {
+        title: title.into(),
+        start_time: ts(at(start)),
+        end_time: ts(at(end)),
+        time_zone: "Asia/Shanghai".into(),
+        attendee_ids: attendees.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    };
+    let plan = |user: &str, e: CalendarEvent| {
+        let api = env.api.clone();
+        let request = as_user(user, CreateEventRequest { event: Some(e), request_id: String::new() });
+        async move { api.create_event(request).await.map(|r| r.into_inner()) }
+    };
+    // Alice plans a demo with Bob; then a call overlapping it; Bob's own meeting later.
+    let demo = plan(ALICE, event("Demo", "2026-12-07T23:30:00Z", "2026-12-08T01:00:00Z", &[BOB, ALICE])).await.unwrap();
+    assert_eq!(demo.attendee_ids, [BOB], "the organizer takes part without being listed");
+    assert!(demo.overlapping_event_ids.is_empty());
+    let call = plan(
+        ALICE,
+        CalendarEvent {
+            kind: EventKind::Call as i32,
+            ..event("Call Acme", "2026-12-08T00:30:00Z", "2026-12-08T00:45:00Z", &[])
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(call.overlapping_event_ids, std::slice::from_ref(&demo.id), "overlaps are allowed, and reported");
+    plan(BOB, event("Bob's own", "2026-12-08T03:00:00Z", "2026-12-08T04:00:00Z", &[])).await.unwrap();
+    // Who sees what: attendees and the organizer's head yes, Carol no.
+    let get = |user: &str, id: &str| env.api.get_event(as_user(user, GetEventRequest { id: id.into() }));
+    assert!(get(BOB, &demo.id).await.is_ok());
+    assert!(get(HEAD, &call.id).await.is_ok());
+    assert_eq!(get(CAROL, &demo.id).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(get(BOB, &call.id).await.unwrap_err().code(), Code::NotFound, "Bob takes no part in the call");
+    // Attendees must be users, active ones.
+    let bad = plan(
+        ALICE,
+        event("x", "2026-12-09T01:00:00Z", "2026-12-09T02:00:00Z", &[GONE, "0190a000-0000-7000-8000-0000000000ff"]),
+    )
+    .await;
+    assert_eq!(violations(&bad.unwrap_err()), ["event.attendee_ids[0]", "event.attendee_ids[1]"]);
+    let bad = plan(ALICE, event("x", "2026-12-09T02:00:00Z", "2026-12-09T01:00:00Z", &[])).await;
+    assert_eq!(violations(&bad.unwrap_err()), ["event.end_time"]);
+
+    // Alice's tasks due that day show in her agenda too.
+    create(
+        &env,
+        ALICE,
+        Task { title: "Send the minutes".into(), due_time: ts(at("2026-12-08T02:00:00Z")), ..Default::default() },
+    )
+    .await
+    .unwrap();
+    let agenda = |user: &str, whose: &str, date: &str, tz: &str| {
+        let r = GetAgendaRequest { user_id: whose.into(), start_date: date.into(), days: 1, time_zone: tz.into() };
+        env.api.get_agenda(as_user(user, r))
+    };
+    // In Shanghai (UTC+8) the 8th runs from 16:00Z on the 7th: the demo, the call, the task, Bob's
+    // meeting not (Alice takes no part).
+    let day = agenda(ALICE, "", "2026-12-08", "Asia/Shanghai").await.unwrap().into_inner();
+    let labels: Vec<(String, &str)> = day
+        .items
+        .iter()
+        .map(|i| {
+            let title = match &i.item {
+                Some(agenda_item::Item::Event(e)) => e.title.clone(),
+                Some(agenda_item::Item::Task(t)) => t.title.clone(),
+                None => String::new(),
+            };
+            (title, i.local_time.as_str())
+        })
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            ("Demo".to_string(), "2026-12-08 07:30"),
+            ("Call Acme".to_string(), "2026-12-08 08:30"),
+            ("Send the minutes".to_string(), "2026-12-08 10:00"),
+        ]
+    );
+    assert_eq!(day.overlaps.len(), 1);
+    assert_eq!((day.start_date.as_str(), day.end_date.as_str()), ("2026-12-08", "2026-12-08"));
+    // In UTC the demo starts on the 7th and runs into the 8th: both days hold it.
+    let utc7 = agenda(ALICE, "", "2026-12-07", "UTC").await.unwrap().into_inner();
+    assert_eq!(utc7.items.len(), 1);
+    let week =
+        GetAgendaRequest { start_date: "2026-12-07".into(), days: 7, time_zone: "UTC".into(), ..Default::default() };
+    assert_eq!(env.api.get_agenda(as_user(ALICE, week)).await.unwrap().into_inner().items.len(), 3);
+    // A head reads a subordinate's agenda; Carol may not.
+    assert_eq!(agenda(HEAD, BOB, "2026-12-08", "UTC").await.unwrap().into_inner().items.len(), 2);
+    assert_eq!(agenda(CAROL, BOB, "2026-12-08", "UTC").await.unwrap_err().code(), Code::PermissionDenied);
+    let wrong =
+        GetAgendaRequest { start_date: "8 Dec".into(), days: 40, time_zone: "Moon".into(), ..Default::default() };
+    assert_eq!(
+        violations(&env.api.get_agenda(as_user(ALICE, wrong)).await.unwrap_err()),
+        ["time_zone", "start_date", "days"]
+    );
+
+    // Moving the call after the demo ends the overlap; deleting the demo takes it from Bob's day.
+    let moved = env
+        .api
+        .update_event(as_user(
+            ALICE,
+            UpdateEventRequest {
+                event: Some(CalendarEvent {
+                    id: call.id.clone(),
+                    etag: call.etag.clone(),
+                    start_time: ts(at("2026-12-08T05:00:00Z")),
+                    end_time: ts(at("2026-12-08T05:30:00Z")),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask { paths: vec!["start_time".into(), "end_time".into()] }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.etag, "2");
+    assert!(moved.overlapping_event_ids.is_empty());
+    env.api
+        .delete_event(as_user(ALICE, DeleteEventRequest { id: demo.id.clone(), etag: String::new() }))
+        .await
+        .unwrap();
+    assert_eq!(agenda(BOB, "", "2026-12-08", "UTC").await.unwrap().into_inner().items.len(), 1);
+
+    // The feed: a secret token, iCalendar out, revoked at once.
+    let feed = env.api.create_calendar_feed(as_user(ALICE, CreateCalendarFeedRequest {})).await.unwrap().into_inner();
+    assert_eq!(feed.path, format!("/calendar/{}", feed.token));
+    let read = |token: String| env.api.get_calendar_feed(Request::new(GetCalendarFeedRequest { token }));
+    let body = read(format!("{}.ics", feed.token)).await.unwrap().into_inner();
+    assert!(body.content_type.starts_with("text/calendar"));
+    let text = String::from_utf8(body.data).unwrap();
+    assert!(text.contains("SUMMARY:Call Acme\r\n") && text.contains("SUMMARY:Task: Send the minutes\r\n"), "{text}");
+    assert!(!text.contains("Demo"), "deleted events leave the feed");
+    let again = env.api.create_calendar_feed(as_user(ALICE, CreateCalendarFeedRequest {})).await.unwrap().into_inner();
+    assert_eq!(read(feed.token.clone()).await.unwrap_err().code(), Code::NotFound, "a new token replaces the old");
+    env.api.revoke_calendar_feed(as_user(ALICE, RevokeCalendarFeedRequest {})).await.unwrap();
+    assert_eq!(read(again.token).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(
+        env.api.revoke_calendar_feed(as_user(ALICE, RevokeCalendarFeedRequest {})).await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+/// A reminder a day before keeps the wall-clock time across daylight saving: its job is due at
+/// 12:00 Berlin time the day before, 23 hours earlier (clocks went forward in between).
+async fn reminders_keep_the_wall_clock(env: Env) {
+    let at = |t: &str| crm_kit::time::parse_rfc3339(t).unwrap();
+    // Berlin's clocks go forward on 2027-03-28: due 12:00 CEST (10:00Z) that day.
+    let task = Task {
+        title: "Sign the lease".into(),
+        due_time: ts(at("2027-03-28T10:00:00Z")),
+        time_zone: "Europe/Berlin".into(),
+        reminders: vec![prost_types::Duration { seconds: 86_400, nanos: 0 }],
+        ..Default::default()
+    };
+    let created = create(&env, ALICE, task).await.unwrap();
+    assert_eq!(jobs(&env, REMINDER_JOB).await, [(format!("{}/0", created.id), at("2027-03-27T11:00:00Z"))]);
+}
+
 crm_kit::both_backends!(env =>
     tasks_live_through_their_states,
     reminders_and_escalations_fire_once,
     bad_input_is_refused_field_by_field,
     activity_records_timelines_counts_and_comments,
     a_deactivated_users_open_tasks_wait_for_handover,
+    calendars_agendas_and_feeds,
+    reminders_keep_the_wall_clock,
 );
