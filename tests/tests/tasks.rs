@@ -4,7 +4,8 @@
 //!
 //! - `tasks_reach_people_and_customers`: an assignment reaches the assignee's inbox; a logged
 //!   call moves the customer's last activity in contacts; a head sees and comments on the team's
-//!   records and the author is told; an overdue task reaches the assignee's supervisor once;
+//!   records and the author is told; an overdue task reaches the assignee's supervisor once (or,
+//!   without one, their department's head);
 //!   staff of another department see none of it; an agenda and a calendar feed fetched over
 //!   plain HTTP, revoked;
 //! - `crm_dev_runs_tasks_on_sqlite`: the same paths in the embedded mode (one process, SQLite,
@@ -16,7 +17,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crm_proto::auth::v1::{CreateDepartmentRequest, CreateUserRequest, Department, ListRolesRequest, User};
+use crm_proto::auth::v1::{
+    CreateDepartmentRequest, CreateUserRequest, Department, ListRolesRequest, UpdateDepartmentRequest, User,
+};
 use crm_proto::contacts::v1::{CreatePersonRequest, GetPersonRequest, Person, RecordType};
 use crm_proto::notifications::v1::{ListNotificationsRequest, Notification};
 use crm_proto::tasks::v1::*;
@@ -235,6 +238,21 @@ async fn tasks_reach_people_and_customers() {
     expected.sort_unstable();
     assert_eq!(subjects, expected, "each overdue task escalated exactly once");
     assert!(inbox(gw, &carol.token).await.is_empty(), "nothing of the Sales department reaches East");
+    // Carol has no supervisor: her overdue task goes to the head of her department.
+    let east_head = member(gw, &admin, "east-head@example.com", "Head of department", &east.id, "").await;
+    let head_of_east = UpdateDepartmentRequest {
+        department: Some(Department { id: east.id.clone(), head_id: east_head.user.id.clone(), ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["head_id".into()] }),
+    };
+    org_as(gw, &admin).await.update_department(head_of_east).await.expect("East gets a head");
+    let carols = tasks_as(gw, &carol.token)
+        .await
+        .create_task(CreateTaskRequest { task: Some(overdue("Renew the permit")), request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let escalated = wait_inbox(gw, &east_head.token, OVERDUE, 1).await;
+    assert_eq!(escalated[0].subject_id, carols.id);
 
     // T2: Bob's agenda holds the task Alice gave him; his calendar feed serves it to any
     // calendar app at a secret address, until he revokes it.

@@ -17,7 +17,8 @@ use serde_json::Value;
 pub enum Recipient {
     /// The user whose id is in this field of the event.
     Field(String),
-    /// The supervisor (in the organisation) of the user whose id is in this field.
+    /// The supervisor (in the organisation) of the user whose id is in this field; for a user
+    /// without one, the head of their department (or of the nearest one above with a head).
     SupervisorOf(String),
 }
 

@@ -54,9 +54,7 @@ impl Intake {
                     let of = text(event, field);
                     match (&self.directory, of.is_empty()) {
                         (_, true) => String::new(),
-                        (Some(directory), false) => {
-                            directory.user(&of).await?.map(|u| u.supervisor_id).unwrap_or_default()
-                        }
+                        (Some(directory), false) => directory.escalation_of(&of).await?,
                         (None, false) => {
                             tracing::warn!(event_type = spec.name, "no auth service to find a supervisor with");
                             String::new()

@@ -4,7 +4,7 @@
 //! organisation.
 
 use crm_proto::auth::v1::org_service_client::OrgServiceClient;
-use crm_proto::auth::v1::{BatchGetUsersRequest, GetUserRequest, User};
+use crm_proto::auth::v1::{BatchGetUsersRequest, GetDepartmentRequest, GetUserRequest, User};
 use futures_util::future::BoxFuture;
 
 use crate::error::ApiError;
@@ -77,6 +77,38 @@ impl RemoteDirectory {
                 }
             },
         }
+    }
+}
+
+impl RemoteDirectory {
+    /// Whom `user_id`'s work escalates to: their supervisor; without one, the head of their
+    /// department, else of the nearest department above it with a head (never the user).
+    /// Empty when there is nobody.
+    pub async fn escalation_of(&self, user_id: &str) -> Result<String, ApiError> {
+        let Some(user) = self.user(user_id).await? else { return Ok(String::new()) };
+        if !user.supervisor_id.is_empty() {
+            return Ok(user.supervisor_id);
+        }
+        let mut department_id = user.department_id;
+        // The tree is shallow; a bound keeps a broken one from looping.
+        for _ in 0..16 {
+            if department_id.is_empty() {
+                break;
+            }
+            let mut client = OrgServiceClient::new(self.auth.as_service().await?);
+            let department = match client.get_department(GetDepartmentRequest { id: department_id.clone() }).await {
+                Ok(d) => d.into_inner(),
+                Err(status) if status.code() == tonic::Code::NotFound => break,
+                Err(status) => {
+                    return Err(ApiError::Unavailable(format!("auth service GetDepartment: {}", status.message())));
+                }
+            };
+            if !department.head_id.is_empty() && department.head_id != user_id {
+                return Ok(department.head_id);
+            }
+            department_id = department.parent_id;
+        }
+        Ok(String::new())
     }
 }
 

@@ -88,6 +88,8 @@ pub fn normalize_department(d: &mut Department, v: &mut Violations) {
     if !d.parent_id.is_empty() && d.parent_id == d.id {
         v.add("department.parent_id", "cannot be the department itself");
     }
+    d.head_id = d.head_id.trim().to_string();
+    v.optional_uuid("department.head_id", &d.head_id);
 }
 
 /// Normalises and validates a user's own fields; role ids come out sorted, each once.
@@ -160,7 +162,7 @@ pub fn check_new_password(v: &mut Violations, field: &str, password: &str) {
 }
 
 /// The updatable fields of each record.
-pub const DEPARTMENT_MASK: Mask<Department> = crm_kit::mask!(Department { name, parent_id });
+pub const DEPARTMENT_MASK: Mask<Department> = crm_kit::mask!(Department { name, parent_id, head_id });
 pub const USER_MASK: Mask<User> =
     crm_kit::mask!(User { email, display_name, phone, department_id, supervisor_id, role_ids, active });
 pub const ROLE_MASK: Mask<Role> = crm_kit::mask!(Role { name, permissions, data_scope });

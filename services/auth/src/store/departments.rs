@@ -15,7 +15,7 @@ use super::events::insert_event;
 use super::{Actor, DEPARTMENT_TREE, Store, etag};
 use crate::domain::events;
 
-pub(super) const DEPARTMENT_COLUMNS: &str = "id, name, parent_id, created_at, updated_at, version";
+pub(super) const DEPARTMENT_COLUMNS: &str = "id, name, parent_id, head_id, created_at, updated_at, version";
 
 /// What `ListDepartments` filters on.
 pub const DEPARTMENT_FIELDS: &[Field] = &[Field { name: "parent_id", column: "parent_id", kind: FieldKind::Text }];
@@ -28,6 +28,7 @@ fn department_of(row: &AnyRow) -> Result<Department, ApiError> {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
         parent_id: row.try_get("parent_id")?,
+        head_id: row.try_get("head_id")?,
         create_time: to_timestamp(row.try_get("created_at")?),
         update_time: to_timestamp(row.try_get("updated_at")?),
         etag: etag(row.try_get("version")?),
@@ -60,6 +61,16 @@ impl Store {
         Ok(())
     }
 
+    /// INVALID_ARGUMENT on `department.head_id` unless user `id` exists.
+    async fn check_head(&self, tx: &mut Tx, id: &str) -> Result<(), ApiError> {
+        let mut sql = Sql::new("SELECT id FROM users WHERE id = ");
+        sql.bind(id).push(self.db().for_share());
+        if sql.query().fetch_optional(&mut **tx).await?.is_none() {
+            return Err(ApiError::invalid("department.head_id", "no user has this id"));
+        }
+        Ok(())
+    }
+
     pub async fn create_department(&self, d: &Department, actor: &Actor) -> Result<Department, ApiError> {
         let now = now_micros();
         let id = crm_kit::id::new();
@@ -67,10 +78,13 @@ impl Store {
         if !d.parent_id.is_empty() {
             self.check_department(&mut tx, "department.parent_id", &d.parent_id).await?;
         }
+        if !d.head_id.is_empty() {
+            self.check_head(&mut tx, &d.head_id).await?;
+        }
         let mut sql = Sql::new("INSERT INTO departments (");
         sql.push(DEPARTMENT_COLUMNS).push(") VALUES ");
         sql.push_values([d], |v, d| {
-            v.bind(id.as_str()).bind(&d.name).bind(&d.parent_id).bind(now).bind(now).bind(1_i64);
+            v.bind(id.as_str()).bind(&d.name).bind(&d.parent_id).bind(&d.head_id).bind(now).bind(now).bind(1_i64);
         });
         sql.query().execute(&mut *tx).await?;
         let mut event = actor.event(events::DEPARTMENT_CREATED);
@@ -82,6 +96,7 @@ impl Store {
             id,
             name: d.name.clone(),
             parent_id: d.parent_id.clone(),
+            head_id: d.head_id.clone(),
             create_time: to_timestamp(now),
             update_time: to_timestamp(now),
             etag: etag(1),
@@ -136,6 +151,9 @@ impl Store {
             edit.abandon().await?;
             return Ok(old);
         }
+        if !new.head_id.is_empty() && new.head_id != old.head_id {
+            self.check_head(edit.tx(), &new.head_id).await?;
+        }
         let moved = new.parent_id != old.parent_id;
         if moved && !new.parent_id.is_empty() {
             self.check_department(edit.tx(), "department.parent_id", &new.parent_id).await?;
@@ -156,6 +174,7 @@ impl Store {
         let now = now_micros();
         let mut assignments = Sql::new("name = ");
         assignments.bind(new.name.as_str()).push(", parent_id = ").bind(new.parent_id.as_str());
+        assignments.push(", head_id = ").bind(new.head_id.as_str());
         let version = edit.save(assignments, now).await?;
         if moved {
             let mut event = actor.event(events::DEPARTMENT_MOVED);
@@ -165,6 +184,11 @@ impl Store {
         if new.name != old.name {
             let mut event = actor.event(events::DEPARTMENT_CHANGED);
             event.detail = format!("department {id} renamed from {:?} to {:?}", old.name, new.name);
+            insert_event(edit.tx(), &event).await?;
+        }
+        if new.head_id != old.head_id {
+            let mut event = actor.event(events::DEPARTMENT_CHANGED);
+            event.detail = format!("department {id} head changed from {:?} to {:?}", old.head_id, new.head_id);
             insert_event(edit.tx(), &event).await?;
         }
         self.publish(edit.tx(), id, actor, &department_changed(id, Change::Updated, &new.name, &new.parent_id)).await?;

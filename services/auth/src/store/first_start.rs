@@ -84,7 +84,7 @@ impl Store {
         let department = crm_kit::id::new();
         let mut sql = Sql::new("INSERT INTO departments (");
         sql.push(DEPARTMENT_COLUMNS).push(") VALUES (").bind(department.as_str()).push(", ");
-        sql.bind(plan.department_name.as_str()).push(", '', ").bind(now).push(", ").bind(now).push(", 1)");
+        sql.bind(plan.department_name.as_str()).push(", '', '', ").bind(now).push(", ").bind(now).push(", 1)");
         sql.query().execute(&mut *tx).await?;
         let admin = crm_kit::id::new();
         let mut sql = Sql::new("INSERT INTO users (");

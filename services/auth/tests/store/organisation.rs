@@ -84,6 +84,23 @@ pub async fn departments_crud_with_etags_and_no_cycles(db: TestDb) {
     .unwrap_err();
     assert_eq!(stale.code(), Code::Aborted);
 
+    // A head: an existing user (here the administrator), or nobody.
+    let headed = update(
+        Department { id: east.id.clone(), head_id: env.admin.subject.clone(), ..Default::default() },
+        &["head_id"],
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(headed.head_id, env.admin.subject);
+    let no_user =
+        update(Department { id: east.id.clone(), head_id: crm_kit::id::new(), ..Default::default() }, &["head_id"])
+            .await
+            .unwrap_err();
+    assert_eq!(fields(&no_user), ["department.head_id"]);
+    let unheaded = update(Department { id: east.id.clone(), ..Default::default() }, &["head_id"]).await.unwrap();
+    assert!(unheaded.into_inner().head_id.is_empty());
+
     // Under itself, or under anything below it: refused.
     for parent in [&sales.id, &east.id] {
         let cycle = update(
