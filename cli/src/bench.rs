@@ -51,6 +51,9 @@ enum BenchCommand {
     /// Measure notifications: events to inboxes, commit to live subscribers, the inbox calls on
     /// a large inbox, webhook deliveries.
     Notifications(crate::bench_notifications::NotificationsBenchArgs),
+    /// Measure the tasks service's calls on a million activity records, and the lag of
+    /// reminders coming due at a steady rate.
+    Tasks(crate::bench_tasks::TasksBenchArgs),
     /// Every README filter and sort and a few searches against a seeded database, first page
     /// and a later page, each statement with the plan the database chose and its time.
     Plans(crate::bench_plans::PlansArgs),
@@ -141,6 +144,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Plans(a) => crate::bench_plans::plans(a).await,
         BenchCommand::Events(a) => crate::bench_events::run(a).await,
         BenchCommand::Notifications(a) => crate::bench_notifications::run(a).await,
+        BenchCommand::Tasks(a) => crate::bench_tasks::run(a).await,
     }
 }
 

@@ -12,6 +12,7 @@ mod bench;
 mod bench_events;
 mod bench_notifications;
 mod bench_plans;
+mod bench_tasks;
 mod dev;
 mod events;
 mod serve;

@@ -38,7 +38,11 @@ struct Member {
 }
 
 async fn department(gateway: SocketAddr, admin: &str, name: &str) -> Department {
-    let department = Department { name: name.into(), ..Default::default() };
+    sub_department(gateway, admin, name, "").await
+}
+
+async fn sub_department(gateway: SocketAddr, admin: &str, name: &str, parent_id: &str) -> Department {
+    let department = Department { name: name.into(), parent_id: parent_id.into(), ..Default::default() };
     let request = CreateDepartmentRequest { department: Some(department) };
     org_as(gateway, admin).await.create_department(request).await.expect("create a department").into_inner()
 }
@@ -268,6 +272,90 @@ async fn tasks_reach_people_and_customers() {
     assert_eq!(http_get(gw, "/calendar/not-a-feed").await.0, 404);
     tasks_as(gw, &bob.token).await.revoke_calendar_feed(RevokeCalendarFeedRequest {}).await.unwrap();
     assert_eq!(http_get(gw, &feed.path).await.0, 404, "a revoked feed answers no more");
+
+    visibility_matrix(gw, &admin).await;
+}
+
+/// Who sees whose tasks, events and activity records across a three-level organisation
+/// (Sales, with East and West under it), through the gateway: each salesperson their own; the
+/// head of East the East team's; the head of Sales both teams'; an executive everything. Every
+/// (viewer, owner, kind) pair is checked with a Get, and each viewer's listings are counted.
+async fn visibility_matrix(gw: SocketAddr, admin: &str) {
+    let sales = department(gw, admin, "Matrix Sales").await;
+    let east = sub_department(gw, admin, "Matrix East", &sales.id).await;
+    let west = sub_department(gw, admin, "Matrix West", &sales.id).await;
+    let exec = member(gw, admin, "m-exec@example.com", "Executive", &sales.id, "").await;
+    let sales_head = member(gw, admin, "m-sales-head@example.com", "Head of department", &sales.id, "").await;
+    let east_head = member(gw, admin, "m-east-head@example.com", "Head of department", &east.id, "").await;
+    let east_1 = member(gw, admin, "m-east-1@example.com", "Salesperson", &east.id, &east_head.user.id).await;
+    let west_1 = member(gw, admin, "m-west-1@example.com", "Salesperson", &west.id, &sales_head.user.id).await;
+    // Each salesperson's own task, event and activity record.
+    let mut owned = Vec::new();
+    for owner in [&east_1, &west_1] {
+        let mut client = tasks_as(gw, &owner.token).await;
+        let task = Task { title: format!("{} task", owner.user.email), ..Default::default() };
+        let task = client.create_task(CreateTaskRequest { task: Some(task), request_id: String::new() }).await.unwrap();
+        let start = crm_kit::time::now_micros() + 3_600_000_000;
+        let event = CalendarEvent {
+            title: format!("{} meeting", owner.user.email),
+            start_time: ts(start),
+            end_time: ts(start + 1_800_000_000),
+            ..Default::default()
+        };
+        let event =
+            client.create_event(CreateEventRequest { event: Some(event), request_id: String::new() }).await.unwrap();
+        let record =
+            Activity { r#type: ActivityType::Note as i32, summary: "Matrix note".into(), ..Default::default() };
+        let record = client
+            .log_activity(LogActivityRequest { activity: Some(record), request_id: String::new() })
+            .await
+            .unwrap();
+        owned.push((owner.user.id.clone(), task.into_inner().id, event.into_inner().id, record.into_inner().id));
+    }
+    let (east_owner, west_owner) = (owned[0].0.clone(), owned[1].0.clone());
+    let viewers: [(&str, &Member, &[&str]); 5] = [
+        ("exec", &exec, &[&east_owner, &west_owner]),
+        ("sales-head", &sales_head, &[&east_owner, &west_owner]),
+        ("east-head", &east_head, &[&east_owner]),
+        ("east-1", &east_1, &[&east_owner]),
+        ("west-1", &west_1, &[&west_owner]),
+    ];
+    let mut failures = Vec::new();
+    for (name, viewer, sees) in viewers {
+        let mut client = tasks_as(gw, &viewer.token).await;
+        for (owner, task, event, record) in &owned {
+            let expected = sees.contains(&owner.as_str());
+            let got = [
+                ("task", client.get_task(GetTaskRequest { id: task.clone() }).await.map(|_| ())),
+                ("event", client.get_event(GetEventRequest { id: event.clone() }).await.map(|_| ())),
+                ("activity", client.get_activity(GetActivityRequest { id: record.clone() }).await.map(|_| ())),
+            ];
+            for (kind, result) in got {
+                match (&result, expected) {
+                    (Ok(()), true) => {}
+                    (Err(s), false) if s.code() == Code::NotFound => {}
+                    _ => failures
+                        .push(format!("{name} Get {kind} of {owner}: expected visible={expected}, got {result:?}")),
+                }
+            }
+        }
+        let notes = client
+            .list_activities(ListActivitiesRequest {
+                filter: "type = NOTE".into(),
+                page_size: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .activities;
+        let listed: Vec<&str> =
+            notes.iter().filter(|a| a.summary == "Matrix note").map(|a| a.author_id.as_str()).collect();
+        if listed.len() != sees.len() || !sees.iter().all(|s| listed.contains(s)) {
+            failures.push(format!("{name} lists the notes of {listed:?}, expected {sees:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "visibility failures:\n{}", failures.join("\n"));
 }
 
 /// 1,000 reminders on three tasks replicas, one killed while they come due: every reminder

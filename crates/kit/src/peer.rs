@@ -104,8 +104,8 @@ impl Peers {
         }
     }
 
-    /// Caches data scopes as `visibility` says (before the first [`Peers::scopes`]; the
-    /// default is [`Visibility::default`]).
+    /// Caches data scopes as `visibility` says; call it on the new `Peers`, before it is cloned
+    /// (later it changes nothing). The default is [`Visibility::default`].
     pub fn with_visibility(mut self, visibility: Visibility) -> Peers {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.visibility = visibility;

@@ -148,6 +148,41 @@ impl Store {
         Ok(activity)
     }
 
+    /// Loads activity records as they are, in multi-row statements of one transaction (a bulk
+    /// load of history, a benchmark's volume): no events are published and nothing is checked,
+    /// so the caller owns their validity (normalised, ids and dates set). How many were written.
+    pub async fn load_activities(&self, activities: &[Activity]) -> Result<u64, ApiError> {
+        let mut tx = self.db.begin_write().await?;
+        let now = now_micros();
+        for chunk in activities.chunks(500) {
+            let mut sql = Sql::new(
+                "INSERT INTO activities (id, kind, author_id, department_id, customer_id, deal_id, task_id, \
+                 occurred_at, occur_date, created_at, doc) VALUES ",
+            );
+            sql.push_values(chunk, |v, a| {
+                v.bind(a.id.as_str())
+                    .bind(i64::from(a.r#type))
+                    .bind(a.author_id.as_str())
+                    .bind(a.department_id.as_str())
+                    .bind(a.customer.as_ref().map_or("", |c| c.id.as_str()))
+                    .bind(a.deal_id.as_str())
+                    .bind(a.task_id.as_str())
+                    .bind(a.occur_time.as_ref().map(from_timestamp).unwrap_or(now))
+                    .bind(a.occur_date.as_str())
+                    .bind(now)
+                    .bind(doc(a));
+            });
+            sql.query().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(activities.len() as u64)
+    }
+
+    /// How many activity records are stored.
+    pub async fn count_activity_records(&self) -> Result<i64, ApiError> {
+        Ok(Sql::new("SELECT COUNT(*) AS n FROM activities").query().fetch_one(self.db.pool()).await?.try_get("n")?)
+    }
+
     /// The activity record `id` if the viewer may see it.
     pub async fn get_activity(&self, id: &str, viewer: &Viewer) -> Result<Activity, ApiError> {
         let mut sql = Sql::new("SELECT ");
@@ -189,11 +224,14 @@ impl Store {
         if !query.author_ids.is_empty() {
             sql.push(" AND ").push_in("author_id", query.author_ids.iter().map(String::as_str));
         }
-        viewer.push_authors(&mut sql, self.db.backend());
-        sql.push(" GROUP BY author_id, occur_date ORDER BY author_id, occur_date");
+        // Many rows filtered: the scope as a hashed set. Grouped without an order (a hash
+        // aggregate, no sort of every row); the groups are put in order here.
+        viewer.scope.push_set_condition(&mut sql, self.db.backend(), "author_id");
+        sql.push(" GROUP BY author_id, occur_date");
         let rows = sql.query_unprepared().fetch_all(self.db.pool()).await?;
         let count = |row: &AnyRow, name: &str| -> Result<i32, ApiError> { Ok(row.try_get::<i64, _>(name)? as i32) };
-        rows.iter()
+        let mut days = rows
+            .iter()
             .map(|row| {
                 Ok(DayCounts {
                     author_id: row.try_get("author_id")?,
@@ -207,6 +245,8 @@ impl Store {
                     total: count(row, "total")?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        days.sort_unstable_by(|a, b| (&a.author_id, &a.date).cmp(&(&b.author_id, &b.date)));
+        Ok(days)
     }
 }
