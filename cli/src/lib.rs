@@ -30,6 +30,7 @@ static ROLES: &[&dyn Role] = &[
     &Entry::<crm_contacts::Contacts>::NEW,           // companies and people
     &Entry::<crm_notifications::Notifications>::NEW, // inboxes, e-mail, templates, preferences
     &Entry::<crm_tasks::Tasks>::NEW,                 // tasks, reminders, activity records, comments
+    &Entry::<crm_deals::Deals>::NEW,                 // pipelines, products (deals to come)
     &Entry::<crm_gateway::GatewayRole>::NEW,         // the edge, in front of every service
 ];
 

@@ -14,6 +14,7 @@ use crm_proto::auth::v1::auth_service_client::AuthServiceClient;
 use crm_proto::auth::v1::org_service_client::OrgServiceClient;
 use crm_proto::auth::v1::{SignInRequest, TokenPair};
 use crm_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
+use crm_proto::deals::v1::deals_service_client::DealsServiceClient;
 use crm_proto::notifications::v1::notifications_service_client::NotificationsServiceClient;
 use crm_proto::tasks::v1::tasks_service_client::TasksServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -31,6 +32,7 @@ pub const AUTH_SERVICE: &str = "crm.auth.v1.AuthService";
 pub const ORG_SERVICE: &str = "crm.auth.v1.OrgService";
 pub const NOTIFICATIONS_SERVICE: &str = "crm.notifications.v1.NotificationsService";
 pub const TASKS_SERVICE: &str = "crm.tasks.v1.TasksService";
+pub const DEALS_SERVICE: &str = "crm.deals.v1.DealsService";
 
 /// The first administrator of every suite the harness starts.
 pub const ADMIN_EMAIL: &str = "admin@example.com";
@@ -495,6 +497,11 @@ pub async fn contacts_as(addr: SocketAddr, token: &str) -> ContactsServiceClient
 /// The organisation service at `addr`, calling as the holder of `token`.
 pub async fn org_as(addr: SocketAddr, token: &str) -> OrgServiceClient<Authed> {
     OrgServiceClient::new(authed(addr, token).await)
+}
+
+/// Deals at `addr`, calling as the holder of `token`.
+pub async fn deals_as(addr: SocketAddr, token: &str) -> DealsServiceClient<Authed> {
+    DealsServiceClient::new(authed(addr, token).await)
 }
 
 /// Tasks at `addr`, calling as the holder of `token`.

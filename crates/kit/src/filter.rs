@@ -82,6 +82,8 @@ pub enum FieldKind {
     Time,
     /// A BIGINT 0/1 column; values `true`/`false`.
     Bool,
+    /// A BIGINT column of whole numbers (an amount in minor units); values are integers.
+    Number,
     /// A list kept in a side table: `field:value` becomes `{prefix}$n{suffix}`.
     Collection { prefix: &'static str, suffix: &'static str },
 }
@@ -394,6 +396,15 @@ fn comparison(spec: &Field, op: Op, value: &str, sql: &mut Sql) -> Result<(), Ap
                 invalid(format!("{} is not an RFC 3339 time such as \"2026-01-31T00:00:00Z\"", quote(value)))
             })?;
             sql.push(spec.column).push(" ").push(op.sql()).push(" ").bind(micros);
+        }
+        FieldKind::Number => {
+            if op == Op::Has {
+                return Err(unsupported());
+            }
+            let n: i64 = value
+                .parse()
+                .map_err(|_| invalid(format!("'{}' takes a whole number, got {}", spec.name, quote(value))))?;
+            sql.push(spec.column).push(" ").push(op.sql()).push(" ").bind(n);
         }
         FieldKind::Bool => {
             if !matches!(op, Op::Eq | Op::Ne) {

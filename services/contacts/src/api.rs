@@ -288,6 +288,7 @@ impl ContactsService for ContactsApi {
                     do_not_contact: s.do_not_contact,
                     last_activity_time: crm_kit::time::to_timestamp(s.last_activity_at),
                     last_activity_summary: s.last_activity_summary,
+                    source: s.source,
                 })
                 .collect();
             Ok(BatchGetCustomersResponse { customers })

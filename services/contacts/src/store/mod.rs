@@ -56,6 +56,7 @@ pub struct Summary {
     pub do_not_contact: bool,
     pub last_activity_at: i64,
     pub last_activity_summary: String,
+    pub source: String,
 }
 
 /// A customer's newest activity as an event reports it ([`Store::record_activities`]).
@@ -184,7 +185,7 @@ impl Store {
                 continue;
             }
             let mut sql = Sql::new(
-                "SELECT id, display_name, owner_id, do_not_contact, last_activity_at, last_activity_summary FROM ",
+                "SELECT id, display_name, owner_id, do_not_contact, last_activity_at, last_activity_summary, source FROM ",
             );
             sql.push(table(kind)).push(" WHERE ").push_in("id", ids);
             scope.push_condition(&mut sql, self.db.backend(), "owner_id");
@@ -197,6 +198,7 @@ impl Store {
                     do_not_contact: row.try_get::<i64, _>("do_not_contact")? != 0,
                     last_activity_at: row.try_get("last_activity_at")?,
                     last_activity_summary: row.try_get("last_activity_summary")?,
+                    source: row.try_get("source")?,
                 });
             }
         }

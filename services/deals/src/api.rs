@@ -1,0 +1,660 @@
+//! The gRPC surface: decode and validate each request, apply the domain rules, call the store,
+//! map the result back. Errors become statuses in `crm_kit::error`.
+
+use std::sync::Arc;
+
+use crm_kit::auth::{OwnerScope, Principal, ScopeCache, UserDirectory, UserStatus};
+use crm_kit::customers::Customers;
+use crm_kit::db::idempotency::MAX_REQUEST_ID_CHARS;
+use crm_kit::page::Page;
+use crm_kit::{ApiError, Violations, respond};
+use crm_proto::contacts::v1::{CustomerKey, RecordType};
+use crm_proto::deals::v1::deals_service_server::DealsService;
+use crm_proto::deals::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::domain;
+use crate::permissions::{ADMIN, READ, WRITE};
+use crate::store::Store;
+use crate::store::deals::{self, DealQuery};
+use crate::store::products::{self, ProductQuery};
+
+const PIPELINE_MASK: crm_kit::mask::Mask<Pipeline> = crm_kit::mask!(Pipeline { name, department_id });
+const STAGE_MASK: crm_kit::mask::Mask<Stage> = crm_kit::mask!(Stage { name, probability, kind, rotting_days });
+const PRODUCT_MASK: crm_kit::mask::Mask<Product> = crm_kit::mask!(Product { name, sku, description, prices, active });
+
+/// Longest product search.
+pub const MAX_QUERY: usize = 100;
+
+/// The fields UpdateDeal may replace.
+const DEAL_MASK: crm_kit::mask::Mask<Deal> = crm_kit::mask!(Deal {
+    title,
+    company_id,
+    person_id,
+    owner_id,
+    amount,
+    expected_close_date,
+    probability,
+    line_items,
+    notes
+});
+
+/// Every call runs as the signed-in caller: reading needs `deals.read`, changing deals
+/// `deals.write`, changing pipelines and products `deals.admin`; deals are seen through the
+/// caller's data scope (their owners).
+#[derive(Clone)]
+pub struct DealsApi {
+    store: Store,
+    scopes: ScopeCache,
+    users: Arc<dyn UserDirectory>,
+    customers: Arc<dyn Customers>,
+}
+
+impl std::fmt::Debug for DealsApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DealsApi").finish_non_exhaustive()
+    }
+}
+
+/// A caller of a deal call, and the owners they may see.
+struct Caller {
+    principal: Principal,
+    scope: OwnerScope,
+}
+
+impl DealsApi {
+    /// `users` checks owners; `customers` checks and names a deal's company and person.
+    pub fn new(
+        store: Store,
+        scopes: ScopeCache,
+        users: Arc<dyn UserDirectory>,
+        customers: Arc<dyn Customers>,
+    ) -> DealsApi {
+        DealsApi { store, scopes, users, customers }
+    }
+
+    async fn deal_caller<T>(&self, request: &Request<T>, permission: &str) -> Result<Caller, ApiError> {
+        let principal = Self::caller(request, permission)?;
+        let scope = self.scopes.resolve(&principal).await?;
+        Ok(Caller { principal, scope })
+    }
+
+    /// An owner the caller may give a deal to: in their scope, and active.
+    async fn check_owner(&self, caller: &Caller, owner_id: &str) -> Result<(), ApiError> {
+        if !caller.scope.allows(owner_id) {
+            return Err(ApiError::PermissionDenied(format!(
+                "deal.owner_id: {owner_id} is outside your data scope; deals can go only to users you may see"
+            )));
+        }
+        if owner_id == caller.principal.subject {
+            return Ok(());
+        }
+        match self.users.status(owner_id).await? {
+            UserStatus::Active => Ok(()),
+            UserStatus::Deactivated => Err(ApiError::invalid("deal.owner_id", "is a deactivated user")),
+            UserStatus::Unknown => Err(ApiError::invalid("deal.owner_id", "no user has this id")),
+        }
+    }
+
+    /// Checks a deal's company and person with contacts (one call, as the caller); the source
+    /// they came from (the person's, else the company's).
+    async fn check_customers(&self, caller: &Caller, company_id: &str, person_id: &str) -> Result<String, ApiError> {
+        let mut keys = Vec::new();
+        if !company_id.is_empty() {
+            keys.push(CustomerKey { record_type: RecordType::Company as i32, id: company_id.to_string() });
+        }
+        if !person_id.is_empty() {
+            keys.push(CustomerKey { record_type: RecordType::Person as i32, id: person_id.to_string() });
+        }
+        if keys.is_empty() {
+            return Ok(String::new());
+        }
+        let found = self.customers.find(&caller.principal, keys).await?;
+        let of = |kind: RecordType, id: &str| found.iter().find(|c| c.record_type == kind as i32 && c.id == id);
+        let mut v = Violations::new();
+        let company = (!company_id.is_empty()).then(|| of(RecordType::Company, company_id));
+        let person = (!person_id.is_empty()).then(|| of(RecordType::Person, person_id));
+        if matches!(company, Some(None)) {
+            v.add("deal.company_id", "no company with this id that you may see");
+        }
+        if matches!(person, Some(None)) {
+            v.add("deal.person_id", "no person with this id that you may see");
+        }
+        v.check()?;
+        let source = |c: Option<Option<&crm_proto::contacts::v1::CustomerSummary>>| {
+            c.flatten().map(|c| c.source.clone()).unwrap_or_default()
+        };
+        let person_source = source(person);
+        Ok(if person_source.is_empty() { source(company) } else { person_source })
+    }
+
+    /// Prices `deal` from its lines; `known` are the products already on it (which may since
+    /// have become inactive), others must be active.
+    async fn price(&self, deal: &mut Deal, known: &[String], v: &mut Violations) -> Result<(), ApiError> {
+        let ids: Vec<&str> = deal.line_items.iter().map(|l| l.product_id.trim()).filter(|id| !id.is_empty()).collect();
+        for (i, line) in deal.line_items.iter().enumerate() {
+            let id = line.product_id.trim();
+            if !id.is_empty() && uuid::Uuid::parse_str(id).is_err() {
+                v.add(format!("deal.line_items[{i}].product_id"), "must be a UUID");
+            }
+        }
+        let valid: Vec<&str> = ids.into_iter().filter(|id| uuid::Uuid::parse_str(id).is_ok()).collect();
+        let products = self.store.products_by_id(&valid).await?;
+        for (i, line) in deal.line_items.iter().enumerate() {
+            let id = line.product_id.trim();
+            if let Some(product) = products.get(id)
+                && !product.active
+                && !known.iter().any(|k| k == id)
+            {
+                v.add(format!("deal.line_items[{i}].product_id"), "is an inactive product");
+            }
+        }
+        domain::price(deal, &products, v);
+        Ok(())
+    }
+
+    async fn create_deal(&self, caller: Caller, r: CreateDealRequest) -> Result<Deal, ApiError> {
+        let mut deal = r.deal.ok_or_else(|| ApiError::invalid("deal", "is required"))?;
+        let mut v = Violations::new();
+        v.max_chars("request_id", &r.request_id, MAX_REQUEST_ID_CHARS);
+        domain::normalize_deal(&mut deal, &mut v);
+        deal.stage_id = deal.stage_id.trim().to_string();
+        deal.pipeline_id = deal.pipeline_id.trim().to_string();
+        v.optional_uuid("deal.stage_id", &deal.stage_id);
+        v.optional_uuid("deal.pipeline_id", &deal.pipeline_id);
+        self.price(&mut deal, &[], &mut v).await?;
+        v.check()?;
+        let target = if deal.stage_id.is_empty() {
+            self.store.first_stage(&deal.pipeline_id).await?.ok_or_else(|| {
+                ApiError::invalid("deal.pipeline_id", "no pipeline has this id (or there is no pipeline)")
+            })?
+        } else {
+            let target = self.store.target(&deal.stage_id).await?;
+            let target = target.ok_or_else(|| ApiError::invalid("deal.stage_id", "no stage has this id"))?;
+            if !deal.pipeline_id.is_empty() && deal.pipeline_id != target.pipeline_id {
+                return Err(ApiError::invalid("deal.stage_id", "is not a stage of deal.pipeline_id"));
+            }
+            target
+        };
+        if target.stage.kind == StageKind::Lost as i32 && deal.lost_reason.is_empty() {
+            return Err(ApiError::invalid("deal.lost_reason", "is required to enter a lost stage"));
+        }
+        if deal.owner_id.is_empty() {
+            deal.owner_id = caller.principal.subject.clone();
+        }
+        self.check_owner(&caller, &deal.owner_id).await?;
+        deal.source = self.check_customers(&caller, &deal.company_id, &deal.person_id).await?;
+        let me = caller.principal.subject.clone();
+        self.store.create_deal(deal, &target, &me, r.request_id.trim(), &caller.scope).await
+    }
+
+    async fn update_deal(&self, caller: Caller, r: UpdateDealRequest) -> Result<Deal, ApiError> {
+        let patch = r.deal.ok_or_else(|| ApiError::invalid("deal", "is required"))?;
+        check_id("deal.id", &patch.id)?;
+        let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+        let mut v = Violations::new();
+        let mut probe = Deal::default();
+        DEAL_MASK.apply(&mut probe, &patch, &paths, &mut v);
+        v.check()?;
+        let touches = |field: &str| paths.iter().any(|p| p == field || p == "*");
+        let current = self.store.get_deal(&patch.id, &caller.scope).await?;
+        // What only other services know is checked before the row is locked.
+        let mut v = Violations::new();
+        let mut next = current.clone();
+        DEAL_MASK.apply(&mut next, &patch, &paths, &mut v);
+        domain::normalize_deal(&mut next, &mut v);
+        let known: Vec<String> = current.line_items.iter().map(|l| l.product_id.clone()).collect();
+        if touches("line_items") || touches("amount") {
+            if !touches("amount") && !next.line_items.is_empty() {
+                // Lines keep the deal's currency unless a new amount names another.
+                next.amount = current.amount.clone().map(|m| crm_proto::deals::v1::Money { minor_units: 0, ..m });
+            }
+            self.price(&mut next, &known, &mut v).await?;
+        }
+        v.check()?;
+        if touches("owner_id") && next.owner_id != current.owner_id {
+            if next.owner_id.is_empty() {
+                return Err(ApiError::invalid("deal.owner_id", "is required: a deal always has an owner"));
+            }
+            self.check_owner(&caller, &next.owner_id).await?;
+        }
+        if (touches("company_id") || touches("person_id"))
+            && (next.company_id != current.company_id || next.person_id != current.person_id)
+        {
+            self.check_customers(&caller, &next.company_id, &next.person_id).await?;
+        }
+        let me = caller.principal.subject.clone();
+        self.store
+            .edit_deal(&patch.id, &patch.etag, &me, &caller.scope, None, |deal| {
+                // The mask applies to the deal as locked; money comes priced from above.
+                let mut v = Violations::new();
+                DEAL_MASK.apply(deal, &patch, &paths, &mut v);
+                domain::normalize_deal(deal, &mut v);
+                if touches("line_items") || touches("amount") {
+                    deal.line_items = next.line_items;
+                    deal.amount = next.amount;
+                }
+                if touches("probability") {
+                    deal.probability_manual = patch.probability.is_some();
+                    if !deal.probability_manual {
+                        // Cleared: the store puts the stage's default back.
+                        deal.probability = None;
+                    }
+                }
+                v.check()
+            })
+            .await
+    }
+
+    async fn move_deal(&self, caller: Caller, r: MoveDealRequest) -> Result<Deal, ApiError> {
+        let mut v = Violations::new();
+        v.uuid("id", &r.id);
+        v.uuid("stage_id", &r.stage_id);
+        let reason = r.lost_reason.trim().to_string();
+        v.max_chars("lost_reason", &reason, domain::MAX_REASON);
+        v.check()?;
+        let target = self.store.target(&r.stage_id).await?;
+        let target = target.ok_or_else(|| ApiError::invalid("stage_id", "no stage has this id"))?;
+        if target.stage.kind == StageKind::Lost as i32 && reason.is_empty() {
+            return Err(ApiError::invalid("lost_reason", "is required to enter a lost stage"));
+        }
+        let me = caller.principal.subject.clone();
+        self.store
+            .edit_deal(&r.id, &r.etag, &me, &caller.scope, Some(&target), |deal| {
+                if target.stage.kind == StageKind::Lost as i32 {
+                    deal.lost_reason = reason;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn get_board(&self, caller: Caller, r: GetBoardRequest) -> Result<Board, ApiError> {
+        check_id("pipeline_id", &r.pipeline_id)?;
+        let cards = match r.cards_per_column {
+            0 => 20,
+            n if (1..=100).contains(&n) => n,
+            _ => return Err(ApiError::invalid("cards_per_column", "must be 1 to 100")),
+        };
+        let filter = crm_kit::filter::parse(&r.filter, deals::FIELDS)?;
+        if let Some(f) = &filter
+            && f.pins().iter().any(|(field, _)| *field == "pipeline_id" || *field == "stage_id")
+        {
+            return Err(ApiError::invalid("filter", "names the pipeline and stages itself; filter on the rest"));
+        }
+        let pipeline = self.store.get_pipeline(&r.pipeline_id).await?;
+        let mut totals = self.store.board_totals(&pipeline.id, filter.as_ref(), &caller.scope).await?;
+        let order = deals::order("create_time desc")?;
+        let mut columns = Vec::with_capacity(pipeline.stages.len());
+        for stage in &pipeline.stages {
+            let next_filter = if r.filter.trim().is_empty() {
+                format!("stage_id = \"{}\"", stage.id)
+            } else {
+                format!("stage_id = \"{}\" AND ({})", stage.id, r.filter.trim())
+            };
+            let page = Page::decode(&["deals", &next_filter, "create_time desc"], cards, "", &order)?;
+            let column_filter = crm_kit::filter::parse(&next_filter, deals::FIELDS)?;
+            let (cards, next_page_token) =
+                self.store.list_deals(&DealQuery { filter: column_filter, order, page }, &caller.scope).await?;
+            let money = totals.remove(&stage.id).unwrap_or_default();
+            columns.push(BoardColumn {
+                stage: Some(stage.clone()),
+                count: money.iter().map(|t| t.count).sum(),
+                totals: money,
+                cards,
+                next_filter,
+                next_page_token,
+            });
+        }
+        Ok(Board { pipeline: Some(pipeline), columns })
+    }
+}
+
+impl DealsApi {
+    fn caller<T>(request: &Request<T>, permission: &str) -> Result<Principal, ApiError> {
+        let principal = crm_kit::auth::principal(request)?;
+        principal.require(permission)?;
+        Ok(principal)
+    }
+}
+
+fn check_id(field: &str, id: &str) -> Result<(), ApiError> {
+    let mut v = Violations::new();
+    v.uuid(field, id);
+    v.check()
+}
+
+/// The stage `id` of `pipeline`, by index.
+fn stage_index(pipeline: &Pipeline, id: &str) -> Result<usize, ApiError> {
+    pipeline
+        .stages
+        .iter()
+        .position(|s| s.id == id)
+        .ok_or_else(|| ApiError::NotFound(format!("stage {id} is not in pipeline {}", pipeline.id)))
+}
+
+/// A violation of `stage.name` when another stage of `pipeline` has the name.
+fn unique_name(pipeline: &Pipeline, stage: &Stage, v: &mut Violations) {
+    let key = domain::key(&stage.name);
+    if pipeline.stages.iter().any(|s| s.id != stage.id && domain::key(&s.name) == key) {
+        v.add("stage.name", format!("{:?} is already a stage of this pipeline", stage.name));
+    }
+}
+
+/// Index of 1-based `position` among `len` places; 0 or past the end is the end.
+fn place(position: i32, len: usize) -> Result<usize, ApiError> {
+    if position < 0 {
+        return Err(ApiError::invalid("position", "must be 1 or more (0: last)"));
+    }
+    Ok(if position == 0 { len } else { (position as usize - 1).min(len) })
+}
+
+#[tonic::async_trait]
+impl DealsService for DealsApi {
+    async fn create_deal(&self, request: Request<CreateDealRequest>) -> Result<Response<Deal>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, WRITE.name).await?;
+            self.create_deal(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn get_deal(&self, request: Request<GetDealRequest>) -> Result<Response<Deal>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, READ.name).await?;
+            let id = request.into_inner().id;
+            check_id("id", &id)?;
+            self.store.get_deal(&id, &caller.scope).await
+        };
+        respond(result.await)
+    }
+
+    async fn update_deal(&self, request: Request<UpdateDealRequest>) -> Result<Response<Deal>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, WRITE.name).await?;
+            self.update_deal(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn move_deal(&self, request: Request<MoveDealRequest>) -> Result<Response<Deal>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, WRITE.name).await?;
+            self.move_deal(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn delete_deal(&self, request: Request<DeleteDealRequest>) -> Result<Response<()>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, WRITE.name).await?;
+            let r = request.into_inner();
+            check_id("id", &r.id)?;
+            self.store.delete_deal(&r.id, &r.etag, &caller.scope).await
+        };
+        respond(result.await)
+    }
+
+    async fn list_deals(&self, request: Request<ListDealsRequest>) -> Result<Response<ListDealsResponse>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, READ.name).await?;
+            let r = request.into_inner();
+            let filter = crm_kit::filter::parse(&r.filter, deals::FIELDS)?;
+            let order = deals::order(&r.order_by)?;
+            let page = Page::decode(&["deals", &r.filter, &r.order_by], r.page_size, &r.page_token, &order)?;
+            let (deals, next_page_token) =
+                self.store.list_deals(&DealQuery { filter, order, page }, &caller.scope).await?;
+            Ok(ListDealsResponse { deals, next_page_token })
+        };
+        respond(result.await)
+    }
+
+    async fn list_stage_history(
+        &self,
+        request: Request<ListStageHistoryRequest>,
+    ) -> Result<Response<ListStageHistoryResponse>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, READ.name).await?;
+            let r = request.into_inner();
+            check_id("deal_id", &r.deal_id)?;
+            let order = crm_kit::page::Order { column: "at", tie: "id", text: false, desc: false };
+            let page = Page::decode(&["history", &r.deal_id], r.page_size, &r.page_token, &order)?;
+            let (changes, next_page_token) = self.store.history(&r.deal_id, &page, &caller.scope).await?;
+            Ok(ListStageHistoryResponse { changes, next_page_token })
+        };
+        respond(result.await)
+    }
+
+    async fn get_board(&self, request: Request<GetBoardRequest>) -> Result<Response<Board>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, READ.name).await?;
+            self.get_board(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn create_pipeline(&self, request: Request<CreatePipelineRequest>) -> Result<Response<Pipeline>, Status> {
+        let result = async {
+            Self::caller(&request, ADMIN.name)?;
+            let mut pipeline =
+                request.into_inner().pipeline.ok_or_else(|| ApiError::invalid("pipeline", "is required"))?;
+            let mut v = Violations::new();
+            domain::normalize_pipeline(&mut pipeline, &mut v);
+            for (i, stage) in pipeline.stages.iter_mut().enumerate() {
+                domain::normalize_stage(stage, &format!("pipeline.stages[{i}]"), &mut v);
+            }
+            domain::check_stages(&pipeline.stages, "pipeline.stages", &mut v);
+            v.check()?;
+            self.store.create_pipeline(pipeline).await
+        };
+        respond(result.await)
+    }
+
+    async fn get_pipeline(&self, request: Request<GetPipelineRequest>) -> Result<Response<Pipeline>, Status> {
+        let result = async {
+            Self::caller(&request, READ.name)?;
+            let id = request.into_inner().id;
+            check_id("id", &id)?;
+            self.store.get_pipeline(&id).await
+        };
+        respond(result.await)
+    }
+
+    async fn list_pipelines(
+        &self,
+        request: Request<ListPipelinesRequest>,
+    ) -> Result<Response<ListPipelinesResponse>, Status> {
+        let result = async {
+            Self::caller(&request, READ.name)?;
+            let department = request.into_inner().department_id.trim().to_string();
+            let mut v = Violations::new();
+            v.optional_uuid("department_id", &department);
+            v.check()?;
+            Ok(ListPipelinesResponse { pipelines: self.store.list_pipelines(&department).await? })
+        };
+        respond(result.await)
+    }
+
+    async fn update_pipeline(&self, request: Request<UpdatePipelineRequest>) -> Result<Response<Pipeline>, Status> {
+        let result = async {
+            let caller = Self::caller(&request, ADMIN.name)?;
+            let r = request.into_inner();
+            let patch = r.pipeline.ok_or_else(|| ApiError::invalid("pipeline", "is required"))?;
+            check_id("pipeline.id", &patch.id)?;
+            let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+            self.store
+                .edit_pipeline(&patch.id, &patch.etag, &caller.subject, None, |pipeline| {
+                    let mut v = Violations::new();
+                    PIPELINE_MASK.apply(pipeline, &patch, &paths, &mut v);
+                    domain::normalize_pipeline(pipeline, &mut v);
+                    v.check()
+                })
+                .await
+        };
+        respond(result.await)
+    }
+
+    async fn add_stage(&self, request: Request<AddStageRequest>) -> Result<Response<Pipeline>, Status> {
+        let result = async {
+            let caller = Self::caller(&request, ADMIN.name)?;
+            let r = request.into_inner();
+            check_id("pipeline_id", &r.pipeline_id)?;
+            let mut stage = r.stage.ok_or_else(|| ApiError::invalid("stage", "is required"))?;
+            let mut v = Violations::new();
+            domain::normalize_stage(&mut stage, "stage", &mut v);
+            v.check()?;
+            stage.id.clear();
+            self.store
+                .edit_pipeline(&r.pipeline_id, &r.etag, &caller.subject, None, |pipeline| {
+                    let mut v = Violations::new();
+                    unique_name(pipeline, &stage, &mut v);
+                    v.check()?;
+                    let at = place(r.position, pipeline.stages.len())?;
+                    pipeline.stages.insert(at, stage);
+                    Ok(())
+                })
+                .await
+        };
+        respond(result.await)
+    }
+
+    async fn update_stage(&self, request: Request<UpdateStageRequest>) -> Result<Response<Pipeline>, Status> {
+        let result = async {
+            let caller = Self::caller(&request, ADMIN.name)?;
+            let r = request.into_inner();
+            check_id("pipeline_id", &r.pipeline_id)?;
+            let patch = r.stage.ok_or_else(|| ApiError::invalid("stage", "is required"))?;
+            check_id("stage.id", &patch.id)?;
+            let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+            self.store
+                .edit_pipeline(&r.pipeline_id, &r.etag, &caller.subject, None, |pipeline| {
+                    let i = stage_index(pipeline, &patch.id)?;
+                    let mut v = Violations::new();
+                    let stage = &mut pipeline.stages[i];
+                    STAGE_MASK.apply(stage, &patch, &paths, &mut v);
+                    domain::normalize_stage(stage, "stage", &mut v);
+                    let stage = pipeline.stages[i].clone();
+                    unique_name(pipeline, &stage, &mut v);
+                    v.check()
+                })
+                .await
+        };
+        respond(result.await)
+    }
+
+    async fn move_stage(&self, request: Request<MoveStageRequest>) -> Result<Response<Pipeline>, Status> {
+        let result = async {
+            let caller = Self::caller(&request, ADMIN.name)?;
+            let r = request.into_inner();
+            check_id("pipeline_id", &r.pipeline_id)?;
+            check_id("stage_id", &r.stage_id)?;
+            self.store
+                .edit_pipeline(&r.pipeline_id, &r.etag, &caller.subject, None, |pipeline| {
+                    let i = stage_index(pipeline, &r.stage_id)?;
+                    let stage = pipeline.stages.remove(i);
+                    let mut v = Violations::new();
+                    unique_name(pipeline, &stage, &mut v);
+                    v.check()?;
+                    let at = place(r.position, pipeline.stages.len())?;
+                    pipeline.stages.insert(at, stage);
+                    Ok(())
+                })
+                .await
+        };
+        respond(result.await)
+    }
+
+    async fn remove_stage(&self, request: Request<RemoveStageRequest>) -> Result<Response<Pipeline>, Status> {
+        let result = async {
+            let caller = Self::caller(&request, ADMIN.name)?;
+            let r = request.into_inner();
+            check_id("pipeline_id", &r.pipeline_id)?;
+            check_id("stage_id", &r.stage_id)?;
+            let move_to = r.move_deals_to_stage_id.trim();
+            if !move_to.is_empty() {
+                check_id("move_deals_to_stage_id", move_to)?;
+            }
+            let move_to = (!move_to.is_empty()).then_some(move_to);
+            self.store
+                .edit_pipeline(&r.pipeline_id, &r.etag, &caller.subject, move_to, |pipeline| {
+                    let i = stage_index(pipeline, &r.stage_id)?;
+                    pipeline.stages.remove(i);
+                    Ok(())
+                })
+                .await
+        };
+        respond(result.await)
+    }
+
+    async fn delete_pipeline(&self, request: Request<DeletePipelineRequest>) -> Result<Response<()>, Status> {
+        let result = async {
+            Self::caller(&request, ADMIN.name)?;
+            let r = request.into_inner();
+            check_id("id", &r.id)?;
+            self.store.delete_pipeline(&r.id, &r.etag).await
+        };
+        respond(result.await)
+    }
+
+    async fn create_product(&self, request: Request<CreateProductRequest>) -> Result<Response<Product>, Status> {
+        let result = async {
+            let caller = Self::caller(&request, ADMIN.name)?;
+            let r = request.into_inner();
+            let mut product = r.product.ok_or_else(|| ApiError::invalid("product", "is required"))?;
+            let mut v = Violations::new();
+            v.max_chars("request_id", &r.request_id, MAX_REQUEST_ID_CHARS);
+            domain::normalize_product(&mut product, &mut v);
+            v.check()?;
+            self.store.create_product(product, &caller.subject, r.request_id.trim()).await
+        };
+        respond(result.await)
+    }
+
+    async fn get_product(&self, request: Request<GetProductRequest>) -> Result<Response<Product>, Status> {
+        let result = async {
+            Self::caller(&request, READ.name)?;
+            let id = request.into_inner().id;
+            check_id("id", &id)?;
+            self.store.get_product(&id).await
+        };
+        respond(result.await)
+    }
+
+    async fn update_product(&self, request: Request<UpdateProductRequest>) -> Result<Response<Product>, Status> {
+        let result = async {
+            Self::caller(&request, ADMIN.name)?;
+            let r = request.into_inner();
+            let patch = r.product.ok_or_else(|| ApiError::invalid("product", "is required"))?;
+            check_id("product.id", &patch.id)?;
+            let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+            self.store
+                .edit_product(&patch.id, &patch.etag, |product| {
+                    let mut v = Violations::new();
+                    PRODUCT_MASK.apply(product, &patch, &paths, &mut v);
+                    domain::normalize_product(product, &mut v);
+                    v.check()
+                })
+                .await
+        };
+        respond(result.await)
+    }
+
+    async fn list_products(
+        &self,
+        request: Request<ListProductsRequest>,
+    ) -> Result<Response<ListProductsResponse>, Status> {
+        let result = async {
+            Self::caller(&request, READ.name)?;
+            let r = request.into_inner();
+            let mut v = Violations::new();
+            v.max_chars("query", &r.query, MAX_QUERY);
+            v.check()?;
+            let filter = crm_kit::filter::parse(&r.filter, products::FIELDS)?;
+            let query = domain::key(&r.query);
+            let page = Page::decode(&["products", &r.filter, &query], r.page_size, &r.page_token, &products::ORDER)?;
+            let (products, next_page_token) = self.store.list_products(&ProductQuery { filter, query, page }).await?;
+            Ok(ListProductsResponse { products, next_page_token })
+        };
+        respond(result.await)
+    }
+}

@@ -1,0 +1,415 @@
+//! The rules of pipelines, products and money in plain Rust, without I/O.
+
+use std::collections::HashMap;
+
+use crm_kit::Violations;
+use crm_proto::deals::v1::{Deal, DealStatus, LineItem, Money, Pipeline, Product, Stage, StageKind};
+
+pub const MAX_NAME: usize = 100;
+pub const MAX_PRODUCT_NAME: usize = 300;
+pub const MAX_TEXT: usize = 10_000;
+pub const MAX_STAGES: usize = 30;
+pub const MAX_PRICES: usize = 20;
+/// Longest a deal may sit in a stage before it rots, at most.
+pub const MAX_ROTTING_DAYS: i32 = 3_650;
+
+/// The stages a new install starts with: the funnel from a first contact to an order received.
+pub const STARTING_PIPELINE: &str = "Sales";
+pub const STARTING_STAGES: &[(&str, i32, StageKind)] = &[
+    ("New lead", 10, StageKind::Open),
+    ("Client contacted", 20, StageKind::Open),
+    ("Needs identified", 40, StageKind::Open),
+    ("Proposal sent", 60, StageKind::Open),
+    ("Negotiation", 80, StageKind::Open),
+    ("Payment", 90, StageKind::Open),
+    ("Order received", 100, StageKind::Won),
+    ("Lost", 0, StageKind::Lost),
+];
+
+/// Whether `code` looks like an ISO 4217 currency code: three capital letters.
+pub fn is_currency(code: &str) -> bool {
+    code.len() == 3 && code.bytes().all(|b| b.is_ascii_uppercase())
+}
+
+/// Checks a money value: an ISO currency and a non-negative amount.
+pub fn check_money(money: &Money, field: &str, v: &mut Violations) {
+    if !is_currency(&money.currency_code) {
+        v.add(format!("{field}.currency_code"), "must be an ISO 4217 code of three capital letters, e.g. EUR");
+    }
+    if money.minor_units < 0 {
+        v.add(format!("{field}.minor_units"), "must not be negative");
+    }
+}
+
+/// The total of a line: `quantity` × `unit_price` less `discount_bps` hundredths of a percent,
+/// rounded half up to the minor unit; `None` when it does not fit (an amount overflow).
+pub fn line_total(quantity: i64, unit_price: i64, discount_bps: i64) -> Option<i64> {
+    if quantity < 0 || unit_price < 0 || !(0..=10_000).contains(&discount_bps) {
+        return None;
+    }
+    let gross = i128::from(quantity) * i128::from(unit_price);
+    let net = (gross * i128::from(10_000 - discount_bps) + 5_000) / 10_000;
+    i64::try_from(net).ok()
+}
+
+/// The sum of amounts, `None` on overflow.
+pub fn sum(amounts: impl IntoIterator<Item = i64>) -> Option<i64> {
+    amounts.into_iter().try_fold(0_i64, |total, a| total.checked_add(a))
+}
+
+/// The lower-cased key a name or SKU is compared by.
+pub fn key(text: &str) -> String {
+    text.trim().to_lowercase()
+}
+
+/// Trims a stage and fills its defaults (won 100, lost 0 when no probability is given).
+pub fn normalize_stage(stage: &mut Stage, field: &str, v: &mut Violations) {
+    stage.name = stage.name.trim().to_string();
+    v.required(&format!("{field}.name"), &stage.name);
+    v.max_chars(&format!("{field}.name"), &stage.name, MAX_NAME);
+    match StageKind::try_from(stage.kind) {
+        Ok(StageKind::Unspecified) | Err(_) => {
+            v.add(format!("{field}.kind"), "must be STAGE_KIND_OPEN, STAGE_KIND_WON or STAGE_KIND_LOST")
+        }
+        Ok(StageKind::Won) if stage.probability == 0 => stage.probability = 100,
+        Ok(_) => {}
+    }
+    if !(0..=100).contains(&stage.probability) {
+        v.add(format!("{field}.probability"), "must be 0 to 100");
+    }
+    if !(0..=MAX_ROTTING_DAYS).contains(&stage.rotting_days) {
+        v.add(format!("{field}.rotting_days"), format!("must be 0 to {MAX_ROTTING_DAYS}"));
+    }
+}
+
+/// Checks a pipeline's stages as a whole: names unique, at most [`MAX_STAGES`], and at least
+/// one open, one won and one lost stage (every deal must be able to end either way).
+pub fn check_stages(stages: &[Stage], field: &str, v: &mut Violations) {
+    v.max_items(field, stages, MAX_STAGES);
+    let mut seen: Vec<String> = Vec::new();
+    for (i, stage) in stages.iter().enumerate() {
+        let k = key(&stage.name);
+        if !k.is_empty() && seen.contains(&k) {
+            v.add(format!("{field}[{i}].name"), format!("{:?} is already a stage of this pipeline", stage.name));
+        }
+        seen.push(k);
+    }
+    for (kind, name) in [(StageKind::Open, "open"), (StageKind::Won, "won"), (StageKind::Lost, "lost")] {
+        if !stages.iter().any(|s| s.kind == kind as i32) {
+            v.add(field, format!("needs at least one {name} stage"));
+        }
+    }
+}
+
+/// Trims a pipeline's own fields and its stages.
+pub fn normalize_pipeline(p: &mut Pipeline, v: &mut Violations) {
+    p.name = p.name.trim().to_string();
+    v.required("pipeline.name", &p.name);
+    v.max_chars("pipeline.name", &p.name, MAX_NAME);
+    p.department_id = p.department_id.trim().to_string();
+    v.optional_uuid("pipeline.department_id", &p.department_id);
+}
+
+/// Trims a product and checks its prices (one per currency).
+pub fn normalize_product(p: &mut Product, v: &mut Violations) {
+    p.name = p.name.trim().to_string();
+    v.required("product.name", &p.name);
+    v.max_chars("product.name", &p.name, MAX_PRODUCT_NAME);
+    p.sku = p.sku.trim().to_string();
+    v.max_chars("product.sku", &p.sku, MAX_NAME);
+    v.max_chars("product.description", &p.description, MAX_TEXT);
+    v.max_items("product.prices", &p.prices, MAX_PRICES);
+    let mut currencies: Vec<&str> = Vec::new();
+    for (i, price) in p.prices.iter().enumerate() {
+        check_money(price, &format!("product.prices[{i}]"), v);
+        if currencies.contains(&price.currency_code.as_str()) {
+            v.add(format!("product.prices[{i}].currency_code"), "has a price already; one price per currency");
+        }
+        currencies.push(price.currency_code.as_str());
+    }
+}
+
+/// The largest amount a deal or a line may have, in minor units (10^15: ten trillion of a
+/// currency with cents), so that sums over millions of deals stay exact in 64 bits.
+pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
+pub const MAX_LINES: usize = 200;
+pub const MAX_REASON: usize = 500;
+
+/// The weighted amount of a deal: `amount` × `probability` %, rounded half up (in SQL the same:
+/// `(amount * probability + 50) / 100`).
+pub fn weighted(amount: i64, probability: i32) -> i64 {
+    ((i128::from(amount) * i128::from(probability) + 50) / 100) as i64
+}
+
+/// A deal's status from the kind of its stage.
+pub fn status_of(kind: i32) -> DealStatus {
+    match StageKind::try_from(kind) {
+        Ok(StageKind::Won) => DealStatus::Won,
+        Ok(StageKind::Lost) => DealStatus::Lost,
+        _ => DealStatus::Open,
+    }
+}
+
+/// Trims a deal's own fields (not its money: [`price`]).
+pub fn normalize_deal(deal: &mut Deal, v: &mut Violations) {
+    deal.title = deal.title.trim().to_string();
+    v.required("deal.title", &deal.title);
+    v.max_chars("deal.title", &deal.title, MAX_PRODUCT_NAME);
+    v.max_chars("deal.notes", &deal.notes, MAX_TEXT);
+    for (field, id) in [
+        ("deal.company_id", &mut deal.company_id),
+        ("deal.person_id", &mut deal.person_id),
+        ("deal.owner_id", &mut deal.owner_id),
+    ] {
+        *id = id.trim().to_string();
+        v.optional_uuid(field, id);
+    }
+    deal.expected_close_date = deal.expected_close_date.trim().to_string();
+    if !deal.expected_close_date.is_empty() && parse_date(&deal.expected_close_date).is_none() {
+        v.add("deal.expected_close_date", "must be a day as YYYY-MM-DD");
+    }
+    deal.lost_reason = deal.lost_reason.trim().to_string();
+    v.max_chars("deal.lost_reason", &deal.lost_reason, MAX_REASON);
+    if let Some(p) = deal.probability
+        && !(0..=100).contains(&p)
+    {
+        v.add("deal.probability", "must be 0 to 100");
+    }
+}
+
+/// A YYYY-MM-DD day, checked for its calendar (leap years included).
+pub fn parse_date(text: &str) -> Option<(i32, u32, u32)> {
+    let b = text.as_bytes();
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let year: i32 = text[..4].parse().ok()?;
+    let month: u32 = text[5..7].parse().ok()?;
+    let day: u32 = text[8..].parse().ok()?;
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    (1..=days).contains(&day).then_some((year, month, day))
+}
+
+/// Prices a deal: with line items, each line's unit price (default: its product's price in the
+/// deal's currency), name (default: the product's) and total, and the amount their sum; without,
+/// the amount as given. `products` holds the products the lines name. A violation for every
+/// wrong value; nothing is half-priced.
+pub fn price(deal: &mut Deal, products: &HashMap<String, Product>, v: &mut Violations) {
+    let mut amount = deal.amount.take().unwrap_or_default();
+    amount.currency_code = amount.currency_code.trim().to_string();
+    if deal.line_items.is_empty() {
+        if amount.minor_units != 0 || !amount.currency_code.is_empty() {
+            check_money(&amount, "deal.amount", v);
+            if amount.minor_units > MAX_AMOUNT {
+                v.add("deal.amount.minor_units", format!("must be at most {MAX_AMOUNT}"));
+            }
+        }
+        deal.amount = (!amount.currency_code.is_empty()).then_some(amount);
+        return;
+    }
+    v.max_items("deal.line_items", &deal.line_items, MAX_LINES);
+    if !is_currency(&amount.currency_code) {
+        v.add("deal.amount.currency_code", "is required with line items: the currency every line is priced in");
+    }
+    let currency = amount.currency_code.clone();
+    let mut totals = Vec::with_capacity(deal.line_items.len());
+    for (i, line) in deal.line_items.iter_mut().enumerate() {
+        let field = format!("deal.line_items[{i}]");
+        price_line(line, &field, &currency, products, v);
+        totals.push(line.total.as_ref().map_or(0, |t| t.minor_units));
+    }
+    match sum(totals) {
+        Some(total) if total <= MAX_AMOUNT => deal.amount = Some(Money { currency_code: currency, minor_units: total }),
+        _ => {
+            v.add("deal.line_items", format!("add up to more than {MAX_AMOUNT} minor units"));
+            deal.amount = None;
+        }
+    }
+}
+
+fn price_line(
+    line: &mut LineItem,
+    field: &str,
+    currency: &str,
+    products: &HashMap<String, Product>,
+    v: &mut Violations,
+) {
+    line.product_id = line.product_id.trim().to_string();
+    line.name = line.name.trim().to_string();
+    line.total = None;
+    if !line.product_id.is_empty() {
+        match products.get(&line.product_id) {
+            None => v.add(format!("{field}.product_id"), "no product has this id"),
+            Some(product) => {
+                if line.name.is_empty() {
+                    line.name = product.name.clone();
+                }
+                if line.unit_price.is_none()
+                    && let Some(price) = product.prices.iter().find(|p| p.currency_code == currency)
+                {
+                    line.unit_price = Some(price.clone());
+                }
+            }
+        }
+    }
+    v.required(&format!("{field}.name"), &line.name);
+    v.max_chars(&format!("{field}.name"), &line.name, MAX_PRODUCT_NAME);
+    if line.quantity < 1 {
+        v.add(format!("{field}.quantity"), "must be at least 1");
+    }
+    if !(0..=10_000).contains(&line.discount_bps) {
+        v.add(format!("{field}.discount_bps"), "must be 0 to 10000 (hundredths of a percent)");
+    }
+    let Some(price) = &line.unit_price else {
+        v.add(format!("{field}.unit_price"), format!("is required (the product has no price in {currency})"));
+        return;
+    };
+    if price.currency_code != currency {
+        v.add(format!("{field}.unit_price.currency_code"), format!("must be the deal's currency, {currency}"));
+        return;
+    }
+    if price.minor_units < 0 {
+        v.add(format!("{field}.unit_price.minor_units"), "must not be negative");
+        return;
+    }
+    if line.quantity < 1 || !(0..=10_000).contains(&line.discount_bps) {
+        return;
+    }
+    match line_total(line.quantity, price.minor_units, i64::from(line.discount_bps)) {
+        Some(total) if total <= MAX_AMOUNT => {
+            line.total = Some(Money { currency_code: currency.to_string(), minor_units: total })
+        }
+        _ => v.add(format!("{field}.quantity"), format!("times the unit price exceeds {MAX_AMOUNT} minor units")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_totals_are_exact_in_minor_units() {
+        assert_eq!(line_total(3, 1_999, 0), Some(5_997));
+        // 10% off 3 × 19.99 = 53.973 → 53.97.
+        assert_eq!(line_total(3, 1_999, 1_000), Some(5_397));
+        // Half a minor unit rounds up: 1 × 0.05 less 50% = 0.025 → 0.03.
+        assert_eq!(line_total(1, 5, 5_000), Some(3));
+        assert_eq!(line_total(2, i64::MAX, 0), None, "overflow");
+        assert_eq!(line_total(-1, 100, 0), None);
+        assert_eq!(line_total(1, 100, 10_001), None);
+        assert_eq!(sum([i64::MAX, 1]), None);
+        assert_eq!(sum([1, 2, 3]), Some(6));
+    }
+
+    #[test]
+    fn pipelines_need_every_kind_of_stage_and_unique_names() {
+        let stage = |name: &str, kind: StageKind| Stage { name: name.into(), kind: kind as i32, ..Default::default() };
+        let mut v = Violations::new();
+        check_stages(&[stage("New", StageKind::Open), stage(" new", StageKind::Won)], "pipeline.stages", &mut v);
+        let fields: Vec<&str> = v.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(fields, ["pipeline.stages[1].name", "pipeline.stages"]);
+        let mut won = stage("Won", StageKind::Won);
+        let mut v = Violations::new();
+        normalize_stage(&mut won, "stage", &mut v);
+        assert!(v.is_empty());
+        assert_eq!(won.probability, 100);
+        let mut bad = Stage { name: " ".into(), probability: 101, rotting_days: -1, ..Default::default() };
+        let mut v = Violations::new();
+        normalize_stage(&mut bad, "stage", &mut v);
+        let fields: Vec<&str> = v.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(fields, ["stage.name", "stage.kind", "stage.probability", "stage.rotting_days"]);
+        let starting: Vec<Stage> = STARTING_STAGES.iter().map(|(n, _, k)| stage(n, *k)).collect();
+        let mut v = Violations::new();
+        check_stages(&starting, "pipeline.stages", &mut v);
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn deals_are_priced_from_their_lines() {
+        let money = |c: &str, n: i64| Some(Money { currency_code: c.into(), minor_units: n });
+        let widget = Product {
+            id: "p1".into(),
+            name: "Widget".into(),
+            prices: vec![Money { currency_code: "EUR".into(), minor_units: 1_999 }],
+            ..Default::default()
+        };
+        let products = HashMap::from([("p1".to_string(), widget)]);
+        let line = |product: &str, quantity: i64, price: Option<Money>, bps: i32| LineItem {
+            product_id: product.into(),
+            quantity,
+            unit_price: price,
+            discount_bps: bps,
+            ..Default::default()
+        };
+        let mut deal = Deal {
+            amount: money("EUR", 0),
+            line_items: vec![line("p1", 3, None, 1_000), line("", 1, money("EUR", 500), 0)],
+            ..Default::default()
+        };
+        deal.line_items[1].name = "Delivery".into();
+        let mut v = Violations::new();
+        price(&mut deal, &products, &mut v);
+        assert!(v.is_empty(), "{:?}", v.iter().collect::<Vec<_>>());
+        assert_eq!(deal.line_items[0].name, "Widget");
+        assert_eq!(deal.line_items[0].total, money("EUR", 5_397));
+        assert_eq!(deal.amount, money("EUR", 5_897));
+        // Mixed currencies, an unknown product, a negative quantity, an overflow: each named.
+        let mut bad = Deal {
+            amount: money("EUR", 0),
+            line_items: vec![
+                line("", 1, money("USD", 100), 0),
+                line("p9", 1, money("EUR", 1), 0),
+                line("", -2, money("EUR", 1), 0),
+                line("", 2, money("EUR", MAX_AMOUNT), 0),
+            ],
+            ..Default::default()
+        };
+        for (i, l) in bad.line_items.iter_mut().enumerate() {
+            if i != 1 {
+                l.name = "x".into();
+            }
+        }
+        let mut v = Violations::new();
+        price(&mut bad, &products, &mut v);
+        let fields: Vec<&str> = v.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "deal.line_items[0].unit_price.currency_code",
+                "deal.line_items[1].product_id",
+                "deal.line_items[1].name",
+                "deal.line_items[2].quantity",
+                "deal.line_items[3].quantity",
+            ]
+        );
+        assert_eq!(weighted(1_001, 50), 501, "half up");
+        assert_eq!(weighted(MAX_AMOUNT, 100), MAX_AMOUNT);
+        assert_eq!(parse_date("2028-02-29"), Some((2028, 2, 29)));
+        assert!(parse_date("2027-02-29").is_none() && parse_date("2027-13-01").is_none());
+    }
+
+    #[test]
+    fn products_have_one_price_per_currency() {
+        let money = |c: &str, n: i64| Money { currency_code: c.into(), minor_units: n };
+        let mut p = Product {
+            name: " Widget ".into(),
+            prices: vec![money("EUR", 100), money("eur", 1), money("EUR", -5)],
+            ..Default::default()
+        };
+        let mut v = Violations::new();
+        normalize_product(&mut p, &mut v);
+        let fields: Vec<&str> = v.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["product.prices[1].currency_code", "product.prices[2].minor_units", "product.prices[2].currency_code"]
+        );
+        assert_eq!(p.name, "Widget");
+    }
+}

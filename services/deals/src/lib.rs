@@ -1,0 +1,112 @@
+//! The deals service (SPEC D1-D8), built in steps. Today:
+//! - pipelines of ordered stages (D1), added, renamed, reordered and removed as data without
+//!   breaking a deal (a removed stage's deals move, recorded), and a starting pipeline from a new
+//!   lead to an order received created at first start;
+//! - deals (D2) with money as an ISO currency and minor units throughout, line items priced on
+//!   the server ([`domain`]), an owner in the caller's scope, a company and person checked with
+//!   contacts in one call, a probability that is the stage's unless a user set one;
+//! - every stage change recorded, won and lost closing the deal, reopening too (D3);
+//! - the board: per stage the count, sum and weighted sum per currency over every matching deal;
+//! - the product catalogue (D6).
+//!
+//! Automations, quotes, contracts, payments, targets, reports and purchase history come next.
+
+pub mod api;
+pub mod domain;
+pub mod store;
+
+use std::sync::Arc;
+
+use crm_kit::auth::{AUTH_ROLE, Grant, Permission, RemoteDirectory};
+use crm_kit::customers::RemoteCustomers;
+use crm_kit::db::Migrations;
+use crm_kit::role::{self, Calls, Context, Opened, RoleSpec, SERVICE_SECRET_ENV};
+use crm_proto::deals::v1::deals_service_server::{self, DealsServiceServer};
+
+pub use api::DealsApi;
+pub use store::Store;
+
+/// The name deals publishes its events under, and its consumer group.
+pub const SOURCE: &str = "deals";
+
+/// The contacts service: the companies and people deals are with.
+pub const CONTACTS_ROLE: &str = "contacts";
+
+/// The permissions the deals service's calls check.
+pub mod permissions {
+    use super::{Grant, Permission};
+
+    pub const READ: Permission = Permission {
+        name: "deals.read",
+        about: "read pipelines, products and deals",
+        grant: Grant::Everyone,
+        for_services: true,
+    };
+    pub const WRITE: Permission = Permission {
+        name: "deals.write",
+        about: "create, change, move and delete deals",
+        grant: Grant::Everyone,
+        for_services: true,
+    };
+    pub const ADMIN: Permission = Permission {
+        name: "deals.admin",
+        about: "change pipelines and their stages, and the product catalogue",
+        grant: Grant::Administrators,
+        for_services: false,
+    };
+    pub const ALL: &[Permission] = &[READ, WRITE, ADMIN];
+}
+
+/// Settings of the deals role (none yet of its own).
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Deals service")]
+pub struct DealsArgs {}
+
+/// The deals role.
+pub struct Deals;
+
+impl role::Service for Deals {
+    type Args = DealsArgs;
+
+    const SPEC: RoleSpec = RoleSpec {
+        name: SOURCE,
+        title: "the deals service",
+        packages: &["crm.deals.v1"],
+        services: &[deals_service_server::SERVICE_NAME],
+        public_methods: &[],
+        permissions: permissions::ALL,
+        default_port: 50056,
+        calls: Calls::Roles(&[AUTH_ROLE, CONTACTS_ROLE]),
+        consumes: &[],
+    };
+
+    fn migrations() -> Option<Migrations> {
+        Some(store::migrations())
+    }
+
+    async fn open(_args: DealsArgs, ctx: Context) -> Result<Opened, role::Error> {
+        let auth = ctx.peer(AUTH_ROLE)?;
+        let contacts = ctx.peer(CONTACTS_ROLE)?;
+        if ctx.service_credentials().is_none() {
+            return Err(format!(
+                "deals checks that a deal's owner is an active user with the auth service, as the suite's service \
+                 account: set --service-client-id (CRM_SERVICE_CLIENT_ID) and {SERVICE_SECRET_ENV}"
+            )
+            .into());
+        }
+        let db = ctx.open_db(&store::migrations()).await?;
+        let store = Store::new(db.clone());
+        if store.ensure_starting_pipeline().await? {
+            tracing::info!(role = SOURCE, "created the starting pipeline");
+        }
+        let (scopes, organisation) = ctx.scopes()?;
+        let api = DealsApi::new(
+            store,
+            scopes,
+            Arc::new(RemoteDirectory::new(auth)),
+            Arc::new(RemoteCustomers::new(contacts)),
+        );
+        let server = ctx.server().add_service(DealsServiceServer::new(api)).authenticate(ctx.authenticator()?);
+        Ok(Opened::new(server).with_db(db).job("organisation changes", move |shutdown| organisation.run(shutdown)))
+    }
+}

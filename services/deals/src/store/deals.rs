@@ -1,0 +1,508 @@
+//! Deals: their columns (stage, status, owner, money) beside a document (line items, notes,
+//! lost reason), every stage change in `deal_history`, and the board's per-stage totals computed
+//! by the database over every matching deal.
+
+use std::collections::HashMap;
+
+use crm_kit::ApiError;
+use crm_kit::auth::OwnerScope;
+use crm_kit::db::{Backend, Edit, Sql, Tx, idempotency};
+use crm_kit::filter::{Field, FieldKind, Filter};
+use crm_kit::page::{Order, Page};
+use crm_kit::time::{now_micros, to_timestamp};
+use crm_proto::deals::v1::{
+    ColumnTotal, Deal, DealStatus, Money, Product, Stage, StageChange, StageChangeKind, StageKind,
+};
+use prost::Message;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{CREATED_DEAL, Store};
+use crate::domain;
+
+const COLUMNS: &str = "id, title, pipeline_id, stage_id, status, owner_id, company_id, person_id, currency, amount, \
+                       probability, probability_manual, expected_close, source, stage_entered_at, closed_at, \
+                       created_at, updated_at, version, doc";
+
+/// The filterable fields of ListDeals.
+pub const FIELDS: &[Field] = &[
+    Field { name: "pipeline_id", column: "pipeline_id", kind: FieldKind::Text },
+    Field { name: "stage_id", column: "stage_id", kind: FieldKind::Text },
+    Field { name: "owner_id", column: "owner_id", kind: FieldKind::Text },
+    Field { name: "company_id", column: "company_id", kind: FieldKind::Text },
+    Field { name: "person_id", column: "person_id", kind: FieldKind::Text },
+    Field {
+        name: "status",
+        column: "status",
+        kind: FieldKind::Enum { prefix: "DEAL_STATUS_", values: &[("OPEN", 1), ("WON", 2), ("LOST", 3)] },
+    },
+    Field { name: "currency", column: "currency", kind: FieldKind::Text },
+    Field { name: "amount", column: "amount", kind: FieldKind::Number },
+    Field { name: "expected_close_date", column: "expected_close", kind: FieldKind::Text },
+    Field { name: "create_time", column: "created_at", kind: FieldKind::Time },
+    Field { name: "close_time", column: "closed_at", kind: FieldKind::Time },
+];
+
+/// The order of a deal listing from `order_by`.
+pub fn order(order_by: &str) -> Result<Order, ApiError> {
+    let text = order_by.trim();
+    let (name, desc) = match text.strip_suffix(" desc") {
+        Some(name) => (name.trim(), true),
+        None => (text.strip_suffix(" asc").unwrap_or(text).trim(), text.is_empty()),
+    };
+    let (column, is_text) = match name {
+        "" | "create_time" => ("created_at", false),
+        "update_time" => ("updated_at", false),
+        "amount" => ("amount", false),
+        "expected_close_date" => ("expected_close", true),
+        other => {
+            return Err(ApiError::invalid(
+                "order_by",
+                format!("cannot sort by {other:?}; use create_time, update_time, amount or expected_close_date"),
+            ));
+        }
+    };
+    Ok(Order { column, tie: "id", text: is_text, desc })
+}
+
+/// A deal listing, decoded.
+#[derive(Debug, Clone)]
+pub struct DealQuery {
+    pub filter: Option<Filter>,
+    pub order: Order,
+    pub page: Page,
+}
+
+/// A stage of a pipeline, as a deal moving into it needs it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub pipeline_id: String,
+    pub stage: Stage,
+}
+
+fn decode(row: &AnyRow) -> Result<Deal, ApiError> {
+    let id: String = row.try_get("id")?;
+    let doc: Vec<u8> = row.try_get("doc")?;
+    let mut d = Deal::decode(doc.as_slice())
+        .map_err(|e| ApiError::Internal(format!("stored deal {id} does not decode: {e}")))?;
+    d.title = row.try_get("title")?;
+    d.pipeline_id = row.try_get("pipeline_id")?;
+    d.stage_id = row.try_get("stage_id")?;
+    d.status = row.try_get::<i64, _>("status")? as i32;
+    d.owner_id = row.try_get("owner_id")?;
+    d.company_id = row.try_get("company_id")?;
+    d.person_id = row.try_get("person_id")?;
+    let currency: String = row.try_get("currency")?;
+    let amount: i64 = row.try_get("amount")?;
+    let probability = row.try_get::<i64, _>("probability")? as i32;
+    d.probability = Some(probability);
+    d.probability_manual = row.try_get::<i64, _>("probability_manual")? != 0;
+    if !currency.is_empty() {
+        d.weighted_amount =
+            Some(Money { currency_code: currency.clone(), minor_units: domain::weighted(amount, probability) });
+        d.amount = Some(Money { currency_code: currency, minor_units: amount });
+    }
+    d.expected_close_date = row.try_get("expected_close")?;
+    d.source = row.try_get("source")?;
+    d.stage_enter_time = to_timestamp(row.try_get("stage_entered_at")?);
+    d.close_time = to_timestamp(row.try_get("closed_at")?);
+    d.create_time = to_timestamp(row.try_get("created_at")?);
+    d.update_time = to_timestamp(row.try_get("updated_at")?);
+    d.etag = row.try_get::<i64, _>("version")?.to_string();
+    d.id = id;
+    Ok(d)
+}
+
+fn doc(d: &Deal) -> Vec<u8> {
+    Deal {
+        line_items: d.line_items.clone(),
+        notes: d.notes.clone(),
+        lost_reason: d.lost_reason.clone(),
+        ..Deal::default()
+    }
+    .encode_to_vec()
+}
+
+fn money(d: &Deal) -> (&str, i64) {
+    d.amount.as_ref().map_or(("", 0), |m| (m.currency_code.as_str(), m.minor_units))
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("deal {id} not found"))
+}
+
+/// A history row about to be written.
+struct Change<'a> {
+    deal_id: &'a str,
+    from: &'a str,
+    to: &'a str,
+    kind: StageChangeKind,
+    actor: &'a str,
+    at: i64,
+    seconds_in_previous: i64,
+    lost_reason: &'a str,
+}
+
+async fn record(tx: &mut Tx, change: &Change<'_>) -> Result<(), ApiError> {
+    let mut sql = Sql::new(
+        "INSERT INTO deal_history (id, deal_id, from_stage_id, to_stage_id, kind, actor_id, at, seconds_in_previous, \
+         lost_reason) VALUES ",
+    );
+    sql.push_values([change], |v, c| {
+        v.bind(crm_kit::id::new()).bind(c.deal_id).bind(c.from).bind(c.to).bind(c.kind as i64).bind(c.actor);
+        v.bind(c.at).bind(c.seconds_in_previous).bind(c.lost_reason);
+    });
+    sql.query().execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// What moving from a stage of `from` kind to one of `to` kind is.
+pub fn change_kind(from: i32, to: i32) -> StageChangeKind {
+    let closed = |k: i32| k == StageKind::Won as i32 || k == StageKind::Lost as i32;
+    match (closed(from), closed(to)) {
+        (_, true) => StageChangeKind::Closed,
+        (true, false) => StageChangeKind::Reopened,
+        (false, false) => StageChangeKind::Moved,
+    }
+}
+
+impl Store {
+    /// The stage `id` with its pipeline.
+    pub async fn target(&self, stage_id: &str) -> Result<Option<Target>, ApiError> {
+        let mut sql =
+            Sql::new("SELECT pipeline_id, id, name, position, probability, kind, rotting_days FROM stages WHERE id = ");
+        sql.bind(stage_id);
+        Ok(match sql.query().fetch_optional(self.db.pool()).await? {
+            Some(row) => {
+                Some(Target { pipeline_id: row.try_get("pipeline_id")?, stage: super::pipelines::stage_of(&row)? })
+            }
+            None => None,
+        })
+    }
+
+    /// The first stage of `pipeline_id`, or of the first pipeline by name.
+    pub async fn first_stage(&self, pipeline_id: &str) -> Result<Option<Target>, ApiError> {
+        let mut sql = Sql::new(
+            "SELECT s.pipeline_id, s.id, s.name, s.position, s.probability, s.kind, s.rotting_days FROM stages s \
+             JOIN pipelines p ON p.id = s.pipeline_id WHERE 1=1",
+        );
+        if !pipeline_id.is_empty() {
+            sql.push(" AND p.id = ").bind(pipeline_id);
+        }
+        sql.push(" ORDER BY p.name_key, p.id, s.position LIMIT 1");
+        Ok(match sql.query().fetch_optional(self.db.pool()).await? {
+            Some(row) => {
+                Some(Target { pipeline_id: row.try_get("pipeline_id")?, stage: super::pipelines::stage_of(&row)? })
+            }
+            None => None,
+        })
+    }
+
+    /// The products of `ids`, by id.
+    pub async fn products_by_id(&self, ids: &[&str]) -> Result<HashMap<String, Product>, ApiError> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut sql =
+            Sql::new("SELECT id, name_key, active, created_at, updated_at, version, doc FROM products WHERE ");
+        sql.push_in("id", ids.iter().copied());
+        let rows = sql.query().fetch_all(self.db.pool()).await?;
+        rows.iter().map(|r| super::products::decode(r).map(|p| (p.id.clone(), p))).collect()
+    }
+
+    /// Opens `deal` (normalised, priced, its owner and customer checked) in stage `target`, for
+    /// `actor`; its first history row says where it started.
+    pub async fn create_deal(
+        &self,
+        mut deal: Deal,
+        target: &Target,
+        actor: &str,
+        request_id: &str,
+        scope: &OwnerScope,
+    ) -> Result<Deal, ApiError> {
+        let now = now_micros();
+        let id = crm_kit::id::new();
+        let mut tx = self.db.begin_write().await?;
+        if let idempotency::Claim::Retry { record_id, .. } =
+            idempotency::claim(&mut tx, actor, request_id, CREATED_DEAL, &id, now).await?
+        {
+            tx.rollback().await?;
+            return self.get_deal(&record_id, scope).await;
+        }
+        deal.id = id;
+        deal.pipeline_id = target.pipeline_id.clone();
+        deal.stage_id = target.stage.id.clone();
+        deal.status = domain::status_of(target.stage.kind) as i32;
+        deal.probability_manual = deal.probability.is_some();
+        let probability = deal.probability.unwrap_or(target.stage.probability);
+        deal.probability = Some(probability);
+        let closed_at = if deal.status == DealStatus::Open as i32 { 0 } else { now };
+        let (currency, amount) = money(&deal);
+        let mut sql = Sql::new("INSERT INTO deals (");
+        sql.push(COLUMNS).push(") VALUES ");
+        sql.push_values([&deal], |v, d| {
+            v.bind(d.id.as_str()).bind(d.title.as_str()).bind(d.pipeline_id.as_str()).bind(d.stage_id.as_str());
+            v.bind(i64::from(d.status))
+                .bind(d.owner_id.as_str())
+                .bind(d.company_id.as_str())
+                .bind(d.person_id.as_str());
+            v.bind(currency).bind(amount).bind(i64::from(probability)).bind(i64::from(d.probability_manual));
+            v.bind(d.expected_close_date.as_str()).bind(d.source.as_str()).bind(now).bind(closed_at);
+            v.bind(now).bind(now).bind(1_i64).bind(doc(d));
+        });
+        sql.query().execute(&mut *tx).await?;
+        let change = Change {
+            deal_id: &deal.id,
+            from: "",
+            to: &deal.stage_id,
+            kind: if closed_at == 0 { StageChangeKind::Created } else { StageChangeKind::Closed },
+            actor,
+            at: now,
+            seconds_in_previous: 0,
+            lost_reason: &deal.lost_reason,
+        };
+        record(&mut tx, &change).await?;
+        tx.commit().await?;
+        let mut sql = Sql::new("SELECT ");
+        sql.push(COLUMNS).push(" FROM deals WHERE id = ").bind(deal.id.as_str());
+        decode(&sql.query().fetch_one(self.db.pool()).await?)
+    }
+
+    fn select_deal(&self, id: &str, scope: &OwnerScope) -> Sql {
+        let mut sql = Sql::new("SELECT ");
+        sql.push(COLUMNS).push(" FROM deals WHERE id = ").bind(id);
+        scope.push_condition(&mut sql, self.db.backend(), "owner_id");
+        sql
+    }
+
+    pub async fn get_deal(&self, id: &str, scope: &OwnerScope) -> Result<Deal, ApiError> {
+        let row = self.select_deal(id, scope).query().fetch_optional(self.db.pool()).await?;
+        decode(&row.ok_or_else(|| not_found(id))?)
+    }
+
+    /// Changes the deal `id` under its row lock. `change` gets the deal as stored and the stage it
+    /// is in; a `move_to` stage is entered after it (recorded in the history, closing, reopening
+    /// and taking the stage's probability unless a user set one). ABORTED when `etag` is set and
+    /// stale.
+    pub async fn edit_deal(
+        &self,
+        id: &str,
+        etag: &str,
+        actor: &str,
+        scope: &OwnerScope,
+        move_to: Option<&Target>,
+        change: impl FnOnce(&mut Deal) -> Result<(), ApiError>,
+    ) -> Result<Deal, ApiError> {
+        let tx = self.db.begin_write().await?;
+        let (mut edit, row) = Edit::lock(&self.db, tx, "deals", "deal", id, self.select_deal(id, scope)).await?;
+        edit.require_etag(etag)?;
+        let old = decode(&row)?;
+        let mut deal = old.clone();
+        change(&mut deal)?;
+        let now = now_micros();
+        let mut entered_at = old.stage_enter_time.as_ref().map(crm_kit::time::from_timestamp).unwrap_or(now);
+        let mut closed_at = old.close_time.as_ref().map(crm_kit::time::from_timestamp).unwrap_or(0);
+        let mut moved = None;
+        if let Some(target) = move_to.filter(|t| t.stage.id != old.stage_id) {
+            if target.pipeline_id != old.pipeline_id {
+                return Err(ApiError::invalid("stage_id", "is not a stage of the deal's pipeline"));
+            }
+            let from_kind = self.stage_kind(edit.tx(), &old.stage_id).await?;
+            let kind = change_kind(from_kind, target.stage.kind);
+            deal.stage_id = target.stage.id.clone();
+            deal.status = domain::status_of(target.stage.kind) as i32;
+            if !deal.probability_manual {
+                deal.probability = Some(target.stage.probability);
+            }
+            closed_at = if deal.status == DealStatus::Open as i32 { 0 } else { now };
+            if deal.status != DealStatus::Lost as i32 {
+                deal.lost_reason.clear();
+            }
+            moved = Some((kind, ((now - entered_at) / 1_000_000).max(0)));
+            entered_at = now;
+        } else if !deal.probability_manual && deal.probability != old.probability {
+            // Cleared: back to the stage's default.
+            let stage = self.target(&deal.stage_id).await?;
+            deal.probability = stage.map(|t| t.stage.probability).or(old.probability);
+        }
+        if deal == old && moved.is_none() {
+            edit.abandon().await?;
+            return Ok(old);
+        }
+        let (currency, amount) = money(&deal);
+        let mut set = Sql::new("title = ");
+        set.bind(deal.title.as_str()).push(", stage_id = ").bind(deal.stage_id.as_str());
+        set.push(", status = ").bind(i64::from(deal.status)).push(", owner_id = ").bind(deal.owner_id.as_str());
+        set.push(", company_id = ").bind(deal.company_id.as_str()).push(", person_id = ").bind(deal.person_id.as_str());
+        set.push(", currency = ").bind(currency).push(", amount = ").bind(amount);
+        set.push(", probability = ").bind(i64::from(deal.probability.unwrap_or(0)));
+        set.push(", probability_manual = ").bind(i64::from(deal.probability_manual));
+        set.push(", expected_close = ").bind(deal.expected_close_date.as_str());
+        set.push(", stage_entered_at = ").bind(entered_at).push(", closed_at = ").bind(closed_at);
+        set.push(", doc = ").bind(doc(&deal));
+        edit.save(set, now).await?;
+        if let Some((kind, seconds)) = moved {
+            let change = Change {
+                deal_id: id,
+                from: &old.stage_id,
+                to: &deal.stage_id,
+                kind,
+                actor,
+                at: now,
+                seconds_in_previous: seconds,
+                lost_reason: &deal.lost_reason,
+            };
+            record(edit.tx(), &change).await?;
+        }
+        edit.commit().await?;
+        self.get_deal(id, &OwnerScope::All).await
+    }
+
+    async fn stage_kind(&self, tx: &mut Tx, stage_id: &str) -> Result<i32, ApiError> {
+        let mut sql = Sql::new("SELECT kind FROM stages WHERE id = ");
+        sql.bind(stage_id);
+        Ok(match sql.query().fetch_optional(&mut **tx).await? {
+            Some(row) => row.try_get::<i64, _>("kind")? as i32,
+            None => StageKind::Open as i32,
+        })
+    }
+
+    /// Deletes the deal `id` with its history.
+    pub async fn delete_deal(&self, id: &str, etag: &str, scope: &OwnerScope) -> Result<(), ApiError> {
+        let tx = self.db.begin_write().await?;
+        let (mut edit, _) = Edit::lock(&self.db, tx, "deals", "deal", id, self.select_deal(id, scope)).await?;
+        edit.require_etag(etag)?;
+        let mut sql = Sql::new("DELETE FROM deal_history WHERE deal_id = ");
+        sql.bind(id);
+        sql.query().execute(&mut **edit.tx()).await?;
+        edit.delete().await?;
+        edit.commit().await
+    }
+
+    /// One page of the deals `scope` allows.
+    pub async fn list_deals(&self, query: &DealQuery, scope: &OwnerScope) -> Result<(Vec<Deal>, String), ApiError> {
+        let mut sql = Sql::new("SELECT ");
+        sql.push(COLUMNS).push(" FROM deals WHERE 1=1");
+        if let Some(filter) = &query.filter {
+            filter.push_onto(&mut sql);
+        }
+        scope.push_condition(&mut sql, self.db.backend(), "owner_id");
+        query.page.push_keyset(&mut sql, &query.order);
+        let rows = sql.query_unprepared().fetch_all(self.db.pool()).await?;
+        query.page.finish(&rows, &query.order, decode)
+    }
+
+    /// A deal's moves, oldest first, if `scope` allows the deal.
+    pub async fn history(
+        &self,
+        deal_id: &str,
+        page: &Page,
+        scope: &OwnerScope,
+    ) -> Result<(Vec<StageChange>, String), ApiError> {
+        self.get_deal(deal_id, scope).await?;
+        let order = Order { column: "at", tie: "id", text: false, desc: false };
+        let mut sql = Sql::new(
+            "SELECT id, from_stage_id, to_stage_id, kind, actor_id, at, seconds_in_previous, lost_reason FROM deal_history \
+             WHERE deal_id = ",
+        );
+        sql.bind(deal_id);
+        page.push_keyset(&mut sql, &order);
+        let rows = sql.query().fetch_all(self.db.pool()).await?;
+        page.finish(&rows, &order, |r| {
+            Ok(StageChange {
+                id: r.try_get("id")?,
+                from_stage_id: r.try_get("from_stage_id")?,
+                to_stage_id: r.try_get("to_stage_id")?,
+                kind: r.try_get::<i64, _>("kind")? as i32,
+                actor_id: r.try_get("actor_id")?,
+                change_time: to_timestamp(r.try_get("at")?),
+                seconds_in_previous: r.try_get("seconds_in_previous")?,
+                lost_reason: r.try_get("lost_reason")?,
+            })
+        })
+    }
+
+    /// Per stage of `pipeline_id`, and per currency, the count, sum and weighted sum of the deals
+    /// `filter` and `scope` allow: one aggregate over every matching deal.
+    pub async fn board_totals(
+        &self,
+        pipeline_id: &str,
+        filter: Option<&Filter>,
+        scope: &OwnerScope,
+    ) -> Result<HashMap<String, Vec<ColumnTotal>>, ApiError> {
+        let cast = |sql: &mut Sql, expr: &str| {
+            match self.db.backend() {
+                Backend::Postgres => sql.push("CAST(SUM(").push(expr).push(") AS BIGINT)"),
+                Backend::Sqlite => sql.push("SUM(").push(expr).push(")"),
+            };
+        };
+        let mut sql = Sql::new("SELECT stage_id, currency, COUNT(*) AS n, ");
+        cast(&mut sql, "amount");
+        sql.push(" AS total, ");
+        cast(&mut sql, "(amount * probability + 50) / 100");
+        sql.push(" AS weighted FROM deals WHERE pipeline_id = ").bind(pipeline_id);
+        if let Some(filter) = filter {
+            filter.push_onto(&mut sql);
+        }
+        scope.push_set_condition(&mut sql, self.db.backend(), "owner_id");
+        sql.push(" GROUP BY stage_id, currency");
+        let rows = sql.query_unprepared().fetch_all(self.db.pool()).await?;
+        let mut out: HashMap<String, Vec<ColumnTotal>> = HashMap::new();
+        for row in rows {
+            let currency: String = row.try_get("currency")?;
+            let money = |n: i64| Money { currency_code: currency.clone(), minor_units: n };
+            out.entry(row.try_get("stage_id")?).or_default().push(ColumnTotal {
+                sum: Some(money(row.try_get("total")?)),
+                weighted: Some(money(row.try_get("weighted")?)),
+                count: row.try_get("n")?,
+            });
+        }
+        for totals in out.values_mut() {
+            totals.sort_by(|a, b| {
+                let c = |t: &ColumnTotal| t.sum.as_ref().map(|m| m.currency_code.clone()).unwrap_or_default();
+                c(a).cmp(&c(b))
+            });
+        }
+        Ok(out)
+    }
+
+    /// How many deals are in `stage_id`.
+    pub(crate) async fn deals_in_stage(tx: &mut Tx, stage_id: &str) -> Result<i64, ApiError> {
+        let mut sql = Sql::new("SELECT COUNT(*) AS n FROM deals WHERE stage_id = ");
+        sql.bind(stage_id);
+        Ok(sql.query().fetch_one(&mut **tx).await?.try_get("n")?)
+    }
+
+    /// Moves every deal of stage `from` to `to` (a stage of the same kind), recording each move.
+    pub(crate) async fn move_all(tx: &mut Tx, from: &str, to: &Stage, actor: &str, now: i64) -> Result<(), ApiError> {
+        let mut sql = Sql::new(
+            "INSERT INTO deal_history (id, deal_id, from_stage_id, to_stage_id, kind, actor_id, at, \
+             seconds_in_previous, lost_reason) SELECT id || '-moved-' || ",
+        );
+        sql.bind(now.to_string()).push(", id, stage_id, ").bind(to.id.as_str()).push(", ");
+        sql.bind(StageChangeKind::Moved as i64).push(", ").bind(actor).push(", ").bind(now);
+        sql.push(", (").bind(now).push(" - stage_entered_at) / 1000000, '' FROM deals WHERE stage_id = ").bind(from);
+        sql.query().execute(&mut **tx).await?;
+        let mut sql = Sql::new("UPDATE deals SET stage_id = ");
+        sql.bind(to.id.as_str()).push(", stage_entered_at = ").bind(now);
+        sql.push(", probability = CASE WHEN probability_manual = 1 THEN probability ELSE ");
+        sql.bind(i64::from(to.probability)).push(" END, version = version + 1, updated_at = ").bind(now);
+        sql.push(" WHERE stage_id = ").bind(from);
+        sql.query().execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    /// The deals of a stage whose probability nobody set take its new default.
+    pub(crate) async fn follow_stage_probability(
+        tx: &mut Tx,
+        stage_id: &str,
+        probability: i32,
+    ) -> Result<(), ApiError> {
+        let mut sql = Sql::new("UPDATE deals SET probability = ");
+        sql.bind(i64::from(probability)).push(", version = version + 1, updated_at = ").bind(now_micros());
+        sql.push(" WHERE stage_id = ").bind(stage_id).push(" AND probability_manual = 0 AND probability <> ");
+        sql.bind(i64::from(probability));
+        sql.query().execute(&mut **tx).await?;
+        Ok(())
+    }
+}

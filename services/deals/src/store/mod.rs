@@ -1,0 +1,36 @@
+//! Every SQL statement of the deals service, and nothing else. One implementation for both
+//! backends (portable SQL, `$n` placeholders).
+//!
+//! - [`pipelines`]: pipelines and their ordered stages, changed as a whole under the
+//!   pipeline's row lock;
+//! - [`products`]: the catalogue;
+//! - [`deals`]: deals, their stage history and the board's totals.
+
+pub mod deals;
+pub mod pipelines;
+pub mod products;
+
+use crm_kit::db::{Db, Migrations};
+
+pub fn migrations() -> Migrations {
+    Migrations { postgres: sqlx::migrate!("migrations/postgres"), sqlite: sqlx::migrate!("migrations/sqlite") }
+}
+
+/// Record types of idempotent creation.
+pub(crate) const CREATED_PRODUCT: i64 = 1;
+pub(crate) const CREATED_DEAL: i64 = 2;
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: Db,
+}
+
+impl Store {
+    pub fn new(db: Db) -> Store {
+        Store { db }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+}

@@ -1,0 +1,607 @@
+//! The deals service against both backends, through its API (validation, rules, scope and SQL
+//! together). PostgreSQL comes from CRM_TEST_POSTGRES_URL (a fresh database per test); SQLite
+//! from a temporary file. The organisation and contacts' customers are fixtures.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crm_deals::{DealsApi, Store};
+use crm_kit::ApiError;
+use crm_kit::auth::{Principal, ScopeCache};
+use crm_kit::customers::Customers;
+use crm_kit::testing::{Org, TestDb};
+use crm_proto::contacts::v1::{CustomerKey, CustomerSummary, RecordType};
+use crm_proto::deals::v1::deals_service_server::DealsService;
+use crm_proto::deals::v1::*;
+use futures_util::future::BoxFuture;
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+
+const READ: &str = crm_deals::permissions::READ.name;
+const WRITE: &str = crm_deals::permissions::WRITE.name;
+const ADMIN_PERMISSION: &str = crm_deals::permissions::ADMIN.name;
+
+const ADMIN: &str = "0190a000-0000-7000-8000-000000000001";
+const HEAD: &str = "0190a000-0000-7000-8000-000000000002";
+const ALICE: &str = "0190a000-0000-7000-8000-000000000003";
+const BOB: &str = "0190a000-0000-7000-8000-000000000004";
+const CAROL: &str = "0190a000-0000-7000-8000-000000000005";
+const ACME: &str = "0190a000-0000-7000-8000-0000000000c1";
+const ANNA: &str = "0190a000-0000-7000-8000-0000000000c2";
+
+/// Contacts as a fixture: the company Acme (from a referral) and the person Anna (from the web
+/// form), which everyone but Carol may see.
+struct Contacts;
+
+impl Customers for Contacts {
+    fn find<'a>(
+        &'a self,
+        caller: &'a Principal,
+        keys: Vec<CustomerKey>,
+    ) -> BoxFuture<'a, Result<Vec<CustomerSummary>, ApiError>> {
+        let found = keys
+            .into_iter()
+            .filter(|_| caller.subject != CAROL)
+            .filter_map(|k| {
+                let (kind, source) = match k.id.as_str() {
+                    ACME => (RecordType::Company, "referral"),
+                    ANNA => (RecordType::Person, "web_form"),
+                    _ => return None,
+                };
+                (k.record_type == kind as i32).then(|| CustomerSummary {
+                    record_type: k.record_type,
+                    id: k.id,
+                    source: source.into(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        Box::pin(async move { Ok(found) })
+    }
+}
+
+struct Env {
+    store: Store,
+    api: DealsApi,
+    _db: TestDb,
+}
+
+async fn env(db: TestDb) -> Env {
+    let opened = crm_kit::db::Db::open(db.url(), 4, &crm_deals::store::migrations(), "deals").await.unwrap();
+    let store = Store::new(opened);
+    assert!(store.ensure_starting_pipeline().await.unwrap());
+    let org = Org::new().sees_all(ADMIN).sees(HEAD, &[ALICE, BOB]).user(ALICE).user(BOB).user(CAROL);
+    let scopes = ScopeCache::new(Arc::new(org.clone()), Duration::ZERO);
+    let api = DealsApi::new(store.clone(), scopes, Arc::new(org), Arc::new(Contacts));
+    Env { store, api, _db: db }
+}
+
+fn as_user<T>(user: &str, message: T) -> Request<T> {
+    let permissions: &[&str] = if user == ADMIN { &[READ, WRITE, ADMIN_PERMISSION] } else { &[READ, WRITE] };
+    crm_kit::testing::request(&crm_kit::testing::principal(user, permissions), message)
+}
+
+fn violations(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() })
+}
+
+fn money(currency: &str, minor_units: i64) -> Option<Money> {
+    Some(Money { currency_code: currency.into(), minor_units })
+}
+
+fn stage(name: &str, probability: i32, kind: StageKind) -> Stage {
+    Stage { name: name.into(), probability, kind: kind as i32, ..Default::default() }
+}
+
+async fn sales(env: &Env) -> Pipeline {
+    let list = env.api.list_pipelines(as_user(ALICE, ListPipelinesRequest::default())).await.unwrap().into_inner();
+    list.pipelines.into_iter().find(|p| p.name == "Sales").expect("the starting pipeline")
+}
+
+fn stage_id(pipeline: &Pipeline, name: &str) -> String {
+    pipeline.stages.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("stage {name}")).id.clone()
+}
+
+async fn create_deal(env: &Env, user: &str, deal: Deal) -> Result<Deal, tonic::Status> {
+    env.api
+        .create_deal(as_user(user, CreateDealRequest { deal: Some(deal), request_id: String::new() }))
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn move_deal(env: &Env, user: &str, id: &str, stage_id: &str, reason: &str) -> Result<Deal, tonic::Status> {
+    let r =
+        MoveDealRequest { id: id.into(), stage_id: stage_id.into(), lost_reason: reason.into(), etag: String::new() };
+    env.api.move_deal(as_user(user, r)).await.map(|r| r.into_inner())
+}
+
+async fn pipelines_are_data(env: Env) {
+    assert!(!env.store.ensure_starting_pipeline().await.unwrap(), "the starting pipeline is made once");
+    let sales = sales(&env).await;
+    let names: Vec<&str> = sales.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "New lead",
+            "Client contacted",
+            "Needs identified",
+            "Proposal sent",
+            "Negotiation",
+            "Payment",
+            "Order received",
+            "Lost"
+        ]
+    );
+    assert_eq!(sales.stages.iter().map(|s| s.position).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    // Only administrators change pipelines; a pipeline needs every kind of stage.
+    let create =
+        |user: &str, p: Pipeline| env.api.create_pipeline(as_user(user, CreatePipelineRequest { pipeline: Some(p) }));
+    let partners = Pipeline {
+        name: "Partners".into(),
+        stages: vec![stage("Talking", 30, StageKind::Open), stage("Signed", 0, StageKind::Won)],
+        ..Default::default()
+    };
+    assert_eq!(create(ALICE, partners.clone()).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(violations(&create(ADMIN, partners.clone()).await.unwrap_err()), ["pipeline.stages"]);
+    let mut full = partners.clone();
+    full.stages.push(stage("Dropped", 0, StageKind::Lost));
+    let partners = create(ADMIN, full.clone()).await.unwrap().into_inner();
+    assert_eq!(partners.stages[1].probability, 100, "won stages default to 100");
+    assert_eq!(
+        violations(&create(ADMIN, Pipeline { name: " partners ".into(), ..full }).await.unwrap_err()),
+        ["pipeline.name"]
+    );
+    // Add, rename, move, remove: ids stay, positions follow, the etag guards.
+    let added = env
+        .api
+        .add_stage(as_user(
+            ADMIN,
+            AddStageRequest {
+                pipeline_id: partners.id.clone(),
+                stage: Some(stage("Demo", 50, StageKind::Open)),
+                position: 2,
+                etag: partners.etag.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        added.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["Talking", "Demo", "Signed", "Dropped"]
+    );
+    let demo = stage_id(&added, "Demo");
+    let stale = env
+        .api
+        .move_stage(as_user(
+            ADMIN,
+            MoveStageRequest {
+                pipeline_id: partners.id.clone(),
+                stage_id: demo.clone(),
+                position: 1,
+                etag: partners.etag.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+    let moved = env
+        .api
+        .move_stage(as_user(
+            ADMIN,
+            MoveStageRequest {
+                pipeline_id: partners.id.clone(),
+                stage_id: demo.clone(),
+                position: 1,
+                etag: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.stages[0].id, demo);
+    let renamed = env
+        .api
+        .update_stage(as_user(
+            ADMIN,
+            UpdateStageRequest {
+                pipeline_id: partners.id.clone(),
+                stage: Some(Stage { id: demo.clone(), name: "Product demo".into(), ..Default::default() }),
+                update_mask: mask(&["name"]),
+                etag: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((renamed.stages[0].id.as_str(), renamed.stages[0].name.as_str()), (demo.as_str(), "Product demo"));
+    let clash = env
+        .api
+        .update_stage(as_user(
+            ADMIN,
+            UpdateStageRequest {
+                pipeline_id: partners.id.clone(),
+                stage: Some(Stage { id: demo.clone(), name: "talking".into(), ..Default::default() }),
+                update_mask: mask(&["name"]),
+                etag: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violations(&clash), ["stage.name"]);
+    let remove = |id: String| {
+        env.api.remove_stage(as_user(
+            ADMIN,
+            RemoveStageRequest {
+                pipeline_id: partners.id.clone(),
+                stage_id: id,
+                etag: String::new(),
+                move_deals_to_stage_id: String::new(),
+            },
+        ))
+    };
+    let removed = remove(demo).await.unwrap().into_inner();
+    assert_eq!(removed.stages.len(), 3);
+    assert_eq!(
+        violations(&remove(stage_id(&removed, "Dropped")).await.unwrap_err()),
+        ["pipeline.stages"],
+        "the last lost stage"
+    );
+    // Pipelines go, but never the last one.
+    env.api
+        .delete_pipeline(as_user(ADMIN, DeletePipelineRequest { id: partners.id.clone(), etag: String::new() }))
+        .await
+        .unwrap();
+    let last =
+        env.api.delete_pipeline(as_user(ADMIN, DeletePipelineRequest { id: sales.id, etag: String::new() })).await;
+    assert_eq!(last.unwrap_err().code(), Code::FailedPrecondition);
+}
+
+async fn products_form_a_catalogue(env: Env) {
+    let create = |p: Product| {
+        env.api.create_product(as_user(ADMIN, CreateProductRequest { product: Some(p), request_id: String::new() }))
+    };
+    let widget = create(Product {
+        name: "Widget".into(),
+        sku: "W-1".into(),
+        prices: vec![money("EUR", 1_999).unwrap(), money("USD", 2_199).unwrap()],
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(widget.active);
+    let clash = create(Product { name: "Other".into(), sku: "w-1".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(violations(&clash), ["product.sku"]);
+    create(Product { name: "Gadget".into(), ..Default::default() }).await.unwrap();
+    let list = |filter: &str, query: &str| {
+        env.api.list_products(as_user(
+            ALICE,
+            ListProductsRequest { filter: filter.into(), query: query.into(), ..Default::default() },
+        ))
+    };
+    let names = |r: ListProductsResponse| r.products.into_iter().map(|p| p.name).collect::<Vec<_>>();
+    assert_eq!(names(list("", "").await.unwrap().into_inner()), ["Gadget", "Widget"]);
+    assert_eq!(names(list("", "w-").await.unwrap().into_inner()), ["Widget"]);
+    env.api
+        .update_product(as_user(
+            ADMIN,
+            UpdateProductRequest {
+                product: Some(Product { id: widget.id.clone(), active: false, ..Default::default() }),
+                update_mask: mask(&["active"]),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(names(list("active = true", "").await.unwrap().into_inner()), ["Gadget"]);
+    assert_eq!(
+        env.api
+            .create_product(as_user(
+                ALICE,
+                CreateProductRequest {
+                    product: Some(Product { name: "x".into(), ..Default::default() }),
+                    request_id: String::new()
+                }
+            ))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::PermissionDenied
+    );
+}
+
+async fn deals_keep_money_probability_and_history(env: Env) {
+    let sales = sales(&env).await;
+    let widget = env
+        .api
+        .create_product(as_user(
+            ADMIN,
+            CreateProductRequest {
+                product: Some(Product {
+                    name: "Widget".into(),
+                    prices: vec![money("EUR", 1_999).unwrap()],
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let deal = Deal {
+        title: " Renewal ".into(),
+        person_id: ANNA.into(),
+        company_id: ACME.into(),
+        amount: money("EUR", 0),
+        line_items: vec![
+            LineItem { product_id: widget.id.clone(), quantity: 3, discount_bps: 1_000, ..Default::default() },
+            LineItem { name: "Delivery".into(), quantity: 1, unit_price: money("EUR", 500), ..Default::default() },
+        ],
+        expected_close_date: "2026-12-31".into(),
+        ..Default::default()
+    };
+    let created = create_deal(&env, ALICE, deal).await.unwrap();
+    assert_eq!(
+        (created.title.as_str(), created.owner_id.as_str(), created.source.as_str()),
+        ("Renewal", ALICE, "web_form")
+    );
+    assert_eq!(created.amount, money("EUR", 5_897), "3 × 19.99 less 10% + 5.00");
+    assert_eq!(created.line_items[0].name, "Widget");
+    assert_eq!(
+        (created.stage_id.clone(), created.probability, created.probability_manual),
+        (stage_id(&sales, "New lead"), Some(10), false)
+    );
+    assert_eq!(created.weighted_amount, money("EUR", 590));
+    assert_eq!(created.status, DealStatus::Open as i32);
+
+    // Moves: the stage's probability until a user sets one, which then survives moves.
+    let moved = move_deal(&env, ALICE, &created.id, &stage_id(&sales, "Proposal sent"), "").await.unwrap();
+    assert_eq!(moved.probability, Some(60));
+    let set = |probability: Option<i32>| UpdateDealRequest {
+        deal: Some(Deal { id: created.id.clone(), probability, ..Default::default() }),
+        update_mask: mask(&["probability"]),
+    };
+    let manual = env.api.update_deal(as_user(ALICE, set(Some(35)))).await.unwrap().into_inner();
+    assert_eq!((manual.probability, manual.probability_manual), (Some(35), true));
+    let moved = move_deal(&env, ALICE, &created.id, &stage_id(&sales, "Negotiation"), "").await.unwrap();
+    assert_eq!(moved.probability, Some(35), "a manual probability survives the move");
+    let cleared = env.api.update_deal(as_user(ALICE, set(None))).await.unwrap().into_inner();
+    assert_eq!((cleared.probability, cleared.probability_manual), (Some(80), false));
+    // Lost needs a reason; lost closes; back to an open stage reopens.
+    let lost = stage_id(&sales, "Lost");
+    assert_eq!(violations(&move_deal(&env, ALICE, &created.id, &lost, "").await.unwrap_err()), ["lost_reason"]);
+    let closed = move_deal(&env, ALICE, &created.id, &lost, "Went with a competitor").await.unwrap();
+    assert_eq!((closed.status, closed.lost_reason.as_str()), (DealStatus::Lost as i32, "Went with a competitor"));
+    assert!(closed.close_time.is_some());
+    let reopened = move_deal(&env, ALICE, &created.id, &stage_id(&sales, "Negotiation"), "").await.unwrap();
+    assert_eq!(reopened.status, DealStatus::Open as i32);
+    assert!(reopened.close_time.is_none() && reopened.lost_reason.is_empty());
+    let history = env
+        .api
+        .list_stage_history(as_user(
+            ALICE,
+            ListStageHistoryRequest { deal_id: created.id.clone(), ..Default::default() },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .changes;
+    let kinds: Vec<i32> = history.iter().map(|c| c.kind).collect();
+    use StageChangeKind::*;
+    assert_eq!(kinds, [Created as i32, Moved as i32, Moved as i32, Closed as i32, Reopened as i32]);
+    assert_eq!(history[3].lost_reason, "Went with a competitor");
+    assert!(history.iter().all(|c| c.seconds_in_previous >= 0 && c.actor_id == ALICE));
+    assert_eq!(history[1].from_stage_id, stage_id(&sales, "New lead"));
+
+    // Bad input: each a field violation, nothing half-written.
+    let bad_lines = UpdateDealRequest {
+        deal: Some(Deal {
+            id: created.id.clone(),
+            line_items: vec![
+                LineItem { name: "x".into(), quantity: -1, unit_price: money("EUR", 1), ..Default::default() },
+                LineItem { name: "y".into(), quantity: 1, unit_price: money("USD", 1), ..Default::default() },
+                LineItem {
+                    product_id: "0190a000-0000-7000-8000-0000000000ff".into(),
+                    quantity: 1,
+                    ..Default::default()
+                },
+                LineItem {
+                    name: "z".into(),
+                    quantity: 1_000_000,
+                    unit_price: money("EUR", i64::MAX / 2),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }),
+        update_mask: mask(&["line_items"]),
+    };
+    let refused = env.api.update_deal(as_user(ALICE, bad_lines)).await.unwrap_err();
+    assert_eq!(
+        violations(&refused),
+        [
+            "deal.line_items[0].quantity",
+            "deal.line_items[1].unit_price.currency_code",
+            "deal.line_items[2].product_id",
+            "deal.line_items[2].name",
+            "deal.line_items[2].unit_price",
+            "deal.line_items[3].quantity",
+        ]
+    );
+    let unchanged =
+        env.api.get_deal(as_user(ALICE, GetDealRequest { id: created.id.clone() })).await.unwrap().into_inner();
+    assert_eq!((unchanged.amount.clone(), unchanged.etag.clone()), (money("EUR", 5_897), reopened.etag.clone()));
+    let other = env
+        .api
+        .create_pipeline(as_user(
+            ADMIN,
+            CreatePipelineRequest {
+                pipeline: Some(Pipeline {
+                    name: "Other".into(),
+                    stages: vec![
+                        stage("A", 10, StageKind::Open),
+                        stage("W", 100, StageKind::Won),
+                        stage("L", 0, StageKind::Lost),
+                    ],
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        violations(&move_deal(&env, ALICE, &created.id, &other.stages[0].id, "").await.unwrap_err()),
+        ["stage_id"]
+    );
+    let overflow = Deal { title: "Big".into(), amount: money("EUR", domain_max() + 1), ..Default::default() };
+    assert_eq!(violations(&create_deal(&env, ALICE, overflow).await.unwrap_err()), ["deal.amount.minor_units"]);
+    let no_customer =
+        Deal { title: "x".into(), company_id: "0190a000-0000-7000-8000-0000000000ee".into(), ..Default::default() };
+    assert_eq!(violations(&create_deal(&env, ALICE, no_customer).await.unwrap_err()), ["deal.company_id"]);
+    let invisible = Deal { title: "x".into(), person_id: ANNA.into(), ..Default::default() };
+    assert_eq!(violations(&create_deal(&env, CAROL, invisible).await.unwrap_err()), ["deal.person_id"]);
+    let not_mine = Deal { title: "x".into(), owner_id: CAROL.into(), ..Default::default() };
+    assert_eq!(create_deal(&env, ALICE, not_mine).await.unwrap_err().code(), Code::PermissionDenied);
+    assert_eq!(
+        env.api.get_deal(as_user(CAROL, GetDealRequest { id: created.id.clone() })).await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
+fn domain_max() -> i64 {
+    crm_deals::domain::MAX_AMOUNT
+}
+
+async fn boards_total_every_matching_deal(env: Env) {
+    let sales = sales(&env).await;
+    let new_lead = stage_id(&sales, "New lead");
+    let payment = stage_id(&sales, "Payment");
+    let deal = |title: &str, owner: &str, currency: &str, amount: i64| Deal {
+        title: title.into(),
+        owner_id: owner.into(),
+        amount: money(currency, amount),
+        ..Default::default()
+    };
+    for i in 0..5 {
+        create_deal(&env, ALICE, deal(&format!("A{i}"), ALICE, "EUR", 1_000)).await.unwrap();
+    }
+    let b = create_deal(&env, BOB, deal("B", BOB, "USD", 2_000)).await.unwrap();
+    move_deal(&env, BOB, &b.id, &payment, "").await.unwrap();
+    create_deal(&env, CAROL, deal("C", CAROL, "EUR", 7_000)).await.unwrap();
+    let board = |user: &str, filter: &str| {
+        env.api.get_board(as_user(
+            user,
+            GetBoardRequest { pipeline_id: sales.id.clone(), filter: filter.into(), cards_per_column: 2 },
+        ))
+    };
+    let head = board(HEAD, "").await.unwrap().into_inner();
+    let column = |b: &Board, id: &str| b.columns.iter().find(|c| c.stage.as_ref().unwrap().id == id).unwrap().clone();
+    let first = column(&head, &new_lead);
+    assert_eq!(first.count, 5, "the head sees Alice's five, not Carol's");
+    assert_eq!(first.totals[0].sum, money("EUR", 5_000));
+    assert_eq!(first.totals[0].weighted, money("EUR", 500));
+    assert_eq!(first.cards.len(), 2, "a page of cards; the totals are over all");
+    let paid = column(&head, &payment);
+    assert_eq!(
+        (paid.count, paid.totals[0].sum.clone(), paid.totals[0].weighted.clone()),
+        (1, money("USD", 2_000), money("USD", 1_800))
+    );
+    // The rest of a column pages through ListDeals.
+    let rest = env
+        .api
+        .list_deals(as_user(
+            HEAD,
+            ListDealsRequest {
+                filter: first.next_filter.clone(),
+                order_by: "create_time desc".into(),
+                page_size: 2,
+                page_token: first.next_page_token.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.deals.len(), 2);
+    let all = board(ADMIN, "").await.unwrap().into_inner();
+    assert_eq!(column(&all, &new_lead).count, 6);
+    let mine = board(ADMIN, &format!("owner_id = \"{CAROL}\"")).await.unwrap().into_inner();
+    assert_eq!(column(&mine, &new_lead).count, 1);
+    assert_eq!(violations(&board(ADMIN, "stage_id = \"x\"").await.unwrap_err()), ["filter"]);
+    let big = env
+        .api
+        .list_deals(as_user(ADMIN, ListDealsRequest { filter: "amount >= 2000".into(), ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(big.deals.len(), 2);
+
+    // A stage with deals: its kind stays; a new default reaches deals without a manual one;
+    // removing it moves them (recorded) or is refused.
+    let update = |probability: i32, kind: StageKind, paths: &[&str]| UpdateStageRequest {
+        pipeline_id: sales.id.clone(),
+        stage: Some(Stage {
+            id: new_lead.clone(),
+            probability,
+            kind: kind as i32,
+            name: "New lead".into(),
+            ..Default::default()
+        }),
+        update_mask: mask(paths),
+        etag: String::new(),
+    };
+    assert_eq!(
+        env.api.update_stage(as_user(ADMIN, update(0, StageKind::Won, &["kind"]))).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    env.api.update_stage(as_user(ADMIN, update(15, StageKind::Open, &["probability"]))).await.unwrap();
+    let listed = env
+        .api
+        .list_deals(as_user(
+            ADMIN,
+            ListDealsRequest { filter: format!("stage_id = \"{new_lead}\""), ..Default::default() },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.deals.iter().all(|d| d.probability == Some(15)));
+    let remove = |to: &str| RemoveStageRequest {
+        pipeline_id: sales.id.clone(),
+        stage_id: new_lead.clone(),
+        etag: String::new(),
+        move_deals_to_stage_id: to.into(),
+    };
+    assert_eq!(env.api.remove_stage(as_user(ADMIN, remove(""))).await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(
+        violations(&env.api.remove_stage(as_user(ADMIN, remove(&stage_id(&sales, "Lost")))).await.unwrap_err()),
+        ["move_deals_to_stage_id"]
+    );
+    let contacted = stage_id(&sales, "Client contacted");
+    env.api.remove_stage(as_user(ADMIN, remove(&contacted))).await.unwrap();
+    let after = board(ADMIN, "").await.unwrap().into_inner();
+    assert_eq!(column(&after, &contacted).count, 6);
+    let a0 = column(&after, &contacted).cards[0].clone();
+    assert_eq!(a0.probability, Some(20), "the new stage's default");
+    let history = env
+        .api
+        .list_stage_history(as_user(ADMIN, ListStageHistoryRequest { deal_id: a0.id.clone(), ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .changes;
+    assert_eq!(history.last().map(|c| (c.from_stage_id.clone(), c.to_stage_id.clone())), Some((new_lead, contacted)));
+}
+
+crm_kit::both_backends!(env =>
+    pipelines_are_data,
+    products_form_a_catalogue,
+    deals_keep_money_probability_and_history,
+    boards_total_every_matching_deal,
+);

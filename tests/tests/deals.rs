@@ -1,0 +1,134 @@
+//! Deals end to end (SPEC D1-D3, D6): real `crm` processes, users acting through the gateway.
+//! The starting pipeline is there at first start; a salesperson opens a deal on their own
+//! customer (checked with the real contacts service), priced from the catalogue, moves it
+//! through the funnel (lost needs a reason, every move recorded); the board totals what each
+//! viewer may see; a colleague elsewhere sees nothing of it.
+
+use crm_proto::auth::v1::{CreateUserRequest, ListRolesRequest, User};
+use crm_proto::contacts::v1::{CreatePersonRequest, Person};
+use crm_proto::deals::v1::*;
+use crm_tests::*;
+use tonic::Code;
+
+async fn salesperson(gw: std::net::SocketAddr, admin: &str, email: &str) -> (User, String) {
+    let mut org = org_as(gw, admin).await;
+    let roles = org.list_roles(ListRolesRequest { page_size: 100, ..Default::default() }).await.unwrap().into_inner();
+    let role = roles.roles.iter().find(|r| r.name == "Salesperson").expect("a Salesperson role").id.clone();
+    let user = User {
+        email: email.into(),
+        display_name: email.into(),
+        role_ids: vec![role],
+        active: true,
+        ..Default::default()
+    };
+    let user = org
+        .create_user(CreateUserRequest { user: Some(user), password: "member-password-1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = sign_in(gw, email, "member-password-1").await.expect("signs in").access_token;
+    (user, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deals_move_through_the_funnel() {
+    let cluster = Cluster::start(ClusterConfig::default()).await;
+    let gw = cluster.gateway;
+    let admin = admin_token(gw).await;
+    let (_alice, alice) = salesperson(gw, &admin, "alice@example.com").await;
+    let (_bob, bob) = salesperson(gw, &admin, "bob@example.com").await;
+
+    let pipelines =
+        deals_as(gw, &alice).await.list_pipelines(ListPipelinesRequest::default()).await.unwrap().into_inner();
+    let sales = pipelines.pipelines.into_iter().find(|p| p.name == "Sales").expect("the starting pipeline");
+    let stage = |name: &str| sales.stages.iter().find(|s| s.name == name).expect(name).id.clone();
+    let widget = Product {
+        name: "Widget".into(),
+        prices: vec![Money { currency_code: "EUR".into(), minor_units: 1_999 }],
+        ..Default::default()
+    };
+    let widget = deals_as(gw, &admin)
+        .await
+        .create_product(CreateProductRequest { product: Some(widget), request_id: String::new() })
+        .await
+        .expect("the administrator adds a product")
+        .into_inner();
+
+    let person = Person { full_name: "Anna Petrova".into(), source: "web_form".into(), ..Default::default() };
+    let anna = contacts_as(gw, &alice)
+        .await
+        .create_person(CreatePersonRequest { person: Some(person), request_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let deal = Deal {
+        title: "Widgets for Anna".into(),
+        person_id: anna.id.clone(),
+        amount: Some(Money { currency_code: "EUR".into(), minor_units: 0 }),
+        line_items: vec![LineItem {
+            product_id: widget.id.clone(),
+            quantity: 10,
+            discount_bps: 500,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let deal = deals_as(gw, &alice)
+        .await
+        .create_deal(CreateDealRequest { deal: Some(deal), request_id: String::new() })
+        .await
+        .expect("Alice opens a deal")
+        .into_inner();
+    assert_eq!(deal.amount.as_ref().unwrap().minor_units, 18_991, "10 × 19.99 less 5%");
+    assert_eq!(deal.source, "web_form", "copied from the customer");
+    // Bob may not link Alice's customer, nor see her deal.
+    let stolen = Deal { title: "Mine now".into(), person_id: anna.id.clone(), ..Default::default() };
+    let refused =
+        deals_as(gw, &bob).await.create_deal(CreateDealRequest { deal: Some(stolen), request_id: String::new() }).await;
+    assert_eq!(refused.unwrap_err().code(), Code::InvalidArgument);
+    let peek = deals_as(gw, &bob).await.get_deal(GetDealRequest { id: deal.id.clone() }).await;
+    assert_eq!(peek.unwrap_err().code(), Code::NotFound);
+
+    let mut client = deals_as(gw, &alice).await;
+    let moved = client
+        .move_deal(MoveDealRequest { id: deal.id.clone(), stage_id: stage("Payment"), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.probability, Some(90));
+    let lost =
+        client.move_deal(MoveDealRequest { id: deal.id.clone(), stage_id: stage("Lost"), ..Default::default() }).await;
+    assert_eq!(lost.unwrap_err().code(), Code::InvalidArgument, "lost needs a reason");
+    let won = client
+        .move_deal(MoveDealRequest { id: deal.id.clone(), stage_id: stage("Order received"), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(won.status, DealStatus::Won as i32);
+    let history = client
+        .list_stage_history(ListStageHistoryRequest { deal_id: deal.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .changes;
+    assert_eq!(history.len(), 3);
+
+    let board = |token: String| {
+        let pipeline_id = sales.id.clone();
+        async move {
+            deals_as(gw, &token)
+                .await
+                .get_board(GetBoardRequest { pipeline_id, ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let mine = board(alice.clone()).await;
+    let column = mine.columns.iter().find(|c| c.stage.as_ref().unwrap().name == "Order received").unwrap();
+    assert_eq!((column.count, column.totals[0].sum.as_ref().unwrap().minor_units), (1, 18_991));
+    let bobs = board(bob.clone()).await;
+    assert!(bobs.columns.iter().all(|c| c.count == 0), "Bob's board holds none of Alice's deals");
+    let all = board(admin.clone()).await;
+    assert_eq!(all.columns.iter().map(|c| c.count).sum::<i64>(), 1);
+}
