@@ -27,6 +27,10 @@ pub enum ApiError {
     Aborted(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// FAILED_PRECONDITION naming each field that must be set first (a deal entering a stage
+    /// that requires them), as a `google.rpc.BadRequest`.
+    #[error("{message}")]
+    Unmet { message: String, violations: Violations },
     /// No valid credentials: missing, malformed, expired or badly signed token, failed sign-in.
     #[error("{0}")]
     Unauthenticated(String),
@@ -72,17 +76,26 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
+/// A status with `violations` as a `google.rpc.BadRequest`; bounded whatever a description
+/// quotes, since clients refuse metadata over 8 KiB.
+fn with_bad_request(code: Code, message: String, violations: &Violations) -> Status {
+    let mut details = ErrorDetails::new();
+    for (field, description) in violations.iter().take(MAX_VIOLATIONS) {
+        details.add_bad_request_violation(clip(field.clone(), 200), clip(description.clone(), 300));
+    }
+    Status::with_error_details(code, clip(message, MAX_MESSAGE_CHARS), details)
+}
+
 impl From<ApiError> for Status {
     fn from(err: ApiError) -> Status {
         match err {
             ApiError::InvalidArgument(violations) => {
-                // Bounded whatever a description quotes: clients refuse metadata over 8 KiB.
                 let message = violations.iter().map(|(f, d)| format!("{f}: {d}")).collect::<Vec<_>>().join("; ");
-                let mut details = ErrorDetails::new();
-                for (field, description) in violations.iter().take(MAX_VIOLATIONS) {
-                    details.add_bad_request_violation(clip(field.clone(), 200), clip(description.clone(), 300));
-                }
-                Status::with_error_details(Code::InvalidArgument, clip(message, MAX_MESSAGE_CHARS), details)
+                with_bad_request(Code::InvalidArgument, message, &violations)
+            }
+            ApiError::Unmet { message, violations } => {
+                let fields = violations.iter().map(|(f, d)| format!("{f}: {d}")).collect::<Vec<_>>().join("; ");
+                with_bad_request(Code::FailedPrecondition, format!("{message}: {fields}"), &violations)
             }
             ApiError::NotFound(msg) => Status::not_found(clip(msg, MAX_MESSAGE_CHARS)),
             ApiError::AlreadyExists { message, reason, metadata } => {
@@ -129,6 +142,18 @@ mod tests {
         let bad = status.get_details_bad_request().expect("BadRequest details");
         assert_eq!(bad.field_violations.len(), 2);
         assert_eq!(bad.field_violations[1].field, "person.emails[0]");
+    }
+
+    #[test]
+    fn unmet_preconditions_name_their_fields() {
+        let mut v = Violations::new();
+        v.add("deal.amount", "is required to enter the stage \"Payment\"");
+        let status =
+            Status::from(ApiError::Unmet { message: "the deal cannot enter \"Payment\" yet".into(), violations: v });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert!(status.message().starts_with("the deal cannot enter"));
+        let bad = status.get_details_bad_request().expect("BadRequest details");
+        assert_eq!(bad.field_violations[0].field, "deal.amount");
     }
 
     #[test]

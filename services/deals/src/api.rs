@@ -20,7 +20,8 @@ use crate::store::deals::{self, DealQuery};
 use crate::store::products::{self, ProductQuery};
 
 const PIPELINE_MASK: crm_kit::mask::Mask<Pipeline> = crm_kit::mask!(Pipeline { name, department_id });
-const STAGE_MASK: crm_kit::mask::Mask<Stage> = crm_kit::mask!(Stage { name, probability, kind, rotting_days });
+const STAGE_MASK: crm_kit::mask::Mask<Stage> =
+    crm_kit::mask!(Stage { name, probability, kind, rotting_days, required_fields });
 const PRODUCT_MASK: crm_kit::mask::Mask<Product> = crm_kit::mask!(Product { name, sku, description, prices, active });
 
 /// Longest product search.
@@ -179,6 +180,15 @@ impl DealsApi {
         if target.stage.kind == StageKind::Lost as i32 && deal.lost_reason.is_empty() {
             return Err(ApiError::invalid("deal.lost_reason", "is required to enter a lost stage"));
         }
+        let missing = domain::missing_fields(&deal, &target.stage);
+        if !missing.is_empty() {
+            let mut v = Violations::new();
+            for field in missing {
+                v.add(field, format!("is required to enter the stage {:?}", target.stage.name));
+            }
+            let message = format!("the deal cannot start in {:?}", target.stage.name);
+            return Err(ApiError::Unmet { message, violations: v });
+        }
         if deal.owner_id.is_empty() {
             deal.owner_id = caller.principal.subject.clone();
         }
@@ -292,10 +302,12 @@ impl DealsApi {
             } else {
                 format!("stage_id = \"{}\" AND ({})", stage.id, r.filter.trim())
             };
-            let page = Page::decode(&["deals", &next_filter, "create_time desc"], cards, "", &order)?;
+            let page = deals_page(&next_filter, "create_time desc", false, cards, "", &order)?;
             let column_filter = crm_kit::filter::parse(&next_filter, deals::FIELDS)?;
-            let (cards, next_page_token) =
-                self.store.list_deals(&DealQuery { filter: column_filter, order, page }, &caller.scope).await?;
+            let (cards, next_page_token) = self
+                .store
+                .list_deals(&DealQuery { filter: column_filter, order, page, rotting_at: None }, &caller.scope)
+                .await?;
             let money = totals.remove(&stage.id).unwrap_or_default();
             columns.push(BoardColumn {
                 stage: Some(stage.clone()),
@@ -331,6 +343,20 @@ fn stage_index(pipeline: &Pipeline, id: &str) -> Result<usize, ApiError> {
         .iter()
         .position(|s| s.id == id)
         .ok_or_else(|| ApiError::NotFound(format!("stage {id} is not in pipeline {}", pipeline.id)))
+}
+
+/// A page of ListDeals: its token is bound to the filter, the order and the rotting flag (a
+/// board column's continuation is made here too, so that ListDeals takes it).
+fn deals_page(
+    filter: &str,
+    order_by: &str,
+    rotting: bool,
+    size: i32,
+    token: &str,
+    order: &crm_kit::page::Order,
+) -> Result<Page, ApiError> {
+    let rotting = if rotting { "rotting" } else { "" };
+    Page::decode(&["deals", filter, order_by, rotting], size, token, order)
 }
 
 /// A violation of `stage.name` when another stage of `pipeline` has the name.
@@ -401,9 +427,9 @@ impl DealsService for DealsApi {
             let r = request.into_inner();
             let filter = crm_kit::filter::parse(&r.filter, deals::FIELDS)?;
             let order = deals::order(&r.order_by)?;
-            let page = Page::decode(&["deals", &r.filter, &r.order_by], r.page_size, &r.page_token, &order)?;
-            let (deals, next_page_token) =
-                self.store.list_deals(&DealQuery { filter, order, page }, &caller.scope).await?;
+            let page = deals_page(&r.filter, &r.order_by, r.rotting, r.page_size, &r.page_token, &order)?;
+            let query = DealQuery { filter, order, page, rotting_at: r.rotting.then(crm_kit::time::now_micros) };
+            let (deals, next_page_token) = self.store.list_deals(&query, &caller.scope).await?;
             Ok(ListDealsResponse { deals, next_page_token })
         };
         respond(result.await)

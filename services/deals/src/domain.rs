@@ -80,6 +80,48 @@ pub fn normalize_stage(stage: &mut Stage, field: &str, v: &mut Violations) {
     if !(0..=MAX_ROTTING_DAYS).contains(&stage.rotting_days) {
         v.add(format!("{field}.rotting_days"), format!("must be 0 to {MAX_ROTTING_DAYS}"));
     }
+    let mut required: Vec<String> = Vec::new();
+    for (i, name) in stage.required_fields.iter().enumerate() {
+        let name = name.trim();
+        if !REQUIRABLE.contains(&name) {
+            v.add(format!("{field}.required_fields[{i}]"), format!("must be one of {}", REQUIRABLE.join(", ")));
+        } else if !required.iter().any(|r| r == name) {
+            required.push(name.to_string());
+        }
+    }
+    stage.required_fields = required;
+}
+
+/// The fields a stage may require of the deals entering it.
+pub const REQUIRABLE: &[&str] =
+    &["amount", "expected_close_date", "company_id", "person_id", "customer", "line_items", "notes"];
+
+/// The fields `stage` requires that `deal` lacks, each as `deal.<field>`.
+pub fn missing_fields(deal: &Deal, stage: &Stage) -> Vec<String> {
+    stage
+        .required_fields
+        .iter()
+        .filter(|field| match field.as_str() {
+            "amount" => deal.amount.as_ref().is_none_or(|m| m.minor_units == 0),
+            "expected_close_date" => deal.expected_close_date.is_empty(),
+            "company_id" => deal.company_id.is_empty(),
+            "person_id" => deal.person_id.is_empty(),
+            "customer" => deal.company_id.is_empty() && deal.person_id.is_empty(),
+            "line_items" => deal.line_items.is_empty(),
+            "notes" => deal.notes.trim().is_empty(),
+            _ => false,
+        })
+        .map(|field| format!("deal.{field}"))
+        .collect()
+}
+
+/// When a deal entering `stage` at `entered_at` starts rotting: never for a closed stage or one
+/// without a threshold.
+pub fn rot_at(stage: &Stage, entered_at: i64) -> i64 {
+    if stage.kind != StageKind::Open as i32 || stage.rotting_days <= 0 {
+        return i64::MAX;
+    }
+    entered_at.saturating_add(i64::from(stage.rotting_days) * 86_400_000_000)
 }
 
 /// Checks a pipeline's stages as a whole: names unique, at most [`MAX_STAGES`], and at least

@@ -19,7 +19,9 @@ CREATE TABLE stages (
     position     BIGINT NOT NULL,
     probability  BIGINT NOT NULL,
     kind         BIGINT NOT NULL,
-    rotting_days BIGINT NOT NULL DEFAULT 0
+    rotting_days BIGINT NOT NULL DEFAULT 0,
+    -- Fields a deal needs to enter the stage, comma-separated.
+    required_fields TEXT NOT NULL DEFAULT ''
 );
 
 CREATE INDEX stages_pipeline ON stages (pipeline_id, position);

@@ -17,6 +17,8 @@ CREATE TABLE deals (
     expected_close     TEXT   NOT NULL DEFAULT '',
     source             TEXT   NOT NULL DEFAULT '',
     stage_entered_at   BIGINT NOT NULL,
+    -- When an open deal starts rotting in its stage; 9223372036854775807 when it never does.
+    rot_at             BIGINT NOT NULL,
     closed_at          BIGINT NOT NULL DEFAULT 0,
     created_at         BIGINT NOT NULL,
     updated_at         BIGINT NOT NULL,
@@ -36,6 +38,7 @@ CREATE INDEX deals_created ON deals (created_at, id);
 CREATE INDEX deals_updated ON deals (updated_at, id);
 CREATE INDEX deals_amount ON deals (amount, id);
 CREATE INDEX deals_close ON deals (expected_close, id);
+CREATE INDEX deals_rotting ON deals (rot_at, id);
 
 CREATE TABLE deal_history (
     id                  TEXT PRIMARY KEY,

@@ -21,7 +21,7 @@ use super::{CREATED_DEAL, Store};
 use crate::domain;
 
 const COLUMNS: &str = "id, title, pipeline_id, stage_id, status, owner_id, company_id, person_id, currency, amount, \
-                       probability, probability_manual, expected_close, source, stage_entered_at, closed_at, \
+                       probability, probability_manual, expected_close, source, stage_entered_at, rot_at, closed_at, \
                        created_at, updated_at, version, doc";
 
 /// The filterable fields of ListDeals.
@@ -71,6 +71,8 @@ pub struct DealQuery {
     pub filter: Option<Filter>,
     pub order: Order,
     pub page: Page,
+    /// Only deals rotting at this time.
+    pub rotting_at: Option<i64>,
 }
 
 /// A stage of a pipeline, as a deal moving into it needs it.
@@ -105,6 +107,7 @@ fn decode(row: &AnyRow) -> Result<Deal, ApiError> {
     d.expected_close_date = row.try_get("expected_close")?;
     d.source = row.try_get("source")?;
     d.stage_enter_time = to_timestamp(row.try_get("stage_entered_at")?);
+    d.rotting = row.try_get::<i64, _>("rot_at")? < now_micros();
     d.close_time = to_timestamp(row.try_get("closed_at")?);
     d.create_time = to_timestamp(row.try_get("created_at")?);
     d.update_time = to_timestamp(row.try_get("updated_at")?);
@@ -169,8 +172,9 @@ pub fn change_kind(from: i32, to: i32) -> StageChangeKind {
 impl Store {
     /// The stage `id` with its pipeline.
     pub async fn target(&self, stage_id: &str) -> Result<Option<Target>, ApiError> {
-        let mut sql =
-            Sql::new("SELECT pipeline_id, id, name, position, probability, kind, rotting_days FROM stages WHERE id = ");
+        let mut sql = Sql::new(
+            "SELECT pipeline_id, id, name, position, probability, kind, rotting_days, required_fields FROM stages WHERE id = ",
+        );
         sql.bind(stage_id);
         Ok(match sql.query().fetch_optional(self.db.pool()).await? {
             Some(row) => {
@@ -183,7 +187,8 @@ impl Store {
     /// The first stage of `pipeline_id`, or of the first pipeline by name.
     pub async fn first_stage(&self, pipeline_id: &str) -> Result<Option<Target>, ApiError> {
         let mut sql = Sql::new(
-            "SELECT s.pipeline_id, s.id, s.name, s.position, s.probability, s.kind, s.rotting_days FROM stages s \
+            "SELECT s.pipeline_id, s.id, s.name, s.position, s.probability, s.kind, s.rotting_days, s.required_fields \
+             FROM stages s \
              JOIN pipelines p ON p.id = s.pipeline_id WHERE 1=1",
         );
         if !pipeline_id.is_empty() {
@@ -247,7 +252,8 @@ impl Store {
                 .bind(d.company_id.as_str())
                 .bind(d.person_id.as_str());
             v.bind(currency).bind(amount).bind(i64::from(probability)).bind(i64::from(d.probability_manual));
-            v.bind(d.expected_close_date.as_str()).bind(d.source.as_str()).bind(now).bind(closed_at);
+            v.bind(d.expected_close_date.as_str()).bind(d.source.as_str()).bind(now);
+            v.bind(domain::rot_at(&target.stage, now)).bind(closed_at);
             v.bind(now).bind(now).bind(1_i64).bind(doc(d));
         });
         sql.query().execute(&mut *tx).await?;
@@ -318,6 +324,17 @@ impl Store {
             if deal.status != DealStatus::Lost as i32 {
                 deal.lost_reason.clear();
             }
+            let missing = domain::missing_fields(&deal, &target.stage);
+            if !missing.is_empty() {
+                let mut v = crm_kit::Violations::new();
+                for field in missing {
+                    v.add(field, format!("is required to enter the stage {:?}", target.stage.name));
+                }
+                return Err(ApiError::Unmet {
+                    message: format!("the deal cannot enter {:?} yet", target.stage.name),
+                    violations: v,
+                });
+            }
             moved = Some((kind, ((now - entered_at) / 1_000_000).max(0)));
             entered_at = now;
         } else if !deal.probability_manual && deal.probability != old.probability {
@@ -339,6 +356,9 @@ impl Store {
         set.push(", probability_manual = ").bind(i64::from(deal.probability_manual));
         set.push(", expected_close = ").bind(deal.expected_close_date.as_str());
         set.push(", stage_entered_at = ").bind(entered_at).push(", closed_at = ").bind(closed_at);
+        if let Some(target) = move_to.filter(|_| moved.is_some()) {
+            set.push(", rot_at = ").bind(domain::rot_at(&target.stage, entered_at));
+        }
         set.push(", doc = ").bind(doc(&deal));
         edit.save(set, now).await?;
         if let Some((kind, seconds)) = moved {
@@ -385,6 +405,9 @@ impl Store {
         sql.push(COLUMNS).push(" FROM deals WHERE 1=1");
         if let Some(filter) = &query.filter {
             filter.push_onto(&mut sql);
+        }
+        if let Some(at) = query.rotting_at {
+            sql.push(" AND rot_at < ").bind(at);
         }
         scope.push_condition(&mut sql, self.db.backend(), "owner_id");
         query.page.push_keyset(&mut sql, &query.order);
@@ -485,9 +508,24 @@ impl Store {
         sql.query().execute(&mut **tx).await?;
         let mut sql = Sql::new("UPDATE deals SET stage_id = ");
         sql.bind(to.id.as_str()).push(", stage_entered_at = ").bind(now);
+        sql.push(", rot_at = CASE WHEN status = ").bind(DealStatus::Open as i64).push(" THEN ");
+        sql.bind(domain::rot_at(to, now)).push(" ELSE ").bind(i64::MAX).push(" END");
         sql.push(", probability = CASE WHEN probability_manual = 1 THEN probability ELSE ");
         sql.bind(i64::from(to.probability)).push(" END, version = version + 1, updated_at = ").bind(now);
         sql.push(" WHERE stage_id = ").bind(from);
+        sql.query().execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    /// The open deals of `stage` rot by its new threshold.
+    pub(crate) async fn follow_stage_rotting(tx: &mut Tx, stage: &Stage) -> Result<(), ApiError> {
+        let mut sql = Sql::new("UPDATE deals SET rot_at = ");
+        if stage.kind == StageKind::Open as i32 && stage.rotting_days > 0 {
+            sql.push("stage_entered_at + ").bind(i64::from(stage.rotting_days) * 86_400_000_000);
+        } else {
+            sql.bind(i64::MAX);
+        }
+        sql.push(" WHERE stage_id = ").bind(stage.id.as_str());
         sql.query().execute(&mut **tx).await?;
         Ok(())
     }

@@ -37,6 +37,12 @@ pub(crate) fn stage_of(row: &AnyRow) -> Result<Stage, ApiError> {
         kind: row.try_get::<i64, _>("kind")? as i32,
         rotting_days: row.try_get::<i64, _>("rotting_days")? as i32,
         position: row.try_get::<i64, _>("position")? as i32,
+        required_fields: row
+            .try_get::<String, _>("required_fields")?
+            .split(',')
+            .filter(|f| !f.is_empty())
+            .map(str::to_string)
+            .collect(),
     })
 }
 
@@ -63,8 +69,9 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut sql =
-            Sql::new("SELECT pipeline_id, id, name, position, probability, kind, rotting_days FROM stages WHERE ");
+        let mut sql = Sql::new(
+            "SELECT pipeline_id, id, name, position, probability, kind, rotting_days, required_fields FROM stages WHERE ",
+        );
         sql.push_in("pipeline_id", ids.iter().copied()).push(" ORDER BY pipeline_id, position");
         let rows = match tx {
             Some(tx) => sql.query().fetch_all(&mut **tx).await?,
@@ -82,8 +89,9 @@ impl Store {
             sql.push(" AND NOT ").push_in("id", pipeline.stages.iter().map(|s| s.id.as_str()));
         }
         sql.query().execute(&mut **tx).await?;
-        let mut sql =
-            Sql::new("INSERT INTO stages (id, pipeline_id, name, position, probability, kind, rotting_days) VALUES ");
+        let mut sql = Sql::new(
+            "INSERT INTO stages (id, pipeline_id, name, position, probability, kind, rotting_days, required_fields) VALUES ",
+        );
         sql.push_values(&pipeline.stages, |v, s| {
             v.bind(s.id.as_str())
                 .bind(pipeline.id.as_str())
@@ -91,11 +99,13 @@ impl Store {
                 .bind(i64::from(s.position))
                 .bind(i64::from(s.probability))
                 .bind(i64::from(s.kind))
-                .bind(i64::from(s.rotting_days));
+                .bind(i64::from(s.rotting_days))
+                .bind(s.required_fields.join(","));
         });
         sql.push(
             " ON CONFLICT (id) DO UPDATE SET name = excluded.name, position = excluded.position, \
-             probability = excluded.probability, kind = excluded.kind, rotting_days = excluded.rotting_days",
+             probability = excluded.probability, kind = excluded.kind, rotting_days = excluded.rotting_days, \
+             required_fields = excluded.required_fields",
         );
         sql.query().execute(&mut **tx).await?;
         Ok(())
@@ -266,8 +276,13 @@ impl Store {
                         before.name
                     )));
                 }
-                Some(after) if after.probability != before.probability && deals > 0 => {
-                    Store::follow_stage_probability(edit.tx(), &after.id, after.probability).await?;
+                Some(after) if deals > 0 => {
+                    if after.probability != before.probability {
+                        Store::follow_stage_probability(edit.tx(), &after.id, after.probability).await?;
+                    }
+                    if after.rotting_days != before.rotting_days {
+                        Store::follow_stage_rotting(edit.tx(), after).await?;
+                    }
                 }
                 _ => {}
             }

@@ -524,6 +524,7 @@ async fn boards_total_every_matching_deal(env: Env) {
                 order_by: "create_time desc".into(),
                 page_size: 2,
                 page_token: first.next_page_token.clone(),
+                rotting: false,
             },
         ))
         .await
@@ -599,9 +600,68 @@ async fn boards_total_every_matching_deal(env: Env) {
     assert_eq!(history.last().map(|c| (c.from_stage_id.clone(), c.to_stage_id.clone())), Some((new_lead, contacted)));
 }
 
+/// A stage may require fields of the deals entering it; a rotting threshold flags deals that
+/// stay too long.
+async fn stages_require_fields_and_deals_rot(env: Env) {
+    let sales = sales(&env).await;
+    let payment = stage_id(&sales, "Payment");
+    let require = |fields: &[&str], rotting_days: i32| UpdateStageRequest {
+        pipeline_id: sales.id.clone(),
+        stage: Some(Stage {
+            id: payment.clone(),
+            required_fields: fields.iter().map(|f| f.to_string()).collect(),
+            rotting_days,
+            ..Default::default()
+        }),
+        update_mask: mask(&["required_fields", "rotting_days"]),
+        etag: String::new(),
+    };
+    let wrong = env.api.update_stage(as_user(ADMIN, require(&["amount", "colour"], 0))).await.unwrap_err();
+    assert_eq!(violations(&wrong), ["stage.required_fields[1]"]);
+    let updated = env.api.update_stage(as_user(ADMIN, require(&["amount", "customer", "amount"], 0))).await.unwrap();
+    let stage = updated.into_inner().stages.into_iter().find(|s| s.id == payment).unwrap();
+    assert_eq!(stage.required_fields, ["amount", "customer"]);
+    let bare = create_deal(&env, ALICE, Deal { title: "Bare".into(), ..Default::default() }).await.unwrap();
+    let refused = move_deal(&env, ALICE, &bare.id, &payment, "").await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(violations(&refused), ["deal.amount", "deal.customer"], "each missing field named");
+    let fill = UpdateDealRequest {
+        deal: Some(Deal {
+            id: bare.id.clone(),
+            amount: money("EUR", 100),
+            person_id: ANNA.into(),
+            ..Default::default()
+        }),
+        update_mask: mask(&["amount", "person_id"]),
+    };
+    env.api.update_deal(as_user(ALICE, fill)).await.unwrap();
+    let entered = move_deal(&env, ALICE, &bare.id, &payment, "").await.unwrap();
+    assert_eq!(entered.stage_id, payment);
+    let straight = Deal { title: "Straight in".into(), stage_id: payment.clone(), ..Default::default() };
+    assert_eq!(violations(&create_deal(&env, ALICE, straight).await.unwrap_err()), ["deal.amount", "deal.customer"]);
+
+    // Rotting: a threshold already passed (the deal entered before it) flags the deal at once;
+    // moving it on clears the flag; closed deals never rot.
+    let rotting =
+        |user: &str| env.api.list_deals(as_user(user, ListDealsRequest { rotting: true, ..Default::default() }));
+    assert!(rotting(ALICE).await.unwrap().into_inner().deals.is_empty());
+    let mut sql = crm_kit::db::Sql::new("UPDATE deals SET stage_entered_at = stage_entered_at - ");
+    sql.bind(3 * 86_400_000_000_i64);
+    sql.query().execute(env.store.db().pool()).await.unwrap();
+    env.api.update_stage(as_user(ADMIN, require(&[], 2))).await.unwrap();
+    let rotten = rotting(ALICE).await.unwrap().into_inner().deals;
+    assert_eq!(rotten.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), [bare.id.as_str()]);
+    assert!(rotten[0].rotting);
+    assert!(rotting(CAROL).await.unwrap().into_inner().deals.is_empty(), "within scope");
+    let won = move_deal(&env, ALICE, &bare.id, &stage_id(&sales, "Order received"), "").await.unwrap();
+    assert!(!won.rotting);
+    assert!(rotting(ALICE).await.unwrap().into_inner().deals.is_empty());
+}
+
 crm_kit::both_backends!(env =>
     pipelines_are_data,
     products_form_a_catalogue,
     deals_keep_money_probability_and_history,
     boards_total_every_matching_deal,
+    stages_require_fields_and_deals_rot,
 );
