@@ -2,7 +2,8 @@
 //! The starting pipeline is there at first start; a salesperson opens a deal on their own
 //! customer (checked with the real contacts service), priced from the catalogue, moves it
 //! through the funnel (lost needs a reason, every move recorded); the board totals what each
-//! viewer may see; a colleague elsewhere sees nothing of it.
+//! viewer may see; a colleague elsewhere sees nothing of it; the won deal reaches the customer's
+//! purchase history in contacts.
 
 use crm_proto::auth::v1::{CreateUserRequest, ListRolesRequest, User};
 use crm_proto::contacts::v1::{CreatePersonRequest, Person};
@@ -105,6 +106,23 @@ async fn deals_move_through_the_funnel() {
         .unwrap()
         .into_inner();
     assert_eq!(won.status, DealStatus::Won as i32);
+    // C8: contacts hears of the win; Anna's purchase history holds it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let got = contacts_as(gw, &alice)
+            .await
+            .get_person(crm_proto::contacts::v1::GetPersonRequest { id: anna.id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if got.purchase_count == 1 {
+            assert_eq!(got.lifetime_value[0].minor_units, 18_991);
+            assert_eq!(got.lifetime_value[0].currency_code, "EUR");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "contacts never recorded the won deal");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let history = client
         .list_stage_history(ListStageHistoryRequest { deal_id: deal.id.clone(), ..Default::default() })
         .await

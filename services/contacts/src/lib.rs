@@ -1,6 +1,7 @@
-//! The contacts service (SPEC C1, C3, C5, C7, C8's last activity): companies and people,
-//! duplicate protection, search and filters with keyset pagination, revision history, and each
-//! customer's last activity as the tasks service's activity records report it ([`intake`]).
+//! The contacts service (SPEC C1, C3, C5, C7, C8): companies and people, duplicate protection,
+//! search and filters with keyset pagination, revision history, and each customer's last
+//! activity and purchase history as the tasks and deals services' events report them
+//! ([`intake`]).
 //!
 //! [`Contacts`] is the role: its database, and the auth service it asks for data scopes (with
 //! the caller's token) and for owners' status (as the suite's service account). Other services
@@ -81,7 +82,7 @@ impl role::Service for Contacts {
         permissions: permissions::ALL,
         default_port: 50051,
         calls: Calls::Roles(&[AUTH_ROLE]),
-        consumes: &[intake::TASKS_ROLE],
+        consumes: intake::CONSUMES,
     };
 
     fn migrations() -> Option<Migrations> {
@@ -105,7 +106,7 @@ impl role::Service for Contacts {
         let (scopes, organisation) = ctx.scopes()?;
         let store = Store::new(db.clone()).with_outbox(outbox);
         let consumer =
-            ctx.events().consumer(SOURCE, &db, &[intake::TASKS_ROLE], Arc::new(intake::Intake::new(store.clone())));
+            ctx.events().consumer(SOURCE, &db, intake::CONSUMES, Arc::new(intake::Intake::new(store.clone())));
         let api = ContactsApi::new(store, rules, scopes, Arc::new(RemoteDirectory::new(auth)));
         let server = ctx.server().add_service(ContactsServiceServer::new(api)).authenticate(ctx.authenticator()?);
         Ok(Opened::new(server)

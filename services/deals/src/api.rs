@@ -416,7 +416,7 @@ impl DealsService for DealsApi {
             let caller = self.deal_caller(&request, WRITE.name).await?;
             let r = request.into_inner();
             check_id("id", &r.id)?;
-            self.store.delete_deal(&r.id, &r.etag, &caller.scope).await
+            self.store.delete_deal(&r.id, &r.etag, &caller.principal.subject, &caller.scope).await
         };
         respond(result.await)
     }

@@ -95,7 +95,8 @@ impl role::Service for Deals {
             .into());
         }
         let db = ctx.open_db(&store::migrations()).await?;
-        let store = Store::new(db.clone());
+        let (outbox, relay) = ctx.outbox(&db);
+        let store = Store::new(db.clone()).with_outbox(outbox);
         if store.ensure_starting_pipeline().await? {
             tracing::info!(role = SOURCE, "created the starting pipeline");
         }
@@ -107,6 +108,9 @@ impl role::Service for Deals {
             Arc::new(RemoteCustomers::new(contacts)),
         );
         let server = ctx.server().add_service(DealsServiceServer::new(api)).authenticate(ctx.authenticator()?);
-        Ok(Opened::new(server).with_db(db).job("organisation changes", move |shutdown| organisation.run(shutdown)))
+        Ok(Opened::new(server)
+            .with_db(db)
+            .job("event relay", move |shutdown| relay.run(shutdown))
+            .job("organisation changes", move |shutdown| organisation.run(shutdown)))
     }
 }

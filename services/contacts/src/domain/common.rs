@@ -338,6 +338,9 @@ macro_rules! meta_fields {
             self.update_time = crm_kit::time::to_timestamp(meta.updated_at);
             self.last_activity_time = crm_kit::time::to_timestamp(meta.last_activity_at);
             self.last_activity_summary = meta.last_activity_summary.clone();
+            self.purchase_count = meta.purchase_count as i32;
+            self.last_purchase_time = crm_kit::time::to_timestamp(meta.last_purchase_at);
+            self.lifetime_value = super::common::lifetime_values(&meta.lifetime_values);
         }
 
         fn meta(&self) -> Meta {
@@ -350,6 +353,9 @@ macro_rules! meta_fields {
                 updated_at: micros(&self.update_time),
                 last_activity_at: micros(&self.last_activity_time),
                 last_activity_summary: self.last_activity_summary.clone(),
+                purchase_count: i64::from(self.purchase_count),
+                last_purchase_at: micros(&self.last_purchase_time),
+                lifetime_values: super::common::lifetime_text(&self.lifetime_value),
             }
         }
 
@@ -364,11 +370,32 @@ macro_rules! meta_fields {
             self.update_time = None;
             self.last_activity_time = None;
             self.last_activity_summary.clear();
+            self.purchase_count = 0;
+            self.last_purchase_time = None;
+            self.lifetime_value.clear();
         }
     };
 }
 
 pub(super) use {common, meta_fields, view};
+
+/// "EUR:12345,USD:500" as values per currency.
+pub(crate) fn lifetime_values(text: &str) -> Vec<crm_proto::contacts::v1::LifetimeValue> {
+    text.split(',')
+        .filter_map(|pair| pair.split_once(':'))
+        .filter_map(|(currency, n)| {
+            Some(crm_proto::contacts::v1::LifetimeValue {
+                currency_code: currency.to_string(),
+                minor_units: n.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Values per currency as stored: "EUR:12345,USD:500".
+pub(crate) fn lifetime_text(values: &[crm_proto::contacts::v1::LifetimeValue]) -> String {
+    values.iter().map(|v| format!("{}:{}", v.currency_code, v.minor_units)).collect::<Vec<_>>().join(",")
+}
 
 pub(super) fn search_text(mut parts: Vec<String>) -> String {
     parts.retain(|p| !p.is_empty());

@@ -18,6 +18,7 @@ pub mod search;
 
 use crm_proto::contacts::v1::RecordType;
 
+pub(crate) use common::lifetime_text;
 pub use record::{Columns, Key, MAX_CUSTOM_FIELDS, MAX_LIST, MAX_NAME, MAX_NOTES, MAX_SHORT, MAX_TAGS, Meta, Record};
 pub use revision::{Change, diff};
 

@@ -40,6 +40,10 @@ pub struct Meta {
     pub updated_at: i64,
     pub last_activity_at: i64,
     pub last_activity_summary: String,
+    /// Deals won with the customer, the last one's time, and "EUR:123,USD:45" per currency.
+    pub purchase_count: i64,
+    pub last_purchase_at: i64,
+    pub lifetime_values: String,
 }
 
 pub const MAX_NAME: usize = 300;

@@ -22,7 +22,7 @@ const fn text(name: &'static str) -> Field {
     Field { name, column: name, kind: FieldKind::Text }
 }
 
-const COMMON_FIELDS: [Field; 10] = [
+const COMMON_FIELDS: [Field; 12] = [
     Field { name: "id", column: "id", kind: FieldKind::Text },
     text("owner_id"),
     Field { name: "stage", column: "stage", kind: FieldKind::Enum { prefix: "LIFECYCLE_STAGE_", values: STAGES } },
@@ -42,10 +42,12 @@ const COMMON_FIELDS: [Field; 10] = [
     Field { name: "create_time", column: "created_at", kind: FieldKind::Time },
     Field { name: "update_time", column: "updated_at", kind: FieldKind::Time },
     Field { name: "last_activity_time", column: "last_activity_at", kind: FieldKind::Time },
+    Field { name: "purchase_count", column: "purchase_count", kind: FieldKind::Number },
+    Field { name: "last_purchase_time", column: "last_purchase_at", kind: FieldKind::Time },
 ];
 
 const COMPANY_FIELDS: &[Field] = &{
-    let mut fields = [text("industry"); 11];
+    let mut fields = [text("industry"); 13];
     let mut i = 0;
     while i < COMMON_FIELDS.len() {
         fields[i] = COMMON_FIELDS[i];
@@ -55,7 +57,7 @@ const COMPANY_FIELDS: &[Field] = &{
 };
 
 const PERSON_FIELDS: &[Field] = &{
-    let mut fields = [text("company_id"); 11];
+    let mut fields = [text("company_id"); 13];
     let mut i = 0;
     while i < COMMON_FIELDS.len() {
         fields[i] = COMMON_FIELDS[i];

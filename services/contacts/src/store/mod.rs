@@ -37,7 +37,8 @@ fn table(kind: Kind) -> &'static str {
     }
 }
 
-const COLUMNS: &str = "id, version, display_name, created_at, updated_at, last_activity_at, last_activity_summary, doc";
+const COLUMNS: &str = "id, version, display_name, created_at, updated_at, last_activity_at, last_activity_summary, \
+                       purchase_count, last_purchase_at, lifetime_values, doc";
 
 #[derive(Serialize, Deserialize)]
 struct StoredChange {
@@ -68,6 +69,15 @@ pub struct LastActivity {
     pub summary: String,
 }
 
+/// A change of a customer's purchase history, as the deals service's events report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purchase {
+    /// The deal is won with the customer, for this amount (again, when its amount changed).
+    Won { kind: Kind, id: String, deal_id: String, currency: String, amount: i64, at: i64 },
+    /// The deal is won with the customer no more.
+    Undone { kind: Kind, id: String, deal_id: String },
+}
+
 /// Revision actions, as stored.
 const ACTION_CREATE: i64 = 1;
 const ACTION_UPDATE: i64 = 2;
@@ -89,6 +99,9 @@ fn meta_of(row: &AnyRow) -> Result<Meta, sqlx::Error> {
         updated_at: row.try_get("updated_at")?,
         last_activity_at: row.try_get("last_activity_at")?,
         last_activity_summary: row.try_get("last_activity_summary")?,
+        purchase_count: row.try_get("purchase_count")?,
+        last_purchase_at: row.try_get("last_purchase_at")?,
+        lifetime_values: row.try_get("lifetime_values")?,
     })
 }
 
@@ -225,6 +238,73 @@ impl Store {
         Ok(())
     }
 
+    /// Applies purchase-history changes in order, then sets each affected record's purchase
+    /// count, last purchase time and value per currency from its won deals. System-kept fields,
+    /// not an edit: no new version, no revision. Records that are gone are passed over.
+    pub async fn record_purchases(&self, tx: &mut Tx, changes: &[Purchase]) -> Result<(), ApiError> {
+        let mut touched: Vec<(Kind, String)> = Vec::new();
+        for change in changes {
+            let (kind, id) = match change {
+                Purchase::Won { kind, id, deal_id, currency, amount, at } => {
+                    let mut sql = Sql::new(
+                        "INSERT INTO purchases (record_type, record_id, deal_id, currency, amount, won_at) VALUES ",
+                    );
+                    sql.push_values([()], |v, ()| {
+                        v.bind(kind.record_type() as i64).bind(id.as_str()).bind(deal_id.as_str());
+                        v.bind(currency.as_str()).bind(*amount).bind(*at);
+                    });
+                    sql.push(
+                        " ON CONFLICT (record_type, record_id, deal_id) DO UPDATE SET currency = excluded.currency, \
+                         amount = excluded.amount, won_at = excluded.won_at",
+                    );
+                    sql.query().execute(&mut **tx).await?;
+                    (*kind, id)
+                }
+                Purchase::Undone { kind, id, deal_id } => {
+                    let mut sql = Sql::new("DELETE FROM purchases WHERE record_type = ");
+                    sql.bind(kind.record_type() as i64).push(" AND record_id = ").bind(id.as_str());
+                    sql.push(" AND deal_id = ").bind(deal_id.as_str());
+                    sql.query().execute(&mut **tx).await?;
+                    (*kind, id)
+                }
+            };
+            if !touched.iter().any(|(k, i)| *k == kind && i == id) {
+                touched.push((kind, id.clone()));
+            }
+        }
+        for (kind, id) in touched {
+            let mut sql = Sql::new("SELECT currency, COUNT(*) AS n, ");
+            sql.push(match self.db.backend() {
+                crm_kit::db::Backend::Postgres => "CAST(SUM(amount) AS BIGINT)",
+                crm_kit::db::Backend::Sqlite => "SUM(amount)",
+            });
+            sql.push(" AS total, MAX(won_at) AS last FROM purchases WHERE record_type = ");
+            sql.bind(kind.record_type() as i64)
+                .push(" AND record_id = ")
+                .bind(id.as_str())
+                .push(" GROUP BY currency ORDER BY currency");
+            let rows = sql.query().fetch_all(&mut **tx).await?;
+            let (mut count, mut last, mut values) = (0_i64, 0_i64, Vec::new());
+            for row in &rows {
+                count += row.try_get::<i64, _>("n")?;
+                last = last.max(row.try_get::<i64, _>("last")?);
+                let total: i64 = row.try_get("total")?;
+                values.push(crm_proto::contacts::v1::LifetimeValue {
+                    currency_code: row.try_get("currency")?,
+                    minor_units: total,
+                });
+            }
+            let mut sql = Sql::new("UPDATE ");
+            sql.push(table(kind)).push(" SET purchase_count = ").bind(count).push(", last_purchase_at = ").bind(last);
+            sql.push(", lifetime_values = ")
+                .bind(domain::lifetime_text(&values))
+                .push(" WHERE id = ")
+                .bind(id.as_str());
+            sql.query().execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
     /// Creates a normalised record for `caller`. With a `request_id`, the caller's repeated
     /// call returns the record their first one created (if `scope` still lets them see it).
     /// `scope` applies to the replay only: the caller checks the new record's owner.
@@ -259,6 +339,9 @@ impl Store {
             updated_at: now,
             last_activity_at: 0,
             last_activity_summary: String::new(),
+            purchase_count: 0,
+            last_purchase_at: 0,
+            lifetime_values: String::new(),
         };
         record.set_meta(&meta);
         self.check_references(&mut tx, &record, scope).await?;
@@ -284,6 +367,9 @@ impl Store {
                 updated_at: now,
                 last_activity_at: 0,
                 last_activity_summary: String::new(),
+                purchase_count: 0,
+                last_purchase_at: 0,
+                lifetime_values: String::new(),
             };
             record.set_meta(&meta);
             keys.extend(record.keys().into_iter().map(|k| (meta.id.clone(), k)));

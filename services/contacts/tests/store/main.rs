@@ -95,6 +95,7 @@ crm_kit::both_backends!(env =>
     nothing_leaks_outside_the_scope,
     activities_move_the_last_activity,
     customers_are_looked_up_in_one_call,
+    won_deals_make_the_purchase_history,
 );
 
 /// The fields named by an INVALID_ARGUMENT's `google.rpc.BadRequest`.

@@ -530,3 +530,83 @@ pub async fn customers_are_looked_up_in_one_call(env: Env) {
     let err = env.api.batch_get_customers(req(BatchGetCustomersRequest { customers: bad })).await.unwrap_err();
     assert_eq!(fields(&err), ["customers[0].record_type", "customers[0].id"]);
 }
+
+/// Deals won with a customer (the deals service's events) make its purchase history: count,
+/// last purchase and value per currency; a win undone takes its deal out; repeats change nothing.
+pub async fn won_deals_make_the_purchase_history(env: Env) {
+    use crm_kit::events::Handler;
+    let anna = create_person(&env.api, person("Anna Petrova", "+7 916 555-01-03", "anna.h@example.com")).await.unwrap();
+    let intake = crm_contacts::intake::Intake::new(env.store.clone());
+    let event = |payload: &dyn Fn() -> crm_proto::events::v1::Envelope| crm_kit::events::Delivered {
+        envelope: payload(),
+        seq: 1,
+        redelivered: false,
+    };
+    let won = |deal: &str, currency: &str, amount: i64, at: i64| {
+        let deal = deal.to_string();
+        let (currency, anna_id) = (currency.to_string(), anna.id.clone());
+        event(&move || {
+            crm_kit::events::envelope::envelope(
+                "deals",
+                &deal,
+                ALICE,
+                &crm_proto::deals::v1::DealWon {
+                    deal_id: deal.clone(),
+                    person_id: anna_id.clone(),
+                    amount: Some(crm_proto::deals::v1::Money { currency_code: currency.clone(), minor_units: amount }),
+                    close_time: crm_kit::time::to_timestamp(at),
+                    ..Default::default()
+                },
+            )
+        })
+    };
+    let undone = |deal: &str| {
+        let (deal, anna_id) = (deal.to_string(), anna.id.clone());
+        event(&move || {
+            crm_kit::events::envelope::envelope(
+                "deals",
+                &deal,
+                ALICE,
+                &crm_proto::deals::v1::DealWinUndone {
+                    deal_id: deal.clone(),
+                    person_id: anna_id.clone(),
+                    ..Default::default()
+                },
+            )
+        })
+    };
+    let (t1, t2) = (1_780_000_000_000_000, 1_781_000_000_000_000);
+    let events = [
+        won("d1", "EUR", 10_000, t1),
+        won("d1", "EUR", 12_000, t1),
+        won("d2", "USD", 500, t2),
+        won("d3", "EUR", 1, t2),
+    ];
+    let refs: Vec<&crm_kit::events::Delivered> = events.iter().collect();
+    let mut tx = env.store.db().begin_write().await.unwrap();
+    intake.handle_batch(&mut tx, &refs).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = env.store.db().begin_write().await.unwrap();
+    intake.handle(&mut tx, &undone("d3")).await.unwrap();
+    tx.commit().await.unwrap();
+    let got = env.api.get_person(req(GetPersonRequest { id: anna.id.clone() })).await.unwrap().into_inner();
+    assert_eq!(got.purchase_count, 2);
+    assert_eq!(got.last_purchase_time, crm_kit::time::to_timestamp(t2));
+    let values: Vec<(String, i64)> =
+        got.lifetime_value.iter().map(|v| (v.currency_code.clone(), v.minor_units)).collect();
+    assert_eq!(values, [("EUR".to_string(), 12_000), ("USD".to_string(), 500)], "the amount changed, not added");
+    assert_eq!(got.etag, anna.etag, "no new version");
+    let buyers = env
+        .api
+        .list_people(req(ListPeopleRequest { filter: "purchase_count >= 2".into(), ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(buyers.people.len(), 1);
+    let bad = env
+        .api
+        .list_people(req(ListPeopleRequest { filter: "purchase_count >= many".into(), ..Default::default() }))
+        .await
+        .unwrap_err();
+    assert_eq!(fields(&bad), ["filter"]);
+}

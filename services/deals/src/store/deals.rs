@@ -7,12 +7,15 @@ use std::collections::HashMap;
 use crm_kit::ApiError;
 use crm_kit::auth::OwnerScope;
 use crm_kit::db::{Backend, Edit, Sql, Tx, idempotency};
+use crm_kit::events::envelope::envelope;
 use crm_kit::filter::{Field, FieldKind, Filter};
 use crm_kit::page::{Order, Page};
 use crm_kit::time::{now_micros, to_timestamp};
 use crm_proto::deals::v1::{
-    ColumnTotal, Deal, DealStatus, Money, Product, Stage, StageChange, StageChangeKind, StageKind,
+    ColumnTotal, Deal, DealStageChanged, DealStatus, DealWinUndone, DealWon, Money, Product, Stage, StageChange,
+    StageChangeKind, StageKind,
 };
+use crm_proto::events::v1::Envelope;
 use prost::Message;
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -132,6 +135,64 @@ fn money(d: &Deal) -> (&str, i64) {
 
 fn not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("deal {id} not found"))
+}
+
+/// The events of a deal `deal` (as it is now) entering `stage` from `from` (empty: opened).
+fn entered(deal: &Deal, from: &str, stage: &Stage, kind: StageChangeKind, actor: &str) -> Envelope {
+    let event = DealStageChanged {
+        deal_id: deal.id.clone(),
+        title: deal.title.clone(),
+        pipeline_id: deal.pipeline_id.clone(),
+        from_stage_id: from.to_string(),
+        to_stage_id: stage.id.clone(),
+        to_stage_name: stage.name.clone(),
+        kind: kind as i32,
+        status: deal.status,
+        owner_id: deal.owner_id.clone(),
+        company_id: deal.company_id.clone(),
+        person_id: deal.person_id.clone(),
+        amount: deal.amount.clone(),
+    };
+    envelope(crate::SOURCE, &deal.id, actor, &event)
+}
+
+fn won(deal: &Deal, closed_at: i64, actor: &str) -> Envelope {
+    let event = DealWon {
+        deal_id: deal.id.clone(),
+        title: deal.title.clone(),
+        owner_id: deal.owner_id.clone(),
+        company_id: deal.company_id.clone(),
+        person_id: deal.person_id.clone(),
+        amount: deal.amount.clone(),
+        close_time: to_timestamp(closed_at),
+    };
+    envelope(crate::SOURCE, &deal.id, actor, &event)
+}
+
+fn undone(deal: &Deal, actor: &str) -> Envelope {
+    let event = DealWinUndone {
+        deal_id: deal.id.clone(),
+        company_id: deal.company_id.clone(),
+        person_id: deal.person_id.clone(),
+    };
+    envelope(crate::SOURCE, &deal.id, actor, &event)
+}
+
+/// The purchase-history events of a change from `old` to `new`: a win, a win undone, or a won
+/// deal's amount or customer changed.
+fn purchase_events(old: Option<&Deal>, new: Option<&Deal>, closed_at: i64, actor: &str) -> Vec<Envelope> {
+    fn is_won(d: Option<&Deal>) -> Option<&Deal> {
+        d.filter(|d| d.status == DealStatus::Won as i32)
+    }
+    match (is_won(old), is_won(new)) {
+        (None, Some(new)) => vec![won(new, closed_at, actor)],
+        (Some(old), None) => vec![undone(old, actor)],
+        (Some(old), Some(new)) if (&old.company_id, &old.person_id) != (&new.company_id, &new.person_id) => {
+            vec![undone(old, actor), won(new, closed_at, actor)]
+        }
+        (Some(old), Some(new)) if old.amount != new.amount => vec![won(new, closed_at, actor)],
+        _ => Vec::new(),
+    }
 }
 
 /// A history row about to be written.
@@ -268,10 +329,14 @@ impl Store {
             lost_reason: &deal.lost_reason,
         };
         record(&mut tx, &change).await?;
-        tx.commit().await?;
         let mut sql = Sql::new("SELECT ");
         sql.push(COLUMNS).push(" FROM deals WHERE id = ").bind(deal.id.as_str());
-        decode(&sql.query().fetch_one(self.db.pool()).await?)
+        let created = decode(&sql.query().fetch_one(&mut *tx).await?)?;
+        let mut events = vec![entered(&created, "", &target.stage, change.kind, actor)];
+        events.extend(purchase_events(None, Some(&created), now, actor));
+        self.outbox.append_all(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(created)
     }
 
     fn select_deal(&self, id: &str, scope: &OwnerScope) -> Sql {
@@ -361,6 +426,7 @@ impl Store {
         }
         set.push(", doc = ").bind(doc(&deal));
         edit.save(set, now).await?;
+        let mut events = Vec::new();
         if let Some((kind, seconds)) = moved {
             let change = Change {
                 deal_id: id,
@@ -373,7 +439,12 @@ impl Store {
                 lost_reason: &deal.lost_reason,
             };
             record(edit.tx(), &change).await?;
+            if let Some(target) = move_to {
+                events.push(entered(&deal, &old.stage_id, &target.stage, kind, actor));
+            }
         }
+        events.extend(purchase_events(Some(&old), Some(&deal), closed_at, actor));
+        self.outbox.append_all(edit.tx(), &events).await?;
         edit.commit().await?;
         self.get_deal(id, &OwnerScope::All).await
     }
@@ -388,10 +459,13 @@ impl Store {
     }
 
     /// Deletes the deal `id` with its history.
-    pub async fn delete_deal(&self, id: &str, etag: &str, scope: &OwnerScope) -> Result<(), ApiError> {
+    pub async fn delete_deal(&self, id: &str, etag: &str, actor: &str, scope: &OwnerScope) -> Result<(), ApiError> {
         let tx = self.db.begin_write().await?;
-        let (mut edit, _) = Edit::lock(&self.db, tx, "deals", "deal", id, self.select_deal(id, scope)).await?;
+        let (mut edit, row) = Edit::lock(&self.db, tx, "deals", "deal", id, self.select_deal(id, scope)).await?;
         edit.require_etag(etag)?;
+        let old = decode(&row)?;
+        let events = purchase_events(Some(&old), None, 0, actor);
+        self.outbox.append_all(edit.tx(), &events).await?;
         let mut sql = Sql::new("DELETE FROM deal_history WHERE deal_id = ");
         sql.bind(id);
         sql.query().execute(&mut **edit.tx()).await?;
@@ -497,7 +571,14 @@ impl Store {
     }
 
     /// Moves every deal of stage `from` to `to` (a stage of the same kind), recording each move.
-    pub(crate) async fn move_all(tx: &mut Tx, from: &str, to: &Stage, actor: &str, now: i64) -> Result<(), ApiError> {
+    pub(crate) async fn move_all(
+        &self,
+        tx: &mut Tx,
+        from: &str,
+        to: &Stage,
+        actor: &str,
+        now: i64,
+    ) -> Result<(), ApiError> {
         let mut sql = Sql::new(
             "INSERT INTO deal_history (id, deal_id, from_stage_id, to_stage_id, kind, actor_id, at, \
              seconds_in_previous, lost_reason) SELECT id || '-moved-' || ",
@@ -514,6 +595,15 @@ impl Store {
         sql.bind(i64::from(to.probability)).push(" END, version = version + 1, updated_at = ").bind(now);
         sql.push(" WHERE stage_id = ").bind(from);
         sql.query().execute(&mut **tx).await?;
+        let mut moved = Sql::new("SELECT ");
+        moved.push(COLUMNS).push(" FROM deals WHERE stage_id = ").bind(to.id.as_str());
+        moved.push(" AND stage_entered_at = ").bind(now);
+        let rows = moved.query().fetch_all(&mut **tx).await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            events.push(entered(&decode(row)?, from, to, StageChangeKind::Moved, actor));
+        }
+        self.outbox.append_all(tx, &events).await?;
         Ok(())
     }
 

@@ -11,6 +11,7 @@ pub mod pipelines;
 pub mod products;
 
 use crm_kit::db::{Db, Migrations};
+use crm_kit::events::Outbox;
 
 pub fn migrations() -> Migrations {
     Migrations { postgres: sqlx::migrate!("migrations/postgres"), sqlite: sqlx::migrate!("migrations/sqlite") }
@@ -23,11 +24,18 @@ pub(crate) const CREATED_DEAL: i64 = 2;
 #[derive(Clone, Debug)]
 pub struct Store {
     db: Db,
+    outbox: Outbox,
 }
 
 impl Store {
     pub fn new(db: Db) -> Store {
-        Store { db }
+        Store { db, outbox: Outbox::new(crate::SOURCE) }
+    }
+
+    /// Publishes its events through `outbox` (the role's, which its relay watches).
+    pub fn with_outbox(mut self, outbox: Outbox) -> Store {
+        self.outbox = outbox;
+        self
     }
 
     pub fn db(&self) -> &Db {

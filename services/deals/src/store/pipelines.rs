@@ -267,7 +267,7 @@ impl Store {
                             "must be a stage of the same kind (open, won or lost) as the one removed",
                         ));
                     }
-                    Store::move_all(edit.tx(), &before.id, target, actor, now).await?;
+                    self.move_all(edit.tx(), &before.id, target, actor, now).await?;
                 }
                 Some(after) if after.kind != before.kind && deals > 0 => {
                     return Err(ApiError::FailedPrecondition(format!(

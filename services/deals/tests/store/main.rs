@@ -658,10 +658,49 @@ async fn stages_require_fields_and_deals_rot(env: Env) {
     assert!(rotting(ALICE).await.unwrap().into_inner().deals.is_empty());
 }
 
+/// Wins publish the purchase history's events: won, won again with a new amount, undone.
+async fn wins_are_published(env: Env) {
+    use prost::Message;
+    let sales = sales(&env).await;
+    let d = Deal { title: "Win".into(), person_id: ANNA.into(), amount: money("EUR", 1_000), ..Default::default() };
+    let d = create_deal(&env, ALICE, d).await.unwrap();
+    move_deal(&env, ALICE, &d.id, &stage_id(&sales, "Order received"), "").await.unwrap();
+    let bigger = UpdateDealRequest {
+        deal: Some(Deal { id: d.id.clone(), amount: money("EUR", 1_500), ..Default::default() }),
+        update_mask: mask(&["amount"]),
+    };
+    env.api.update_deal(as_user(ALICE, bigger)).await.unwrap();
+    move_deal(&env, ALICE, &d.id, &stage_id(&sales, "Negotiation"), "").await.unwrap();
+    let rows = crm_kit::db::Sql::new("SELECT envelope FROM outbox ORDER BY seq")
+        .query()
+        .fetch_all(env.store.db().pool())
+        .await
+        .unwrap();
+    let types: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let bytes: Vec<u8> = sqlx::Row::try_get(r, "envelope").unwrap();
+            crm_proto::events::v1::Envelope::decode(bytes.as_slice()).unwrap().r#type
+        })
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "crm.deals.v1.DealStageChanged",
+            "crm.deals.v1.DealStageChanged",
+            "crm.deals.v1.DealWon",
+            "crm.deals.v1.DealWon",
+            "crm.deals.v1.DealStageChanged",
+            "crm.deals.v1.DealWinUndone",
+        ]
+    );
+}
+
 crm_kit::both_backends!(env =>
     pipelines_are_data,
     products_form_a_catalogue,
     deals_keep_money_probability_and_history,
     boards_total_every_matching_deal,
     stages_require_fields_and_deals_rot,
+    wins_are_published,
 );
