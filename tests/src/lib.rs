@@ -59,10 +59,20 @@ pub fn crm_bin() -> &'static Path {
     })
 }
 
-/// A port free right now on 127.0.0.1.
+/// A port free right now on 127.0.0.1, and never handed out before in this test process: the
+/// kernel may give the same ephemeral port to two binds in a row once the first is closed, and
+/// two roles told to listen on one port cannot both start.
 pub fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let addr = listener.local_addr().expect("local addr");
+        let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 /// A running `crm` process; its output goes to a log file shown when a test fails.

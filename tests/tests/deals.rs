@@ -3,13 +3,108 @@
 //! customer (checked with the real contacts service), priced from the catalogue, moves it
 //! through the funnel (lost needs a reason, every move recorded); the board totals what each
 //! viewer may see; a colleague elsewhere sees nothing of it; the won deal reaches the customer's
-//! purchase history in contacts.
+//! purchase history in contacts; entering "Payment" makes the owner one task and one notice, in
+//! both modes.
 
 use crm_proto::auth::v1::{CreateUserRequest, ListRolesRequest, User};
 use crm_proto::contacts::v1::{CreatePersonRequest, Person};
 use crm_proto::deals::v1::*;
 use crm_tests::*;
 use tonic::Code;
+
+/// Gives the stage `payment` two automations: a task for the owner, due in two days, and a
+/// notice to the owner.
+async fn automate_payment(gw: std::net::SocketAddr, admin: &str, pipeline_id: &str, payment: &str) {
+    let task = Automation {
+        action: Some(automation::Action::CreateTask(TaskAutomation {
+            title: "Send the invoice for {deal}".into(),
+            due_in_days: 2,
+            ..Default::default()
+        })),
+    };
+    let notify = Automation {
+        action: Some(automation::Action::Notify(NotifyAutomation {
+            owner: true,
+            message: "{deal} is waiting for payment".into(),
+            ..Default::default()
+        })),
+    };
+    let request = UpdateStageRequest {
+        pipeline_id: pipeline_id.into(),
+        stage: Some(Stage { id: payment.into(), automations: vec![task, notify], ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["automations".into()] }),
+        etag: String::new(),
+    };
+    deals_as(gw, admin).await.update_stage(request).await.expect("the administrator sets automations");
+}
+
+/// Waits until the owner (`token`) has the automation's task for `deal_id` and both notices
+/// (the task given to them, the stage's notice), then checks there is exactly one of each.
+async fn expect_automation(gw: std::net::SocketAddr, token: &str, deal_id: &str) {
+    use crm_proto::notifications::v1::ListNotificationsRequest;
+    use crm_proto::tasks::v1::ListTasksRequest;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let tasks = tasks_as(gw, token)
+            .await
+            .list_tasks(ListTasksRequest { filter: format!("deal_id = \"{deal_id}\""), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner()
+            .tasks;
+        let inbox = notifications_as(gw, token)
+            .await
+            .list_notifications(ListNotificationsRequest { page_size: 100, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner()
+            .notifications;
+        let notices = inbox.iter().filter(|n| n.event_type == "crm.deals.v1.DealAutomationNotice").count();
+        let assigned = inbox.iter().filter(|n| n.event_type == "crm.tasks.v1.TaskAssigned").count();
+        if !tasks.is_empty() && notices >= 1 && assigned >= 1 {
+            assert_eq!(tasks.len(), 1, "one task per entry");
+            assert!(tasks[0].title.starts_with("Send the invoice for "), "{:?}", tasks[0].title);
+            assert_eq!((notices, assigned), (1, 1), "one notice and one assignment per entry");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the automation's effects never all arrived: {} task(s), {notices} notice(s), {assigned} assignment(s)",
+            tasks.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The embedded mode: `crm dev` runs the same automations on SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crm_dev_runs_deal_automations() {
+    let data = tempfile::tempdir().unwrap();
+    let gw = free_addr();
+    let _dev = start_dev("dev", &data.path().join("crm-data"), gw, &[("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD)]).await;
+    let admin = admin_token(gw).await;
+    let (_alice, alice) = salesperson(gw, &admin, "alice@example.com").await;
+    let pipelines =
+        deals_as(gw, &alice).await.list_pipelines(ListPipelinesRequest::default()).await.unwrap().into_inner();
+    let sales = pipelines.pipelines.into_iter().find(|p| p.name == "Sales").expect("the starting pipeline");
+    let payment = sales.stages.iter().find(|s| s.name == "Payment").expect("Payment").id.clone();
+    automate_payment(gw, &admin, &sales.id, &payment).await;
+    let deal = deals_as(gw, &alice)
+        .await
+        .create_deal(CreateDealRequest {
+            deal: Some(Deal { title: "Dev deal".into(), ..Default::default() }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    deals_as(gw, &admin)
+        .await
+        .move_deal(MoveDealRequest { id: deal.id.clone(), stage_id: payment, ..Default::default() })
+        .await
+        .expect("the administrator moves Alice's deal");
+    expect_automation(gw, &alice, &deal.id).await;
+}
 
 async fn salesperson(gw: std::net::SocketAddr, admin: &str, email: &str) -> (User, String) {
     let mut org = org_as(gw, admin).await;
@@ -90,13 +185,17 @@ async fn deals_move_through_the_funnel() {
     let peek = deals_as(gw, &bob).await.get_deal(GetDealRequest { id: deal.id.clone() }).await;
     assert_eq!(peek.unwrap_err().code(), Code::NotFound);
 
-    let mut client = deals_as(gw, &alice).await;
-    let moved = client
+    // D4: entering "Payment" makes a task for the owner and tells them, once.
+    automate_payment(gw, &admin, &sales.id, &stage("Payment")).await;
+    let moved = deals_as(gw, &admin)
+        .await
         .move_deal(MoveDealRequest { id: deal.id.clone(), stage_id: stage("Payment"), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(moved.probability, Some(90));
+    expect_automation(gw, &alice, &deal.id).await;
+    let mut client = deals_as(gw, &alice).await;
     let lost =
         client.move_deal(MoveDealRequest { id: deal.id.clone(), stage_id: stage("Lost"), ..Default::default() }).await;
     assert_eq!(lost.unwrap_err().code(), Code::InvalidArgument, "lost needs a reason");

@@ -21,7 +21,7 @@ use crate::store::products::{self, ProductQuery};
 
 const PIPELINE_MASK: crm_kit::mask::Mask<Pipeline> = crm_kit::mask!(Pipeline { name, department_id });
 const STAGE_MASK: crm_kit::mask::Mask<Stage> =
-    crm_kit::mask!(Stage { name, probability, kind, rotting_days, required_fields });
+    crm_kit::mask!(Stage { name, probability, kind, rotting_days, required_fields, automations });
 const PRODUCT_MASK: crm_kit::mask::Mask<Product> = crm_kit::mask!(Product { name, sku, description, prices, active });
 
 /// Longest product search.

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use crm_kit::Violations;
-use crm_proto::deals::v1::{Deal, DealStatus, LineItem, Money, Pipeline, Product, Stage, StageKind};
+use crm_proto::deals::v1::{Deal, DealStatus, LineItem, Money, Pipeline, Product, Stage, StageKind, automation};
 
 pub const MAX_NAME: usize = 100;
 pub const MAX_PRODUCT_NAME: usize = 300;
@@ -90,6 +90,43 @@ pub fn normalize_stage(stage: &mut Stage, field: &str, v: &mut Violations) {
         }
     }
     stage.required_fields = required;
+    v.max_items(&format!("{field}.automations"), &stage.automations, MAX_AUTOMATIONS);
+    for (i, automation) in stage.automations.iter_mut().enumerate() {
+        let at = format!("{field}.automations[{i}]");
+        match &mut automation.action {
+            None => v.add(at, "needs an action: create_task or notify"),
+            Some(automation::Action::CreateTask(task)) => {
+                task.title = task.title.trim().to_string();
+                v.required(&format!("{at}.create_task.title"), &task.title);
+                v.max_chars(&format!("{at}.create_task.title"), &task.title, MAX_PRODUCT_NAME);
+                v.max_chars(&format!("{at}.create_task.description"), &task.description, MAX_TEXT);
+                if !(0..=365).contains(&task.due_in_days) {
+                    v.add(format!("{at}.create_task.due_in_days"), "must be 0 to 365");
+                }
+            }
+            Some(automation::Action::Notify(notify)) => {
+                notify.message = notify.message.trim().to_string();
+                v.required(&format!("{at}.notify.message"), &notify.message);
+                v.max_chars(&format!("{at}.notify.message"), &notify.message, 1_000);
+                v.max_items(&format!("{at}.notify.user_ids"), &notify.user_ids, 20);
+                for (j, user) in notify.user_ids.iter_mut().enumerate() {
+                    *user = user.trim().to_string();
+                    v.uuid(&format!("{at}.notify.user_ids[{j}]"), user);
+                }
+                if notify.user_ids.is_empty() && !notify.owner && !notify.owner_supervisor {
+                    v.add(format!("{at}.notify"), "names nobody: set user_ids, owner or owner_supervisor");
+                }
+            }
+        }
+    }
+}
+
+/// Most automations one stage has.
+pub const MAX_AUTOMATIONS: usize = 10;
+
+/// An automation's text with "{deal}" as the deal's title and "{stage}" as the stage's name.
+pub fn fill(template: &str, deal: &Deal, stage: &Stage) -> String {
+    template.replace("{deal}", &deal.title).replace("{stage}", &stage.name)
 }
 
 /// The fields a stage may require of the deals entering it.

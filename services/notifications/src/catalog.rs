@@ -140,6 +140,18 @@ pub const EVENTS: &[EventSpec] = &[
                     "author_id": "0190f5e2-0000-7000-8000-000000000002", "creator_id": "",
                     "body": "Good. Offer them the two-year plan."}"#,
     },
+    EventSpec {
+        name: "crm.deals.v1.DealAutomationNotice",
+        title: "A deal entered a stage whose automation tells you",
+        recipients: &["recipient_id", "supervisor_of:supervisor_of_id"],
+        default_channels: &[Channel::InApp, Channel::Email],
+        mandatory_in_app: false,
+        skip_actor: true,
+        sample: r#"{"deal_id": "0190f5e2-7c4a-7d1e-9a53-3f1c2b4d5e73", "title": "Widgets for Acme",
+                    "stage_name": "Payment", "message": "Send the invoice for Widgets for Acme",
+                    "recipient_id": "0190f5e2-0000-7000-8000-000000000002", "supervisor_of_id": "",
+                    "owner_id": "0190f5e2-0000-7000-8000-000000000002"}"#,
+    },
 ];
 
 /// The shipped event type `name`.

@@ -5,7 +5,7 @@
 //!
 //! Nobody calls it to notify: it consumes the other services' events ([`intake`]) — contacts'
 //! assignments and transfers, auth's lock-outs and password changes, tasks' assignments,
-//! reminders, overdue tasks and comments — and turns those of its
+//! reminders, overdue tasks and comments, deals' stage automations — and turns those of its
 //! [`catalog`] into notifications. A new kind of notification is a catalog entry and its
 //! templates, not a new mechanism.
 
@@ -52,8 +52,11 @@ pub const CONTACTS_ROLE: &str = "contacts";
 /// The tasks service: its assignments, reminders, overdue tasks and comments.
 pub const TASKS_ROLE: &str = "tasks";
 
+/// The deals service: its stage automations' notices.
+pub const DEALS_ROLE: &str = "deals";
+
 /// The services whose events it turns into notifications.
-pub const CONSUMES: &[&str] = &[CONTACTS_ROLE, AUTH_ROLE, TASKS_ROLE];
+pub const CONSUMES: &[&str] = &[CONTACTS_ROLE, AUTH_ROLE, TASKS_ROLE, DEALS_ROLE];
 
 /// The permissions the notifications service's calls check (a user's own inbox and preferences
 /// need none).

@@ -584,6 +584,70 @@ pub const SHIPPED: &[(&str, Channel, &str, &str, &str)] = &[
         "",
         "CRM：{{ event.commenter_name }} 批示了「{{ event.subject_title }}」。",
     ),
+    // A deal's stage automation telling someone.
+    (
+        "crm.deals.v1.DealAutomationNotice",
+        Channel::InApp,
+        "en",
+        "{{ event.title }}: {{ event.stage_name }}",
+        "{{ event.message }}",
+    ),
+    (
+        "crm.deals.v1.DealAutomationNotice",
+        Channel::InApp,
+        "ru",
+        "{{ event.title }}: {{ event.stage_name }}",
+        "{{ event.message }}",
+    ),
+    (
+        "crm.deals.v1.DealAutomationNotice",
+        Channel::InApp,
+        "zh",
+        "{{ event.title }}：{{ event.stage_name }}",
+        "{{ event.message }}",
+    ),
+    (
+        "crm.deals.v1.DealAutomationNotice",
+        Channel::Email,
+        "en",
+        "{{ event.title }} is now at {{ event.stage_name }}",
+        "Hello {{ recipient.display_name }},\n\nthe deal {{ event.title }} entered the stage {{ event.stage_name }}.\n\n{{ event.message }}\n\nDeal id: {{ event.deal_id }}\n",
+    ),
+    (
+        "crm.deals.v1.DealAutomationNotice",
+        Channel::Email,
+        "ru",
+        "{{ event.title }}: этап «{{ event.stage_name }}»",
+        "Здравствуйте, {{ recipient.display_name }}!\n\nСделка {{ event.title }} перешла на этап «{{ event.stage_name }}».\n\n{{ event.message }}\n\nИдентификатор сделки: {{ event.deal_id }}\n",
+    ),
+    (
+        "crm.deals.v1.DealAutomationNotice",
+        Channel::Email,
+        "zh",
+        "{{ event.title }} 进入「{{ event.stage_name }}」阶段",
+        "{{ recipient.display_name }}，您好：\n\n交易「{{ event.title }}」已进入「{{ event.stage_name }}」阶段。\n\n{{ event.message }}\n\n交易编号：{{ event.deal_id }}\n",
+    ),
+    (
+        "crm.deals.v1.DealAutomationNotice",
+        Channel::Sms,
+        "en",
+        "",
+        "CRM: {{ event.title }} is at {{ event.stage_name }}. {{ event.message }}",
+    ),
+    (
+        "crm.deals.v1.DealAutomationNotice",
+        Channel::Sms,
+        "ru",
+        "",
+        "CRM: {{ event.title }} — этап «{{ event.stage_name }}». {{ event.message }}",
+    ),
+    (
+        "crm.deals.v1.DealAutomationNotice",
+        Channel::Sms,
+        "zh",
+        "",
+        "CRM：「{{ event.title }}」进入「{{ event.stage_name }}」。{{ event.message }}",
+    ),
 ];
 
 /// The sample context of an event type on a channel: for previews, and to check a template

@@ -113,8 +113,9 @@ impl role::Service for Tasks {
         let (scopes, organisation) = ctx.scopes()?;
         let directory = Arc::new(RemoteDirectory::new(auth));
         let store = Store::new(db.clone()).with_outbox(outbox);
-        let consumer =
-            ctx.events().consumer(SOURCE, &db, intake::CONSUMES, Arc::new(intake::Intake::new(store.clone())));
+        let grace = i64::try_from(args.escalation_grace.as_micros()).unwrap_or(i64::MAX);
+        let intake = Arc::new(intake::Intake::new(store.clone(), grace));
+        let consumer = ctx.events().consumer(SOURCE, &db, intake::CONSUMES, intake);
         let runner = Runner::new(db.clone(), RunnerSettings::default())
             .handle(store::REMINDER_JOB, Arc::new(jobs::ReminderJob::new(store.clone())))
             .handle(store::ESCALATION_JOB, Arc::new(jobs::EscalationJob::new(store.clone(), Some(directory.clone()))));

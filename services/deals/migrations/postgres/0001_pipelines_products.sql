@@ -21,7 +21,9 @@ CREATE TABLE stages (
     kind         BIGINT NOT NULL,
     rotting_days BIGINT NOT NULL DEFAULT 0,
     -- Fields a deal needs to enter the stage, comma-separated.
-    required_fields TEXT NOT NULL DEFAULT ''
+    required_fields TEXT NOT NULL DEFAULT '',
+    -- The stage's automations: an encoded Stage message holding only them.
+    automations BYTEA NOT NULL DEFAULT ''
 );
 
 CREATE INDEX stages_pipeline ON stages (pipeline_id, position);

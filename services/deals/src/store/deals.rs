@@ -12,8 +12,8 @@ use crm_kit::filter::{Field, FieldKind, Filter};
 use crm_kit::page::{Order, Page};
 use crm_kit::time::{now_micros, to_timestamp};
 use crm_proto::deals::v1::{
-    ColumnTotal, Deal, DealStageChanged, DealStatus, DealWinUndone, DealWon, Money, Product, Stage, StageChange,
-    StageChangeKind, StageKind,
+    ColumnTotal, Deal, DealAutomationNotice, DealStageChanged, DealStatus, DealWinUndone, DealWon, Money, Product,
+    Stage, StageChange, StageChangeKind, StageKind, automation,
 };
 use crm_proto::events::v1::Envelope;
 use prost::Message;
@@ -137,7 +137,39 @@ fn not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("deal {id} not found"))
 }
 
-/// The events of a deal `deal` (as it is now) entering `stage` from `from` (empty: opened).
+/// The events of a deal `deal` (as it is now) entering `stage` from `from` (empty: opened):
+/// the entry, with the stage's automations for their consumers, and a notice per person a
+/// notify automation names.
+fn entering(deal: &Deal, from: &str, stage: &Stage, kind: StageChangeKind, actor: &str) -> Vec<Envelope> {
+    let mut events = vec![entered(deal, from, stage, kind, actor)];
+    for automation in &stage.automations {
+        let Some(automation::Action::Notify(notify)) = &automation.action else { continue };
+        let message = domain::fill(&notify.message, deal, stage);
+        let notice = |recipient: &str, supervisor_of: &str| {
+            let event = DealAutomationNotice {
+                deal_id: deal.id.clone(),
+                title: deal.title.clone(),
+                stage_name: stage.name.clone(),
+                message: message.clone(),
+                recipient_id: recipient.to_string(),
+                supervisor_of_id: supervisor_of.to_string(),
+                owner_id: deal.owner_id.clone(),
+            };
+            envelope(crate::SOURCE, &deal.id, actor, &event)
+        };
+        for user in &notify.user_ids {
+            events.push(notice(user, ""));
+        }
+        if notify.owner {
+            events.push(notice(&deal.owner_id, ""));
+        }
+        if notify.owner_supervisor {
+            events.push(notice("", &deal.owner_id));
+        }
+    }
+    events
+}
+
 fn entered(deal: &Deal, from: &str, stage: &Stage, kind: StageChangeKind, actor: &str) -> Envelope {
     let event = DealStageChanged {
         deal_id: deal.id.clone(),
@@ -152,6 +184,7 @@ fn entered(deal: &Deal, from: &str, stage: &Stage, kind: StageChangeKind, actor:
         company_id: deal.company_id.clone(),
         person_id: deal.person_id.clone(),
         amount: deal.amount.clone(),
+        automations: stage.automations.clone(),
     };
     envelope(crate::SOURCE, &deal.id, actor, &event)
 }
@@ -234,7 +267,8 @@ impl Store {
     /// The stage `id` with its pipeline.
     pub async fn target(&self, stage_id: &str) -> Result<Option<Target>, ApiError> {
         let mut sql = Sql::new(
-            "SELECT pipeline_id, id, name, position, probability, kind, rotting_days, required_fields FROM stages WHERE id = ",
+            "SELECT pipeline_id, id, name, position, probability, kind, rotting_days, required_fields, automations \
+             FROM stages WHERE id = ",
         );
         sql.bind(stage_id);
         Ok(match sql.query().fetch_optional(self.db.pool()).await? {
@@ -248,8 +282,8 @@ impl Store {
     /// The first stage of `pipeline_id`, or of the first pipeline by name.
     pub async fn first_stage(&self, pipeline_id: &str) -> Result<Option<Target>, ApiError> {
         let mut sql = Sql::new(
-            "SELECT s.pipeline_id, s.id, s.name, s.position, s.probability, s.kind, s.rotting_days, s.required_fields \
-             FROM stages s \
+            "SELECT s.pipeline_id, s.id, s.name, s.position, s.probability, s.kind, s.rotting_days, s.required_fields, \
+             s.automations FROM stages s \
              JOIN pipelines p ON p.id = s.pipeline_id WHERE 1=1",
         );
         if !pipeline_id.is_empty() {
@@ -332,7 +366,7 @@ impl Store {
         let mut sql = Sql::new("SELECT ");
         sql.push(COLUMNS).push(" FROM deals WHERE id = ").bind(deal.id.as_str());
         let created = decode(&sql.query().fetch_one(&mut *tx).await?)?;
-        let mut events = vec![entered(&created, "", &target.stage, change.kind, actor)];
+        let mut events = entering(&created, "", &target.stage, change.kind, actor);
         events.extend(purchase_events(None, Some(&created), now, actor));
         self.outbox.append_all(&mut tx, &events).await?;
         tx.commit().await?;
@@ -440,7 +474,7 @@ impl Store {
             };
             record(edit.tx(), &change).await?;
             if let Some(target) = move_to {
-                events.push(entered(&deal, &old.stage_id, &target.stage, kind, actor));
+                events.extend(entering(&deal, &old.stage_id, &target.stage, kind, actor));
             }
         }
         events.extend(purchase_events(Some(&old), Some(&deal), closed_at, actor));
@@ -601,7 +635,7 @@ impl Store {
         let rows = moved.query().fetch_all(&mut **tx).await?;
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
-            events.push(entered(&decode(row)?, from, to, StageChangeKind::Moved, actor));
+            events.extend(entering(&decode(row)?, from, to, StageChangeKind::Moved, actor));
         }
         self.outbox.append_all(tx, &events).await?;
         Ok(())

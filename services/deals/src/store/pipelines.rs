@@ -43,6 +43,12 @@ pub(crate) fn stage_of(row: &AnyRow) -> Result<Stage, ApiError> {
             .filter(|f| !f.is_empty())
             .map(str::to_string)
             .collect(),
+        automations: {
+            let bytes: Vec<u8> = row.try_get("automations")?;
+            <Stage as prost::Message>::decode(bytes.as_slice())
+                .map_err(|e| ApiError::Internal(format!("stored automations do not decode: {e}")))?
+                .automations
+        },
     })
 }
 
@@ -70,7 +76,8 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut sql = Sql::new(
-            "SELECT pipeline_id, id, name, position, probability, kind, rotting_days, required_fields FROM stages WHERE ",
+            "SELECT pipeline_id, id, name, position, probability, kind, rotting_days, required_fields, automations \
+             FROM stages WHERE ",
         );
         sql.push_in("pipeline_id", ids.iter().copied()).push(" ORDER BY pipeline_id, position");
         let rows = match tx {
@@ -90,7 +97,8 @@ impl Store {
         }
         sql.query().execute(&mut **tx).await?;
         let mut sql = Sql::new(
-            "INSERT INTO stages (id, pipeline_id, name, position, probability, kind, rotting_days, required_fields) VALUES ",
+            "INSERT INTO stages (id, pipeline_id, name, position, probability, kind, rotting_days, required_fields, \
+             automations) VALUES ",
         );
         sql.push_values(&pipeline.stages, |v, s| {
             v.bind(s.id.as_str())
@@ -100,12 +108,13 @@ impl Store {
                 .bind(i64::from(s.probability))
                 .bind(i64::from(s.kind))
                 .bind(i64::from(s.rotting_days))
-                .bind(s.required_fields.join(","));
+                .bind(s.required_fields.join(","))
+                .bind(prost::Message::encode_to_vec(&Stage { automations: s.automations.clone(), ..Stage::default() }));
         });
         sql.push(
             " ON CONFLICT (id) DO UPDATE SET name = excluded.name, position = excluded.position, \
              probability = excluded.probability, kind = excluded.kind, rotting_days = excluded.rotting_days, \
-             required_fields = excluded.required_fields",
+             required_fields = excluded.required_fields, automations = excluded.automations",
         );
         sql.query().execute(&mut **tx).await?;
         Ok(())

@@ -696,6 +696,77 @@ async fn wins_are_published(env: Env) {
     );
 }
 
+/// Automations are data on a stage; entering it publishes them with the entry, and a notice
+/// per person a notify automation names.
+async fn automations_travel_with_the_entry(env: Env) {
+    use prost::Message;
+    let sales = sales(&env).await;
+    let payment = stage_id(&sales, "Payment");
+    let set = |automations: Vec<Automation>| UpdateStageRequest {
+        pipeline_id: sales.id.clone(),
+        stage: Some(Stage { id: payment.clone(), automations, ..Default::default() }),
+        update_mask: mask(&["automations"]),
+        etag: String::new(),
+    };
+    let task = Automation {
+        action: Some(automation::Action::CreateTask(TaskAutomation {
+            title: "Send the invoice for {deal}".into(),
+            due_in_days: 2,
+            ..Default::default()
+        })),
+    };
+    let notify = Automation {
+        action: Some(automation::Action::Notify(NotifyAutomation {
+            user_ids: vec![HEAD.into()],
+            owner: true,
+            owner_supervisor: true,
+            message: "{deal} reached {stage}".into(),
+        })),
+    };
+    let nobody = Automation {
+        action: Some(automation::Action::Notify(NotifyAutomation { message: "x".into(), ..Default::default() })),
+    };
+    let bad = env.api.update_stage(as_user(ADMIN, set(vec![nobody, Automation { action: None }]))).await.unwrap_err();
+    assert_eq!(violations(&bad), ["stage.automations[0].notify", "stage.automations[1]"]);
+    let updated = env.api.update_stage(as_user(ADMIN, set(vec![task, notify]))).await.unwrap().into_inner();
+    assert_eq!(updated.stages.iter().find(|s| s.id == payment).unwrap().automations.len(), 2, "kept with the stage");
+    let d = create_deal(&env, ALICE, Deal { title: "Widgets".into(), ..Default::default() }).await.unwrap();
+    move_deal(&env, ADMIN, &d.id, &payment, "").await.unwrap();
+    let rows = crm_kit::db::Sql::new("SELECT envelope FROM outbox ORDER BY seq")
+        .query()
+        .fetch_all(env.store.db().pool())
+        .await
+        .unwrap();
+    let envelopes: Vec<crm_proto::events::v1::Envelope> = rows
+        .iter()
+        .map(|r| {
+            crm_proto::events::v1::Envelope::decode(sqlx::Row::try_get::<Vec<u8>, _>(r, "envelope").unwrap().as_slice())
+                .unwrap()
+        })
+        .collect();
+    let entry = envelopes
+        .iter()
+        .filter_map(crm_kit::events::envelope::payload::<DealStageChanged>)
+        .map(|p| p.unwrap())
+        .find(|e| e.to_stage_id == payment)
+        .expect("the entry");
+    assert_eq!(entry.automations.len(), 2);
+    let notices: Vec<(String, String, String)> = envelopes
+        .iter()
+        .filter_map(crm_kit::events::envelope::payload::<DealAutomationNotice>)
+        .map(|p| p.unwrap())
+        .map(|n| (n.recipient_id, n.supervisor_of_id, n.message))
+        .collect();
+    assert_eq!(
+        notices,
+        [
+            (HEAD.to_string(), String::new(), "Widgets reached Payment".to_string()),
+            (ALICE.to_string(), String::new(), "Widgets reached Payment".to_string()),
+            (String::new(), ALICE.to_string(), "Widgets reached Payment".to_string()),
+        ]
+    );
+}
+
 crm_kit::both_backends!(env =>
     pipelines_are_data,
     products_form_a_catalogue,
@@ -703,4 +774,5 @@ crm_kit::both_backends!(env =>
     boards_total_every_matching_deal,
     stages_require_fields_and_deals_rot,
     wins_are_published,
+    automations_travel_with_the_entry,
 );

@@ -280,13 +280,32 @@ impl Store {
             return self.get_task(&record_id, viewer).await;
         }
         task.id = id;
+        self.insert_task(&mut tx, &mut task, schedule, creator, now).await?;
+        tx.commit().await?;
+        task.create_time = to_timestamp(now);
+        task.update_time = to_timestamp(now);
+        task.etag = "1".into();
+        Ok(task)
+    }
+
+    /// Writes the new `task` (its id set) for `creator` in `tx`, with the jobs of `schedule`,
+    /// and tells its assignee. What a deal's stage automation uses, in the transaction that
+    /// marks its event handled.
+    pub async fn insert_task(
+        &self,
+        tx: &mut Tx,
+        task: &mut Task,
+        schedule: &Schedule,
+        creator: &str,
+        now: i64,
+    ) -> Result<(), ApiError> {
         task.creator_id = creator.to_string();
         task.status = TaskStatus::Open as i32;
         let mut sql = Sql::new(
             "INSERT INTO tasks (id, title, kind, status, priority, assignee_id, creator_id, due_at, customer_id, \
              deal_id, created_at, updated_at, version, doc) VALUES ",
         );
-        sql.push_values([&task], |v, t| {
+        sql.push_values([&*task], |v, t| {
             v.bind(t.id.as_str())
                 .bind(t.title.as_str())
                 .bind(i64::from(t.kind))
@@ -302,14 +321,10 @@ impl Store {
                 .bind(1_i64)
                 .bind(task_doc(t));
         });
-        sql.query().execute(&mut *tx).await?;
-        Self::reschedule(&mut tx, &task, schedule).await?;
-        self.assigned(&mut tx, &task, "", creator).await?;
-        tx.commit().await?;
-        task.create_time = to_timestamp(now);
-        task.update_time = to_timestamp(now);
-        task.etag = "1".into();
-        Ok(task)
+        sql.query().execute(&mut **tx).await?;
+        Self::reschedule(tx, task, schedule).await?;
+        self.assigned(tx, task, "", creator).await?;
+        Ok(())
     }
 
     /// The statement reading the task `id` if the viewer may see it.

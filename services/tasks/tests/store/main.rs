@@ -533,7 +533,7 @@ async fn a_deactivated_users_open_tasks_wait_for_handover(env: Env) {
         seq: 1,
         redelivered: false,
     };
-    let intake = crm_tasks::intake::Intake::new(env.store.clone());
+    let intake = crm_tasks::intake::Intake::new(env.store.clone(), 3_600_000_000);
     for _ in 0..2 {
         let mut tx = env.store.db().begin_write().await.unwrap();
         intake.handle(&mut tx, &event).await.unwrap();
@@ -723,6 +723,56 @@ async fn reminders_keep_the_wall_clock(env: Env) {
     assert_eq!(jobs(&env, REMINDER_JOB).await, [(format!("{}/0", created.id), at("2027-03-27T11:00:00Z"))]);
 }
 
+/// A deal entering a stage whose automation asks for a task: one task for the deal's owner,
+/// linked to the deal and its customer, due in the days asked.
+async fn deal_automations_make_tasks(env: Env) {
+    use crm_proto::deals::v1::{Automation, DealStageChanged, TaskAutomation, automation};
+    let entry = DealStageChanged {
+        deal_id: "0190a000-0000-7000-8000-0000000000de".into(),
+        title: "Widgets".into(),
+        to_stage_name: "Payment".into(),
+        owner_id: BOB.into(),
+        person_id: ACME.into(),
+        automations: vec![Automation {
+            action: Some(automation::Action::CreateTask(TaskAutomation {
+                title: "Send the invoice for {deal}".into(),
+                description: "The deal reached {stage}".into(),
+                due_in_days: 2,
+            })),
+        }],
+        ..Default::default()
+    };
+    let event = Delivered { envelope: envelope("deals", &entry.deal_id, ALICE, &entry), seq: 1, redelivered: false };
+    let intake = crm_tasks::intake::Intake::new(env.store.clone(), 3_600_000_000);
+    let mut tx = env.store.db().begin_write().await.unwrap();
+    intake.handle(&mut tx, &event).await.unwrap();
+    tx.commit().await.unwrap();
+    let tasks = env
+        .api
+        .list_tasks(as_user(
+            BOB,
+            ListTasksRequest { filter: format!("deal_id = \"{}\"", entry.deal_id), ..Default::default() },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert_eq!(tasks.len(), 1);
+    let task = &tasks[0];
+    assert_eq!(
+        (task.title.as_str(), task.description.as_str()),
+        ("Send the invoice for Widgets", "The deal reached Payment")
+    );
+    assert_eq!((task.assignee_id.as_str(), task.creator_id.as_str()), (BOB, ALICE));
+    assert_eq!(task.customer.as_ref().map(|c| c.id.as_str()), Some(ACME));
+    let due = task.due_time.as_ref().map(crm_kit::time::from_timestamp).unwrap();
+    let sent = event.envelope.time.as_ref().map(crm_kit::time::from_timestamp).unwrap();
+    assert_eq!(due - sent, 2 * 86_400_000_000);
+    let assigned: Vec<TaskAssigned> = published_of(&env).await;
+    assert_eq!(assigned.len(), 1, "the owner hears of the task");
+    assert_eq!(jobs(&env, ESCALATION_JOB).await.len(), 1);
+}
+
 crm_kit::both_backends!(env =>
     tasks_live_through_their_states,
     reminders_and_escalations_fire_once,
@@ -731,4 +781,5 @@ crm_kit::both_backends!(env =>
     a_deactivated_users_open_tasks_wait_for_handover,
     calendars_agendas_and_feeds,
     reminders_keep_the_wall_clock,
+    deal_automations_make_tasks,
 );
