@@ -308,10 +308,10 @@ impl DealsApi {
                 .store
                 .list_deals(&DealQuery { filter: column_filter, order, page, rotting_at: None }, &caller.scope)
                 .await?;
-            let money = totals.remove(&stage.id).unwrap_or_default();
+            let (count, money) = totals.remove(&stage.id).unwrap_or_default();
             columns.push(BoardColumn {
                 stage: Some(stage.clone()),
-                count: money.iter().map(|t| t.count).sum(),
+                count,
                 totals: money,
                 cards,
                 next_filter,

@@ -553,14 +553,15 @@ impl Store {
         })
     }
 
-    /// Per stage of `pipeline_id`, and per currency, the count, sum and weighted sum of the deals
-    /// `filter` and `scope` allow: one aggregate over every matching deal.
+    /// Per stage of `pipeline_id`, the count of the deals `filter` and `scope` allow, and per
+    /// currency their count, sum and weighted sum (deals without an amount count, in no
+    /// currency): one aggregate over every matching deal.
     pub async fn board_totals(
         &self,
         pipeline_id: &str,
         filter: Option<&Filter>,
         scope: &OwnerScope,
-    ) -> Result<HashMap<String, Vec<ColumnTotal>>, ApiError> {
+    ) -> Result<HashMap<String, (i64, Vec<ColumnTotal>)>, ApiError> {
         let cast = |sql: &mut Sql, expr: &str| {
             match self.db.backend() {
                 Backend::Postgres => sql.push("CAST(SUM(").push(expr).push(") AS BIGINT)"),
@@ -578,17 +579,23 @@ impl Store {
         scope.push_set_condition(&mut sql, self.db.backend(), "owner_id");
         sql.push(" GROUP BY stage_id, currency");
         let rows = sql.query_unprepared().fetch_all(self.db.pool()).await?;
-        let mut out: HashMap<String, Vec<ColumnTotal>> = HashMap::new();
+        let mut out: HashMap<String, (i64, Vec<ColumnTotal>)> = HashMap::new();
         for row in rows {
             let currency: String = row.try_get("currency")?;
+            let count: i64 = row.try_get("n")?;
+            let column = out.entry(row.try_get("stage_id")?).or_default();
+            column.0 += count;
+            if currency.is_empty() {
+                continue;
+            }
             let money = |n: i64| Money { currency_code: currency.clone(), minor_units: n };
-            out.entry(row.try_get("stage_id")?).or_default().push(ColumnTotal {
+            column.1.push(ColumnTotal {
                 sum: Some(money(row.try_get("total")?)),
                 weighted: Some(money(row.try_get("weighted")?)),
-                count: row.try_get("n")?,
+                count,
             });
         }
-        for totals in out.values_mut() {
+        for (_, totals) in out.values_mut() {
             totals.sort_by(|a, b| {
                 let c = |t: &ColumnTotal| t.sum.as_ref().map(|m| m.currency_code.clone()).unwrap_or_default();
                 c(a).cmp(&c(b))

@@ -493,6 +493,8 @@ async fn boards_total_every_matching_deal(env: Env) {
     for i in 0..5 {
         create_deal(&env, ALICE, deal(&format!("A{i}"), ALICE, "EUR", 1_000)).await.unwrap();
     }
+    // A deal without an amount counts, in no currency.
+    create_deal(&env, ALICE, Deal { title: "No amount yet".into(), ..Default::default() }).await.unwrap();
     let b = create_deal(&env, BOB, deal("B", BOB, "USD", 2_000)).await.unwrap();
     move_deal(&env, BOB, &b.id, &payment, "").await.unwrap();
     create_deal(&env, CAROL, deal("C", CAROL, "EUR", 7_000)).await.unwrap();
@@ -505,8 +507,9 @@ async fn boards_total_every_matching_deal(env: Env) {
     let head = board(HEAD, "").await.unwrap().into_inner();
     let column = |b: &Board, id: &str| b.columns.iter().find(|c| c.stage.as_ref().unwrap().id == id).unwrap().clone();
     let first = column(&head, &new_lead);
-    assert_eq!(first.count, 5, "the head sees Alice's five, not Carol's");
-    assert_eq!(first.totals[0].sum, money("EUR", 5_000));
+    assert_eq!(first.count, 6, "the head sees Alice's six, not Carol's");
+    assert_eq!(first.totals.len(), 1, "one currency: the deal without an amount counts in none");
+    assert_eq!((first.totals[0].count, first.totals[0].sum.clone()), (5, money("EUR", 5_000)));
     assert_eq!(first.totals[0].weighted, money("EUR", 500));
     assert_eq!(first.cards.len(), 2, "a page of cards; the totals are over all");
     let paid = column(&head, &payment);
@@ -532,7 +535,7 @@ async fn boards_total_every_matching_deal(env: Env) {
         .into_inner();
     assert_eq!(rest.deals.len(), 2);
     let all = board(ADMIN, "").await.unwrap().into_inner();
-    assert_eq!(column(&all, &new_lead).count, 6);
+    assert_eq!(column(&all, &new_lead).count, 7);
     let mine = board(ADMIN, &format!("owner_id = \"{CAROL}\"")).await.unwrap().into_inner();
     assert_eq!(column(&mine, &new_lead).count, 1);
     assert_eq!(violations(&board(ADMIN, "stage_id = \"x\"").await.unwrap_err()), ["filter"]);
@@ -587,7 +590,7 @@ async fn boards_total_every_matching_deal(env: Env) {
     let contacted = stage_id(&sales, "Client contacted");
     env.api.remove_stage(as_user(ADMIN, remove(&contacted))).await.unwrap();
     let after = board(ADMIN, "").await.unwrap().into_inner();
-    assert_eq!(column(&after, &contacted).count, 6);
+    assert_eq!(column(&after, &contacted).count, 7);
     let a0 = column(&after, &contacted).cards[0].clone();
     assert_eq!(a0.probability, Some(20), "the new stage's default");
     let history = env

@@ -447,11 +447,6 @@ impl Store {
         sql.push(" AND status = ").bind(TaskStatus::Open as i64).push(" AND handover_needed = 0");
         Ok(sql.query().execute(&mut **tx).await?.rows_affected())
     }
-
-    /// How many tasks are stored.
-    pub async fn count_tasks(&self) -> Result<i64, ApiError> {
-        Ok(Sql::new("SELECT COUNT(*) AS n FROM tasks").query().fetch_one(self.db.pool()).await?.try_get("n")?)
-    }
 }
 
 pub(crate) fn task_not_found(id: &str) -> ApiError {
