@@ -258,6 +258,13 @@ impl Store {
         let version = edit.save_unique(set, now, |_| duplicate_name(&name)).await?;
         for before in &old.stages {
             let after = pipeline.stages.iter().find(|s| s.id == before.id);
+            let touches_deals = after.is_none_or(|a| {
+                a.kind != before.kind || a.probability != before.probability || a.rotting_days != before.rotting_days
+            });
+            if !touches_deals {
+                // A rename or a new place changes nothing for its deals: no need to count them.
+                continue;
+            }
             let deals = Store::deals_in_stage(edit.tx(), &before.id).await?;
             match after {
                 None if deals > 0 => {
