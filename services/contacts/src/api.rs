@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crm_kit::auth::{OwnerScope, Principal, ScopeCache, UserDirectory, UserStatus};
+use crm_kit::auth::{OwnerScope, Principal, ScopeCache, UserDirectory};
 use crm_kit::db::idempotency::MAX_REQUEST_ID_CHARS;
 use crm_kit::page::Page;
 use crm_kit::{ApiError, Violations, respond};
@@ -70,22 +70,7 @@ impl ContactsApi {
 
     /// An owner the caller may give a record to: a user in their scope, and an active one.
     async fn check_owner(&self, caller: &Caller, field: &str, owner_id: &str) -> Result<(), ApiError> {
-        if !caller.scope.allows(owner_id) {
-            return Err(ApiError::PermissionDenied(format!(
-                "{field}: {owner_id} is outside your data scope; records can go only to users you may see"
-            )));
-        }
-        if owner_id == caller.principal.subject {
-            // The caller's own token vouches for them.
-            return Ok(());
-        }
-        match self.users.status(owner_id).await? {
-            UserStatus::Active => Ok(()),
-            UserStatus::Deactivated => {
-                Err(ApiError::invalid(field, "is a deactivated user; records can go only to active users"))
-            }
-            UserStatus::Unknown => Err(ApiError::invalid(field, "no user has this id")),
-        }
+        crm_kit::auth::check_owner(&*self.users, &caller.principal, &caller.scope, field, owner_id, "records").await
     }
 
     async fn create<R: Record>(&self, caller: Caller, record: Option<R>, request_id: &str) -> Result<R, ApiError> {

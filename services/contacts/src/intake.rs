@@ -91,14 +91,19 @@ fn purchases(events: &[&Delivered]) -> Result<Vec<Purchase>, HandlerError> {
     Ok(out)
 }
 
+impl Intake {
+    /// The last activities and purchase-history changes of `events`, applied in `tx`.
+    async fn apply(&self, tx: &mut Tx, events: &[&Delivered]) -> Result<(), HandlerError> {
+        let activities = Self::activities(events)?;
+        self.store.record_activities(tx, &activities).await?;
+        self.store.record_purchases(tx, &purchases(events)?).await?;
+        Ok(())
+    }
+}
+
 impl Handler for Intake {
     fn handle<'a>(&'a self, tx: &'a mut Tx, event: &'a Delivered) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move {
-            let activities = Self::activities(&[event])?;
-            self.store.record_activities(tx, &activities).await?;
-            self.store.record_purchases(tx, &purchases(&[event])?).await?;
-            Ok(())
-        })
+        Box::pin(async move { self.apply(tx, &[event]).await })
     }
 
     fn handle_batch<'a>(
@@ -106,11 +111,6 @@ impl Handler for Intake {
         tx: &'a mut Tx,
         events: &'a [&'a Delivered],
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move {
-            let activities = Self::activities(events)?;
-            self.store.record_activities(tx, &activities).await?;
-            self.store.record_purchases(tx, &purchases(events)?).await?;
-            Ok(())
-        })
+        Box::pin(self.apply(tx, events))
     }
 }

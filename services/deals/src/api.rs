@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crm_kit::auth::{OwnerScope, Principal, ScopeCache, UserDirectory, UserStatus};
+use crm_kit::auth::{OwnerScope, Principal, ScopeCache, UserDirectory};
 use crm_kit::customers::Customers;
 use crm_kit::db::idempotency::MAX_REQUEST_ID_CHARS;
 use crm_kit::page::Page;
@@ -82,19 +82,8 @@ impl DealsApi {
 
     /// An owner the caller may give a deal to: in their scope, and active.
     async fn check_owner(&self, caller: &Caller, owner_id: &str) -> Result<(), ApiError> {
-        if !caller.scope.allows(owner_id) {
-            return Err(ApiError::PermissionDenied(format!(
-                "deal.owner_id: {owner_id} is outside your data scope; deals can go only to users you may see"
-            )));
-        }
-        if owner_id == caller.principal.subject {
-            return Ok(());
-        }
-        match self.users.status(owner_id).await? {
-            UserStatus::Active => Ok(()),
-            UserStatus::Deactivated => Err(ApiError::invalid("deal.owner_id", "is a deactivated user")),
-            UserStatus::Unknown => Err(ApiError::invalid("deal.owner_id", "no user has this id")),
-        }
+        crm_kit::auth::check_owner(&*self.users, &caller.principal, &caller.scope, "deal.owner_id", owner_id, "deals")
+            .await
     }
 
     /// Checks a deal's company and person with contacts (one call, as the caller); the source

@@ -125,8 +125,29 @@ pub fn normalize_stage(stage: &mut Stage, field: &str, v: &mut Violations) {
 pub const MAX_AUTOMATIONS: usize = 10;
 
 /// An automation's text with "{deal}" as the deal's title and "{stage}" as the stage's name.
-pub fn fill(template: &str, deal: &Deal, stage: &Stage) -> String {
+fn fill(template: &str, deal: &Deal, stage: &Stage) -> String {
     template.replace("{deal}", &deal.title).replace("{stage}", &stage.name)
+}
+
+/// A stage's automations as a deal entering it publishes them: every text filled in
+/// ([`fill`]), so that the services carrying them out take them as they are.
+pub fn filled(
+    automations: &[crm_proto::deals::v1::Automation],
+    deal: &Deal,
+    stage: &Stage,
+) -> Vec<crm_proto::deals::v1::Automation> {
+    let mut out = automations.to_vec();
+    for automation in &mut out {
+        match &mut automation.action {
+            Some(automation::Action::CreateTask(task)) => {
+                task.title = fill(&task.title, deal, stage);
+                task.description = fill(&task.description, deal, stage);
+            }
+            Some(automation::Action::Notify(notify)) => notify.message = fill(&notify.message, deal, stage),
+            None => {}
+        }
+    }
+    out
 }
 
 /// The fields a stage may require of the deals entering it.
@@ -256,24 +277,9 @@ pub fn normalize_deal(deal: &mut Deal, v: &mut Violations) {
     }
 }
 
-/// A YYYY-MM-DD day, checked for its calendar (leap years included).
-pub fn parse_date(text: &str) -> Option<(i32, u32, u32)> {
-    let b = text.as_bytes();
-    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
-        return None;
-    }
-    let year: i32 = text[..4].parse().ok()?;
-    let month: u32 = text[5..7].parse().ok()?;
-    let day: u32 = text[8..].parse().ok()?;
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    let days = match month {
-        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
-        4 | 6 | 9 | 11 => 30,
-        2 if leap => 29,
-        2 => 28,
-        _ => return None,
-    };
-    (1..=days).contains(&day).then_some((year, month, day))
+/// A YYYY-MM-DD day (ten characters), checked for its calendar (leap years included).
+pub fn parse_date(text: &str) -> Option<chrono::NaiveDate> {
+    (text.len() == 10).then(|| chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()).flatten()
 }
 
 /// Prices a deal: with line items, each line's unit price (default: its product's price in the
@@ -470,7 +476,7 @@ mod tests {
         );
         assert_eq!(weighted(1_001, 50), 501, "half up");
         assert_eq!(weighted(MAX_AMOUNT, 100), MAX_AMOUNT);
-        assert_eq!(parse_date("2028-02-29"), Some((2028, 2, 29)));
+        assert_eq!(parse_date("2028-02-29"), chrono::NaiveDate::from_ymd_opt(2028, 2, 29));
         assert!(parse_date("2027-02-29").is_none() && parse_date("2027-13-01").is_none());
     }
 

@@ -104,16 +104,7 @@ impl TasksApi {
 
     /// An assignee: the caller, or an active user.
     async fn check_assignee(&self, caller: &Caller, assignee_id: &str) -> Result<(), ApiError> {
-        if assignee_id == caller.principal.subject {
-            return Ok(());
-        }
-        match self.users.status(assignee_id).await? {
-            UserStatus::Active => Ok(()),
-            UserStatus::Deactivated => {
-                Err(ApiError::invalid("task.assignee_id", "is a deactivated user; tasks go to active users"))
-            }
-            UserStatus::Unknown => Err(ApiError::invalid("task.assignee_id", "no user has this id")),
-        }
+        crm_kit::auth::require_active(&*self.users, &caller.principal, "task.assignee_id", assignee_id, "tasks").await
     }
 
     /// Names `customer` from contacts, asked as the caller: a customer that does not exist or

@@ -23,11 +23,6 @@ pub const MAX_REMINDER_LEAD_SECS: i64 = 30 * 86_400;
 pub const FUTURE_SLACK_MICROS: i64 = 5 * 60 * 1_000_000;
 const DAY_SECS: i64 = 86_400;
 
-/// `text` cut to at most `max` characters.
-pub fn clip(text: String, max: usize) -> String {
-    crm_kit::validate::clip(text, max)
-}
-
 /// A time zone by its IANA name; empty is UTC.
 pub fn zone(name: &str) -> Option<Tz> {
     let name = name.trim();

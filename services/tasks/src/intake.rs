@@ -38,7 +38,6 @@ impl Intake {
             event.envelope.time.as_ref().map(crm_kit::time::from_timestamp).unwrap_or_else(crm_kit::time::now_micros);
         for automation in &entry.automations {
             let Some(automation::Action::CreateTask(template)) = &automation.action else { continue };
-            let fill = |text: &str| text.replace("{deal}", &entry.title).replace("{stage}", &entry.to_stage_name);
             let customer = if !entry.person_id.is_empty() {
                 Some(CustomerRef {
                     record_type: RecordType::Person as i32,
@@ -57,8 +56,8 @@ impl Intake {
             let due = at + i64::from(template.due_in_days.clamp(0, 365)) * 86_400_000_000;
             let mut task = Task {
                 id: crm_kit::id::new(),
-                title: crate::domain::clip(fill(&template.title), crate::domain::MAX_TITLE),
-                description: crate::domain::clip(fill(&template.description), crate::domain::MAX_TEXT),
+                title: crm_kit::validate::clip(template.title.clone(), crate::domain::MAX_TITLE),
+                description: crm_kit::validate::clip(template.description.clone(), crate::domain::MAX_TEXT),
                 kind: TaskKind::Todo as i32,
                 priority: Priority::Normal as i32,
                 status: TaskStatus::Open as i32,

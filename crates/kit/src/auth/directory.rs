@@ -7,6 +7,7 @@ use crm_proto::auth::v1::org_service_client::OrgServiceClient;
 use crm_proto::auth::v1::{BatchGetUsersRequest, GetDepartmentRequest, GetUserRequest, User};
 use futures_util::future::BoxFuture;
 
+use super::{OwnerScope, Principal};
 use crate::error::ApiError;
 use crate::peer::Peer;
 
@@ -25,6 +26,45 @@ pub trait UserDirectory: Send + Sync + 'static {
 
     /// The status of each of `user_ids`, in their order, asked at once.
     fn statuses<'a>(&'a self, user_ids: &'a [String]) -> BoxFuture<'a, Result<Vec<UserStatus>, ApiError>>;
+}
+
+/// INVALID_ARGUMENT on `field` unless `user_id` names an active user: someone `what` ("tasks",
+/// "records") may go to. The caller's own id needs no lookup: their token vouches for them.
+pub async fn require_active(
+    users: &dyn UserDirectory,
+    caller: &Principal,
+    field: &str,
+    user_id: &str,
+    what: &str,
+) -> Result<(), ApiError> {
+    if user_id == caller.subject {
+        return Ok(());
+    }
+    match users.status(user_id).await? {
+        UserStatus::Active => Ok(()),
+        UserStatus::Deactivated => {
+            Err(ApiError::invalid(field, format!("is a deactivated user; {what} go only to active users")))
+        }
+        UserStatus::Unknown => Err(ApiError::invalid(field, "no user has this id")),
+    }
+}
+
+/// An owner the caller may give `what` ("records", "deals") to: a user in the caller's data
+/// `scope` (PERMISSION_DENIED otherwise), and an active one ([`require_active`]).
+pub async fn check_owner(
+    users: &dyn UserDirectory,
+    caller: &Principal,
+    scope: &OwnerScope,
+    field: &str,
+    owner_id: &str,
+    what: &str,
+) -> Result<(), ApiError> {
+    if !scope.allows(owner_id) {
+        return Err(ApiError::PermissionDenied(format!(
+            "{field}: {owner_id} is outside your data scope; {what} can go only to users you may see"
+        )));
+    }
+    require_active(users, caller, field, owner_id, what).await
 }
 
 /// The auth service's `GetUser`, called as the suite's service account.

@@ -16,7 +16,7 @@ mod scopes;
 mod service_token;
 mod verifier;
 
-pub use directory::{RemoteDirectory, UserDirectory, UserStatus};
+pub use directory::{RemoteDirectory, UserDirectory, UserStatus, check_owner, require_active};
 pub use keys::{Claims, ISSUER, SigningKey};
 pub use layer::{AuthLayer, Authenticate, Authenticator};
 pub use permission::{Catalog, Grant, Permission};

@@ -50,6 +50,16 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// `SUM(expr)` read back as a BIGINT: PostgreSQL sums BIGINTs into NUMERIC, which the
+    /// portable driver layer does not read (the sum must fit; a larger one is an error, never a
+    /// wrong number).
+    pub fn sum(self, expr: &str) -> String {
+        match self {
+            Backend::Postgres => format!("CAST(SUM({expr}) AS BIGINT)"),
+            Backend::Sqlite => format!("SUM({expr})"),
+        }
+    }
+
     pub fn from_url(url: &str) -> Result<Backend, DbError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Backend::Postgres)

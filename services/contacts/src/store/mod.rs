@@ -274,10 +274,7 @@ impl Store {
         }
         for (kind, id) in touched {
             let mut sql = Sql::new("SELECT currency, COUNT(*) AS n, ");
-            sql.push(match self.db.backend() {
-                crm_kit::db::Backend::Postgres => "CAST(SUM(amount) AS BIGINT)",
-                crm_kit::db::Backend::Sqlite => "SUM(amount)",
-            });
+            sql.push(&self.db.backend().sum("amount"));
             sql.push(" AS total, MAX(won_at) AS last FROM purchases WHERE record_type = ");
             sql.bind(kind.record_type() as i64)
                 .push(" AND record_id = ")

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use crm_kit::ApiError;
 use crm_kit::auth::OwnerScope;
-use crm_kit::db::{Backend, Edit, Sql, Tx, idempotency};
+use crm_kit::db::{Edit, Sql, Tx, idempotency};
 use crm_kit::events::envelope::envelope;
 use crm_kit::filter::{Field, FieldKind, Filter};
 use crm_kit::page::{Order, Page};
@@ -20,6 +20,7 @@ use prost::Message;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+use super::pipelines::{STAGE_COLUMNS, stage_of};
 use super::{CREATED_DEAL, Store};
 use crate::domain;
 
@@ -141,16 +142,17 @@ fn not_found(id: &str) -> ApiError {
 /// the entry, with the stage's automations for their consumers, and a notice per person a
 /// notify automation names.
 fn entering(deal: &Deal, from: &str, stage: &Stage, kind: StageChangeKind, actor: &str) -> Vec<Envelope> {
-    let mut events = vec![entered(deal, from, stage, kind, actor)];
-    for automation in &stage.automations {
+    let automations = domain::filled(&stage.automations, deal, stage);
+    let mut notices = Vec::new();
+    for automation in &automations {
         let Some(automation::Action::Notify(notify)) = &automation.action else { continue };
-        let message = domain::fill(&notify.message, deal, stage);
+        let message = &notify.message;
         let notice = |recipient: &str, supervisor_of: &str| {
             let event = DealAutomationNotice {
                 deal_id: deal.id.clone(),
                 title: deal.title.clone(),
                 stage_name: stage.name.clone(),
-                message: message.clone(),
+                message: message.to_string(),
                 recipient_id: recipient.to_string(),
                 supervisor_of_id: supervisor_of.to_string(),
                 owner_id: deal.owner_id.clone(),
@@ -158,19 +160,28 @@ fn entering(deal: &Deal, from: &str, stage: &Stage, kind: StageChangeKind, actor
             envelope(crate::SOURCE, &deal.id, actor, &event)
         };
         for user in &notify.user_ids {
-            events.push(notice(user, ""));
+            notices.push(notice(user, ""));
         }
         if notify.owner {
-            events.push(notice(&deal.owner_id, ""));
+            notices.push(notice(&deal.owner_id, ""));
         }
         if notify.owner_supervisor {
-            events.push(notice("", &deal.owner_id));
+            notices.push(notice("", &deal.owner_id));
         }
     }
+    let mut events = vec![entered(deal, from, stage, kind, actor, automations)];
+    events.extend(notices);
     events
 }
 
-fn entered(deal: &Deal, from: &str, stage: &Stage, kind: StageChangeKind, actor: &str) -> Envelope {
+fn entered(
+    deal: &Deal,
+    from: &str,
+    stage: &Stage,
+    kind: StageChangeKind,
+    actor: &str,
+    automations: Vec<crm_proto::deals::v1::Automation>,
+) -> Envelope {
     let event = DealStageChanged {
         deal_id: deal.id.clone(),
         title: deal.title.clone(),
@@ -184,7 +195,7 @@ fn entered(deal: &Deal, from: &str, stage: &Stage, kind: StageChangeKind, actor:
         company_id: deal.company_id.clone(),
         person_id: deal.person_id.clone(),
         amount: deal.amount.clone(),
-        automations: stage.automations.clone(),
+        automations,
     };
     envelope(crate::SOURCE, &deal.id, actor, &event)
 }
@@ -264,38 +275,32 @@ pub fn change_kind(from: i32, to: i32) -> StageChangeKind {
 }
 
 impl Store {
-    /// The stage `id` with its pipeline.
-    pub async fn target(&self, stage_id: &str) -> Result<Option<Target>, ApiError> {
-        let mut sql = Sql::new(
-            "SELECT pipeline_id, id, name, position, probability, kind, rotting_days, required_fields, automations \
-             FROM stages WHERE id = ",
-        );
-        sql.bind(stage_id);
+    /// The stage that `condition` (` = $1`, ` = (SELECT …)`) names by id, with its pipeline.
+    async fn target_where(&self, condition: Sql) -> Result<Option<Target>, ApiError> {
+        let mut sql = Sql::new("SELECT ");
+        sql.push(STAGE_COLUMNS).push(" FROM stages WHERE id").push_sql(condition);
         Ok(match sql.query().fetch_optional(self.db.pool()).await? {
-            Some(row) => {
-                Some(Target { pipeline_id: row.try_get("pipeline_id")?, stage: super::pipelines::stage_of(&row)? })
-            }
+            Some(row) => Some(Target { pipeline_id: row.try_get("pipeline_id")?, stage: stage_of(&row)? }),
             None => None,
         })
     }
 
+    /// The stage `id` with its pipeline.
+    pub async fn target(&self, stage_id: &str) -> Result<Option<Target>, ApiError> {
+        let mut condition = Sql::new(" = ");
+        condition.bind(stage_id);
+        self.target_where(condition).await
+    }
+
     /// The first stage of `pipeline_id`, or of the first pipeline by name.
     pub async fn first_stage(&self, pipeline_id: &str) -> Result<Option<Target>, ApiError> {
-        let mut sql = Sql::new(
-            "SELECT s.pipeline_id, s.id, s.name, s.position, s.probability, s.kind, s.rotting_days, s.required_fields, \
-             s.automations FROM stages s \
-             JOIN pipelines p ON p.id = s.pipeline_id WHERE 1=1",
-        );
+        let mut condition =
+            Sql::new(" = (SELECT s.id FROM stages s JOIN pipelines p ON p.id = s.pipeline_id WHERE 1=1");
         if !pipeline_id.is_empty() {
-            sql.push(" AND p.id = ").bind(pipeline_id);
+            condition.push(" AND p.id = ").bind(pipeline_id);
         }
-        sql.push(" ORDER BY p.name_key, p.id, s.position LIMIT 1");
-        Ok(match sql.query().fetch_optional(self.db.pool()).await? {
-            Some(row) => {
-                Some(Target { pipeline_id: row.try_get("pipeline_id")?, stage: super::pipelines::stage_of(&row)? })
-            }
-            None => None,
-        })
+        condition.push(" ORDER BY p.name_key, p.id, s.position LIMIT 1)");
+        self.target_where(condition).await
     }
 
     /// The products of `ids`, by id.
@@ -562,21 +567,15 @@ impl Store {
         filter: Option<&Filter>,
         scope: &OwnerScope,
     ) -> Result<HashMap<String, (i64, Vec<ColumnTotal>)>, ApiError> {
-        let cast = |sql: &mut Sql, expr: &str| {
-            match self.db.backend() {
-                Backend::Postgres => sql.push("CAST(SUM(").push(expr).push(") AS BIGINT)"),
-                Backend::Sqlite => sql.push("SUM(").push(expr).push(")"),
-            };
-        };
+        let backend = self.db.backend();
         let mut sql = Sql::new("SELECT stage_id, currency, COUNT(*) AS n, ");
-        cast(&mut sql, "amount");
-        sql.push(" AS total, ");
-        cast(&mut sql, "(amount * probability + 50) / 100");
+        sql.push(&backend.sum("amount")).push(" AS total, ");
+        sql.push(&backend.sum("(amount * probability + 50) / 100"));
         sql.push(" AS weighted FROM deals WHERE pipeline_id = ").bind(pipeline_id);
         if let Some(filter) = filter {
             filter.push_onto(&mut sql);
         }
-        scope.push_set_condition(&mut sql, self.db.backend(), "owner_id");
+        scope.push_set_condition(&mut sql, backend, "owner_id");
         sql.push(" GROUP BY stage_id, currency");
         let rows = sql.query_unprepared().fetch_all(self.db.pool()).await?;
         let mut out: HashMap<String, (i64, Vec<ColumnTotal>)> = HashMap::new();

@@ -14,6 +14,9 @@ use super::Store;
 use crate::domain;
 
 const COLUMNS: &str = "id, name, department_id, created_at, updated_at, version";
+/// A stage's columns, as [`stage_of`] reads them, with its pipeline's id.
+pub(crate) const STAGE_COLUMNS: &str =
+    "pipeline_id, id, name, position, probability, kind, rotting_days, required_fields, automations";
 /// Serialises first starts of several replicas.
 const STARTING_LOCK: i64 = 0x6465_616c_7301;
 
@@ -75,10 +78,8 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut sql = Sql::new(
-            "SELECT pipeline_id, id, name, position, probability, kind, rotting_days, required_fields, automations \
-             FROM stages WHERE ",
-        );
+        let mut sql = Sql::new("SELECT ");
+        sql.push(STAGE_COLUMNS).push(" FROM stages WHERE ");
         sql.push_in("pipeline_id", ids.iter().copied()).push(" ORDER BY pipeline_id, position");
         let rows = match tx {
             Some(tx) => sql.query().fetch_all(&mut **tx).await?,

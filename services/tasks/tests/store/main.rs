@@ -735,8 +735,9 @@ async fn deal_automations_make_tasks(env: Env) {
         person_id: ACME.into(),
         automations: vec![Automation {
             action: Some(automation::Action::CreateTask(TaskAutomation {
-                title: "Send the invoice for {deal}".into(),
-                description: "The deal reached {stage}".into(),
+                // As deals publishes them: filled in for the deal.
+                title: "Send the invoice for Widgets".into(),
+                description: "The deal reached Payment".into(),
                 due_in_days: 2,
             })),
         }],
