@@ -105,14 +105,18 @@ impl Org {
     }
 }
 
+impl Org {
+    /// The users of department `d`, its head first.
+    fn members(&self, d: u64) -> Vec<String> {
+        let last = ((d + 1) * self.size).min(self.users);
+        (self.head_of(d)..last).map(user).collect()
+    }
+}
+
 impl ScopeSource for Org {
     fn resolve<'a>(&'a self, principal: &'a Principal) -> BoxFuture<'a, Result<OwnerScope, ApiError>> {
         let scope = match self.index(&principal.subject) {
-            Some(i) if i % self.size == 0 => {
-                let d = self.department_of(i);
-                let last = ((d + 1) * self.size).min(self.users);
-                OwnerScope::Owners((self.head_of(d)..last).map(user).collect::<Vec<_>>().into())
-            }
+            Some(i) if i % self.size == 0 => OwnerScope::Owners(self.members(self.department_of(i)).into()),
             _ => OwnerScope::Owners(vec![principal.subject.clone()].into()),
         };
         Box::pin(async move { Ok(scope) })
@@ -138,6 +142,23 @@ impl UserDirectory for Org {
                 })
                 .collect();
         Box::pin(async move { Ok(found) })
+    }
+
+    fn department_members<'a>(&'a self, department_id: &'a str) -> BoxFuture<'a, Result<Vec<String>, ApiError>> {
+        let d = department_id.strip_prefix("0190b000-0000-7000-8001-").and_then(|n| u64::from_str_radix(n, 16).ok());
+        let members = d.filter(|d| d * self.size < self.users).map(|d| self.members(d));
+        Box::pin(async move { members.ok_or_else(|| ApiError::invalid("department_id", "no department has this id")) })
+    }
+
+    fn names<'a>(
+        &'a self,
+        user_ids: &'a [String],
+    ) -> BoxFuture<'a, Result<std::collections::HashMap<String, String>, ApiError>> {
+        let names = user_ids
+            .iter()
+            .filter_map(|id| self.index(id).filter(|i| *i < self.users).map(|i| (id.clone(), format!("User {i}"))))
+            .collect();
+        Box::pin(async move { Ok(names) })
     }
 }
 

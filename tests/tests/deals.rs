@@ -6,7 +6,10 @@
 //! purchase history in contacts; entering "Payment" makes the owner one task and one notice, in
 //! both modes.
 
-use crm_proto::auth::v1::{CreateUserRequest, ListRolesRequest, User};
+use crm_proto::auth::v1::{
+    CreateDepartmentRequest, CreateRoleRequest, CreateUserRequest, DataScope, Department, ListRolesRequest, Role,
+    UpdateUserRequest, User,
+};
 use crm_proto::contacts::v1::{CreatePersonRequest, Person};
 use crm_proto::deals::v1::*;
 use crm_tests::*;
@@ -83,7 +86,7 @@ async fn crm_dev_runs_deal_automations() {
     let gw = free_addr();
     let _dev = start_dev("dev", &data.path().join("crm-data"), gw, &[("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD)]).await;
     let admin = admin_token(gw).await;
-    let (_alice, alice) = salesperson(gw, &admin, "alice@example.com").await;
+    let (_, alice) = salesperson(gw, &admin, "alice@example.com").await;
     let pipelines =
         deals_as(gw, &alice).await.list_pipelines(ListPipelinesRequest::default()).await.unwrap().into_inner();
     let sales = pipelines.pipelines.into_iter().find(|p| p.name == "Sales").expect("the starting pipeline");
@@ -131,7 +134,7 @@ async fn deals_move_through_the_funnel() {
     let cluster = Cluster::start(ClusterConfig::default()).await;
     let gw = cluster.gateway;
     let admin = admin_token(gw).await;
-    let (_alice, alice) = salesperson(gw, &admin, "alice@example.com").await;
+    let (alice_user, alice) = salesperson(gw, &admin, "alice@example.com").await;
     let (_bob, bob) = salesperson(gw, &admin, "bob@example.com").await;
 
     let pipelines =
@@ -248,4 +251,75 @@ async fn deals_move_through_the_funnel() {
     assert!(bobs.columns.iter().all(|c| c.count == 0), "Bob's board holds none of Alice's deals");
     let all = board(admin.clone()).await;
     assert_eq!(all.columns.iter().map(|c| c.count).sum::<i64>(), 1);
+
+    // D8 through the gateway: Bob wins a deal of his own; the reports count what each viewer
+    // may see, and a department's figures are its people's (asked of the real auth service).
+    let bobs_deal = Deal {
+        title: "Bob's gadgets".into(),
+        amount: Some(Money { currency_code: "EUR".into(), minor_units: 5_000 }),
+        ..Default::default()
+    };
+    let mut bob_deals = deals_as(gw, &bob).await;
+    let bobs_deal =
+        bob_deals.create_deal(CreateDealRequest { deal: Some(bobs_deal), request_id: String::new() }).await.unwrap();
+    bob_deals
+        .move_deal(MoveDealRequest {
+            id: bobs_deal.into_inner().id,
+            stage_id: stage("Order received"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut org = org_as(gw, &admin).await;
+    let east = Department { name: "East".into(), ..Default::default() };
+    let east = org.create_department(CreateDepartmentRequest { department: Some(east) }).await.unwrap().into_inner();
+    let lead_role = Role {
+        name: "Sales lead".into(),
+        permissions: vec!["deals.read".into(), "deals.write".into()],
+        data_scope: DataScope::Department as i32,
+        ..Default::default()
+    };
+    let lead_role = org.create_role(CreateRoleRequest { role: Some(lead_role) }).await.unwrap().into_inner();
+    let (lead, _) = salesperson(gw, &admin, "lead@example.com").await;
+    for (user, roles) in [(&alice_user, None), (&lead, Some(vec![lead_role.id.clone()]))] {
+        let mut patch = User { id: user.id.clone(), department_id: east.id.clone(), ..Default::default() };
+        let mut paths = vec!["department_id".to_string()];
+        if let Some(roles) = roles {
+            patch.role_ids = roles;
+            paths.push("role_ids".into());
+        }
+        let mask = prost_types::FieldMask { paths };
+        org.update_user(UpdateUserRequest { user: Some(patch), update_mask: Some(mask) }).await.unwrap();
+    }
+    // The lead's token carries the new role once they sign in again.
+    let lead_token = sign_in(gw, "lead@example.com", "member-password-1").await.expect("signs in").access_token;
+    let leaderboard = |token: String, department_id: &str| {
+        let r = RunReportRequest {
+            kind: ReportKind::Leaderboard as i32,
+            department_id: department_id.to_string(),
+            ..Default::default()
+        };
+        async move {
+            let report = deals_as(gw, &token).await.run_report(r).await.unwrap().into_inner();
+            report.rows.iter().map(|r| (r.cells[0].clone(), r.cells[2].clone())).collect::<Vec<_>>()
+        }
+    };
+    let text = |t: &str| ReportCell { value: Some(report_cell::Value::Text(t.into())) };
+    let count = |n: i64| ReportCell { value: Some(report_cell::Value::Number(n)) };
+    let bob_row = (text("bob@example.com"), count(1));
+    let alice_row = (text("alice@example.com"), count(1));
+    assert_eq!(leaderboard(admin.clone(), "").await, [alice_row.clone(), bob_row.clone()], "by won value, named");
+    assert_eq!(leaderboard(admin.clone(), &east.id).await, std::slice::from_ref(&alice_row), "East is Alice and the lead");
+    assert_eq!(leaderboard(lead_token, "").await, std::slice::from_ref(&alice_row), "the lead sees East's");
+    assert_eq!(leaderboard(bob.clone(), "").await, [bob_row], "Bob sees his own");
+    let csv = deals_as(gw, &alice)
+        .await
+        .export_report(RunReportRequest { kind: ReportKind::WonBySource as i32, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        String::from_utf8(csv.data).unwrap(),
+        "Source,Won,Share,Won value (EUR)\r\nweb_form,1,100.00,189.91\r\n"
+    );
 }

@@ -154,6 +154,8 @@ pub fn request<T>(principal: &Principal, message: T) -> tonic::Request<T> {
 pub struct Org {
     scopes: Arc<Mutex<HashMap<String, OwnerScope>>>,
     users: Arc<Mutex<HashMap<String, UserStatus>>>,
+    /// Department → its users (sub-departments' included).
+    departments: Arc<Mutex<HashMap<String, Vec<String>>>>,
 }
 
 impl Org {
@@ -183,6 +185,13 @@ impl Org {
         self.user(id)
     }
 
+    /// The users of the department `id` (and of the departments below it).
+    pub fn department(self, id: &str, members: &[&str]) -> Org {
+        let members = members.iter().map(|m| m.to_string()).collect();
+        self.departments.lock().expect("org lock").insert(id.into(), members);
+        self
+    }
+
     /// Changes a user's status (deactivation, say).
     pub fn set_status(&self, id: &str, status: UserStatus) {
         self.users.lock().expect("org lock").insert(id.into(), status);
@@ -207,6 +216,22 @@ impl UserDirectory for Org {
         let users = self.users.lock().expect("org lock");
         let found = user_ids.iter().map(|id| users.get(id).copied().unwrap_or(UserStatus::Unknown)).collect();
         Box::pin(async move { Ok(found) })
+    }
+
+    fn department_members<'a>(&'a self, department_id: &'a str) -> BoxFuture<'a, Result<Vec<String>, ApiError>> {
+        let members = self.departments.lock().expect("org lock").get(department_id).cloned();
+        Box::pin(async move { members.ok_or_else(|| ApiError::invalid("department_id", "no department has this id")) })
+    }
+
+    /// A test user's name is "User " and the end of their id.
+    fn names<'a>(&'a self, user_ids: &'a [String]) -> BoxFuture<'a, Result<HashMap<String, String>, ApiError>> {
+        let users = self.users.lock().expect("org lock");
+        let names = user_ids
+            .iter()
+            .filter(|id| users.contains_key(*id))
+            .map(|id| (id.clone(), format!("User {}", &id[id.len().saturating_sub(4)..])))
+            .collect();
+        Box::pin(async move { Ok(names) })
     }
 }
 

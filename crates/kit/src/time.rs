@@ -1,7 +1,10 @@
 //! Times are stored as UTC epoch microseconds in BIGINT columns (portable across backends).
 
+use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use chrono::{LocalResult, NaiveDateTime, TimeZone, Utc};
+use chrono_tz::Tz;
 use prost_types::Timestamp;
 
 /// Now, in epoch microseconds.
@@ -31,6 +34,43 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
 /// Epoch microseconds rendered as RFC 3339.
 pub fn format_rfc3339(micros: i64) -> String {
     to_timestamp(micros).map(|t| t.to_string()).unwrap_or_default()
+}
+
+/// A time zone by its IANA name ("Europe/Berlin"); empty is UTC; `None` for no such zone.
+pub fn zone(name: &str) -> Option<Tz> {
+    let name = name.trim();
+    if name.is_empty() { Some(Tz::UTC) } else { Tz::from_str(name).ok() }
+}
+
+/// A wall-clock time in `tz` as epoch microseconds: the earlier instant when the clock shows
+/// it twice (the hour repeated when daylight saving ends), the first instant after it when the
+/// clock skips it.
+pub fn local_instant(tz: Tz, local: NaiveDateTime) -> i64 {
+    match tz.from_local_datetime(&local) {
+        LocalResult::Single(t) => t.timestamp_micros(),
+        LocalResult::Ambiguous(earlier, _) => earlier.timestamp_micros(),
+        LocalResult::None => {
+            // In a gap: the same offset as just before it, which lands after the gap.
+            let before = tz.offset_from_utc_datetime(&(local - chrono::Duration::hours(3)));
+            let offset = chrono::Offset::fix(&before);
+            (local - offset).and_utc().timestamp_micros()
+        }
+    }
+}
+
+/// Where the day `date` begins in `tz`, in epoch microseconds.
+pub fn day_start(date: chrono::NaiveDate, tz: Tz) -> i64 {
+    local_instant(tz, date.and_time(chrono::NaiveTime::MIN))
+}
+
+/// Today in `tz`.
+pub fn today(tz: Tz) -> chrono::NaiveDate {
+    Utc::now().with_timezone(&tz).date_naive()
+}
+
+/// A calendar day given as YYYY-MM-DD.
+pub fn parse_date(text: &str) -> Option<chrono::NaiveDate> {
+    chrono::NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d").ok()
 }
 
 #[cfg(test)]

@@ -11,13 +11,16 @@ use crm_kit::{ApiError, Violations, respond};
 use crm_proto::contacts::v1::{CustomerKey, RecordType};
 use crm_proto::deals::v1::deals_service_server::DealsService;
 use crm_proto::deals::v1::*;
+use crm_proto::google::api::HttpBody;
 use tonic::{Request, Response, Status};
 
 use crate::domain;
 use crate::permissions::{ADMIN, READ, WRITE};
+use crate::reports;
 use crate::store::Store;
 use crate::store::deals::{self, DealQuery};
 use crate::store::products::{self, ProductQuery};
+use crate::store::reports::{ClosedBy, Coverage};
 
 const PIPELINE_MASK: crm_kit::mask::Mask<Pipeline> = crm_kit::mask!(Pipeline { name, department_id });
 const STAGE_MASK: crm_kit::mask::Mask<Stage> =
@@ -268,6 +271,133 @@ impl DealsApi {
             .await
     }
 
+    /// A report (D8) over the deals the caller may see, narrowed by the request's filters.
+    async fn report(&self, caller: Caller, r: RunReportRequest) -> Result<Report, ApiError> {
+        let mut v = Violations::new();
+        let kind = ReportKind::try_from(r.kind).unwrap_or(ReportKind::Unspecified);
+        if kind == ReportKind::Unspecified {
+            v.add(
+                "kind",
+                "must be one of FUNNEL, WON_LOST, LOST_REASONS, LEADERBOARD, CONVERSION, WON_BY_SOURCE, FORECAST",
+            );
+        }
+        let tz = crm_kit::time::zone(&r.time_zone);
+        if tz.is_none() {
+            v.add("time_zone", "must be an IANA time zone such as Europe/Berlin");
+        }
+        let tz = tz.unwrap_or(chrono_tz::Tz::UTC);
+        let period = domain::report_period(
+            &r.start_date,
+            &r.end_date,
+            crm_kit::time::today(tz),
+            kind == ReportKind::Forecast,
+            &mut v,
+        );
+        v.max_items("owner_ids", &r.owner_ids, MAX_REPORT_OWNERS);
+        for (i, id) in r.owner_ids.iter().enumerate().take(MAX_REPORT_OWNERS) {
+            v.uuid(&format!("owner_ids[{i}]"), id);
+        }
+        let department = r.department_id.trim();
+        v.optional_uuid("department_id", department);
+        let pipeline_id = r.pipeline_id.trim();
+        v.optional_uuid("pipeline_id", pipeline_id);
+        let currency = r.currency_code.trim();
+        if !currency.is_empty() && !domain::is_currency(currency) {
+            v.add("currency_code", "must be an ISO 4217 code of three capital letters, e.g. EUR");
+        }
+        v.check()?;
+        let Some((start, end)) = period else { return Err(ApiError::Internal("a checked period is missing".into())) };
+        let mut owners = caller.scope.clone();
+        if !r.owner_ids.is_empty() {
+            owners = narrow(owners, r.owner_ids.clone());
+        }
+        if !department.is_empty() {
+            owners = narrow(owners, self.users.department_members(department).await?);
+        }
+        let pipeline = if kind == ReportKind::Funnel && pipeline_id.is_empty() {
+            let first = self.store.first_stage("").await?;
+            let first = first.ok_or_else(|| ApiError::FailedPrecondition("there is no pipeline".into()))?;
+            Some(self.store.get_pipeline(&first.pipeline_id).await?)
+        } else if pipeline_id.is_empty() {
+            None
+        } else {
+            Some(self.store.get_pipeline(pipeline_id).await.map_err(|e| match e {
+                ApiError::NotFound(_) => ApiError::invalid("pipeline_id", "no pipeline has this id"),
+                other => other,
+            })?)
+        };
+        let months = domain::months(start, end);
+        let coverage = Coverage {
+            owners,
+            pipeline_id: pipeline.as_ref().map(|p| p.id.clone()).unwrap_or_default(),
+            currency: currency.to_string(),
+            from: crm_kit::time::day_start(start, tz),
+            to: crm_kit::time::day_start(end + chrono::Days::new(1), tz),
+            month_starts: months.iter().skip(1).map(|m| crm_kit::time::day_start(*m, tz)).collect(),
+            from_date: start.format("%Y-%m-%d").to_string(),
+            to_date: end.format("%Y-%m-%d").to_string(),
+        };
+        let labels: Vec<String> = months.iter().map(|m| m.format("%Y-%m").to_string()).collect();
+        let (tallies, table, what) = match kind {
+            ReportKind::Funnel => {
+                let tallies = self.store.funnel_tallies(&coverage).await?;
+                let pipeline = pipeline.as_ref().expect("the funnel has a pipeline");
+                let table = reports::funnel(pipeline, &tallies);
+                (tallies, table, format!("Funnel of {}, deals created", pipeline.name))
+            }
+            ReportKind::WonLost => {
+                let tallies = self.store.closed_tallies(&coverage, ClosedBy::Month).await?;
+                let table = reports::won_lost(&labels, &tallies);
+                (tallies, table, "Deals won and lost per month, closed".to_string())
+            }
+            ReportKind::LostReasons => {
+                let tallies = self.store.closed_tallies(&coverage, ClosedBy::Reason).await?;
+                let table = reports::lost_reasons(&tallies);
+                (tallies, table, "Lost reasons, deals lost".to_string())
+            }
+            ReportKind::Leaderboard => {
+                let tallies = self.store.closed_tallies(&coverage, ClosedBy::Owner).await?;
+                let mut ids: Vec<String> = tallies.iter().map(|t| t.key.clone()).collect();
+                ids.sort();
+                ids.dedup();
+                let names = self.users.names(&ids).await?;
+                let table = reports::leaderboard(&tallies, &names);
+                (tallies, table, "Leaderboard, deals closed".to_string())
+            }
+            ReportKind::Conversion => {
+                let tallies = self.store.created_tallies(&coverage).await?;
+                let table = reports::conversion(&labels, &tallies);
+                (tallies, table, "Conversion by month of creation, deals created".to_string())
+            }
+            ReportKind::WonBySource => {
+                let tallies = self.store.closed_tallies(&coverage, ClosedBy::Source).await?;
+                let table = reports::won_by_source(&tallies);
+                (tallies, table, "Won value by lead source, deals won".to_string())
+            }
+            ReportKind::Forecast | ReportKind::Unspecified => {
+                let tallies = self.store.forecast_tallies(&coverage).await?;
+                let table = reports::forecast(&labels, &tallies);
+                (tallies, table, "Forecast of open deals, expected to close".to_string())
+            }
+        };
+        let mut title = format!("{what} {} to {} ({})", coverage.from_date, coverage.to_date, tz.name());
+        if let Some(p) = pipeline.as_ref().filter(|_| kind != ReportKind::Funnel) {
+            title.push_str(&format!(", pipeline {}", p.name));
+        }
+        if !currency.is_empty() {
+            title.push_str(&format!(", in {currency}"));
+        }
+        Ok(Report {
+            kind: kind as i32,
+            title,
+            columns: table.columns,
+            rows: table.rows,
+            start_date: coverage.from_date,
+            end_date: coverage.to_date,
+            deal_count: tallies.iter().map(|t| t.count).sum(),
+        })
+    }
+
     async fn get_board(&self, caller: Caller, r: GetBoardRequest) -> Result<Board, ApiError> {
         check_id("pipeline_id", &r.pipeline_id)?;
         let cards = match r.cards_per_column {
@@ -317,6 +447,20 @@ impl DealsApi {
         principal.require(permission)?;
         Ok(principal)
     }
+}
+
+/// Most owners a report names.
+pub const MAX_REPORT_OWNERS: usize = 500;
+
+/// `scope` narrowed to `owners` (those outside it are left out, not refused: a report covers
+/// what the caller may see).
+fn narrow(scope: OwnerScope, mut owners: Vec<String>) -> OwnerScope {
+    if let OwnerScope::Owners(visible) = &scope {
+        owners.retain(|o| visible.contains(o));
+    }
+    owners.sort();
+    owners.dedup();
+    OwnerScope::Owners(owners.into())
 }
 
 fn check_id(field: &str, id: &str) -> Result<(), ApiError> {
@@ -444,6 +588,25 @@ impl DealsService for DealsApi {
         let result = async {
             let caller = self.deal_caller(&request, READ.name).await?;
             self.get_board(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn run_report(&self, request: Request<RunReportRequest>) -> Result<Response<Report>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, READ.name).await?;
+            self.report(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn export_report(&self, request: Request<RunReportRequest>) -> Result<Response<HttpBody>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, READ.name).await?;
+            let report = self.report(caller, request.into_inner()).await?;
+            let table = reports::Table { columns: report.columns, rows: report.rows };
+            let data = reports::csv(&table).map_err(|e| ApiError::Internal(format!("write the report as CSV: {e}")))?;
+            Ok(HttpBody { content_type: "text/csv; charset=utf-8".into(), data, extensions: Vec::new() })
         };
         respond(result.await)
     }

@@ -375,6 +375,64 @@ fn price_line(
     }
 }
 
+/// Longest a report's period may be, in months.
+pub const MAX_REPORT_MONTHS: usize = 36;
+
+/// A report's period from its days (YYYY-MM-DD, both included; either may be empty): by
+/// default the twelve months up to `today` (the forecast: this month and the eleven after it),
+/// or twelve months from or up to the one day given. `None` (with violations) when it is not
+/// a period of at most [`MAX_REPORT_MONTHS`] months.
+pub fn report_period(
+    start: &str,
+    end: &str,
+    today: chrono::NaiveDate,
+    ahead: bool,
+    v: &mut Violations,
+) -> Option<(chrono::NaiveDate, chrono::NaiveDate)> {
+    use chrono::{Datelike, Months};
+    let parse = |field: &str, text: &str, v: &mut Violations| {
+        if text.trim().is_empty() {
+            return Some(None);
+        }
+        let day = crm_kit::time::parse_date(text);
+        if day.is_none() {
+            v.add(field, "must be a day as YYYY-MM-DD");
+        }
+        day.map(Some)
+    };
+    let (start, end) = (parse("start_date", start, v)?, parse("end_date", end, v)?);
+    let month_of = |d: chrono::NaiveDate| d.with_day(1).expect("every month has a first day");
+    let last_of = |first: chrono::NaiveDate| first + Months::new(1) - chrono::Days::new(1);
+    let (start, end) = match (start, end) {
+        (Some(s), Some(e)) => (s, e),
+        (Some(s), None) => (s, last_of(month_of(s) + Months::new(11))),
+        (None, Some(e)) => (month_of(e) - Months::new(11), e),
+        (None, None) if ahead => (month_of(today), last_of(month_of(today) + Months::new(11))),
+        (None, None) => (month_of(today) - Months::new(11), today),
+    };
+    if end < start {
+        v.add("end_date", "must not come before start_date");
+        return None;
+    }
+    if months(start, end).len() > MAX_REPORT_MONTHS {
+        v.add("end_date", format!("the period spans more than {MAX_REPORT_MONTHS} months"));
+        return None;
+    }
+    Some((start, end))
+}
+
+/// The first days of the months from `start`'s to `end`'s (the first is `start` itself).
+pub fn months(start: chrono::NaiveDate, end: chrono::NaiveDate) -> Vec<chrono::NaiveDate> {
+    use chrono::{Datelike, Months};
+    let mut out = vec![start];
+    let mut next = start.with_day(1).expect("every month has a first day") + Months::new(1);
+    while next <= end && out.len() <= MAX_REPORT_MONTHS {
+        out.push(next);
+        next = next + Months::new(1);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod domain;
+pub mod reports;
 pub mod store;
 
 use std::sync::Arc;

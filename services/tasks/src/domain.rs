@@ -2,9 +2,7 @@
 //! record is, and time on a user's wall clock — when a reminder fires, which day a record counts
 //! for, how a due time reads in its time zone.
 
-use std::str::FromStr;
-
-use chrono::{DateTime, Days, LocalResult, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, Days, Utc};
 use chrono_tz::Tz;
 use crm_kit::Violations;
 use crm_proto::contacts::v1::RecordType;
@@ -23,29 +21,11 @@ pub const MAX_REMINDER_LEAD_SECS: i64 = 30 * 86_400;
 pub const FUTURE_SLACK_MICROS: i64 = 5 * 60 * 1_000_000;
 const DAY_SECS: i64 = 86_400;
 
-/// A time zone by its IANA name; empty is UTC.
-pub fn zone(name: &str) -> Option<Tz> {
-    let name = name.trim();
-    if name.is_empty() { Some(Tz::UTC) } else { Tz::from_str(name).ok() }
-}
+use crm_kit::time::local_instant as instant;
+pub use crm_kit::time::{parse_date, today, zone};
 
 fn utc(micros: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(micros).unwrap_or_default()
-}
-
-/// A wall-clock time in `tz` as an instant: the earlier one when the clock shows it twice (the
-/// hour repeated when daylight saving ends), the first time after it when the clock skips it.
-fn instant(tz: Tz, local: NaiveDateTime) -> i64 {
-    match tz.from_local_datetime(&local) {
-        LocalResult::Single(t) => t.timestamp_micros(),
-        LocalResult::Ambiguous(earlier, _) => earlier.timestamp_micros(),
-        LocalResult::None => {
-            // In a gap: the same offset as just before it, which lands after the gap.
-            let before = tz.offset_from_utc_datetime(&(local - chrono::Duration::hours(3)));
-            let offset = chrono::Offset::fix(&before);
-            (local - offset).and_utc().timestamp_micros()
-        }
-    }
 }
 
 /// When a reminder `before_secs` ahead of `due_at` fires. Whole days are counted on the wall
@@ -69,11 +49,6 @@ pub fn local_label(micros: i64, tz: Tz) -> String {
 /// The day (YYYY-MM-DD) an instant falls on in `tz`.
 pub fn local_date(micros: i64, tz: Tz) -> String {
     utc(micros).with_timezone(&tz).format("%Y-%m-%d").to_string()
-}
-
-/// A calendar day given as YYYY-MM-DD.
-pub fn parse_date(text: &str) -> Option<chrono::NaiveDate> {
-    chrono::NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d").ok()
 }
 
 fn micros(ts: &Option<prost_types::Timestamp>) -> Option<i64> {
@@ -260,11 +235,6 @@ pub fn day_range(date: chrono::NaiveDate, days: i64, tz: Tz) -> (i64, i64) {
     let start = instant(tz, date.and_time(chrono::NaiveTime::MIN));
     let end_date = date.checked_add_days(Days::new(days as u64)).unwrap_or(date);
     (start, instant(tz, end_date.and_time(chrono::NaiveTime::MIN)))
-}
-
-/// Today in `tz`.
-pub fn today(tz: Tz) -> chrono::NaiveDate {
-    Utc::now().with_timezone(&tz).date_naive()
 }
 
 /// "2026-12-08 09:00": an instant on the wall clock of `tz`, without the zone's name.

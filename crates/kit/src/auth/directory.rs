@@ -4,7 +4,11 @@
 //! organisation.
 
 use crm_proto::auth::v1::org_service_client::OrgServiceClient;
-use crm_proto::auth::v1::{BatchGetUsersRequest, GetDepartmentRequest, GetUserRequest, User};
+use std::collections::HashMap;
+
+use crm_proto::auth::v1::{
+    BatchGetUsersRequest, GetDepartmentRequest, GetUserRequest, ListDepartmentMembersRequest, User,
+};
 use futures_util::future::BoxFuture;
 
 use super::{OwnerScope, Principal};
@@ -26,6 +30,14 @@ pub trait UserDirectory: Send + Sync + 'static {
 
     /// The status of each of `user_ids`, in their order, asked at once.
     fn statuses<'a>(&'a self, user_ids: &'a [String]) -> BoxFuture<'a, Result<Vec<UserStatus>, ApiError>>;
+
+    /// The users of the department `department_id` and of every department below it, active or
+    /// not: whom a department's figures are about. INVALID_ARGUMENT on `department_id` when no
+    /// department has this id.
+    fn department_members<'a>(&'a self, department_id: &'a str) -> BoxFuture<'a, Result<Vec<String>, ApiError>>;
+
+    /// The display names of those of `user_ids` that exist, by id.
+    fn names<'a>(&'a self, user_ids: &'a [String]) -> BoxFuture<'a, Result<HashMap<String, String>, ApiError>>;
 }
 
 /// INVALID_ARGUMENT on `field` unless `user_id` names an active user: someone `what` ("tasks",
@@ -94,6 +106,9 @@ impl RemoteDirectory {
         }
     }
 }
+
+/// Most users one `BatchGetUsers` names.
+const MAX_BATCH: usize = 500;
 
 impl RemoteDirectory {
     /// The users of `user_ids` that exist, in one call (`BatchGetUsers`, at most 500 ids).
@@ -164,6 +179,41 @@ impl UserDirectory for RemoteDirectory {
                     None => UserStatus::Unknown,
                 })
                 .collect())
+        })
+    }
+
+    fn department_members<'a>(&'a self, department_id: &'a str) -> BoxFuture<'a, Result<Vec<String>, ApiError>> {
+        Box::pin(async move {
+            let mut client = OrgServiceClient::new(self.auth.as_service().await?);
+            let request = ListDepartmentMembersRequest { department_id: department_id.to_string() };
+            match client.list_department_members(request).await {
+                Ok(members) => Ok(members.into_inner().user_ids),
+                Err(status) => Err(match status.code() {
+                    tonic::Code::NotFound | tonic::Code::InvalidArgument => {
+                        ApiError::invalid("department_id", "no department has this id")
+                    }
+                    tonic::Code::PermissionDenied => ApiError::Internal(format!(
+                        "the suite's service account may not read the organisation (it needs org.read): {}",
+                        status.message()
+                    )),
+                    code => ApiError::Unavailable(format!(
+                        "auth service ListDepartmentMembers: {} ({code:?})",
+                        status.message()
+                    )),
+                }),
+            }
+        })
+    }
+
+    fn names<'a>(&'a self, user_ids: &'a [String]) -> BoxFuture<'a, Result<HashMap<String, String>, ApiError>> {
+        Box::pin(async move {
+            let mut names = HashMap::with_capacity(user_ids.len());
+            for chunk in user_ids.chunks(MAX_BATCH) {
+                for user in self.users(chunk).await? {
+                    names.insert(user.id, user.display_name);
+                }
+            }
+            Ok(names)
         })
     }
 

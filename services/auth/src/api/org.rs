@@ -148,6 +148,21 @@ impl OrgService for AuthApi {
         respond(result.await)
     }
 
+    async fn list_department_members(
+        &self,
+        request: Request<ListDepartmentMembersRequest>,
+    ) -> Result<Response<ListDepartmentMembersResponse>, Status> {
+        let result = async {
+            can_read(&auth::principal(&request)?)?;
+            let id = request.into_inner().department_id;
+            uuid("department_id", &id)?;
+            // NOT_FOUND for no department, rather than an empty list that reads as "nobody".
+            self.store.get_department(&id).await?;
+            Ok(ListDepartmentMembersResponse { user_ids: self.store.department_members(&id, true).await? })
+        };
+        respond(result.await)
+    }
+
     async fn update_department(
         &self,
         request: Request<UpdateDepartmentRequest>,

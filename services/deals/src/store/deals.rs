@@ -26,7 +26,7 @@ use crate::domain;
 
 const COLUMNS: &str = "id, title, pipeline_id, stage_id, status, owner_id, company_id, person_id, currency, amount, \
                        probability, probability_manual, expected_close, source, stage_entered_at, rot_at, closed_at, \
-                       created_at, updated_at, version, doc";
+                       created_at, updated_at, version, doc, furthest_stage_id, lost_reason";
 
 /// The filterable fields of ListDeals.
 pub const FIELDS: &[Field] = &[
@@ -110,6 +110,7 @@ fn decode(row: &AnyRow) -> Result<Deal, ApiError> {
     }
     d.expected_close_date = row.try_get("expected_close")?;
     d.source = row.try_get("source")?;
+    d.lost_reason = row.try_get("lost_reason")?;
     d.stage_enter_time = to_timestamp(row.try_get("stage_entered_at")?);
     d.rotting = row.try_get::<i64, _>("rot_at")? < now_micros();
     d.close_time = to_timestamp(row.try_get("closed_at")?);
@@ -121,17 +122,71 @@ fn decode(row: &AnyRow) -> Result<Deal, ApiError> {
 }
 
 fn doc(d: &Deal) -> Vec<u8> {
-    Deal {
-        line_items: d.line_items.clone(),
-        notes: d.notes.clone(),
-        lost_reason: d.lost_reason.clone(),
-        ..Deal::default()
-    }
-    .encode_to_vec()
+    Deal { line_items: d.line_items.clone(), notes: d.notes.clone(), ..Deal::default() }.encode_to_vec()
 }
 
 fn money(d: &Deal) -> (&str, i64) {
     d.amount.as_ref().map_or(("", 0), |m| (m.currency_code.as_str(), m.minor_units))
+}
+
+/// One row of `stage_totals` changing by a deal coming (`sign` 1) or going (-1).
+type TotalKey = (String, String, String);
+
+/// What `old` becoming `new` (either absent: created, deleted) changes in `stage_totals`, by
+/// row, in key order (the order rows are locked in, so that two changes never wait on each
+/// other in opposite orders); rows that do not change are left out.
+fn total_changes(old: Option<&Deal>, new: Option<&Deal>) -> Vec<(TotalKey, [i64; 3])> {
+    let mut changes: std::collections::BTreeMap<TotalKey, [i64; 3]> = std::collections::BTreeMap::new();
+    for (deal, sign) in [(old, -1_i64), (new, 1)] {
+        let Some(d) = deal else { continue };
+        let (currency, amount) = money(d);
+        let weighted = domain::weighted(amount, d.probability.unwrap_or(0));
+        let entry = changes.entry((d.stage_id.clone(), d.owner_id.clone(), currency.to_string())).or_default();
+        entry[0] += sign;
+        entry[1] += sign * amount;
+        entry[2] += sign * weighted;
+    }
+    changes.into_iter().filter(|(_, delta)| *delta != [0, 0, 0]).collect()
+}
+
+/// Applies [`total_changes`] in one statement.
+async fn change_totals(tx: &mut Tx, changes: &[(TotalKey, [i64; 3])]) -> Result<(), ApiError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let mut sql = Sql::new("INSERT INTO stage_totals (stage_id, owner_id, currency, deals, amount, weighted) VALUES ");
+    sql.push_values(changes, |v, ((stage, owner, currency), delta)| {
+        v.bind(stage.as_str()).bind(owner.as_str()).bind(currency.as_str());
+        v.bind(delta[0]).bind(delta[1]).bind(delta[2]);
+    });
+    sql.push(
+        " ON CONFLICT (stage_id, owner_id, currency) DO UPDATE SET deals = stage_totals.deals + excluded.deals, \
+         amount = stage_totals.amount + excluded.amount, weighted = stage_totals.weighted + excluded.weighted",
+    );
+    sql.query().execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Counts `stage_totals` of `stages` afresh from their deals (after a change of many deals at
+/// once: a stage's deals moved, a new default probability).
+pub(crate) async fn recount_totals(
+    tx: &mut Tx,
+    backend: crm_kit::db::Backend,
+    stages: &[&str],
+) -> Result<(), ApiError> {
+    let mut sql = Sql::new("DELETE FROM stage_totals WHERE ");
+    sql.push_in("stage_id", stages.iter().copied());
+    sql.query().execute(&mut **tx).await?;
+    let mut sql = Sql::new(
+        "INSERT INTO stage_totals (stage_id, owner_id, currency, deals, amount, weighted) \
+         SELECT stage_id, owner_id, currency, COUNT(*), ",
+    );
+    sql.push(&backend.sum("amount")).push(", ").push(&backend.sum("(amount * probability + 50) / 100"));
+    sql.push(" FROM deals WHERE ");
+    sql.push_in("stage_id", stages.iter().copied());
+    sql.push(" GROUP BY stage_id, owner_id, currency");
+    sql.query().execute(&mut **tx).await?;
+    Ok(())
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -355,8 +410,11 @@ impl Store {
             v.bind(d.expected_close_date.as_str()).bind(d.source.as_str()).bind(now);
             v.bind(domain::rot_at(&target.stage, now)).bind(closed_at);
             v.bind(now).bind(now).bind(1_i64).bind(doc(d));
+            let open = target.stage.kind == StageKind::Open as i32;
+            v.bind(if open { d.stage_id.as_str() } else { "" }).bind(d.lost_reason.as_str());
         });
         sql.query().execute(&mut *tx).await?;
+        change_totals(&mut tx, &total_changes(None, Some(&deal))).await?;
         let change = Change {
             deal_id: &deal.id,
             from: "",
@@ -462,9 +520,17 @@ impl Store {
         set.push(", stage_entered_at = ").bind(entered_at).push(", closed_at = ").bind(closed_at);
         if let Some(target) = move_to.filter(|_| moved.is_some()) {
             set.push(", rot_at = ").bind(domain::rot_at(&target.stage, entered_at));
+            if target.stage.kind == StageKind::Open as i32 {
+                // The furthest open stage it entered, by the stages' order now.
+                set.push(", furthest_stage_id = CASE WHEN COALESCE((SELECT position FROM stages WHERE id = ");
+                set.push("deals.furthest_stage_id), 0) < ").bind(i64::from(target.stage.position));
+                set.push(" THEN ").bind(target.stage.id.as_str()).push(" ELSE furthest_stage_id END");
+            }
         }
+        set.push(", lost_reason = ").bind(deal.lost_reason.as_str());
         set.push(", doc = ").bind(doc(&deal));
         edit.save(set, now).await?;
+        change_totals(edit.tx(), &total_changes(Some(&old), Some(&deal))).await?;
         let mut events = Vec::new();
         if let Some((kind, seconds)) = moved {
             let change = Change {
@@ -505,6 +571,7 @@ impl Store {
         let old = decode(&row)?;
         let events = purchase_events(Some(&old), None, 0, actor);
         self.outbox.append_all(edit.tx(), &events).await?;
+        change_totals(edit.tx(), &total_changes(Some(&old), None)).await?;
         let mut sql = Sql::new("DELETE FROM deal_history WHERE deal_id = ");
         sql.bind(id);
         sql.query().execute(&mut **edit.tx()).await?;
@@ -560,7 +627,8 @@ impl Store {
 
     /// Per stage of `pipeline_id`, the count of the deals `filter` and `scope` allow, and per
     /// currency their count, sum and weighted sum (deals without an amount count, in no
-    /// currency): one aggregate over every matching deal.
+    /// currency). Without a filter, read from `stage_totals` (a few rows per stage and owner
+    /// however many deals there are); with one, one aggregate over every matching deal.
     pub async fn board_totals(
         &self,
         pipeline_id: &str,
@@ -568,12 +636,17 @@ impl Store {
         scope: &OwnerScope,
     ) -> Result<HashMap<String, (i64, Vec<ColumnTotal>)>, ApiError> {
         let backend = self.db.backend();
-        let mut sql = Sql::new("SELECT stage_id, currency, COUNT(*) AS n, ");
-        sql.push(&backend.sum("amount")).push(" AS total, ");
-        sql.push(&backend.sum("(amount * probability + 50) / 100"));
-        sql.push(" AS weighted FROM deals WHERE pipeline_id = ").bind(pipeline_id);
+        let mut sql = Sql::new("SELECT stage_id, currency, ");
         if let Some(filter) = filter {
+            sql.push("COUNT(*) AS n, ").push(&backend.sum("amount")).push(" AS total, ");
+            sql.push(&backend.sum("(amount * probability + 50) / 100"));
+            sql.push(" AS weighted FROM deals WHERE pipeline_id = ").bind(pipeline_id);
             filter.push_onto(&mut sql);
+        } else {
+            sql.push(&backend.sum("deals")).push(" AS n, ").push(&backend.sum("amount")).push(" AS total, ");
+            sql.push(&backend.sum("weighted"));
+            sql.push(" AS weighted FROM stage_totals WHERE stage_id IN (SELECT id FROM stages WHERE pipeline_id = ");
+            sql.bind(pipeline_id).push(")");
         }
         scope.push_set_condition(&mut sql, backend, "owner_id");
         sql.push(" GROUP BY stage_id, currency");
@@ -582,6 +655,9 @@ impl Store {
         for row in rows {
             let currency: String = row.try_get("currency")?;
             let count: i64 = row.try_get("n")?;
+            if count == 0 {
+                continue;
+            }
             let column = out.entry(row.try_get("stage_id")?).or_default();
             column.0 += count;
             if currency.is_empty() {
@@ -633,8 +709,13 @@ impl Store {
         sql.bind(domain::rot_at(to, now)).push(" ELSE ").bind(i64::MAX).push(" END");
         sql.push(", probability = CASE WHEN probability_manual = 1 THEN probability ELSE ");
         sql.bind(i64::from(to.probability)).push(" END, version = version + 1, updated_at = ").bind(now);
+        // A moved deal whose furthest stage was the one removed got as far as its new one.
+        sql.push(", furthest_stage_id = CASE WHEN furthest_stage_id = ").bind(from).push(" THEN ");
+        sql.bind(if to.kind == StageKind::Open as i32 { to.id.as_str() } else { "" });
+        sql.push(" ELSE furthest_stage_id END");
         sql.push(" WHERE stage_id = ").bind(from);
         sql.query().execute(&mut **tx).await?;
+        recount_totals(tx, self.db.backend(), &[from, to.id.as_str()]).await?;
         let mut moved = Sql::new("SELECT ");
         moved.push(COLUMNS).push(" FROM deals WHERE stage_id = ").bind(to.id.as_str());
         moved.push(" AND stage_entered_at = ").bind(now);
@@ -644,6 +725,18 @@ impl Store {
             events.extend(entering(&decode(row)?, from, to, StageChangeKind::Moved, actor));
         }
         self.outbox.append_all(tx, &events).await?;
+        Ok(())
+    }
+
+    /// A removed stage leaves no trace: deals that got as far as it got as far as `replacement`
+    /// (empty: no open stage), and its totals go.
+    pub(crate) async fn forget_stage(tx: &mut Tx, stage_id: &str, replacement: &str) -> Result<(), ApiError> {
+        let mut sql = Sql::new("UPDATE deals SET furthest_stage_id = ");
+        sql.bind(replacement).push(" WHERE furthest_stage_id = ").bind(stage_id);
+        sql.query().execute(&mut **tx).await?;
+        let mut sql = Sql::new("DELETE FROM stage_totals WHERE stage_id = ");
+        sql.bind(stage_id);
+        sql.query().execute(&mut **tx).await?;
         Ok(())
     }
 
@@ -663,6 +756,7 @@ impl Store {
     /// The deals of a stage whose probability nobody set take its new default.
     pub(crate) async fn follow_stage_probability(
         tx: &mut Tx,
+        backend: crm_kit::db::Backend,
         stage_id: &str,
         probability: i32,
     ) -> Result<(), ApiError> {
@@ -671,6 +765,6 @@ impl Store {
         sql.push(" WHERE stage_id = ").bind(stage_id).push(" AND probability_manual = 0 AND probability <> ");
         sql.bind(i64::from(probability));
         sql.query().execute(&mut **tx).await?;
-        Ok(())
+        recount_totals(tx, backend, &[stage_id]).await
     }
 }

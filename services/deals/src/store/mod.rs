@@ -4,11 +4,13 @@
 //! - [`pipelines`]: pipelines and their ordered stages, changed as a whole under the
 //!   pipeline's row lock;
 //! - [`products`]: the catalogue;
-//! - [`deals`]: deals, their stage history and the board's totals.
+//! - [`deals`]: deals, their stage history and the board's totals;
+//! - [`reports`]: the aggregates of the reports.
 
 pub mod deals;
 pub mod pipelines;
 pub mod products;
+pub mod reports;
 
 use crm_kit::db::{Db, Migrations};
 use crm_kit::events::Outbox;

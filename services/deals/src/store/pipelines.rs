@@ -295,13 +295,23 @@ impl Store {
                 }
                 Some(after) if deals > 0 => {
                     if after.probability != before.probability {
-                        Store::follow_stage_probability(edit.tx(), &after.id, after.probability).await?;
+                        Store::follow_stage_probability(edit.tx(), self.db.backend(), &after.id, after.probability)
+                            .await?;
                     }
                     if after.rotting_days != before.rotting_days {
                         Store::follow_stage_rotting(edit.tx(), after).await?;
                     }
                 }
                 _ => {}
+            }
+            if after.is_none() {
+                // Deals that got as far as the removed stage (and on) got as far as the open
+                // stage before it.
+                let earlier = old.stages.iter().take_while(|s| s.id != before.id);
+                let kept = earlier
+                    .filter(|s| s.kind == StageKind::Open as i32 && pipeline.stages.iter().any(|p| p.id == s.id));
+                let replacement = kept.last().map_or("", |s| s.id.as_str());
+                Store::forget_stage(edit.tx(), &before.id, replacement).await?;
             }
         }
         Self::write_stages(edit.tx(), &pipeline).await?;

@@ -28,6 +28,8 @@ const BOB: &str = "0190a000-0000-7000-8000-000000000004";
 const CAROL: &str = "0190a000-0000-7000-8000-000000000005";
 const ACME: &str = "0190a000-0000-7000-8000-0000000000c1";
 const ANNA: &str = "0190a000-0000-7000-8000-0000000000c2";
+/// Alice's department.
+const TEAM: &str = "0190a000-0000-7000-8000-0000000000d1";
 
 /// Contacts as a fixture: the company Acme (from a referral) and the person Anna (from the web
 /// form), which everyone but Carol may see.
@@ -71,6 +73,7 @@ async fn env(db: TestDb) -> Env {
     let store = Store::new(opened);
     assert!(store.ensure_starting_pipeline().await.unwrap());
     let org = Org::new().sees_all(ADMIN).sees(HEAD, &[ALICE, BOB]).user(ALICE).user(BOB).user(CAROL);
+    let org = org.department(TEAM, &[ALICE]);
     let scopes = ScopeCache::new(Arc::new(org.clone()), Duration::ZERO);
     let api = DealsApi::new(store.clone(), scopes, Arc::new(org), Arc::new(Contacts));
     Env { store, api, _db: db }
@@ -576,6 +579,10 @@ async fn boards_total_every_matching_deal(env: Env) {
         .unwrap()
         .into_inner();
     assert!(listed.deals.iter().all(|d| d.probability == Some(15)));
+    same_totals(
+        &board(ADMIN, "").await.unwrap().into_inner(),
+        &board(ADMIN, "amount >= 0").await.unwrap().into_inner(),
+    );
     let remove = |to: &str| RemoveStageRequest {
         pipeline_id: sales.id.clone(),
         stage_id: new_lead.clone(),
@@ -591,6 +598,8 @@ async fn boards_total_every_matching_deal(env: Env) {
     env.api.remove_stage(as_user(ADMIN, remove(&contacted))).await.unwrap();
     let after = board(ADMIN, "").await.unwrap().into_inner();
     assert_eq!(column(&after, &contacted).count, 7);
+    same_totals(&after, &board(ADMIN, "amount >= 0").await.unwrap().into_inner());
+    same_totals(&board(HEAD, "").await.unwrap().into_inner(), &board(HEAD, "amount >= 0").await.unwrap().into_inner());
     let a0 = column(&after, &contacted).cards[0].clone();
     assert_eq!(a0.probability, Some(20), "the new stage's default");
     let history = env
@@ -601,6 +610,15 @@ async fn boards_total_every_matching_deal(env: Env) {
         .into_inner()
         .changes;
     assert_eq!(history.last().map(|c| (c.from_stage_id.clone(), c.to_stage_id.clone())), Some((new_lead, contacted)));
+}
+
+/// The board's totals kept per stage and owner (read without a filter) equal the aggregate over
+/// the deals themselves (read with a filter every deal matches).
+fn same_totals(kept: &Board, counted: &Board) {
+    let of = |b: &Board| {
+        b.columns.iter().map(|c| (c.stage.as_ref().unwrap().id.clone(), c.count, c.totals.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(of(kept), of(counted));
 }
 
 /// A stage may require fields of the deals entering it; a rotting threshold flags deals that
@@ -770,6 +788,213 @@ async fn automations_travel_with_the_entry(env: Env) {
     );
 }
 
+fn report_request(kind: ReportKind) -> RunReportRequest {
+    RunReportRequest { kind: kind as i32, ..Default::default() }
+}
+
+async fn report(env: &Env, user: &str, r: RunReportRequest) -> Result<Report, tonic::Status> {
+    env.api.run_report(as_user(user, r)).await.map(|r| r.into_inner())
+}
+
+/// The cells of a report's rows as text ("" where empty).
+fn cells(report: &Report) -> Vec<Vec<String>> {
+    report
+        .rows
+        .iter()
+        .map(|r| {
+            r.cells
+                .iter()
+                .map(|c| match &c.value {
+                    Some(report_cell::Value::Text(t)) => t.clone(),
+                    Some(report_cell::Value::Number(n)) => n.to_string(),
+                    None => String::new(),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn column_names(report: &Report) -> Vec<&str> {
+    report.columns.iter().map(|c| c.name.as_str()).collect()
+}
+
+/// Reports count every matching deal the caller may see, from the database's aggregates: the
+/// funnel by how far deals got, won and lost per month, lost reasons, the leaderboard, sources,
+/// conversion and the forecast; narrowed by owners, department, pipeline and currency; as CSV.
+async fn reports_add_up_what_the_caller_may_see(env: Env) {
+    let sales = sales(&env).await;
+    let [contacted, proposal, payment, won, lost] =
+        ["Client contacted", "Proposal sent", "Payment", "Order received", "Lost"].map(|n| stage_id(&sales, n));
+    let today = chrono::Utc::now().date_naive().format("%Y-%m-%d").to_string();
+    let deal = |title: &str, owner: &str, currency: &str, amount: i64, close: &str| Deal {
+        title: title.into(),
+        owner_id: owner.into(),
+        amount: if currency.is_empty() { None } else { money(currency, amount) },
+        expected_close_date: close.into(),
+        company_id: if owner == ALICE { ACME.into() } else { String::new() },
+        ..Default::default()
+    };
+    // Alice: two won (EUR 1,000 and 3,000, from a referral), one lost at the proposal, one at
+    // the payment stage, one new. Bob: one lost early (USD), one new without an amount. Carol
+    // (outside the head's scope): one won.
+    let a1 = create_deal(&env, ALICE, deal("A1", ALICE, "EUR", 1_000, "")).await.unwrap();
+    let a2 = create_deal(&env, ALICE, deal("A2", ALICE, "EUR", 3_000, "")).await.unwrap();
+    let a3 = create_deal(&env, ALICE, deal("A3", ALICE, "EUR", 500, "")).await.unwrap();
+    let a4 = create_deal(&env, ALICE, deal("A4", ALICE, "EUR", 800, &today)).await.unwrap();
+    create_deal(&env, ALICE, deal("A5", ALICE, "EUR", 200, &today)).await.unwrap();
+    let b1 = create_deal(&env, BOB, deal("B1", BOB, "USD", 700, "")).await.unwrap();
+    create_deal(&env, BOB, deal("B2", BOB, "", 0, &today)).await.unwrap();
+    let c1 = create_deal(&env, CAROL, deal("C1", CAROL, "EUR", 9_000, "")).await.unwrap();
+    for (id, path) in [
+        (&a1.id, vec![&proposal, &won]),
+        (&a2.id, vec![&payment, &won]),
+        (&a3.id, vec![&proposal, &contacted, &lost]),
+        (&a4.id, vec![&payment]),
+        (&b1.id, vec![&lost]),
+        (&c1.id, vec![&won]),
+    ] {
+        let owner = if id == &b1.id {
+            BOB
+        } else if id == &c1.id {
+            CAROL
+        } else {
+            ALICE
+        };
+        for to in path {
+            let reason = if to == &lost { if id == &b1.id { "Too expensive" } else { "Went silent" } } else { "" };
+            move_deal(&env, owner, id, to, reason).await.unwrap();
+        }
+    }
+
+    // The funnel of the head's people: 7 deals created; how far each got.
+    let funnel = report(&env, HEAD, report_request(ReportKind::Funnel)).await.unwrap();
+    assert_eq!(funnel.deal_count, 7);
+    assert!(funnel.title.starts_with("Funnel of Sales, deals created"), "{}", funnel.title);
+    assert_eq!(
+        column_names(&funnel),
+        ["stage", "kind", "reached", "in_stage", "conversion", "share", "value_eur", "value_usd"]
+    );
+    let rows = cells(&funnel);
+    let row = |name: &str| rows.iter().find(|r| r[0] == name).unwrap().clone();
+    // Everyone reached the first stage; the client was contacted for A1-A4 (A3 went back to
+    // it, having reached the proposal), proposal for A1-A4, payment for A2 and A4, won A1, A2.
+    assert_eq!(row("New lead")[2..], ["7", "2", "", "10000", "5500", "700"]);
+    assert_eq!(row("Client contacted")[2..], ["4", "0", "5714", "5714", "5300", "0"]);
+    assert_eq!(row("Proposal sent")[2..], ["4", "0", "10000", "5714", "5300", "0"]);
+    assert_eq!(row("Negotiation")[2..], ["3", "0", "7500", "4286", "4800", "0"]);
+    assert_eq!(row("Payment")[2..], ["3", "1", "10000", "4286", "4800", "0"]);
+    assert_eq!(row("Order received")[1..], ["won", "2", "2", "6667", "2857", "4000", "0"]);
+    assert_eq!(row("Lost")[1..], ["lost", "2", "2", "", "2857", "500", "700"]);
+    // The administrator sees Carol's too.
+    let all = report(&env, ADMIN, report_request(ReportKind::Funnel)).await.unwrap();
+    assert_eq!(all.deal_count, 8);
+
+    // Won and lost this month, with the total row.
+    let won_lost = report(&env, HEAD, report_request(ReportKind::WonLost)).await.unwrap();
+    assert_eq!(won_lost.rows.len(), 13, "twelve months and the total");
+    let total = cells(&won_lost).pop().unwrap();
+    assert_eq!(column_names(&won_lost)[..5], ["month", "won", "lost", "win_rate", "sales_cycle"]);
+    assert_eq!(total[0], "Total");
+    assert_eq!(total[1..4], ["2", "2", "5000"]);
+    assert_eq!(total[5..], ["4000", "2000"], "won value and average won deal in EUR");
+
+    let reasons = report(&env, HEAD, report_request(ReportKind::LostReasons)).await.unwrap();
+    assert_eq!(cells(&reasons), [["Too expensive", "1", "5000", "0", "700"], ["Went silent", "1", "5000", "500", "0"]]);
+
+    let board = report(&env, ADMIN, report_request(ReportKind::Leaderboard)).await.unwrap();
+    let ranked: Vec<(String, String, String)> =
+        cells(&board).into_iter().map(|r| (r[1].clone(), r[2].clone(), r[3].clone())).collect();
+    assert_eq!(
+        ranked,
+        [
+            (CAROL.into(), "1".into(), "0".into()),
+            (ALICE.into(), "2".into(), "1".into()),
+            (BOB.into(), "0".into(), "1".into())
+        ]
+    );
+    assert_eq!(cells(&board)[1][0], "User 0003", "owners are named");
+
+    let sources = report(&env, HEAD, report_request(ReportKind::WonBySource)).await.unwrap();
+    assert_eq!(cells(&sources), [["referral", "2", "10000", "4000"]]);
+
+    let conversion = report(&env, HEAD, report_request(ReportKind::Conversion)).await.unwrap();
+    assert_eq!(cells(&conversion).pop().unwrap(), ["Total", "7", "2", "2", "3", "2857"]);
+
+    // Open deals expected to close this month: A4 (EUR 800 at 90%), A5 (EUR 200 at 10%), B2.
+    let forecast = report(&env, HEAD, report_request(ReportKind::Forecast)).await.unwrap();
+    assert_eq!(column_names(&forecast), ["month", "deals", "value_eur", "weighted_eur"]);
+    assert_eq!(cells(&forecast)[0][1..], ["3", "1000", "740"]);
+
+    // Narrowed: to Bob; to a department (Alice's); to a currency; to a pipeline.
+    let only_bob =
+        report(&env, HEAD, RunReportRequest { owner_ids: vec![BOB.into()], ..report_request(ReportKind::Funnel) })
+            .await
+            .unwrap();
+    assert_eq!(only_bob.deal_count, 2);
+    let outside =
+        report(&env, HEAD, RunReportRequest { owner_ids: vec![CAROL.into()], ..report_request(ReportKind::Funnel) })
+            .await
+            .unwrap();
+    assert_eq!(outside.deal_count, 0, "owners outside the scope are left out");
+    let team =
+        report(&env, ADMIN, RunReportRequest { department_id: TEAM.into(), ..report_request(ReportKind::Funnel) })
+            .await
+            .unwrap();
+    assert_eq!(team.deal_count, 5);
+    let usd =
+        report(&env, HEAD, RunReportRequest { currency_code: "USD".into(), ..report_request(ReportKind::WonLost) })
+            .await
+            .unwrap();
+    assert_eq!(usd.deal_count, 1);
+    assert!(usd.title.ends_with(", in USD"));
+
+    // CSV: money in major units, rates as percentages.
+    let csv = env.api.export_report(as_user(HEAD, report_request(ReportKind::LostReasons))).await.unwrap().into_inner();
+    assert_eq!(csv.content_type, "text/csv; charset=utf-8");
+    assert_eq!(
+        String::from_utf8(csv.data).unwrap(),
+        "Lost reason,Lost,Share,Lost value (EUR),Lost value (USD)\r\nToo expensive,1,50.00,0.00,7.00\r\nWent silent,1,50.00,5.00,0.00\r\n"
+    );
+
+    // Bad input: each a field violation.
+    let bad = |r: RunReportRequest| async { violations(&report(&env, HEAD, r).await.unwrap_err()) };
+    assert_eq!(bad(RunReportRequest::default()).await, ["kind"]);
+    let funnel_request = report_request(ReportKind::Funnel);
+    assert_eq!(
+        bad(RunReportRequest { start_date: "2026-13-01".into(), ..funnel_request.clone() }).await,
+        ["start_date"]
+    );
+    assert_eq!(
+        bad(RunReportRequest {
+            start_date: "2020-01-01".into(),
+            end_date: "2026-01-01".into(),
+            ..funnel_request.clone()
+        })
+        .await,
+        ["end_date"]
+    );
+    assert_eq!(
+        bad(RunReportRequest {
+            start_date: "2026-02-01".into(),
+            end_date: "2026-01-01".into(),
+            ..funnel_request.clone()
+        })
+        .await,
+        ["end_date"]
+    );
+    assert_eq!(
+        bad(RunReportRequest { time_zone: "Mars/Olympus".into(), ..funnel_request.clone() }).await,
+        ["time_zone"]
+    );
+    assert_eq!(
+        bad(RunReportRequest { currency_code: "eur".into(), ..funnel_request.clone() }).await,
+        ["currency_code"]
+    );
+    assert_eq!(bad(RunReportRequest { owner_ids: vec!["x".into()], ..funnel_request.clone() }).await, ["owner_ids[0]"]);
+    assert_eq!(bad(RunReportRequest { pipeline_id: ANNA.into(), ..funnel_request.clone() }).await, ["pipeline_id"]);
+    assert_eq!(bad(RunReportRequest { department_id: ANNA.into(), ..funnel_request.clone() }).await, ["department_id"]);
+}
+
 crm_kit::both_backends!(env =>
     pipelines_are_data,
     products_form_a_catalogue,
@@ -778,4 +1003,5 @@ crm_kit::both_backends!(env =>
     stages_require_fields_and_deals_rot,
     wins_are_published,
     automations_travel_with_the_entry,
+    reports_add_up_what_the_caller_may_see,
 );
