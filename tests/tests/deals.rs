@@ -309,7 +309,11 @@ async fn deals_move_through_the_funnel() {
     let bob_row = (text("bob@example.com"), count(1));
     let alice_row = (text("alice@example.com"), count(1));
     assert_eq!(leaderboard(admin.clone(), "").await, [alice_row.clone(), bob_row.clone()], "by won value, named");
-    assert_eq!(leaderboard(admin.clone(), &east.id).await, std::slice::from_ref(&alice_row), "East is Alice and the lead");
+    assert_eq!(
+        leaderboard(admin.clone(), &east.id).await,
+        std::slice::from_ref(&alice_row),
+        "East is Alice and the lead"
+    );
     assert_eq!(leaderboard(lead_token, "").await, std::slice::from_ref(&alice_row), "the lead sees East's");
     assert_eq!(leaderboard(bob.clone(), "").await, [bob_row], "Bob sees his own");
     let csv = deals_as(gw, &alice)
