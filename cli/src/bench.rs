@@ -54,6 +54,9 @@ enum BenchCommand {
     /// Measure the tasks service's calls on a million activity records, and the lag of
     /// reminders coming due at a steady rate.
     Tasks(crate::bench_tasks::TasksBenchArgs),
+    /// Measure the deals service on a million deals: writes (with the board's totals), the board
+    /// and the reports for an administrator, a head of 500 and a salesperson.
+    Deals(crate::bench_deals::DealsBenchArgs),
     /// Every README filter and sort and a few searches against a seeded database, first page
     /// and a later page, each statement with the plan the database chose and its time.
     Plans(crate::bench_plans::PlansArgs),
@@ -145,6 +148,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Events(a) => crate::bench_events::run(a).await,
         BenchCommand::Notifications(a) => crate::bench_notifications::run(a).await,
         BenchCommand::Tasks(a) => crate::bench_tasks::run(a).await,
+        BenchCommand::Deals(a) => crate::bench_deals::run(a).await,
     }
 }
 

@@ -4,21 +4,18 @@
 //! lag between a reminder's due time and its event when reminders come due at a steady rate
 //! under the real job runner.
 //!
-//! The organisation is a stand-in (scopes resolved in-process: a department's first user heads
-//! it and sees its 200 users); the rest is the service's own code.
+//! The organisation is a stand-in ([`crate::bench_inproc::Org`]: a department's first user
+//! heads it and sees its 200 users); the rest is the service's own code.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use crm_kit::ApiError;
-use crm_kit::auth::{Claims, OwnerScope, Principal, ScopeCache, ScopeSource, UserDirectory, UserStatus};
-use crm_kit::customers::Customers;
+use crm_kit::auth::ScopeCache;
 use crm_kit::db::{Backend, Sql, Tx};
 use crm_kit::events::HandlerError;
 use crm_kit::jobs::{Job, JobHandler, Runner, RunnerSettings};
-use crm_proto::contacts::v1::{CustomerKey, CustomerSummary};
 use crm_proto::tasks::v1::tasks_service_server::TasksService;
 use crm_proto::tasks::v1::*;
 use crm_tasks::store::REMINDER_JOB;
@@ -27,6 +24,11 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use hdrhistogram::Histogram;
 use rand::Rng;
+
+use crate::bench_inproc::{NoCustomers, Org, department, histogram, ms, request, timed, user};
+
+/// What the bench's users may do.
+const PERMISSIONS: [&str; 2] = [crm_tasks::permissions::READ.name, crm_tasks::permissions::WRITE.name];
 
 #[derive(clap::Args, Debug)]
 pub struct TasksBenchArgs {
@@ -63,162 +65,6 @@ pub struct TasksBenchArgs {
     /// Calls in flight.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-}
-
-fn user(i: u64) -> String {
-    format!("0190b000-0000-7000-8000-{i:012x}")
-}
-
-fn department(i: u64) -> String {
-    format!("0190b000-0000-7000-8001-{i:012x}")
-}
-
-/// The stand-in organisation: users by number, departments of `size`.
-#[derive(Clone)]
-struct Org {
-    users: u64,
-    size: u64,
-}
-
-impl Org {
-    fn index(&self, id: &str) -> Option<u64> {
-        id.strip_prefix("0190b000-0000-7000-8000-").and_then(|n| u64::from_str_radix(n, 16).ok())
-    }
-
-    fn department_of(&self, i: u64) -> u64 {
-        i / self.size
-    }
-
-    fn head_of(&self, d: u64) -> u64 {
-        d * self.size
-    }
-
-    fn principal(&self, i: u64) -> Principal {
-        let claims = Claims {
-            sub: user(i),
-            name: format!("User {i}"),
-            dept: department(self.department_of(i)),
-            perms: vec![crm_tasks::permissions::READ.name.into(), crm_tasks::permissions::WRITE.name.into()],
-            ..Claims::default()
-        };
-        Principal::from_claims(claims, format!("bench-token-{i}"))
-    }
-}
-
-impl Org {
-    /// The users of department `d`, its head first.
-    fn members(&self, d: u64) -> Vec<String> {
-        let last = ((d + 1) * self.size).min(self.users);
-        (self.head_of(d)..last).map(user).collect()
-    }
-}
-
-impl ScopeSource for Org {
-    fn resolve<'a>(&'a self, principal: &'a Principal) -> BoxFuture<'a, Result<OwnerScope, ApiError>> {
-        let scope = match self.index(&principal.subject) {
-            Some(i) if i % self.size == 0 => OwnerScope::Owners(self.members(self.department_of(i)).into()),
-            _ => OwnerScope::Owners(vec![principal.subject.clone()].into()),
-        };
-        Box::pin(async move { Ok(scope) })
-    }
-}
-
-impl UserDirectory for Org {
-    fn status<'a>(&'a self, user_id: &'a str) -> BoxFuture<'a, Result<UserStatus, ApiError>> {
-        let known = self.index(user_id).is_some_and(|i| i < self.users);
-        Box::pin(async move { Ok(if known { UserStatus::Active } else { UserStatus::Unknown }) })
-    }
-
-    fn statuses<'a>(&'a self, user_ids: &'a [String]) -> BoxFuture<'a, Result<Vec<UserStatus>, ApiError>> {
-        let found =
-            user_ids
-                .iter()
-                .map(|id| {
-                    if self.index(id).is_some_and(|i| i < self.users) {
-                        UserStatus::Active
-                    } else {
-                        UserStatus::Unknown
-                    }
-                })
-                .collect();
-        Box::pin(async move { Ok(found) })
-    }
-
-    fn department_members<'a>(&'a self, department_id: &'a str) -> BoxFuture<'a, Result<Vec<String>, ApiError>> {
-        let d = department_id.strip_prefix("0190b000-0000-7000-8001-").and_then(|n| u64::from_str_radix(n, 16).ok());
-        let members = d.filter(|d| d * self.size < self.users).map(|d| self.members(d));
-        Box::pin(async move { members.ok_or_else(|| ApiError::invalid("department_id", "no department has this id")) })
-    }
-
-    fn names<'a>(
-        &'a self,
-        user_ids: &'a [String],
-    ) -> BoxFuture<'a, Result<std::collections::HashMap<String, String>, ApiError>> {
-        let names = user_ids
-            .iter()
-            .filter_map(|id| self.index(id).filter(|i| *i < self.users).map(|i| (id.clone(), format!("User {i}"))))
-            .collect();
-        Box::pin(async move { Ok(names) })
-    }
-}
-
-/// No customers: the bench links none.
-struct NoCustomers;
-
-impl Customers for NoCustomers {
-    fn find<'a>(
-        &'a self,
-        _: &'a Principal,
-        _: Vec<CustomerKey>,
-    ) -> BoxFuture<'a, Result<Vec<CustomerSummary>, ApiError>> {
-        Box::pin(async { Ok(Vec::new()) })
-    }
-}
-
-fn request<T>(principal: &Principal, message: T) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.extensions_mut().insert(principal.clone());
-    request
-}
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
-}
-
-fn ms(micros: u64) -> String {
-    format!("{:.2} ms", micros as f64 / 1000.0)
-}
-
-/// Runs `n` calls of `call` with `concurrency` in flight; prints and returns their latencies.
-async fn timed<F, Fut>(name: &str, n: u64, concurrency: usize, call: F) -> anyhow::Result<Histogram<u64>>
-where
-    F: Fn(u64) -> Fut,
-    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
-{
-    let started = Instant::now();
-    let mut hist = histogram();
-    let mut results = futures_util::stream::iter(0..n)
-        .map(|i| {
-            let call = call(i);
-            async move {
-                let at = Instant::now();
-                call.await.map(|()| at.elapsed().as_micros() as u64)
-            }
-        })
-        .buffer_unordered(concurrency.max(1));
-    while let Some(result) = results.next().await {
-        let micros = result.map_err(|s| anyhow::anyhow!("{name}: {:?} {}", s.code(), s.message()))?;
-        hist.record(micros.max(1))?;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "{name:<44} {n:>7} calls {:>9.0}/s   p50 {:>10}   p99 {:>10}   max {:>10}",
-        n as f64 / secs,
-        ms(hist.value_at_quantile(0.5)),
-        ms(hist.value_at_quantile(0.99)),
-        ms(hist.max())
-    );
-    Ok(hist)
 }
 
 /// Tops the activity records up to `args.activities`, in transactions of 5,000, then has the
@@ -313,7 +159,7 @@ pub async fn run(args: TasksBenchArgs) -> anyhow::Result<()> {
     timed("CreateTask (with a reminder)", args.tasks, args.concurrency, |i| {
         let api = api.clone();
         let owner = pick(i);
-        let principal = org.principal(owner);
+        let principal = org.principal(owner, &PERMISSIONS);
         async move {
             let due = now + hour + (i as i64 % (30 * 24)) * hour;
             let task = Task {
@@ -331,7 +177,7 @@ pub async fn run(args: TasksBenchArgs) -> anyhow::Result<()> {
     timed("ListTasks: my open tasks by due time", args.reads, args.concurrency, |i| {
         let api = api.clone();
         let owner = pick(i * 7 + 3);
-        let principal = org.principal(owner);
+        let principal = org.principal(owner, &PERMISSIONS);
         async move {
             let filter = format!("assignee_id = \"{}\" AND status = OPEN", user(owner));
             api.list_tasks(request(&principal, ListTasksRequest { filter, ..Default::default() })).await.map(|_| ())
@@ -341,7 +187,7 @@ pub async fn run(args: TasksBenchArgs) -> anyhow::Result<()> {
     timed("CreateEvent (two colleagues)", args.events, args.concurrency, |i| {
         let api = api.clone();
         let owner = pick(i * 13 + 1);
-        let principal = org.principal(owner);
+        let principal = org.principal(owner, &PERMISSIONS);
         let d = org.department_of(owner);
         let colleague =
             |k: u64| user(org.head_of(d) + (owner + k) % args.department_size.min(args.users - org.head_of(d)));
@@ -364,7 +210,7 @@ pub async fn run(args: TasksBenchArgs) -> anyhow::Result<()> {
     timed("GetAgenda: a week", args.reads, args.concurrency, |i| {
         let api = api.clone();
         let owner = pick(i * 5 + 2);
-        let principal = org.principal(owner);
+        let principal = org.principal(owner, &PERMISSIONS);
         async move {
             let r = GetAgendaRequest { days: 7, time_zone: "Europe/Berlin".into(), ..Default::default() };
             api.get_agenda(request(&principal, r)).await.map(|_| ())
@@ -378,7 +224,7 @@ pub async fn run(args: TasksBenchArgs) -> anyhow::Result<()> {
     timed("CountActivities: a department, 90 days", 50.min(args.reads), 1, |i| {
         let api = api.clone();
         let d = i % departments;
-        let principal = org.principal(org.head_of(d));
+        let principal = org.principal(org.head_of(d), &PERMISSIONS);
         let days_found = days_found.clone();
         async move {
             let r = CountActivitiesRequest {
@@ -399,7 +245,7 @@ pub async fn run(args: TasksBenchArgs) -> anyhow::Result<()> {
     let spacing = 60_000_000 / args.reminder_rate.max(1) as i64;
     let lead = 10_000_000_i64 + args.reminders as i64 * 2_000;
     let first = crm_kit::time::now_micros() + lead;
-    let principal = org.principal(1);
+    let principal = org.principal(1, &PERMISSIONS);
     let ids = Arc::new(Mutex::new(HashSet::new()));
     let made = Instant::now();
     let mut creates = futures_util::stream::iter(0..args.reminders)

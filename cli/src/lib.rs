@@ -9,7 +9,9 @@
 //! Every command works from [`SUITE`], the list of roles: adding a service is one line there.
 
 mod bench;
+mod bench_deals;
 mod bench_events;
+mod bench_inproc;
 mod bench_notifications;
 mod bench_plans;
 mod bench_tasks;

@@ -1,10 +1,11 @@
-//! Deals end to end (SPEC D1-D3, D6): real `crm` processes, users acting through the gateway.
+//! Deals end to end (SPEC D1-D4, D6, D8, C8): real `crm` processes, users acting through the gateway.
 //! The starting pipeline is there at first start; a salesperson opens a deal on their own
 //! customer (checked with the real contacts service), priced from the catalogue, moves it
 //! through the funnel (lost needs a reason, every move recorded); the board totals what each
 //! viewer may see; a colleague elsewhere sees nothing of it; the won deal reaches the customer's
-//! purchase history in contacts; entering "Payment" makes the owner one task and one notice, in
-//! both modes.
+//! purchase history in contacts; a call logged on the deal in tasks reaches it; entering
+//! "Payment" makes the owner one task and one notice, in both modes; the reports count what each
+//! viewer may see, a department's figures its people's.
 
 use crm_proto::auth::v1::{
     CreateDepartmentRequest, CreateRoleRequest, CreateUserRequest, DataScope, Department, ListRolesRequest, Role,
@@ -223,6 +224,27 @@ async fn deals_move_through_the_funnel() {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "contacts never recorded the won deal");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // A call logged on the deal in the tasks service reaches the deal (its rotting clock).
+    let call = crm_proto::tasks::v1::Activity {
+        r#type: crm_proto::tasks::v1::ActivityType::Call as i32,
+        summary: "Talked delivery dates".into(),
+        deal_id: deal.id.clone(),
+        ..Default::default()
+    };
+    tasks_as(gw, &alice)
+        .await
+        .log_activity(crm_proto::tasks::v1::LogActivityRequest { activity: Some(call), request_id: String::new() })
+        .await
+        .expect("Alice logs a call on her deal");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let got = client.get_deal(GetDealRequest { id: deal.id.clone() }).await.unwrap().into_inner();
+        if got.last_activity_time.is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "deals never heard of the call");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let history = client

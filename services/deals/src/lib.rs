@@ -6,13 +6,21 @@
 //!   the server ([`domain`]), an owner in the caller's scope, a company and person checked with
 //!   contacts in one call, a probability that is the stage's unless a user set one;
 //! - every stage change recorded, won and lost closing the deal, reopening too (D3);
-//! - the board: per stage the count, sum and weighted sum per currency over every matching deal;
-//! - the product catalogue (D6).
+//! - the board: per stage the count, sum and weighted sum per currency over every matching deal,
+//!   kept per stage, owner and currency in the transaction of each change;
+//! - stage automations (D4) as data carried by the entry's event (tasks makes the task,
+//!   notifications tells the people), and required fields;
+//! - the product catalogue (D6);
+//! - reports (D8) computed by the database ([`store::reports`]) and laid out as tables or CSV
+//!   ([`reports`]);
+//! - activity records logged on a deal (the tasks service's events, [`intake`]) restart its
+//!   rotting clock.
 //!
-//! Automations, quotes, contracts, payments, targets, reports and purchase history come next.
+//! Quotes, contracts, payments, targets, and messages and webhooks per stage come next.
 
 pub mod api;
 pub mod domain;
+pub mod intake;
 pub mod reports;
 pub mod store;
 
@@ -78,7 +86,7 @@ impl role::Service for Deals {
         permissions: permissions::ALL,
         default_port: 50056,
         calls: Calls::Roles(&[AUTH_ROLE, CONTACTS_ROLE]),
-        consumes: &[],
+        consumes: intake::CONSUMES,
     };
 
     fn migrations() -> Option<Migrations> {
@@ -101,6 +109,8 @@ impl role::Service for Deals {
         if store.ensure_starting_pipeline().await? {
             tracing::info!(role = SOURCE, "created the starting pipeline");
         }
+        let consumer =
+            ctx.events().consumer(SOURCE, &db, intake::CONSUMES, Arc::new(intake::Intake::new(store.clone())));
         let (scopes, organisation) = ctx.scopes()?;
         let api = DealsApi::new(
             store,
@@ -112,6 +122,7 @@ impl role::Service for Deals {
         Ok(Opened::new(server)
             .with_db(db)
             .job("event relay", move |shutdown| relay.run(shutdown))
+            .job("event intake", move |shutdown| consumer.run(shutdown))
             .job("organisation changes", move |shutdown| organisation.run(shutdown)))
     }
 }

@@ -26,7 +26,7 @@ use crate::domain;
 
 const COLUMNS: &str = "id, title, pipeline_id, stage_id, status, owner_id, company_id, person_id, currency, amount, \
                        probability, probability_manual, expected_close, source, stage_entered_at, rot_at, closed_at, \
-                       created_at, updated_at, version, doc, furthest_stage_id, lost_reason";
+                       created_at, updated_at, version, doc, furthest_stage_id, lost_reason, last_activity_at";
 
 /// The filterable fields of ListDeals.
 pub const FIELDS: &[Field] = &[
@@ -45,6 +45,7 @@ pub const FIELDS: &[Field] = &[
     Field { name: "expected_close_date", column: "expected_close", kind: FieldKind::Text },
     Field { name: "create_time", column: "created_at", kind: FieldKind::Time },
     Field { name: "close_time", column: "closed_at", kind: FieldKind::Time },
+    Field { name: "last_activity_time", column: "last_activity_at", kind: FieldKind::Time },
 ];
 
 /// The order of a deal listing from `order_by`.
@@ -77,6 +78,18 @@ pub struct DealQuery {
     pub page: Page,
     /// Only deals rotting at this time.
     pub rotting_at: Option<i64>,
+}
+
+/// A deal as a bulk load writes it: as it stands after its moves.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// Its stage, status, owner, money, probability, expected close, source and lost reason.
+    pub deal: Deal,
+    /// The furthest open stage it entered.
+    pub furthest_stage_id: String,
+    pub created_at: i64,
+    /// 0 while open.
+    pub closed_at: i64,
 }
 
 /// A stage of a pipeline, as a deal moving into it needs it.
@@ -113,6 +126,7 @@ fn decode(row: &AnyRow) -> Result<Deal, ApiError> {
     d.lost_reason = row.try_get("lost_reason")?;
     d.stage_enter_time = to_timestamp(row.try_get("stage_entered_at")?);
     d.rotting = row.try_get::<i64, _>("rot_at")? < now_micros();
+    d.last_activity_time = to_timestamp(row.try_get("last_activity_at")?);
     d.close_time = to_timestamp(row.try_get("closed_at")?);
     d.create_time = to_timestamp(row.try_get("created_at")?);
     d.update_time = to_timestamp(row.try_get("updated_at")?);
@@ -411,7 +425,7 @@ impl Store {
             v.bind(domain::rot_at(&target.stage, now)).bind(closed_at);
             v.bind(now).bind(now).bind(1_i64).bind(doc(d));
             let open = target.stage.kind == StageKind::Open as i32;
-            v.bind(if open { d.stage_id.as_str() } else { "" }).bind(d.lost_reason.as_str());
+            v.bind(if open { d.stage_id.as_str() } else { "" }).bind(d.lost_reason.as_str()).bind(0_i64);
         });
         sql.query().execute(&mut *tx).await?;
         change_totals(&mut tx, &total_changes(None, Some(&deal))).await?;
@@ -650,7 +664,11 @@ impl Store {
         }
         scope.push_set_condition(&mut sql, backend, "owner_id");
         sql.push(" GROUP BY stage_id, currency");
-        let rows = sql.query_unprepared().fetch_all(self.db.pool()).await?;
+        let rows = if filter.is_some() {
+            self.aggregate(&sql).await?
+        } else {
+            sql.query_unprepared().fetch_all(self.db.pool()).await?
+        };
         let mut out: HashMap<String, (i64, Vec<ColumnTotal>)> = HashMap::new();
         for row in rows {
             let currency: String = row.try_get("currency")?;
@@ -740,11 +758,74 @@ impl Store {
         Ok(())
     }
 
+    /// Records an activity on the deal `deal_id` at `at` (the tasks service's ActivityLogged):
+    /// a later one than the deal knows moves its last activity time, and the day it rots by as
+    /// much as its rotting clock restarts later. Repeats and late arrivals change nothing; no
+    /// new version (nothing a user set changed).
+    pub async fn record_activity(&self, tx: &mut Tx, deal_id: &str, at: i64) -> Result<(), ApiError> {
+        // A rotting clock starts at the later of the stage entry and the last activity.
+        let mut sql = Sql::new("UPDATE deals SET rot_at = CASE WHEN rot_at = ");
+        sql.bind(i64::MAX).push(" OR stage_entered_at >= ").bind(at).push(" THEN rot_at ELSE rot_at + ").bind(at);
+        sql.push(
+            " - CASE WHEN last_activity_at > stage_entered_at THEN last_activity_at ELSE stage_entered_at END END",
+        );
+        sql.push(", last_activity_at = ").bind(at);
+        sql.push(" WHERE id = ").bind(deal_id).push(" AND last_activity_at < ").bind(at);
+        sql.query().execute(&mut **tx).await?;
+        Ok(())
+    }
+
+    /// How many deals there are.
+    pub async fn count_deals(&self) -> Result<i64, ApiError> {
+        Ok(Sql::new("SELECT COUNT(*) AS n FROM deals").query().fetch_one(self.db.pool()).await?.try_get("n")?)
+    }
+
+    /// Writes `deals` as they stand (a bulk load: the bench's seeding) in one transaction, with
+    /// no history; [`Store::recount_board_totals`] counts the board's totals afterwards.
+    pub async fn load_deals(&self, deals: &[Loaded]) -> Result<(), ApiError> {
+        let mut tx = self.db.begin_write().await?;
+        for chunk in deals.chunks(500) {
+            let mut sql = Sql::new("INSERT INTO deals (");
+            sql.push(COLUMNS).push(") VALUES ");
+            sql.push_values(chunk, |v, l| {
+                let d = &l.deal;
+                let (currency, amount) = money(d);
+                let entered = if l.closed_at > 0 { l.closed_at } else { l.created_at };
+                v.bind(d.id.as_str()).bind(d.title.as_str()).bind(d.pipeline_id.as_str()).bind(d.stage_id.as_str());
+                v.bind(i64::from(d.status))
+                    .bind(d.owner_id.as_str())
+                    .bind(d.company_id.as_str())
+                    .bind(d.person_id.as_str());
+                v.bind(currency).bind(amount).bind(i64::from(d.probability.unwrap_or(0))).bind(0_i64);
+                v.bind(d.expected_close_date.as_str()).bind(d.source.as_str()).bind(entered);
+                v.bind(i64::MAX).bind(l.closed_at).bind(l.created_at).bind(entered).bind(1_i64).bind(doc(d));
+                v.bind(l.furthest_stage_id.as_str()).bind(d.lost_reason.as_str()).bind(0_i64);
+            });
+            sql.query().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Counts every stage's board totals afresh from the deals (after a bulk load).
+    pub async fn recount_board_totals(&self) -> Result<(), ApiError> {
+        let mut tx = self.db.begin_write().await?;
+        let stages = Sql::new("SELECT id FROM stages").query().fetch_all(&mut *tx).await?;
+        let stages: Vec<String> = stages.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
+        let stages: Vec<&str> = stages.iter().map(String::as_str).collect();
+        recount_totals(&mut tx, self.db.backend(), &stages).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// The open deals of `stage` rot by its new threshold.
     pub(crate) async fn follow_stage_rotting(tx: &mut Tx, stage: &Stage) -> Result<(), ApiError> {
         let mut sql = Sql::new("UPDATE deals SET rot_at = ");
         if stage.kind == StageKind::Open as i32 && stage.rotting_days > 0 {
-            sql.push("stage_entered_at + ").bind(i64::from(stage.rotting_days) * 86_400_000_000);
+            sql.push(
+                "CASE WHEN last_activity_at > stage_entered_at THEN last_activity_at ELSE stage_entered_at END + ",
+            );
+            sql.bind(i64::from(stage.rotting_days) * 86_400_000_000);
         } else {
             sql.bind(i64::MAX);
         }

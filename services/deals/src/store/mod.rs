@@ -43,4 +43,12 @@ impl Store {
     pub fn db(&self) -> &Db {
         &self.db
     }
+
+    /// The rows of an aggregate over many deals, with the database's parallel workers.
+    pub(crate) async fn aggregate(&self, sql: &crm_kit::db::Sql) -> Result<Vec<sqlx::any::AnyRow>, crm_kit::ApiError> {
+        let mut tx = self.db.begin_aggregate().await?;
+        let rows = sql.query_unprepared().fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
 }

@@ -674,6 +674,43 @@ async fn stages_require_fields_and_deals_rot(env: Env) {
     assert_eq!(rotten.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), [bare.id.as_str()]);
     assert!(rotten[0].rotting);
     assert!(rotting(CAROL).await.unwrap().into_inner().deals.is_empty(), "within scope");
+    // An activity on the deal (the tasks service's event) restarts its rotting clock: logged
+    // a day ago, the deal rots a day from now. Older or repeated events change nothing.
+    let day = 86_400_000_000_i64;
+    let now = crm_kit::time::now_micros();
+    let logged = |at: i64| crm_kit::events::Delivered {
+        envelope: crm_kit::events::envelope::envelope(
+            "tasks",
+            "activity",
+            ALICE,
+            &crm_proto::tasks::v1::ActivityLogged {
+                activity_id: "activity".into(),
+                occur_time: crm_kit::time::to_timestamp(at),
+                deal_id: bare.id.clone(),
+                ..Default::default()
+            },
+        ),
+        seq: 1,
+        redelivered: false,
+    };
+    let intake = crm_deals::intake::Intake::new(env.store.clone());
+    for at in [now - day, now - 2 * day, now - day, now - 5 * day] {
+        let mut tx = env.store.db().begin_write().await.unwrap();
+        crm_kit::events::Handler::handle(&intake, &mut tx, &logged(at)).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert!(rotting(ALICE).await.unwrap().into_inner().deals.is_empty(), "an activity a day ago: not rotting");
+    let fresh = env.api.get_deal(as_user(ALICE, GetDealRequest { id: bare.id.clone() })).await.unwrap().into_inner();
+    assert_eq!(fresh.last_activity_time, crm_kit::time::to_timestamp(now - day));
+    assert_eq!(fresh.etag, rotten[0].etag, "no new version");
+    let quiet = format!("last_activity_time < \"{}\"", chrono::Utc::now().format("%Y-%m-%dT00:00:00Z"));
+    let listed = env.api.list_deals(as_user(ALICE, ListDealsRequest { filter: quiet, ..Default::default() }));
+    assert!(listed.await.unwrap().into_inner().deals.iter().any(|d| d.id == bare.id), "filterable");
+    // Two more days without activity than the threshold allows: rotting again.
+    let mut sql = crm_kit::db::Sql::new("UPDATE deals SET rot_at = rot_at - ");
+    sql.bind(2 * day).push(" WHERE id = ").bind(bare.id.as_str());
+    sql.query().execute(env.store.db().pool()).await.unwrap();
+    assert_eq!(rotting(ALICE).await.unwrap().into_inner().deals.len(), 1);
     let won = move_deal(&env, ALICE, &bare.id, &stage_id(&sales, "Order received"), "").await.unwrap();
     assert!(!won.rotting);
     assert!(rotting(ALICE).await.unwrap().into_inner().deals.is_empty());
