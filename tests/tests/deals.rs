@@ -3,7 +3,8 @@
 //! customer (checked with the real contacts service), priced from the catalogue, moves it
 //! through the funnel (lost needs a reason, every move recorded); the board totals what each
 //! viewer may see; a colleague elsewhere sees nothing of it; the won deal reaches the customer's
-//! purchase history in contacts; a call logged on the deal in tasks reaches it; entering
+//! purchase history in contacts; a call logged on the deal in tasks reaches it; a quote accepted
+//! into the deal, a contract and a payment are the owner's alone; entering
 //! "Payment" makes the owner one task and one notice, in both modes; the reports count what each
 //! viewer may see, a department's figures its people's.
 
@@ -247,6 +248,66 @@ async fn deals_move_through_the_funnel() {
         assert!(std::time::Instant::now() < deadline, "deals never heard of the call");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    // D5 through the gateway: a quote accepted into the deal, a contract with a plan, a payment;
+    // Bob sees none of it; the administrator's balances hold it.
+    let quote = client
+        .create_quote(CreateQuoteRequest {
+            quote: Some(Quote { deal_id: deal.id.clone(), tax_rate_bps: 2_000, ..Default::default() }),
+            request_id: String::new(),
+        })
+        .await
+        .expect("Alice quotes her deal")
+        .into_inner();
+    assert_eq!(quote.total.as_ref().unwrap().minor_units, 22_789, "18,991 and 20% tax, rounded half up");
+    for state in [QuoteState::Sent, QuoteState::Accepted] {
+        let r = SetQuoteStateRequest {
+            id: quote.id.clone(),
+            state: state as i32,
+            apply_to_deal: state == QuoteState::Accepted,
+            etag: String::new(),
+        };
+        client.set_quote_state(r).await.unwrap();
+    }
+    let contract = Contract {
+        deal_id: deal.id.clone(),
+        number: "E2E-1".into(),
+        signed_date: "2026-12-01".into(),
+        value: Some(Money { currency_code: "EUR".into(), minor_units: 18_991 }),
+        instalments: vec![Instalment {
+            due_date: "2099-01-31".into(),
+            amount: Some(Money { currency_code: "EUR".into(), minor_units: 18_991 }),
+            paid: None,
+        }],
+        ..Default::default()
+    };
+    let contract = client
+        .create_contract(CreateContractRequest { contract: Some(contract), request_id: String::new() })
+        .await
+        .expect("Alice records the contract")
+        .into_inner();
+    let payment = Payment {
+        contract_id: contract.id.clone(),
+        amount: Some(Money { currency_code: "EUR".into(), minor_units: 5_000 }),
+        ..Default::default()
+    };
+    let paid = client
+        .record_payment(RecordPaymentRequest { payment: Some(payment), request_id: "e2e-pay".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paid.outstanding.as_ref().unwrap().minor_units, 13_991);
+    let hidden = deals_as(gw, &bob).await.get_contract(GetContractRequest { id: contract.id.clone() }).await;
+    assert_eq!(hidden.unwrap_err().code(), Code::NotFound);
+    let balances = deals_as(gw, &admin)
+        .await
+        .get_balances(GetBalancesRequest { group_by: BalanceGrouping::Owner as i32, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .balances;
+    assert_eq!(balances.len(), 1);
+    assert_eq!(balances[0].outstanding.as_ref().unwrap().minor_units, 13_991);
+
     let history = client
         .list_stage_history(ListStageHistoryRequest { deal_id: deal.id.clone(), ..Default::default() })
         .await

@@ -22,6 +22,8 @@ use crate::store::deals::{self, DealQuery};
 use crate::store::products::{self, ProductQuery};
 use crate::store::reports::{ClosedBy, Coverage};
 
+mod paperwork;
+
 const PIPELINE_MASK: crm_kit::mask::Mask<Pipeline> = crm_kit::mask!(Pipeline { name, department_id });
 const STAGE_MASK: crm_kit::mask::Mask<Stage> =
     crm_kit::mask!(Stage { name, probability, kind, rotting_days, required_fields, automations });
@@ -121,27 +123,41 @@ impl DealsApi {
         Ok(if person_source.is_empty() { source(company) } else { person_source })
     }
 
-    /// Prices `deal` from its lines; `known` are the products already on it (which may since
-    /// have become inactive), others must be active.
-    async fn price(&self, deal: &mut Deal, known: &[String], v: &mut Violations) -> Result<(), ApiError> {
-        let ids: Vec<&str> = deal.line_items.iter().map(|l| l.product_id.trim()).filter(|id| !id.is_empty()).collect();
-        for (i, line) in deal.line_items.iter().enumerate() {
+    /// The products `lines` (the field `field`) name: each id a UUID, and each product active
+    /// unless it is among `known` (those already on the record, which may since have become
+    /// inactive).
+    async fn products_for(
+        &self,
+        lines: &[LineItem],
+        field: &str,
+        known: &[String],
+        v: &mut Violations,
+    ) -> Result<std::collections::HashMap<String, Product>, ApiError> {
+        let ids: Vec<&str> = lines.iter().map(|l| l.product_id.trim()).filter(|id| !id.is_empty()).collect();
+        for (i, line) in lines.iter().enumerate() {
             let id = line.product_id.trim();
             if !id.is_empty() && uuid::Uuid::parse_str(id).is_err() {
-                v.add(format!("deal.line_items[{i}].product_id"), "must be a UUID");
+                v.add(format!("{field}[{i}].product_id"), "must be a UUID");
             }
         }
         let valid: Vec<&str> = ids.into_iter().filter(|id| uuid::Uuid::parse_str(id).is_ok()).collect();
         let products = self.store.products_by_id(&valid).await?;
-        for (i, line) in deal.line_items.iter().enumerate() {
+        for (i, line) in lines.iter().enumerate() {
             let id = line.product_id.trim();
             if let Some(product) = products.get(id)
                 && !product.active
                 && !known.iter().any(|k| k == id)
             {
-                v.add(format!("deal.line_items[{i}].product_id"), "is an inactive product");
+                v.add(format!("{field}[{i}].product_id"), "is an inactive product");
             }
         }
+        Ok(products)
+    }
+
+    /// Prices `deal` from its lines; `known` are the products already on it (which may since
+    /// have become inactive), others must be active.
+    async fn price(&self, deal: &mut Deal, known: &[String], v: &mut Violations) -> Result<(), ApiError> {
+        let products = self.products_for(&deal.line_items, "deal.line_items", known, v).await?;
         domain::price(deal, &products, v);
         Ok(())
     }
@@ -607,6 +623,119 @@ impl DealsService for DealsApi {
             let table = reports::Table { columns: report.columns, rows: report.rows };
             let data = reports::csv(&table).map_err(|e| ApiError::Internal(format!("write the report as CSV: {e}")))?;
             Ok(HttpBody { content_type: "text/csv; charset=utf-8".into(), data, extensions: Vec::new() })
+        };
+        respond(result.await)
+    }
+
+    async fn create_quote(&self, request: Request<CreateQuoteRequest>) -> Result<Response<Quote>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, WRITE.name).await?;
+            self.create_quote(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn get_quote(&self, request: Request<GetQuoteRequest>) -> Result<Response<Quote>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, READ.name).await?;
+            {
+                let id = request.into_inner().id;
+                check_id("id", &id)?;
+                self.store.get_quote(&id, &caller.scope).await
+            }
+        };
+        respond(result.await)
+    }
+
+    async fn update_quote(&self, request: Request<UpdateQuoteRequest>) -> Result<Response<Quote>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, WRITE.name).await?;
+            self.update_quote(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn list_quotes(&self, request: Request<ListQuotesRequest>) -> Result<Response<ListQuotesResponse>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, READ.name).await?;
+            self.list_quotes(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn set_quote_state(&self, request: Request<SetQuoteStateRequest>) -> Result<Response<Quote>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, WRITE.name).await?;
+            self.set_quote_state(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn create_contract(&self, request: Request<CreateContractRequest>) -> Result<Response<Contract>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, WRITE.name).await?;
+            self.create_contract(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn get_contract(&self, request: Request<GetContractRequest>) -> Result<Response<Contract>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, READ.name).await?;
+            {
+                let id = request.into_inner().id;
+                check_id("id", &id)?;
+                self.store.get_contract(&id, &caller.scope).await
+            }
+        };
+        respond(result.await)
+    }
+
+    async fn update_contract(&self, request: Request<UpdateContractRequest>) -> Result<Response<Contract>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, WRITE.name).await?;
+            self.update_contract(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn list_contracts(
+        &self,
+        request: Request<ListContractsRequest>,
+    ) -> Result<Response<ListContractsResponse>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, READ.name).await?;
+            self.list_contracts(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn record_payment(&self, request: Request<RecordPaymentRequest>) -> Result<Response<Contract>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, WRITE.name).await?;
+            self.record_payment(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn list_payments(
+        &self,
+        request: Request<ListPaymentsRequest>,
+    ) -> Result<Response<ListPaymentsResponse>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, READ.name).await?;
+            self.list_payments(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn get_balances(
+        &self,
+        request: Request<GetBalancesRequest>,
+    ) -> Result<Response<GetBalancesResponse>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, READ.name).await?;
+            self.balances(caller, request.into_inner()).await
         };
         respond(result.await)
     }

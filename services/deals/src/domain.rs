@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 
 use crm_kit::Violations;
-use crm_proto::deals::v1::{Deal, DealStatus, LineItem, Money, Pipeline, Product, Stage, StageKind, automation};
+use crm_proto::deals::v1::{
+    Contract, Deal, DealStatus, LineItem, Money, Pipeline, Product, Quote, Stage, StageKind, automation,
+};
 
 pub const MAX_NAME: usize = 100;
 pub const MAX_PRODUCT_NAME: usize = 300;
@@ -299,24 +301,34 @@ pub fn price(deal: &mut Deal, products: &HashMap<String, Product>, v: &mut Viola
         deal.amount = (!amount.currency_code.is_empty()).then_some(amount);
         return;
     }
-    v.max_items("deal.line_items", &deal.line_items, MAX_LINES);
     if !is_currency(&amount.currency_code) {
         v.add("deal.amount.currency_code", "is required with line items: the currency every line is priced in");
     }
     let currency = amount.currency_code.clone();
-    let mut totals = Vec::with_capacity(deal.line_items.len());
-    for (i, line) in deal.line_items.iter_mut().enumerate() {
-        let field = format!("deal.line_items[{i}]");
-        price_line(line, &field, &currency, products, v);
+    deal.amount = price_lines(&mut deal.line_items, "deal.line_items", &currency, products, v)
+        .map(|total| Money { currency_code: currency, minor_units: total });
+}
+
+/// Prices `lines` (the field `field`) in `currency` ([`price_line`]) and answers their sum;
+/// `None` with a violation when it exceeds [`MAX_AMOUNT`].
+pub fn price_lines(
+    lines: &mut [LineItem],
+    field: &str,
+    currency: &str,
+    products: &HashMap<String, Product>,
+    v: &mut Violations,
+) -> Option<i64> {
+    v.max_items(field, lines, MAX_LINES);
+    let mut totals = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter_mut().enumerate() {
+        price_line(line, &format!("{field}[{i}]"), currency, products, v);
         totals.push(line.total.as_ref().map_or(0, |t| t.minor_units));
     }
-    match sum(totals) {
-        Some(total) if total <= MAX_AMOUNT => deal.amount = Some(Money { currency_code: currency, minor_units: total }),
-        _ => {
-            v.add("deal.line_items", format!("add up to more than {MAX_AMOUNT} minor units"));
-            deal.amount = None;
-        }
+    let total = sum(totals).filter(|t| *t <= MAX_AMOUNT);
+    if total.is_none() {
+        v.add(field, format!("add up to more than {MAX_AMOUNT} minor units"));
     }
+    total
 }
 
 fn price_line(
@@ -331,7 +343,11 @@ fn price_line(
     line.total = None;
     if !line.product_id.is_empty() {
         match products.get(&line.product_id) {
-            None => v.add(format!("{field}.product_id"), "no product has this id"),
+            None => {
+                // Its name and price would have come from the product: one violation says it.
+                v.add(format!("{field}.product_id"), "no product has this id");
+                return;
+            }
             Some(product) => {
                 if line.name.is_empty() {
                     line.name = product.name.clone();
@@ -357,7 +373,10 @@ fn price_line(
         return;
     };
     if price.currency_code != currency {
-        v.add(format!("{field}.unit_price.currency_code"), format!("must be the deal's currency, {currency}"));
+        v.add(
+            format!("{field}.unit_price.currency_code"),
+            format!("must be the currency the lines are in, {currency}"),
+        );
         return;
     }
     if price.minor_units < 0 {
@@ -431,6 +450,166 @@ pub fn months(start: chrono::NaiveDate, end: chrono::NaiveDate) -> Vec<chrono::N
         next = next + Months::new(1);
     }
     out
+}
+
+/// Most instalments a contract's plan has.
+pub const MAX_INSTALMENTS: usize = 120;
+/// Most days before an instalment's due date its reminder comes.
+pub const MAX_REMINDER_DAYS: i32 = 60;
+/// Days before an instalment's due date its reminder comes unless a contract says otherwise.
+pub const DEFAULT_REMINDER_DAYS: i32 = 3;
+
+/// Trims a quote and prices it: each line as a deal's (in the quote's currency), the subtotal,
+/// the tax on it (rounded half up) and the total, all in minor units. `products` holds the
+/// products the lines name.
+pub fn price_quote(q: &mut Quote, products: &HashMap<String, Product>, v: &mut Violations) {
+    q.currency_code = q.currency_code.trim().to_string();
+    if !is_currency(&q.currency_code) {
+        v.add("quote.currency_code", "must be an ISO 4217 code of three capital letters (default: the deal's)");
+    }
+    if !(0..=10_000).contains(&q.tax_rate_bps) {
+        v.add("quote.tax_rate_bps", "must be 0 to 10000 (hundredths of a percent)");
+    }
+    q.valid_until = q.valid_until.trim().to_string();
+    if !q.valid_until.is_empty() && parse_date(&q.valid_until).is_none() {
+        v.add("quote.valid_until", "must be a day as YYYY-MM-DD");
+    }
+    v.max_chars("quote.notes", &q.notes, MAX_TEXT);
+    if q.line_items.is_empty() {
+        v.add("quote.line_items", "needs at least one line");
+    }
+    let currency = q.currency_code.clone();
+    // Lines are priced only in a valid currency (one violation says it is not).
+    let subtotal = if is_currency(&currency) {
+        price_lines(&mut q.line_items, "quote.line_items", &currency, products, v)
+    } else {
+        None
+    };
+    let money = |n: i64| Some(Money { currency_code: currency.clone(), minor_units: n });
+    let subtotal = subtotal.unwrap_or(0);
+    let tax = line_total(1, subtotal, 0)
+        .map_or(0, |s| ((i128::from(s) * i128::from(q.tax_rate_bps.clamp(0, 10_000)) + 5_000) / 10_000) as i64);
+    let total = subtotal.checked_add(tax).filter(|t| *t <= MAX_AMOUNT);
+    if total.is_none() {
+        v.add("quote.line_items", format!("add up, with tax, to more than {MAX_AMOUNT} minor units"));
+    }
+    q.subtotal = money(subtotal);
+    q.tax = money(tax);
+    q.total = money(total.unwrap_or(0));
+}
+
+/// Checks a contract's own fields and fills its defaults (reminders 3 days ahead, UTC).
+pub fn normalize_contract(c: &mut Contract, v: &mut Violations) {
+    c.number = c.number.trim().to_string();
+    v.required("contract.number", &c.number);
+    v.max_chars("contract.number", &c.number, MAX_NAME);
+    let mut day = |field: &str, text: &mut String, required: bool| {
+        *text = text.trim().to_string();
+        if text.is_empty() {
+            if required {
+                v.add(field, "is required, a day as YYYY-MM-DD");
+            }
+            return None;
+        }
+        let day = parse_date(text);
+        if day.is_none() {
+            v.add(field, "must be a day as YYYY-MM-DD");
+        }
+        day
+    };
+    day("contract.signed_date", &mut c.signed_date, true);
+    let start = day("contract.start_date", &mut c.start_date, false);
+    let end = day("contract.end_date", &mut c.end_date, false);
+    if let (Some(start), Some(end)) = (start, end)
+        && end < start
+    {
+        v.add("contract.end_date", "must not come before the start date");
+    }
+    let value = c.value.clone().unwrap_or_default();
+    check_money(&value, "contract.value", v);
+    if value.minor_units <= 0 || value.minor_units > MAX_AMOUNT {
+        v.add("contract.value.minor_units", format!("must be more than 0 and at most {MAX_AMOUNT}"));
+    }
+    v.max_items("contract.instalments", &c.instalments, MAX_INSTALMENTS);
+    let mut previous = String::new();
+    let mut planned: i64 = 0;
+    for (i, instalment) in c.instalments.iter_mut().enumerate() {
+        let field = format!("contract.instalments[{i}]");
+        instalment.due_date = instalment.due_date.trim().to_string();
+        instalment.paid = None;
+        if parse_date(&instalment.due_date).is_none() {
+            v.add(format!("{field}.due_date"), "must be a day as YYYY-MM-DD");
+        } else if instalment.due_date < previous {
+            v.add(format!("{field}.due_date"), "must not come before the instalment before it");
+        }
+        previous = instalment.due_date.clone();
+        let amount = instalment.amount.clone().unwrap_or_default();
+        if amount.currency_code != value.currency_code {
+            v.add(format!("{field}.amount.currency_code"), "must be the contract's currency");
+        }
+        if amount.minor_units <= 0 {
+            v.add(format!("{field}.amount.minor_units"), "must be more than 0");
+        }
+        planned = planned.saturating_add(amount.minor_units.max(0));
+    }
+    if planned > value.minor_units {
+        v.add("contract.instalments", "add up to more than the contract's value");
+    }
+    match c.reminder_days {
+        None => c.reminder_days = Some(DEFAULT_REMINDER_DAYS),
+        Some(days) if !(0..=MAX_REMINDER_DAYS).contains(&days) => {
+            v.add("contract.reminder_days", format!("must be 0 to {MAX_REMINDER_DAYS}"))
+        }
+        Some(_) => {}
+    }
+    c.time_zone = c.time_zone.trim().to_string();
+    if crm_kit::time::zone(&c.time_zone).is_none() {
+        v.add("contract.time_zone", "must be an IANA time zone such as Europe/Berlin");
+    }
+    v.max_chars("contract.notes", &c.notes, MAX_TEXT);
+}
+
+/// Fills what a contract's money comes to on `today` (YYYY-MM-DD) from its value and what was
+/// received: each instalment's paid part (payments pay instalments in due order), what is
+/// outstanding, and what of the instalments due before today is unpaid.
+pub fn settle(c: &mut Contract, today: &str) {
+    let currency = c.value.as_ref().map(|m| m.currency_code.clone()).unwrap_or_default();
+    let value = c.value.as_ref().map_or(0, |m| m.minor_units);
+    let received = c.received.as_ref().map_or(0, |m| m.minor_units);
+    let money = |n: i64| Some(Money { currency_code: currency.clone(), minor_units: n });
+    let mut left = received;
+    let mut overdue = 0;
+    for instalment in &mut c.instalments {
+        let amount = instalment.amount.as_ref().map_or(0, |m| m.minor_units);
+        let paid = left.min(amount);
+        left -= paid;
+        instalment.paid = money(paid);
+        if instalment.due_date.as_str() < today {
+            overdue += amount - paid;
+        }
+    }
+    c.outstanding = money((value - received).max(0));
+    c.overdue = money(overdue);
+}
+
+/// A contract's reminders: for each instalment (numbered from 1), when its owner hears of it —
+/// 09:00 in the contract's time zone, `reminder_days` before its due date — and the due date.
+pub fn reminders(c: &Contract) -> Vec<(usize, i64, String)> {
+    let days = c.reminder_days.unwrap_or(DEFAULT_REMINDER_DAYS);
+    if days <= 0 {
+        return Vec::new();
+    }
+    let tz = crm_kit::time::zone(&c.time_zone).unwrap_or(chrono_tz::Tz::UTC);
+    let nine = chrono::NaiveTime::from_hms_opt(9, 0, 0).expect("09:00 is a time");
+    c.instalments
+        .iter()
+        .enumerate()
+        .filter_map(|(i, instalment)| {
+            let due = parse_date(&instalment.due_date)?;
+            let day = due.checked_sub_days(chrono::Days::new(days as u64))?;
+            Some((i + 1, crm_kit::time::local_instant(tz, day.and_time(nine)), instalment.due_date.clone()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -527,7 +706,6 @@ mod tests {
             [
                 "deal.line_items[0].unit_price.currency_code",
                 "deal.line_items[1].product_id",
-                "deal.line_items[1].name",
                 "deal.line_items[2].quantity",
                 "deal.line_items[3].quantity",
             ]

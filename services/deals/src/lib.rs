@@ -16,11 +16,16 @@
 //! - activity records logged on a deal (the tasks service's events, [`intake`]) restart its
 //!   rotting clock.
 //!
-//! Quotes, contracts, payments, targets, and messages and webhooks per stage come next.
+//! - versioned quotes on a deal, priced on the server, whose acceptance can price the deal; contracts
+//!   with a payment plan, payments received against it, balances, and reminders of instalments
+//!   coming due (leased jobs, [`jobs`]) (D5).
+//!
+//! Targets, and messages and webhooks per stage come next.
 
 pub mod api;
 pub mod domain;
 pub mod intake;
+pub mod jobs;
 pub mod reports;
 pub mod store;
 
@@ -29,6 +34,7 @@ use std::sync::Arc;
 use crm_kit::auth::{AUTH_ROLE, Grant, Permission, RemoteDirectory};
 use crm_kit::customers::RemoteCustomers;
 use crm_kit::db::Migrations;
+use crm_kit::jobs::{Runner, RunnerSettings};
 use crm_kit::role::{self, Calls, Context, Opened, RoleSpec, SERVICE_SECRET_ENV};
 use crm_proto::deals::v1::deals_service_server::{self, DealsServiceServer};
 
@@ -111,6 +117,10 @@ impl role::Service for Deals {
         }
         let consumer =
             ctx.events().consumer(SOURCE, &db, intake::CONSUMES, Arc::new(intake::Intake::new(store.clone())));
+        let runner = Runner::new(db.clone(), RunnerSettings::default()).handle(
+            store::contracts::INSTALMENT_REMINDER_JOB,
+            Arc::new(jobs::InstalmentReminderJob::new(store.clone())),
+        );
         let (scopes, organisation) = ctx.scopes()?;
         let api = DealsApi::new(
             store,
@@ -123,6 +133,7 @@ impl role::Service for Deals {
             .with_db(db)
             .job("event relay", move |shutdown| relay.run(shutdown))
             .job("event intake", move |shutdown| consumer.run(shutdown))
+            .job("instalment reminders", move |shutdown| runner.run(shutdown))
             .job("organisation changes", move |shutdown| organisation.run(shutdown)))
     }
 }

@@ -375,6 +375,11 @@ fn decimal(n: i64, digits: u32) -> String {
     format!("{sign}{}.{:0width$}", abs / scale, abs % scale, width = digits as usize)
 }
 
+/// An amount for people to read: minor units in major ones with the currency, "2500.00 EUR".
+pub fn money_text(minor_units: i64, currency: &str) -> String {
+    format!("{} {currency}", decimal(minor_units, minor_digits(currency)))
+}
+
 /// A cell as CSV shows it: money in major units, rates as percentages, durations in days.
 fn csv_value(column: &ReportColumn, cell: &ReportCell) -> String {
     match &cell.value {

@@ -152,6 +152,19 @@ pub const EVENTS: &[EventSpec] = &[
                     "recipient_id": "0190f5e2-0000-7000-8000-000000000002", "supervisor_of_id": "",
                     "owner_id": "0190f5e2-0000-7000-8000-000000000002"}"#,
     },
+    EventSpec {
+        name: "crm.deals.v1.InstalmentDue",
+        title: "An instalment of your contract is due soon and not paid yet",
+        recipients: &["owner_id"],
+        default_channels: &[Channel::InApp, Channel::Email],
+        mandatory_in_app: false,
+        skip_actor: false,
+        sample: r#"{"contract_id": "0190f5e2-7c4a-7d1e-9a53-3f1c2b4d5e74", "number": "2026-041",
+                    "deal_id": "0190f5e2-7c4a-7d1e-9a53-3f1c2b4d5e73", "owner_id": "0190f5e2-0000-7000-8000-000000000002",
+                    "due_date": "2026-12-15", "amount_due": {"currency_code": "EUR", "minor_units": "250000"},
+                    "amount_due_text": "2500.00 EUR",
+                    "company_id": "", "person_id": ""}"#,
+    },
 ];
 
 /// The shipped event type `name`.

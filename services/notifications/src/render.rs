@@ -648,6 +648,70 @@ pub const SHIPPED: &[(&str, Channel, &str, &str, &str)] = &[
         "",
         "CRM：「{{ event.title }}」进入「{{ event.stage_name }}」。{{ event.message }}",
     ),
+    // An instalment of a contract coming due.
+    (
+        "crm.deals.v1.InstalmentDue",
+        Channel::InApp,
+        "en",
+        "Instalment due {{ event.due_date }}: contract {{ event.number }}",
+        "{{ event.amount_due_text }} is still to be paid on contract {{ event.number }} by {{ event.due_date }}.",
+    ),
+    (
+        "crm.deals.v1.InstalmentDue",
+        Channel::InApp,
+        "ru",
+        "Платёж до {{ event.due_date }}: договор {{ event.number }}",
+        "По договору {{ event.number }} к {{ event.due_date }} ещё не оплачено {{ event.amount_due_text }}.",
+    ),
+    (
+        "crm.deals.v1.InstalmentDue",
+        Channel::InApp,
+        "zh",
+        "合同 {{ event.number }} 的款项将于 {{ event.due_date }} 到期",
+        "合同 {{ event.number }} 在 {{ event.due_date }} 前仍有 {{ event.amount_due_text }}未回款。",
+    ),
+    (
+        "crm.deals.v1.InstalmentDue",
+        Channel::Email,
+        "en",
+        "Contract {{ event.number }}: an instalment is due on {{ event.due_date }}",
+        "Hello {{ recipient.display_name }},\n\nan instalment of contract {{ event.number }} is due on {{ event.due_date }} and {{ event.amount_due_text }} of it is not paid yet.\n\nContract id: {{ event.contract_id }}\n",
+    ),
+    (
+        "crm.deals.v1.InstalmentDue",
+        Channel::Email,
+        "ru",
+        "Договор {{ event.number }}: платёж до {{ event.due_date }}",
+        "Здравствуйте, {{ recipient.display_name }}!\n\nПо договору {{ event.number }} платёж со сроком {{ event.due_date }} оплачен не полностью: осталось {{ event.amount_due_text }}.\n\nИдентификатор договора: {{ event.contract_id }}\n",
+    ),
+    (
+        "crm.deals.v1.InstalmentDue",
+        Channel::Email,
+        "zh",
+        "合同 {{ event.number }}：{{ event.due_date }} 到期的款项",
+        "{{ recipient.display_name }}，您好：\n\n合同 {{ event.number }} 有一笔款项将于 {{ event.due_date }} 到期，尚有 {{ event.amount_due_text }}未回款。\n\n合同编号：{{ event.contract_id }}\n",
+    ),
+    (
+        "crm.deals.v1.InstalmentDue",
+        Channel::Sms,
+        "en",
+        "",
+        "CRM: contract {{ event.number }}, {{ event.amount_due_text }} due {{ event.due_date }}.",
+    ),
+    (
+        "crm.deals.v1.InstalmentDue",
+        Channel::Sms,
+        "ru",
+        "",
+        "CRM: договор {{ event.number }}, к оплате {{ event.amount_due_text }} до {{ event.due_date }}.",
+    ),
+    (
+        "crm.deals.v1.InstalmentDue",
+        Channel::Sms,
+        "zh",
+        "",
+        "CRM：合同 {{ event.number }} 于 {{ event.due_date }} 到期，待回款 {{ event.amount_due_text }}。",
+    ),
 ];
 
 /// The sample context of an event type on a channel: for previews, and to check a template

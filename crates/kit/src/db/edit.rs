@@ -134,6 +134,12 @@ impl Edit {
         Ok(())
     }
 
+    /// The edit's transaction, its change written, for a change of another row that commits
+    /// with it (the other row's own [`Edit`] takes it on).
+    pub fn into_tx(self) -> Tx {
+        self.tx
+    }
+
     /// Ends the edit without writing anything (nothing changed).
     pub async fn abandon(self) -> Result<(), ApiError> {
         self.tx.rollback().await?;

@@ -476,6 +476,22 @@ impl Store {
         change: impl FnOnce(&mut Deal) -> Result<(), ApiError>,
     ) -> Result<Deal, ApiError> {
         let tx = self.db.begin_write().await?;
+        self.edit_deal_in(tx, id, etag, actor, scope, move_to, change).await
+    }
+
+    /// [`Store::edit_deal`] in `tx`, which holds another change that commits with it (accepting
+    /// a quote).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn edit_deal_in(
+        &self,
+        tx: Tx,
+        id: &str,
+        etag: &str,
+        actor: &str,
+        scope: &OwnerScope,
+        move_to: Option<&Target>,
+        change: impl FnOnce(&mut Deal) -> Result<(), ApiError>,
+    ) -> Result<Deal, ApiError> {
         let (mut edit, row) = Edit::lock(&self.db, tx, "deals", "deal", id, self.select_deal(id, scope)).await?;
         edit.require_etag(etag)?;
         let old = decode(&row)?;
@@ -519,7 +535,8 @@ impl Store {
             deal.probability = stage.map(|t| t.stage.probability).or(old.probability);
         }
         if deal == old && moved.is_none() {
-            edit.abandon().await?;
+            // Nothing of the deal changes; what else the transaction holds commits.
+            edit.commit().await?;
             return Ok(old);
         }
         let (currency, amount) = money(&deal);

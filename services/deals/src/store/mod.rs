@@ -5,11 +5,15 @@
 //!   pipeline's row lock;
 //! - [`products`]: the catalogue;
 //! - [`deals`]: deals, their stage history and the board's totals;
+//! - [`quotes`]: a deal's versioned quotes;
+//! - [`contracts`]: contracts, their payment plans, payments and balances;
 //! - [`reports`]: the aggregates of the reports.
 
+pub mod contracts;
 pub mod deals;
 pub mod pipelines;
 pub mod products;
+pub mod quotes;
 pub mod reports;
 
 use crm_kit::db::{Db, Migrations};
@@ -22,6 +26,9 @@ pub fn migrations() -> Migrations {
 /// Record types of idempotent creation.
 pub(crate) const CREATED_PRODUCT: i64 = 1;
 pub(crate) const CREATED_DEAL: i64 = 2;
+pub(crate) const CREATED_QUOTE: i64 = 3;
+pub(crate) const CREATED_CONTRACT: i64 = 4;
+pub(crate) const CREATED_PAYMENT: i64 = 5;
 
 #[derive(Clone, Debug)]
 pub struct Store {
