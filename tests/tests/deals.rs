@@ -397,8 +397,26 @@ async fn deals_move_through_the_funnel() {
         std::slice::from_ref(&alice_row),
         "East is Alice and the lead"
     );
-    assert_eq!(leaderboard(lead_token, "").await, std::slice::from_ref(&alice_row), "the lead sees East's");
+    assert_eq!(leaderboard(lead_token.clone(), "").await, std::slice::from_ref(&alice_row), "the lead sees East's");
     assert_eq!(leaderboard(bob.clone(), "").await, [bob_row], "Bob sees his own");
+    // D7: East's target for the month, set by the administrator, is the lead's to see, with
+    // Alice's win counted; Bob does not see it.
+    let target = Target {
+        department_id: east.id.clone(),
+        period: chrono::Utc::now().format("%Y-%m").to_string(),
+        metric: TargetMetric::WonValue as i32,
+        amount: Some(Money { currency_code: "EUR".into(), minor_units: 37_982 }),
+        ..Default::default()
+    };
+    deals_as(gw, &admin).await.set_target(SetTargetRequest { target: Some(target) }).await.unwrap();
+    let seen = deals_as(gw, &lead_token).await.list_targets(ListTargetsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(seen.targets.len(), 1);
+    assert_eq!(
+        (seen.targets[0].achieved.as_ref().unwrap().minor_units, seen.targets[0].attainment_bps),
+        (18_991, 5_000)
+    );
+    let bobs = deals_as(gw, &bob).await.list_targets(ListTargetsRequest::default()).await.unwrap().into_inner();
+    assert!(bobs.targets.is_empty());
     let csv = deals_as(gw, &alice)
         .await
         .export_report(RunReportRequest { kind: ReportKind::WonBySource as i32, ..Default::default() })

@@ -23,6 +23,7 @@ use crate::store::products::{self, ProductQuery};
 use crate::store::reports::{ClosedBy, Coverage};
 
 mod paperwork;
+mod targets;
 
 const PIPELINE_MASK: crm_kit::mask::Mask<Pipeline> = crm_kit::mask!(Pipeline { name, department_id });
 const STAGE_MASK: crm_kit::mask::Mask<Stage> =
@@ -736,6 +737,33 @@ impl DealsService for DealsApi {
         let result = async {
             let caller = self.deal_caller(&request, READ.name).await?;
             self.balances(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn set_target(&self, request: Request<SetTargetRequest>) -> Result<Response<Target>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, WRITE.name).await?;
+            self.set_target(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn list_targets(
+        &self,
+        request: Request<ListTargetsRequest>,
+    ) -> Result<Response<ListTargetsResponse>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, READ.name).await?;
+            self.list_targets(caller, request.into_inner()).await
+        };
+        respond(result.await)
+    }
+
+    async fn delete_target(&self, request: Request<DeleteTargetRequest>) -> Result<Response<()>, Status> {
+        let result = async {
+            let caller = self.deal_caller(&request, WRITE.name).await?;
+            self.delete_target(caller, request.into_inner()).await
         };
         respond(result.await)
     }

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 
 use crm_kit::Violations;
 use crm_proto::deals::v1::{
-    Contract, Deal, DealStatus, LineItem, Money, Pipeline, Product, Quote, Stage, StageKind, automation,
+    Contract, Deal, DealStatus, LineItem, Money, Pipeline, Product, Quote, Stage, StageKind, Target, TargetMetric,
+    automation,
 };
 
 pub const MAX_NAME: usize = 100;
@@ -612,6 +613,68 @@ pub fn reminders(c: &Contract) -> Vec<(usize, i64, String)> {
         .collect()
 }
 
+/// A target's period, "2026-12" (a month) or "2026-Q4" (a quarter), as its first and last day.
+pub fn target_period(period: &str) -> Option<(chrono::NaiveDate, chrono::NaiveDate)> {
+    let (year, part) = period.split_once('-')?;
+    if year.len() != 4 {
+        return None;
+    }
+    let year: i32 = year.parse().ok()?;
+    let (first_month, months) = match part.strip_prefix('Q') {
+        Some(q) if q.len() == 1 => {
+            let q: u32 = q.parse().ok().filter(|q| (1..=4).contains(q))?;
+            (3 * q - 2, 3)
+        }
+        Some(_) => return None,
+        None if part.len() == 2 => (part.parse().ok().filter(|m| (1..=12).contains(m))?, 1),
+        None => return None,
+    };
+    let start = chrono::NaiveDate::from_ymd_opt(year, first_month, 1)?;
+    let end = start.checked_add_months(chrono::Months::new(months))?.pred_opt()?;
+    Some((start, end))
+}
+
+/// Checks a target: a user or a department (one of the two), a period, a metric, a goal of more
+/// than 0 in a currency, a time zone.
+pub fn normalize_target(t: &mut Target, v: &mut Violations) {
+    t.user_id = t.user_id.trim().to_string();
+    t.department_id = t.department_id.trim().to_string();
+    match (t.user_id.is_empty(), t.department_id.is_empty()) {
+        (true, true) | (false, false) => v.add("target.user_id", "set exactly one of user_id and department_id"),
+        (false, true) => {
+            v.uuid("target.user_id", &t.user_id);
+        }
+        (true, false) => {
+            v.uuid("target.department_id", &t.department_id);
+        }
+    }
+    t.period = t.period.trim().to_string();
+    if target_period(&t.period).is_none() {
+        v.add("target.period", "must be a month (2026-12) or a quarter (2026-Q4)");
+    }
+    if !matches!(TargetMetric::try_from(t.metric), Ok(TargetMetric::WonValue | TargetMetric::PaymentsReceived)) {
+        v.add("target.metric", "must be TARGET_METRIC_WON_VALUE or TARGET_METRIC_PAYMENTS_RECEIVED");
+    }
+    let amount = t.amount.clone().unwrap_or_default();
+    check_money(&amount, "target.amount", v);
+    if amount.minor_units <= 0 || amount.minor_units > MAX_AMOUNT {
+        v.add("target.amount.minor_units", format!("must be more than 0 and at most {MAX_AMOUNT}"));
+    }
+    t.time_zone = t.time_zone.trim().to_string();
+    if crm_kit::time::zone(&t.time_zone).is_none() {
+        v.add("target.time_zone", "must be an IANA time zone such as Europe/Berlin");
+    }
+}
+
+/// `achieved` of `goal` in hundredths of a percent, rounded half up (at most i32::MAX).
+pub fn attainment_bps(achieved: i64, goal: i64) -> i32 {
+    if goal <= 0 {
+        return 0;
+    }
+    let bps = (i128::from(achieved) * 10_000 + i128::from(goal) / 2) / i128::from(goal);
+    i32::try_from(bps).unwrap_or(i32::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -732,5 +795,19 @@ mod tests {
             ["product.prices[1].currency_code", "product.prices[2].minor_units", "product.prices[2].currency_code"]
         );
         assert_eq!(p.name, "Widget");
+    }
+
+    #[test]
+    fn target_periods_are_months_and_quarters() {
+        let day = |t: &str| parse_date(t).unwrap();
+        assert_eq!(target_period("2028-02"), Some((day("2028-02-01"), day("2028-02-29"))));
+        assert_eq!(target_period("2026-Q4"), Some((day("2026-10-01"), day("2026-12-31"))));
+        assert_eq!(target_period("2026-Q1"), Some((day("2026-01-01"), day("2026-03-31"))));
+        for wrong in ["2026-13", "2026-Q0", "2026-Q5", "2026-1", "26-01", "2026", "2026-Q12", ""] {
+            assert_eq!(target_period(wrong), None, "{wrong}");
+        }
+        assert_eq!(attainment_bps(7_500, 10_000), 7_500);
+        assert_eq!(attainment_bps(2, 3), 6_667);
+        assert_eq!(attainment_bps(1, 0), 0);
     }
 }

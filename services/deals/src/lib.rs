@@ -20,7 +20,10 @@
 //!   with a payment plan, payments received against it, balances, and reminders of instalments
 //!   coming due (leased jobs, [`jobs`]) (D5).
 //!
-//! Targets, and messages and webhooks per stage come next.
+//! - targets per user or department, month or quarter, of won value or payments received, with
+//!   their attainment (D7).
+//!
+//! Messages to the client and webhooks per stage (D4) come next.
 
 pub mod api;
 pub mod domain;

@@ -7,6 +7,7 @@
 //! - [`deals`]: deals, their stage history and the board's totals;
 //! - [`quotes`]: a deal's versioned quotes;
 //! - [`contracts`]: contracts, their payment plans, payments and balances;
+//! - [`targets`]: targets and what was achieved against them;
 //! - [`reports`]: the aggregates of the reports.
 
 pub mod contracts;
@@ -15,6 +16,7 @@ pub mod pipelines;
 pub mod products;
 pub mod quotes;
 pub mod reports;
+pub mod targets;
 
 use crm_kit::db::{Db, Migrations};
 use crm_kit::events::Outbox;

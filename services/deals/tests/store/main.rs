@@ -1350,6 +1350,112 @@ async fn quotes_contracts_and_payments(env: Env) {
     );
 }
 
+/// D7: targets per user and per department, month or quarter, of won value or of payments
+/// received; attainment from the database; seen by the user, by those whose scope covers them,
+/// and (a department's) by its people; set by those who may.
+async fn targets_measure_attainment(env: Env) {
+    let sales = sales(&env).await;
+    let won = stage_id(&sales, "Order received");
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let quarter = {
+        use chrono::Datelike;
+        let now = chrono::Utc::now();
+        format!("{}-Q{}", now.year(), now.month0() / 3 + 1)
+    };
+    for (title, owner, amount) in [("A1", ALICE, 6_000), ("A2", ALICE, 1_500), ("B1", BOB, 9_000)] {
+        let deal =
+            create_deal(&env, owner, Deal { title: title.into(), amount: money("EUR", amount), ..Default::default() })
+                .await
+                .unwrap();
+        move_deal(&env, owner, &deal.id, &won, "").await.unwrap();
+    }
+    let set = |user: &str, target: Target| env.api.set_target(as_user(user, SetTargetRequest { target: Some(target) }));
+    let goal = |user_id: &str, department_id: &str, period: &str, metric: TargetMetric, amount: i64| Target {
+        user_id: user_id.into(),
+        department_id: department_id.into(),
+        period: period.into(),
+        metric: metric as i32,
+        amount: money("EUR", amount),
+        ..Default::default()
+    };
+    // The head sets Alice's month: 7,500 of 10,000 won.
+    let alices = set(HEAD, goal(ALICE, "", &month, TargetMetric::WonValue, 10_000)).await.unwrap().into_inner();
+    assert_eq!((alices.achieved.clone(), alices.attainment_bps), (money("EUR", 7_500), 7_500));
+    // Setting it again replaces the goal.
+    let raised = set(HEAD, goal(ALICE, "", &month, TargetMetric::WonValue, 5_000)).await.unwrap().into_inner();
+    assert_eq!((raised.id.clone(), raised.attainment_bps), (alices.id.clone(), 15_000));
+    // Alice may not set Bob's (outside her scope); a department's needs deals.admin.
+    assert_eq!(
+        set(ALICE, goal(BOB, "", &month, TargetMetric::WonValue, 1)).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        set(HEAD, goal("", TEAM, &quarter, TargetMetric::WonValue, 1)).await.unwrap_err().code(),
+        Code::PermissionDenied
+    );
+    let team = set(ADMIN, goal("", TEAM, &quarter, TargetMetric::WonValue, 30_000)).await.unwrap().into_inner();
+    assert_eq!((team.achieved.clone(), team.attainment_bps), (money("EUR", 7_500), 2_500), "the team is Alice");
+    // Payments received: a contract on Alice's deal, half paid.
+    let deal =
+        create_deal(&env, ALICE, Deal { title: "Paid".into(), amount: money("EUR", 4_000), ..Default::default() })
+            .await
+            .unwrap();
+    let contract = Contract {
+        deal_id: deal.id.clone(),
+        number: "T-1".into(),
+        signed_date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        value: money("EUR", 4_000),
+        ..Default::default()
+    };
+    let contract = env
+        .api
+        .create_contract(as_user(ALICE, CreateContractRequest { contract: Some(contract), request_id: String::new() }))
+        .await
+        .unwrap()
+        .into_inner();
+    let payment = Payment { contract_id: contract.id.clone(), amount: money("EUR", 2_000), ..Default::default() };
+    env.api
+        .record_payment(as_user(ALICE, RecordPaymentRequest { payment: Some(payment), request_id: String::new() }))
+        .await
+        .unwrap();
+    let cash = set(HEAD, goal(ALICE, "", &month, TargetMetric::PaymentsReceived, 8_000)).await.unwrap().into_inner();
+    assert_eq!((cash.achieved.clone(), cash.attainment_bps), (money("EUR", 2_000), 2_500));
+    // Who sees what.
+    let list = |user: &str| env.api.list_targets(as_user(user, ListTargetsRequest::default()));
+    let ids = |targets: Vec<Target>| targets.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    let mut everything = vec![alices.id.clone(), cash.id.clone(), team.id.clone()];
+    everything.sort();
+    let mut seen = ids(list(ALICE).await.unwrap().into_inner().targets);
+    seen.sort();
+    assert_eq!(seen, everything, "Alice sees hers and her department's");
+    let mut seen = ids(list(HEAD).await.unwrap().into_inner().targets);
+    seen.sort();
+    assert_eq!(seen, everything, "the head sees Alice's and the team's (all its people are in scope)");
+    assert!(list(BOB).await.unwrap().into_inner().targets.is_empty(), "Bob sees none of them");
+    assert!(list(CAROL).await.unwrap().into_inner().targets.is_empty());
+    let only_team = env
+        .api
+        .list_targets(as_user(ADMIN, ListTargetsRequest { department_id: TEAM.into(), ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(only_team.targets), std::slice::from_ref(&team.id));
+    // Bad input.
+    let bad = |t: Target| async { violations(&set(ADMIN, t).await.unwrap_err()) };
+    assert_eq!(bad(goal(ALICE, TEAM, &month, TargetMetric::WonValue, 1)).await, ["target.user_id"]);
+    assert_eq!(bad(goal(ALICE, "", "2026-13", TargetMetric::WonValue, 1)).await, ["target.period"]);
+    assert_eq!(
+        bad(goal(ALICE, "", "2026-Q5", TargetMetric::Unspecified, 0)).await,
+        ["target.period", "target.metric", "target.amount.minor_units"]
+    );
+    assert_eq!(bad(goal("", ANNA, &month, TargetMetric::WonValue, 1)).await, ["target.department_id"]);
+    // Deleting: Bob may not (he does not see it), the head may.
+    let delete = |user: &str, id: &str| env.api.delete_target(as_user(user, DeleteTargetRequest { id: id.into() }));
+    assert_eq!(delete(BOB, &alices.id).await.unwrap_err().code(), Code::NotFound);
+    delete(HEAD, &alices.id).await.unwrap();
+    assert_eq!(list(ALICE).await.unwrap().into_inner().targets.len(), 2);
+}
+
 crm_kit::both_backends!(env =>
     pipelines_are_data,
     products_form_a_catalogue,
@@ -1360,4 +1466,5 @@ crm_kit::both_backends!(env =>
     automations_travel_with_the_entry,
     reports_add_up_what_the_caller_may_see,
     quotes_contracts_and_payments,
+    targets_measure_attainment,
 );
