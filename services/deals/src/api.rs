@@ -92,6 +92,24 @@ impl DealsApi {
             .await
     }
 
+    /// A pipeline of a department is for its people's deals: INVALID_ARGUMENT on
+    /// `deal.owner_id` when the pipeline `pipeline_id` belongs to a department (or one above
+    /// theirs) that `owner_id` is not in.
+    async fn check_pipeline_owner(&self, pipeline_id: &str, owner_id: &str) -> Result<(), ApiError> {
+        let pipeline = self.store.get_pipeline(pipeline_id).await?;
+        if pipeline.department_id.is_empty() {
+            return Ok(());
+        }
+        let members = self.users.department_members(&pipeline.department_id).await?;
+        if members.iter().any(|m| m == owner_id) {
+            return Ok(());
+        }
+        Err(ApiError::invalid(
+            "deal.owner_id",
+            format!("is not in the department the pipeline {:?} belongs to", pipeline.name),
+        ))
+    }
+
     /// Checks a deal's company and person with contacts (one call, as the caller); the source
     /// they came from (the person's, else the company's).
     async fn check_customers(&self, caller: &Caller, company_id: &str, person_id: &str) -> Result<String, ApiError> {
@@ -202,6 +220,7 @@ impl DealsApi {
             deal.owner_id = caller.principal.subject.clone();
         }
         self.check_owner(&caller, &deal.owner_id).await?;
+        self.check_pipeline_owner(&target.pipeline_id, &deal.owner_id).await?;
         deal.source = self.check_customers(&caller, &deal.company_id, &deal.person_id).await?;
         let me = caller.principal.subject.clone();
         self.store.create_deal(deal, &target, &me, r.request_id.trim(), &caller.scope).await
@@ -236,6 +255,7 @@ impl DealsApi {
                 return Err(ApiError::invalid("deal.owner_id", "is required: a deal always has an owner"));
             }
             self.check_owner(&caller, &next.owner_id).await?;
+            self.check_pipeline_owner(&current.pipeline_id, &next.owner_id).await?;
         }
         if (touches("company_id") || touches("person_id"))
             && (next.company_id != current.company_id || next.person_id != current.person_id)

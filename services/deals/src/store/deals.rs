@@ -143,7 +143,7 @@ fn money(d: &Deal) -> (&str, i64) {
     d.amount.as_ref().map_or(("", 0), |m| (m.currency_code.as_str(), m.minor_units))
 }
 
-/// One row of `stage_totals` changing by a deal coming (`sign` 1) or going (-1).
+/// The key of a `stage_totals` row: stage, owner, currency.
 type TotalKey = (String, String, String);
 
 /// What `old` becoming `new` (either absent: created, deleted) changes in `stage_totals`, by

@@ -338,6 +338,11 @@ impl Store {
         let mut deals = Sql::new("SELECT id FROM deals WHERE pipeline_id = ");
         deals.bind(id);
         edit.refuse_if_referenced(deals, || format!("pipeline {id} has deals; move or delete them first")).await?;
+        // Its board totals (zero rows left by deals that were in it) go with its stages.
+        let mut sql =
+            Sql::new("DELETE FROM stage_totals WHERE stage_id IN (SELECT id FROM stages WHERE pipeline_id = ");
+        sql.bind(id).push(")");
+        sql.query().execute(&mut **edit.tx()).await?;
         let mut sql = Sql::new("DELETE FROM stages WHERE pipeline_id = ");
         sql.bind(id);
         sql.query().execute(&mut **edit.tx()).await?;

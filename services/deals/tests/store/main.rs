@@ -1456,6 +1456,53 @@ async fn targets_measure_attainment(env: Env) {
     assert_eq!(list(ALICE).await.unwrap().into_inner().targets.len(), 2);
 }
 
+/// A department's pipeline holds its people's deals: a deal there must be owned by one of them.
+async fn department_pipelines_hold_their_peoples_deals(env: Env) {
+    let pipeline = Pipeline {
+        name: "Team".into(),
+        department_id: TEAM.into(),
+        stages: vec![
+            stage("Open", 20, StageKind::Open),
+            stage("Won", 0, StageKind::Won),
+            stage("Lost", 0, StageKind::Lost),
+        ],
+        ..Default::default()
+    };
+    let team = env
+        .api
+        .create_pipeline(as_user(ADMIN, CreatePipelineRequest { pipeline: Some(pipeline) }))
+        .await
+        .unwrap()
+        .into_inner();
+    let deal = |owner: &str| Deal {
+        title: "Team deal".into(),
+        pipeline_id: team.id.clone(),
+        owner_id: owner.into(),
+        ..Default::default()
+    };
+    let alices = create_deal(&env, ALICE, deal(ALICE)).await.unwrap();
+    assert_eq!(alices.pipeline_id, team.id);
+    assert_eq!(
+        violations(&create_deal(&env, HEAD, deal(BOB)).await.unwrap_err()),
+        ["deal.owner_id"],
+        "Bob is not in the team"
+    );
+    let hand_over = UpdateDealRequest {
+        deal: Some(Deal { id: alices.id.clone(), owner_id: BOB.into(), ..Default::default() }),
+        update_mask: mask(&["owner_id"]),
+    };
+    assert_eq!(violations(&env.api.update_deal(as_user(HEAD, hand_over)).await.unwrap_err()), ["deal.owner_id"]);
+    // The shared pipeline takes anyone's.
+    create_deal(&env, HEAD, Deal { title: "Shared".into(), owner_id: BOB.into(), ..Default::default() }).await.unwrap();
+    let listed = env
+        .api
+        .list_pipelines(as_user(ALICE, ListPipelinesRequest { department_id: TEAM.into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.pipelines.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), ["Sales", "Team"]);
+}
+
 crm_kit::both_backends!(env =>
     pipelines_are_data,
     products_form_a_catalogue,
@@ -1467,4 +1514,5 @@ crm_kit::both_backends!(env =>
     reports_add_up_what_the_caller_may_see,
     quotes_contracts_and_payments,
     targets_measure_attainment,
+    department_pipelines_hold_their_peoples_deals,
 );
