@@ -428,3 +428,102 @@ async fn deals_move_through_the_funnel() {
         "Source,Won,Share,Won value (EUR)\r\nweb_form,1,100.00,189.91\r\n"
     );
 }
+
+/// D4 through events: entering "Proposal sent" e-mails the deal's contact person (never one
+/// marked do-not-contact) from notifications, and posts the entry to a webhook the stage names —
+/// each once per entry, through the real SMTP server and a real HTTP receiver that verifies
+/// the signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stages_message_clients_and_call_webhooks() {
+    let mail = Sink::smtp().await;
+    let receiver = Sink::http().await;
+    let mut flags = mail.smtp_flags();
+    flags.extend(["--webhooks-allow-networks", "127.0.0.0/8"].map(String::from));
+    let cluster =
+        Cluster::start(ClusterConfig { flags: vec![("notifications", flags)], ..ClusterConfig::default() }).await;
+    let gw = cluster.gateway;
+    let admin = admin_token(gw).await;
+    let (_, alice) = salesperson(gw, &admin, "alice@example.com").await;
+    use crm_proto::notifications::v1::{CreateWebhookRequest, Webhook};
+    let hook = Webhook {
+        url: receiver.url("/hooks/deals"),
+        event_types: vec!["crm.deals.v1.DealWon".into()],
+        ..Default::default()
+    };
+    let created = notifications_as(gw, &admin)
+        .await
+        .create_webhook(CreateWebhookRequest { webhook: Some(hook) })
+        .await
+        .expect("the administrator adds a webhook")
+        .into_inner();
+    receiver.control(serde_json::json!({"secret": created.secret}));
+    let webhook_id = created.webhook.unwrap().id;
+
+    let pipelines =
+        deals_as(gw, &alice).await.list_pipelines(ListPipelinesRequest::default()).await.unwrap().into_inner();
+    let sales = pipelines.pipelines.into_iter().find(|p| p.name == "Sales").expect("the starting pipeline");
+    let proposal = sales.stages.iter().find(|s| s.name == "Proposal sent").unwrap().id.clone();
+    let automations = vec![
+        Automation {
+            action: Some(automation::Action::MessageClient(ClientMessageAutomation {
+                channel: MessageChannel::Email as i32,
+                subject: "Our offer: {deal}".into(),
+                body: "Dear {name}, our offer for {deal} is on its way.".into(),
+            })),
+        },
+        Automation { action: Some(automation::Action::CallWebhook(WebhookAutomation { webhook_id })) },
+    ];
+    let update = UpdateStageRequest {
+        pipeline_id: sales.id.clone(),
+        stage: Some(Stage { id: proposal.clone(), automations, ..Default::default() }),
+        update_mask: Some(prost_types::FieldMask { paths: vec!["automations".into()] }),
+        etag: String::new(),
+    };
+    deals_as(gw, &admin).await.update_stage(update).await.expect("the administrator sets the automations");
+
+    let mut people = contacts_as(gw, &alice).await;
+    let mut deals = deals_as(gw, &alice).await;
+    for (name, email, do_not_contact) in
+        [("Anna Petrova", "anna@example.org", false), ("Boris Orlov", "boris@example.org", true)]
+    {
+        let person = Person {
+            full_name: name.into(),
+            emails: vec![crm_proto::contacts::v1::Email { address: email.into(), ..Default::default() }],
+            do_not_contact,
+            do_not_contact_reason: if do_not_contact { "asked not to be contacted".into() } else { String::new() },
+            ..Default::default()
+        };
+        let person = people
+            .create_person(CreatePersonRequest { person: Some(person), request_id: String::new() })
+            .await
+            .unwrap()
+            .into_inner();
+        let deal = Deal { title: format!("Widgets for {name}"), person_id: person.id, ..Default::default() };
+        let deal = deals
+            .create_deal(CreateDealRequest { deal: Some(deal), request_id: String::new() })
+            .await
+            .unwrap()
+            .into_inner();
+        deals
+            .move_deal(MoveDealRequest { id: deal.id, stage_id: proposal.clone(), ..Default::default() })
+            .await
+            .unwrap();
+    }
+    // One e-mail (Anna's), two posts (both entries); nothing more arrives.
+    mail.wait_for(1, std::time::Duration::from_secs(60)).await;
+    receiver.wait_for(2, std::time::Duration::from_secs(60)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let mails = mail.messages();
+    assert_eq!(mails.len(), 1, "Boris is marked do-not-contact: {mails:#?}");
+    assert_eq!(mails[0]["subject"], "Our offer: Widgets for Anna Petrova");
+    assert!(mails[0]["body"].as_str().unwrap().contains("Dear Anna Petrova, our offer for Widgets for Anna Petrova"));
+    assert!(mails[0]["to"].as_str().unwrap().contains("anna@example.org"), "{}", mails[0]);
+    let posts = receiver.messages();
+    assert_eq!(posts.len(), 2, "{posts:#?}");
+    for post in &posts {
+        assert_eq!(post["verified"], true, "{post}");
+        let body: serde_json::Value = serde_json::from_str(post["body"].as_str().unwrap()).unwrap();
+        assert_eq!(body["type"], "crm.deals.v1.DealStageChanged");
+        assert_eq!(body["data"]["to_stage_name"], "Proposal sent");
+    }
+}

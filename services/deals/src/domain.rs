@@ -4,8 +4,8 @@ use std::collections::HashMap;
 
 use crm_kit::Violations;
 use crm_proto::deals::v1::{
-    Contract, Deal, DealStatus, LineItem, Money, Pipeline, Product, Quote, Stage, StageKind, Target, TargetMetric,
-    automation,
+    Contract, Deal, DealStatus, LineItem, MessageChannel, Money, Pipeline, Product, Quote, Stage, StageKind, Target,
+    TargetMetric, automation,
 };
 
 pub const MAX_NAME: usize = 100;
@@ -97,7 +97,30 @@ pub fn normalize_stage(stage: &mut Stage, field: &str, v: &mut Violations) {
     for (i, automation) in stage.automations.iter_mut().enumerate() {
         let at = format!("{field}.automations[{i}]");
         match &mut automation.action {
-            None => v.add(at, "needs an action: create_task or notify"),
+            None => v.add(at, "needs an action: create_task, notify, message_client or call_webhook"),
+            Some(automation::Action::MessageClient(message)) => {
+                message.subject = message.subject.trim().to_string();
+                message.body = message.body.trim().to_string();
+                let sms = message.channel == MessageChannel::Sms as i32;
+                if MessageChannel::try_from(message.channel).is_err() {
+                    v.add(
+                        format!("{at}.message_client.channel"),
+                        "must be MESSAGE_CHANNEL_EMAIL or MESSAGE_CHANNEL_SMS",
+                    );
+                }
+                if sms && !message.subject.is_empty() {
+                    v.add(format!("{at}.message_client.subject"), "must be empty: a text message has only its body");
+                } else if !sms {
+                    v.required(&format!("{at}.message_client.subject"), &message.subject);
+                }
+                v.max_chars(&format!("{at}.message_client.subject"), &message.subject, MAX_PRODUCT_NAME);
+                v.required(&format!("{at}.message_client.body"), &message.body);
+                v.max_chars(&format!("{at}.message_client.body"), &message.body, MAX_TEXT);
+            }
+            Some(automation::Action::CallWebhook(hook)) => {
+                hook.webhook_id = hook.webhook_id.trim().to_string();
+                v.uuid(&format!("{at}.call_webhook.webhook_id"), &hook.webhook_id);
+            }
             Some(automation::Action::CreateTask(task)) => {
                 task.title = task.title.trim().to_string();
                 v.required(&format!("{at}.create_task.title"), &task.title);
@@ -147,7 +170,11 @@ pub fn filled(
                 task.description = fill(&task.description, deal, stage);
             }
             Some(automation::Action::Notify(notify)) => notify.message = fill(&notify.message, deal, stage),
-            None => {}
+            Some(automation::Action::MessageClient(message)) => {
+                message.subject = fill(&message.subject, deal, stage);
+                message.body = fill(&message.body, deal, stage);
+            }
+            Some(automation::Action::CallWebhook(_)) | None => {}
         }
     }
     out

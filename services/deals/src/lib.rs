@@ -9,7 +9,8 @@
 //! - the board: per stage the count, sum and weighted sum per currency over every matching deal,
 //!   kept per stage, owner and currency in the transaction of each change;
 //! - stage automations (D4) as data carried by the entry's event (tasks makes the task,
-//!   notifications tells the people), and required fields;
+//!   notifications tells the people, messages the client, posts to a webhook), and required
+//!   fields;
 //! - the product catalogue (D6);
 //! - reports (D8) computed by the database ([`store::reports`]) and laid out as tables or CSV
 //!   ([`reports`]);
@@ -22,8 +23,6 @@
 //!
 //! - targets per user or department, month or quarter, of won value or payments received, with
 //!   their attainment (D7).
-//!
-//! Messages to the client and webhooks per stage (D4) come next.
 
 pub mod api;
 pub mod domain;

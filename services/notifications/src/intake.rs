@@ -5,14 +5,20 @@
 //! else the event type's default; in-app when mandatory), puts the notification into their
 //! inbox and creates a delivery per outside channel — all in the consumer's transaction, so a
 //! redelivered event has no second effect, and unique keys make it impossible anyway. A batch of
-//! events read together is handled with a fixed number of statements.
+//! events read together is handled with a fixed number of statements. A deal entering a stage
+//! carries the stage's automations: a message to the deal's contact person is queued (once per
+//! entry and automation), and the entry goes to the webhooks they name.
 
 use std::sync::Arc;
 
 use crm_kit::auth::RemoteDirectory;
 use crm_kit::db::Tx;
 use crm_kit::events::{Delivered, Handler, HandlerError};
+use crm_kit::peer::Peer;
 use crm_kit::time::format_rfc3339;
+use crm_proto::contacts::v1::GetPersonRequest;
+use crm_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
+use crm_proto::deals::v1::{DealStageChanged, MessageChannel, automation};
 use crm_proto::events::v1::Envelope;
 use crm_proto::notifications::v1::Channel;
 use futures_util::future::BoxFuture;
@@ -20,7 +26,7 @@ use serde_json::Value;
 
 use crate::catalog::{self, EventSpec, Recipient};
 use crate::render::{self, Context};
-use crate::store::{NewDelivery, NewNotification, Prefs, Store};
+use crate::store::{CustomerDraft, NewDelivery, NewNotification, Prefs, Store};
 use crate::templates;
 
 /// What the intake needs to know of the role's settings.
@@ -37,12 +43,78 @@ pub struct Intake {
     store: Store,
     directory: Option<Arc<RemoteDirectory>>,
     settings: IntakeSettings,
+    contacts: Option<Peer>,
 }
 
 impl Intake {
     /// `directory` resolves supervisors; without it a supervisor rule finds nobody (logged).
     pub fn new(store: Store, directory: Option<Arc<RemoteDirectory>>, settings: IntakeSettings) -> Intake {
-        Intake { store, directory, settings }
+        Intake { store, directory, settings, contacts: None }
+    }
+
+    /// Reads the persons deals' stage automations message (as the suite's service account).
+    pub fn with_contacts(mut self, contacts: Peer) -> Intake {
+        self.contacts = Some(contacts);
+        self
+    }
+
+    /// The messages to clients the stage automations of `events` ask for, queued in `tx` (once
+    /// per entry and automation, however often an event comes): to the deal's contact person,
+    /// from its owner, unless the person is marked do-not-contact or has no address for the
+    /// channel (then nothing is sent, and the log says why).
+    async fn message_clients(&self, tx: &mut Tx, events: &[&Delivered]) -> Result<(), HandlerError> {
+        for delivered in events {
+            let Some(entry) = delivered.payload::<DealStageChanged>() else { continue };
+            let entry = entry.map_err(|e| format!("DealStageChanged does not decode: {e}"))?;
+            for (i, automation) in entry.automations.iter().enumerate() {
+                let Some(automation::Action::MessageClient(message)) = &automation.action else { continue };
+                let id = &delivered.envelope.id;
+                if entry.person_id.is_empty() {
+                    tracing::warn!(deal_id = %entry.deal_id, event_id = %id, "a stage's message to the client: the deal has no contact person; nothing was sent");
+                    continue;
+                }
+                let Some(contacts) = &self.contacts else {
+                    tracing::warn!(deal_id = %entry.deal_id, "a stage's message to the client: no contacts service to read the person from");
+                    continue;
+                };
+                let channel = contacts.as_service().await.map_err(|e| format!("contacts service: {e}"))?;
+                let request = GetPersonRequest { id: entry.person_id.clone() };
+                let person = match ContactsServiceClient::new(channel).get_person(request).await {
+                    Ok(person) => person.into_inner(),
+                    Err(status) if status.code() == tonic::Code::NotFound => {
+                        tracing::warn!(deal_id = %entry.deal_id, person_id = %entry.person_id, "a stage's message to the client: no such person; nothing was sent");
+                        continue;
+                    }
+                    Err(status) => return Err(format!("contacts service GetPerson: {}", status.message()).into()),
+                };
+                if person.do_not_contact {
+                    tracing::info!(deal_id = %entry.deal_id, person_id = %person.id, "a stage's message to the client: the person is marked do-not-contact; nothing was sent");
+                    continue;
+                }
+                let sms = message.channel == MessageChannel::Sms as i32;
+                let to = if sms {
+                    person.phones.first().map(|p| if p.e164.is_empty() { p.number.clone() } else { p.e164.clone() })
+                } else {
+                    person.emails.first().map(|e| e.address.clone())
+                };
+                let Some(to) = to.filter(|a| !a.trim().is_empty()) else {
+                    tracing::info!(deal_id = %entry.deal_id, person_id = %person.id, sms, "a stage's message to the client: the person has no address for it; nothing was sent");
+                    continue;
+                };
+                let draft = CustomerDraft {
+                    person_id: person.id.clone(),
+                    to,
+                    to_name: person.full_name.clone(),
+                    subject: message.subject.replace("{name}", &person.full_name),
+                    body: message.body.replace("{name}", &person.full_name),
+                    sent_by: entry.owner_id.clone(),
+                };
+                let channel = if sms { Channel::Sms } else { Channel::Email };
+                let key = format!("deal-entry:{id}:{i}");
+                self.store.queue_customer_message(tx, &key, channel as i32, &draft).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn recipients(&self, spec: &EventSpec, event: &Value, actor: &str) -> Result<Vec<String>, HandlerError> {
@@ -185,6 +257,7 @@ impl Intake {
             .collect();
         deliveries.extend(self.webhook_deliveries(tx, events).await?);
         self.store.add_deliveries(tx, &deliveries).await?;
+        self.message_clients(tx, events).await?;
         Ok(())
     }
 
@@ -197,11 +270,24 @@ impl Intake {
         }
         for delivered in events {
             let envelope = &delivered.envelope;
-            let subscribed: Vec<&String> = hooks
+            let mut subscribed: Vec<&String> = hooks
                 .iter()
                 .filter(|(_, types)| types.iter().any(|t| t == &envelope.r#type))
                 .map(|(id, _)| id)
                 .collect();
+            // A deal's stage automations may name webhooks of their own for the entry.
+            if let Some(Ok(entry)) = delivered.payload::<DealStageChanged>() {
+                for automation in &entry.automations {
+                    let Some(automation::Action::CallWebhook(call)) = &automation.action else { continue };
+                    match hooks.iter().find(|(id, _)| *id == call.webhook_id) {
+                        Some((id, _)) if !subscribed.contains(&id) => subscribed.push(id),
+                        Some(_) => {}
+                        None => {
+                            tracing::warn!(deal_id = %entry.deal_id, webhook_id = %call.webhook_id, "a stage's webhook is not an enabled webhook; nothing was posted")
+                        }
+                    }
+                }
+            }
             if subscribed.is_empty() {
                 continue;
             }

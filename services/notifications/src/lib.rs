@@ -288,7 +288,8 @@ impl role::Service for Notifications {
 
         let intake_settings =
             IntakeSettings { default_locale: default_locale.clone(), email: smtp.is_some(), sms: sms.is_some() };
-        let intake = Intake::new(store.clone(), Some(directory.clone()), intake_settings);
+        let intake =
+            Intake::new(store.clone(), Some(directory.clone()), intake_settings).with_contacts(contacts.clone());
         let consumer = ctx.events().consumer(SOURCE, &db, CONSUMES, Arc::new(intake));
         // Every replica hears every new notification and wakes the streams it holds.
         let listener = ctx.events().listener(SOURCE, {

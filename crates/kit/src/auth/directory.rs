@@ -3,9 +3,9 @@
 //! the suite's own service account, since the caller need not be allowed to read the
 //! organisation.
 
-use crm_proto::auth::v1::org_service_client::OrgServiceClient;
 use std::collections::HashMap;
 
+use crm_proto::auth::v1::org_service_client::OrgServiceClient;
 use crm_proto::auth::v1::{
     BatchGetUsersRequest, GetDepartmentRequest, GetUserRequest, ListDepartmentMembersRequest, User,
 };

@@ -784,6 +784,24 @@ async fn automations_travel_with_the_entry(env: Env) {
     };
     let bad = env.api.update_stage(as_user(ADMIN, set(vec![nobody, Automation { action: None }]))).await.unwrap_err();
     assert_eq!(violations(&bad), ["stage.automations[0].notify", "stage.automations[1]"]);
+    let text_with_subject = Automation {
+        action: Some(automation::Action::MessageClient(ClientMessageAutomation {
+            channel: MessageChannel::Sms as i32,
+            subject: "Hello".into(),
+            body: String::new(),
+        })),
+    };
+    let no_hook =
+        Automation { action: Some(automation::Action::CallWebhook(WebhookAutomation { webhook_id: "x".into() })) };
+    let bad = env.api.update_stage(as_user(ADMIN, set(vec![text_with_subject, no_hook]))).await.unwrap_err();
+    assert_eq!(
+        violations(&bad),
+        [
+            "stage.automations[0].message_client.subject",
+            "stage.automations[0].message_client.body",
+            "stage.automations[1].call_webhook.webhook_id"
+        ]
+    );
     let updated = env.api.update_stage(as_user(ADMIN, set(vec![task, notify]))).await.unwrap().into_inner();
     assert_eq!(updated.stages.iter().find(|s| s.id == payment).unwrap().automations.len(), 2, "kept with the stage");
     let d = create_deal(&env, ALICE, Deal { title: "Widgets".into(), ..Default::default() }).await.unwrap();

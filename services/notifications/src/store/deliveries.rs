@@ -280,6 +280,34 @@ impl Store {
         Ok(())
     }
 
+    /// Queues a message to a customer in `tx`, unless one with the same `key` is queued already.
+    pub async fn queue_customer_message(
+        &self,
+        tx: &mut Tx,
+        key: &str,
+        channel: i32,
+        draft: &CustomerDraft,
+    ) -> Result<(), ApiError> {
+        let new = NewDelivery {
+            notification_id: String::new(),
+            event_id: key.to_string(),
+            event_type: CUSTOMER_MESSAGE.to_string(),
+            recipient_id: draft.person_id.clone(),
+            channel,
+            variables: serde_json::to_string(draft).map_err(|e| ApiError::Internal(e.to_string()))?,
+        };
+        if let Some(id) = self.add_delivery(tx, &new).await? {
+            let mut sql = Sql::new("UPDATE deliveries SET address = ");
+            sql.bind(draft.to.as_str())
+                .push(", subject = ")
+                .bind(draft.subject.as_str())
+                .push(" WHERE id = ")
+                .bind(id.as_str());
+            sql.query().execute(&mut **tx).await?;
+        }
+        Ok(())
+    }
+
     /// Queues a message to a customer; with the same `key` (from the caller's request id) as an
     /// earlier one, that one is returned instead.
     pub async fn add_customer_message(
@@ -289,23 +317,7 @@ impl Store {
         draft: &CustomerDraft,
     ) -> Result<CustomerMessage, ApiError> {
         let mut tx = self.db.begin_write().await?;
-        let new = NewDelivery {
-            notification_id: String::new(),
-            event_id: key.to_string(),
-            event_type: CUSTOMER_MESSAGE.to_string(),
-            recipient_id: draft.person_id.clone(),
-            channel,
-            variables: serde_json::to_string(draft).map_err(|e| ApiError::Internal(e.to_string()))?,
-        };
-        if let Some(id) = self.add_delivery(&mut tx, &new).await? {
-            let mut sql = Sql::new("UPDATE deliveries SET address = ");
-            sql.bind(draft.to.as_str())
-                .push(", subject = ")
-                .bind(draft.subject.as_str())
-                .push(" WHERE id = ")
-                .bind(id.as_str());
-            sql.query().execute(&mut *tx).await?;
-        }
+        self.queue_customer_message(&mut tx, key, channel, draft).await?;
         tx.commit().await?;
         let mut sql = Sql::new("SELECT ");
         sql.push(COLUMNS).push(" FROM deliveries WHERE event_id = ").bind(key);
