@@ -81,7 +81,7 @@ fn text(status: StatusCode, message: &str) -> Response<HttpBody> {
 }
 
 /// The HTTP status of a gRPC error code (as `google.rpc.Code` maps them).
-fn http_status(code: Code) -> StatusCode {
+pub(crate) fn http_status(code: Code) -> StatusCode {
     match code {
         Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
         Code::Unauthenticated => StatusCode::UNAUTHORIZED,

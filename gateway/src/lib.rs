@@ -13,6 +13,7 @@
 mod bodies;
 mod edge;
 mod proxy;
+mod rest;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -176,6 +177,16 @@ impl Gateway {
                 }),
             );
         }
+        let rest_routes = std::sync::Arc::new(rest::routes(&bodies::suite_pool()));
+        let (rest_upstreams, rest_timeout) =
+            (upstreams.clone(), if policy.request_timeout.is_zero() { Duration::MAX } else { policy.request_timeout });
+        fallback = fallback.route(
+            "/v1/{*rest}",
+            axum::routing::any(move |request: http::Request<axum::body::Body>| {
+                let (routes, upstreams) = (rest_routes.clone(), rest_upstreams.clone());
+                async move { rest::serve(&routes, &upstreams, request, rest_timeout).await }
+            }),
+        );
         if let Some(authenticator) = authenticator {
             let keys = authenticator.verifier().clone();
             fallback = fallback.route("/.well-known/jwks.json", axum::routing::get(move || jwks(keys.clone())));

@@ -109,6 +109,42 @@ async fn crm_dev_runs_deal_automations() {
         .await
         .expect("the administrator moves Alice's deal");
     expect_automation(gw, &alice, &deal.id).await;
+    rest_calls_reach_deals(gw, &alice).await;
+}
+
+/// REST/JSON through the gateway (G1): every annotated call at its HTTP path, with path, query
+/// and body parameters, proto3 JSON out, errors as JSON statuses with their field violations.
+async fn rest_calls_reach_deals(gw: std::net::SocketAddr, token: &str) {
+    let json = |text: &str| serde_json::from_str::<serde_json::Value>(text).expect("JSON");
+    let (status, body) = http_request(gw, "GET", "/v1/pipelines", token, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["pipelines"][0]["name"], "Sales");
+    let create = r#"{"title": "Over REST", "amount": {"currencyCode": "EUR", "minorUnits": "1500"}}"#;
+    let (status, body) = http_request(gw, "POST", "/v1/deals", token, create).await;
+    assert_eq!(status, 200, "{body}");
+    let created = json(&body);
+    let id = created["id"].as_str().expect("an id").to_string();
+    assert_eq!(created["amount"]["minorUnits"], "1500", "64-bit integers as strings");
+    assert_eq!(created["status"], "DEAL_STATUS_OPEN", "enums by name");
+    let (status, body) =
+        http_request(gw, "PATCH", &format!("/v1/deals/{id}?update_mask=title"), token, r#"{"title": "Renamed"}"#).await;
+    assert_eq!((status, json(&body)["title"].clone()), (200, "Renamed".into()), "{body}");
+    let (status, body) =
+        http_request(gw, "GET", "/v1/deals?filter=amount%20%3E%3D%201000&page_size=5", token, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(json(&body)["deals"].as_array().unwrap().iter().any(|d| d["id"] == id.as_str()));
+    let (status, body) = http_request(gw, "POST", "/v1/deals", token, r#"{"title": "  "}"#).await;
+    assert_eq!(status, 400, "{body}");
+    let error = json(&body);
+    assert_eq!(error["code"], 3);
+    assert_eq!(error["details"][0]["fieldViolations"][0]["field"], "deal.title");
+    let (status, _) = http_request(gw, "GET", &format!("/v1/deals/{id}"), "", "").await;
+    assert_eq!(status, 401, "no token");
+    let (status, body) = http_request(gw, "GET", "/v1/nothing/here", token, "").await;
+    assert_eq!((status, json(&body)["code"].clone()), (404, 5.into()));
+    let (status, body) = http_request(gw, "GET", "/v1/reports/REPORT_KIND_FORECAST:csv", token, "").await;
+    assert_eq!(status, 200);
+    assert!(body.starts_with("Month,Open deals"), "{body}");
 }
 
 async fn salesperson(gw: std::net::SocketAddr, admin: &str, email: &str) -> (User, String) {
@@ -182,6 +218,10 @@ async fn deals_move_through_the_funnel() {
         .into_inner();
     assert_eq!(deal.amount.as_ref().unwrap().minor_units, 18_991, "10 × 19.99 less 5%");
     assert_eq!(deal.source, "web_form", "copied from the customer");
+    // The same deal over REST/JSON through the cluster's gateway.
+    let (status, body) = http_request(gw, "GET", &format!("/v1/deals/{}", deal.id), &alice, "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"title\":\"Widgets for Anna\""), "{body}");
     // Bob may not link Alice's customer, nor see her deal.
     let stolen = Deal { title: "Mine now".into(), person_id: anna.id.clone(), ..Default::default() };
     let refused =

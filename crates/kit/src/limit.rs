@@ -91,6 +91,15 @@ where
 
     fn call(&mut self, request: Request<axum::body::Body>) -> Self::Future {
         let (max, guard, read_timeout) = (self.max, self.guard, self.read_timeout);
+        let grpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if !grpc {
+            // Not gRPC (REST/JSON, a feed): not framed as messages; whoever reads such a body
+            // limits its size.
+            return self.inner.call(request);
+        }
         let (mut parts, body) = request.into_parts();
         let limited = Limited::new(body, max, guard, parts.uri.path()).read_timeout(read_timeout);
         // Whoever forwards the body (the gateway) can tell the client why it was refused.
