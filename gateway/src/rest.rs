@@ -131,7 +131,7 @@ impl RestRoute {
                 Segment::Literal(l) if l == part => {}
                 Segment::Literal(_) => return None,
                 Segment::Field(_) if part.is_empty() || (self.verb.is_none() && part.contains(':')) => return None,
-                Segment::Field(f) => vars.push((f.clone(), percent_decode(part))),
+                Segment::Field(f) => vars.push((f.clone(), percent_decode(part, false))),
             }
         }
         Some(vars)
@@ -147,7 +147,8 @@ pub(crate) fn find<'a>(
     routes.iter().find_map(|r| r.matches(method, path).map(|vars| (r, vars)))
 }
 
-fn percent_decode(text: &str) -> String {
+/// `text` with its %XX escapes decoded; in a query (`plus_is_space`) a '+' is a space too.
+fn percent_decode(text: &str, plus_is_space: bool) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -159,7 +160,7 @@ fn percent_decode(text: &str) -> String {
             out.push(b);
             i += 3;
         } else {
-            out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+            out.push(if plus_is_space && bytes[i] == b'+' { b' ' } else { bytes[i] });
             i += 1;
         }
     }
@@ -275,11 +276,11 @@ fn build(route: &RestRoute, vars: &[(String, String)], query: &str, body: &[u8])
     if !query.is_empty() {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let key = percent_decode(key);
+            let key = percent_decode(key, true);
             if route.body.as_deref() == Some("*") {
                 return Err(invalid(&key, "this call takes its fields in the body"));
             }
-            set_text(&mut message, &key, &percent_decode(value)).map_err(|e| invalid(&key, &e))?;
+            set_text(&mut message, &key, &percent_decode(value, true)).map_err(|e| invalid(&key, &e))?;
         }
     }
     Ok(message)
@@ -425,6 +426,11 @@ mod tests {
             Some("/crm.deals.v1.DealsService/RunReport".into())
         );
         assert_eq!(get("DELETE", "/v1/deals"), None);
+        assert_eq!(
+            get("GET", "/v1/deals/a+b%20c").map(|r| r.1),
+            Some(vec![("id".into(), "a+b c".into())]),
+            "in a path a '+' is itself"
+        );
         assert!(found.len() > 80, "every service's calls: {}", found.len());
     }
 

@@ -63,7 +63,9 @@ fn decode(row: &AnyRow) -> Result<Contract, ApiError> {
     c.update_time = to_timestamp(row.try_get("updated_at")?);
     c.etag = row.try_get::<i64, _>("version")?.to_string();
     c.id = id;
-    domain::settle(&mut c, &crm_kit::time::today(chrono_tz::Tz::UTC).format("%Y-%m-%d").to_string());
+    // Overdue means due before today where the contract is (its time zone).
+    let tz = crm_kit::time::zone(&c.time_zone).unwrap_or(chrono_tz::Tz::UTC);
+    domain::settle(&mut c, &crm_kit::time::today(tz).format("%Y-%m-%d").to_string());
     Ok(c)
 }
 
