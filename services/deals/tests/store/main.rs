@@ -30,6 +30,8 @@ const ACME: &str = "0190a000-0000-7000-8000-0000000000c1";
 const ANNA: &str = "0190a000-0000-7000-8000-0000000000c2";
 /// Alice's department.
 const TEAM: &str = "0190a000-0000-7000-8000-0000000000d1";
+/// A department with nobody in it yet.
+const NEW_TEAM: &str = "0190a000-0000-7000-8000-0000000000d2";
 
 /// Contacts as a fixture: the company Acme (from a referral) and the person Anna (from the web
 /// form), which everyone but Carol may see.
@@ -73,7 +75,7 @@ async fn env(db: TestDb) -> Env {
     let store = Store::new(opened);
     assert!(store.ensure_starting_pipeline().await.unwrap());
     let org = Org::new().sees_all(ADMIN).sees(HEAD, &[ALICE, BOB]).user(ALICE).user(BOB).user(CAROL);
-    let org = org.department(TEAM, &[ALICE]);
+    let org = org.department(TEAM, &[ALICE]).department(NEW_TEAM, &[]);
     let scopes = ScopeCache::new(Arc::new(org.clone()), Duration::ZERO);
     let api = DealsApi::new(store.clone(), scopes, Arc::new(org), Arc::new(Contacts));
     Env { store, api, _db: db }
@@ -1450,6 +1452,11 @@ async fn targets_measure_attainment(env: Env) {
     seen.sort();
     assert_eq!(seen, everything, "the head sees Alice's and the team's (all its people are in scope)");
     assert!(list(BOB).await.unwrap().into_inner().targets.is_empty(), "Bob sees none of them");
+    // A department with nobody in it yet: only who sees everyone sees its target.
+    let empty = set(ADMIN, goal("", NEW_TEAM, &quarter, TargetMetric::WonValue, 1_000)).await.unwrap().into_inner();
+    assert!(!ids(list(ALICE).await.unwrap().into_inner().targets).contains(&empty.id));
+    assert!(ids(list(ADMIN).await.unwrap().into_inner().targets).contains(&empty.id));
+    env.api.delete_target(as_user(ADMIN, DeleteTargetRequest { id: empty.id.clone() })).await.unwrap();
     assert!(list(CAROL).await.unwrap().into_inner().targets.is_empty());
     let only_team = env
         .api
