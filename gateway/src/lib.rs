@@ -5,12 +5,12 @@
 //! shedding and deadlines.
 //!
 //! Server reflection over every CRM service, `grpc.health.v1` (including one status per service
-//! behind it), `/healthz`, `/readyz` and `/metrics` are answered by the gateway itself, and
-//! plain GET addresses for the calls that answer with a raw body (a calendar feed: `bodies`).
+//! behind it), `/healthz`, `/readyz` and `/metrics` are answered by the gateway itself, and every
+//! call with an HTTP rule also answers REST/JSON at its path (`rest`), the calendar feed's plain
+//! GET included.
 
 #![warn(missing_docs)]
 
-mod bodies;
 mod edge;
 mod proxy;
 mod rest;
@@ -160,33 +160,20 @@ impl Gateway {
         let Gateway { upstreams, policy, authenticator } = self;
         let health = server.health_reporter();
         let mut fallback = proxy::router(upstreams.clone(), &policy);
-        for route in bodies::routes(&bodies::suite_pool()) {
-            let Some(upstream) = upstreams
-                .iter()
-                .find(|u| u.packages.iter().any(|p| route.grpc_path[1..].starts_with(&format!("{p}."))))
-            else {
-                continue;
-            };
-            let (route, upstream) = (Arc::new(route), upstream.clone());
-            let timeout = if policy.request_timeout.is_zero() { Duration::MAX } else { policy.request_timeout };
-            let path = route.path.clone();
+        // Every call with an HTTP rule at its path: one route per first segment of the paths
+        // ("/v1/…", "/calendar/…"), none of which is a gRPC path ("/package.Service/Method").
+        let rest_routes = Arc::new(rest::routes(&rest::suite_pool()));
+        let timeout = if policy.request_timeout.is_zero() { Duration::MAX } else { policy.request_timeout };
+        for prefix in rest::prefixes(&rest_routes) {
+            let (routes, upstreams) = (rest_routes.clone(), upstreams.clone());
             fallback = fallback.route(
-                &path,
-                axum::routing::get(move |axum::extract::Path(value): axum::extract::Path<String>| {
-                    bodies::answer(route.clone(), upstream.clone(), value, timeout)
+                &format!("/{prefix}/{{*rest}}"),
+                axum::routing::any(move |request: http::Request<axum::body::Body>| {
+                    let (routes, upstreams) = (routes.clone(), upstreams.clone());
+                    async move { rest::serve(&routes, &upstreams, request, timeout).await }
                 }),
             );
         }
-        let rest_routes = std::sync::Arc::new(rest::routes(&bodies::suite_pool()));
-        let (rest_upstreams, rest_timeout) =
-            (upstreams.clone(), if policy.request_timeout.is_zero() { Duration::MAX } else { policy.request_timeout });
-        fallback = fallback.route(
-            "/v1/{*rest}",
-            axum::routing::any(move |request: http::Request<axum::body::Body>| {
-                let (routes, upstreams) = (rest_routes.clone(), rest_upstreams.clone());
-                async move { rest::serve(&routes, &upstreams, request, rest_timeout).await }
-            }),
-        );
         if let Some(authenticator) = authenticator {
             let keys = authenticator.verifier().clone();
             fallback = fallback.route("/.well-known/jwks.json", axum::routing::get(move || jwks(keys.clone())));

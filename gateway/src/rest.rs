@@ -6,6 +6,10 @@
 //! spellings of names are read), and errors as a JSON `google.rpc.Status` with the matching
 //! HTTP status and the field violations of a `google.rpc.BadRequest`.
 //!
+//! A call answering `google.api.HttpBody` answers with that body and its content type: the
+//! calendar feed (`GET /calendar/<token>`, which calendar apps fetch with no token) and report
+//! downloads.
+//!
 //! Not yet: server streams (export, subscribe) as newline-delimited JSON or server-sent events.
 
 use std::time::Duration;
@@ -167,11 +171,46 @@ fn percent_decode(text: &str, plus_is_space: bool) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The suite's descriptors.
+pub(crate) fn suite_pool() -> DescriptorPool {
+    DescriptorPool::decode(crm_proto::FILE_DESCRIPTOR_SET).expect("the suite's descriptor set decodes")
+}
+
+/// The first segments of the routes' paths, each once ("v1", "calendar").
+pub(crate) fn prefixes(routes: &[RestRoute]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for route in routes {
+        if let Some(Segment::Literal(first)) = route.segments.first()
+            && !out.contains(first)
+        {
+            out.push(first.clone());
+        }
+    }
+    out
+}
+
+/// The HTTP status of a gRPC error code (as `google.rpc.Code` maps them).
+fn http_status(code: Code) -> http::StatusCode {
+    use http::StatusCode;
+    match code {
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 /// A JSON error as `google.rpc.Status`, with its HTTP status.
 fn error(code: Code, message: &str, details: Vec<serde_json::Value>) -> Response<HttpBody> {
     let body = json!({"code": code as i32, "message": message, "details": details});
     let mut response = Response::new(HttpBody::from(body.to_string()));
-    *response.status_mut() = crate::bodies::http_status(code);
+    *response.status_mut() = http_status(code);
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
@@ -389,6 +428,8 @@ pub(crate) async fn answer(
         let content_type = HeaderValue::from_str(&body.content_type)
             .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"));
         response.headers_mut().insert(CONTENT_TYPE, content_type);
+        // A feed or a download: the caller's own, briefly reusable.
+        response.headers_mut().insert(http::header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=60"));
         return response;
     }
     let json = match serde_json::to_vec(&output) {
@@ -406,7 +447,7 @@ mod tests {
 
     #[test]
     fn every_annotated_unary_call_has_a_route() {
-        let found = routes(&crate::bodies::suite_pool());
+        let found = routes(&suite_pool());
         let get = |m: &str, p: &str| find(&found, &m.parse().unwrap(), p).map(|(r, vars)| (r.grpc_path.clone(), vars));
         assert_eq!(
             get("GET", "/v1/deals/0190a000-0000-7000-8000-000000000001"),
@@ -427,6 +468,13 @@ mod tests {
         );
         assert_eq!(get("DELETE", "/v1/deals"), None);
         assert_eq!(
+            get("GET", "/calendar/feed-token"),
+            Some(("/crm.tasks.v1.TasksService/GetCalendarFeed".into(), vec![("token".into(), "feed-token".into())]))
+        );
+        let mut first = prefixes(&found);
+        first.sort();
+        assert_eq!(first, ["calendar", "v1"], "each first segment once, none a gRPC path");
+        assert_eq!(
             get("GET", "/v1/deals/a+b%20c").map(|r| r.1),
             Some(vec![("id".into(), "a+b c".into())]),
             "in a path a '+' is itself"
@@ -435,8 +483,15 @@ mod tests {
     }
 
     #[test]
+    fn errors_become_http_statuses() {
+        assert_eq!(http_status(Code::NotFound), http::StatusCode::NOT_FOUND);
+        assert_eq!(http_status(Code::InvalidArgument), http::StatusCode::BAD_REQUEST);
+        assert_eq!(percent_decode("no%20feed%C3%A9", false), "no feedé");
+    }
+
+    #[test]
     fn messages_are_built_from_paths_queries_and_bodies() {
-        let found = routes(&crate::bodies::suite_pool());
+        let found = routes(&suite_pool());
         let (route, vars) = find(&found, &Method::GET, "/v1/deals").unwrap();
         let message = build(route, &vars, "filter=status%20%3D%20OPEN&pageSize=5&order_by=amount+desc", b"").unwrap();
         let json = serde_json::to_value(&message).unwrap();
