@@ -91,6 +91,20 @@ pub async fn cancel(tx: &mut Tx, kind: &str, key: &str) -> Result<bool, ApiError
     Ok(sql.query().execute(&mut **tx).await?.rows_affected() > 0)
 }
 
+/// Cancels the waiting jobs of these `(kind, key)`s in one statement (a change that replaces
+/// what it had scheduled). Returns how many there were.
+pub async fn cancel_all(tx: &mut Tx, jobs: &[(&str, &str)]) -> Result<u64, ApiError> {
+    if jobs.is_empty() {
+        return Ok(0);
+    }
+    let mut sql = Sql::new("DELETE FROM jobs WHERE (kind, job_key) IN (VALUES ");
+    sql.push_values(jobs, |v, (kind, key)| {
+        v.bind(*kind).bind(*key);
+    });
+    sql.push(")");
+    Ok(sql.query().execute(&mut **tx).await?.rows_affected())
+}
+
 impl Job {
     /// Until when (microseconds since the epoch) the job is this runner's: an external effect
     /// must be over by then, or another runner takes the job.

@@ -63,6 +63,13 @@ pub fn day_start(date: chrono::NaiveDate, tz: Tz) -> i64 {
     local_instant(tz, date.and_time(chrono::NaiveTime::MIN))
 }
 
+/// The instants the days `first` to `last` (both included) span in `tz`: where `first` begins
+/// and where the day after `last` begins, in epoch microseconds.
+pub fn days_span(first: chrono::NaiveDate, last: chrono::NaiveDate, tz: Tz) -> (i64, i64) {
+    let after = last.checked_add_days(chrono::Days::new(1)).unwrap_or(last);
+    (day_start(first, tz), day_start(after, tz))
+}
+
 /// Today in `tz`.
 pub fn today(tz: Tz) -> chrono::NaiveDate {
     Utc::now().with_timezone(&tz).date_naive()

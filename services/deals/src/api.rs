@@ -364,12 +364,13 @@ impl DealsApi {
             })?)
         };
         let months = domain::months(start, end);
+        let (from, to) = crm_kit::time::days_span(start, end, tz);
         let coverage = Coverage {
             owners,
             pipeline_id: pipeline.as_ref().map(|p| p.id.clone()).unwrap_or_default(),
             currency: currency.to_string(),
-            from: crm_kit::time::day_start(start, tz),
-            to: crm_kit::time::day_start(end + chrono::Days::new(1), tz),
+            from,
+            to,
             month_starts: months.iter().skip(1).map(|m| crm_kit::time::day_start(*m, tz)).collect(),
             from_date: start.format("%Y-%m-%d").to_string(),
             to_date: end.format("%Y-%m-%d").to_string(),

@@ -625,12 +625,7 @@ impl NotificationsApi {
                 person.full_name
             )));
         }
-        let to = match ch {
-            Channel::Email => person.emails.first().map(|e| e.address.clone()),
-            _ => person.phones.first().map(|p| if p.e164.is_empty() { p.number.clone() } else { p.e164.clone() }),
-        }
-        .filter(|a| !a.trim().is_empty())
-        .ok_or_else(|| {
+        let to = crate::store::customer_address(&person, ch).ok_or_else(|| {
             let what = if ch == Channel::Email { "e-mail address" } else { "phone number" };
             ApiError::FailedPrecondition(format!("{} has no {what}: nothing was sent", person.full_name))
         })?;

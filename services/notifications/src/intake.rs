@@ -92,12 +92,8 @@ impl Intake {
                     continue;
                 }
                 let sms = message.channel == MessageChannel::Sms as i32;
-                let to = if sms {
-                    person.phones.first().map(|p| if p.e164.is_empty() { p.number.clone() } else { p.e164.clone() })
-                } else {
-                    person.emails.first().map(|e| e.address.clone())
-                };
-                let Some(to) = to.filter(|a| !a.trim().is_empty()) else {
+                let channel = if sms { Channel::Sms } else { Channel::Email };
+                let Some(to) = crate::store::customer_address(&person, channel) else {
                     tracing::info!(deal_id = %entry.deal_id, person_id = %person.id, sms, "a stage's message to the client: the person has no address for it; nothing was sent");
                     continue;
                 };
@@ -109,7 +105,6 @@ impl Intake {
                     body: message.body.replace("{name}", &person.full_name),
                     sent_by: entry.owner_id.clone(),
                 };
-                let channel = if sms { Channel::Sms } else { Channel::Email };
                 let key = format!("deal-entry:{id}:{i}");
                 self.store.queue_customer_message(tx, &key, channel as i32, &draft).await?;
             }

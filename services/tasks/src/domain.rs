@@ -232,9 +232,8 @@ pub fn normalize_event(event: &mut CalendarEvent, v: &mut Violations) {
 
 /// The first instant of `date` in `tz`, and of the day `days` later: an agenda's range.
 pub fn day_range(date: chrono::NaiveDate, days: i64, tz: Tz) -> (i64, i64) {
-    let start = instant(tz, date.and_time(chrono::NaiveTime::MIN));
     let end_date = date.checked_add_days(Days::new(days as u64)).unwrap_or(date);
-    (start, instant(tz, end_date.and_time(chrono::NaiveTime::MIN)))
+    (crm_kit::time::day_start(date, tz), crm_kit::time::day_start(end_date, tz))
 }
 
 /// "2026-12-08 09:00": an instant on the wall clock of `tz`, without the zone's name.

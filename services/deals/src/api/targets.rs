@@ -42,9 +42,10 @@ impl DealsApi {
             ApiError::Internal(format!("stored target {} has the period {:?}", target.id, target.period))
         })?;
         let tz = crm_kit::time::zone(&target.time_zone).unwrap_or(chrono_tz::Tz::UTC);
+        let (from, to) = crm_kit::time::days_span(start, end, tz);
         let window = Window {
-            from: crm_kit::time::day_start(start, tz),
-            to: crm_kit::time::day_start(end + chrono::Days::new(1), tz),
+            from,
+            to,
             start_date: start.format("%Y-%m-%d").to_string(),
             end_date: end.format("%Y-%m-%d").to_string(),
         };

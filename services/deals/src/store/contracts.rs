@@ -111,8 +111,9 @@ fn decode_payment(row: &AnyRow) -> Result<Payment, ApiError> {
     })
 }
 
-/// Writes a contract's instalments as rows and its reminders as jobs (replacing those before).
-async fn write_plan(tx: &mut Tx, c: &Contract) -> Result<(), ApiError> {
+/// Writes a contract's instalments as rows and its reminders as jobs, replacing those of its
+/// plan before (`before` instalments).
+async fn write_plan(tx: &mut Tx, c: &Contract, before: usize) -> Result<(), ApiError> {
     let mut sql = Sql::new("DELETE FROM instalments WHERE contract_id = ");
     sql.bind(c.id.as_str());
     sql.query().execute(&mut **tx).await?;
@@ -125,9 +126,9 @@ async fn write_plan(tx: &mut Tx, c: &Contract) -> Result<(), ApiError> {
         });
         sql.query().execute(&mut **tx).await?;
     }
-    let mut sql = Sql::new("DELETE FROM jobs WHERE kind = ");
-    sql.bind(INSTALMENT_REMINDER_JOB).push(" AND job_key LIKE ").bind(format!("{}/%", c.id));
-    sql.query().execute(&mut **tx).await?;
+    let keys: Vec<String> = (1..=before.max(c.instalments.len())).map(|seq| format!("{}/{seq}", c.id)).collect();
+    let waiting: Vec<(&str, &str)> = keys.iter().map(|k| (INSTALMENT_REMINDER_JOB, k.as_str())).collect();
+    jobs::cancel_all(tx, &waiting).await?;
     let now = now_micros();
     let reminders: Vec<(String, i64, Vec<u8>)> = domain::reminders(c)
         .into_iter()
@@ -183,7 +184,7 @@ impl Store {
             Err(err) if crm_kit::db::is_unique_violation(&err) => return Err(duplicate_number(&contract.number)),
             other => other?,
         };
-        write_plan(&mut tx, &contract).await?;
+        write_plan(&mut tx, &contract, 0).await?;
         tx.commit().await?;
         self.get_contract(&contract.id, scope).await
     }
@@ -216,7 +217,7 @@ impl Store {
         set.push(", doc = ").bind(doc(&contract));
         let number = contract.number.clone();
         edit.save_unique(set, now_micros(), |_| duplicate_number(&number)).await?;
-        write_plan(edit.tx(), &contract).await?;
+        write_plan(edit.tx(), &contract, old.instalments.len()).await?;
         edit.commit().await?;
         self.get_contract(id, scope).await
     }

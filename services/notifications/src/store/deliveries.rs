@@ -22,6 +22,16 @@ pub const JOB_KIND: &str = "notifications.delivery";
 /// variables are a [`CustomerDraft`], already rendered.
 pub const CUSTOMER_MESSAGE: &str = "crm.notifications.v1.CustomerMessageSent";
 
+/// Where a message to `person` on `channel` goes: their first e-mail address, or their first
+/// phone number (in E.164 when known) for a text; `None` when they have none.
+pub fn customer_address(person: &crm_proto::contacts::v1::Person, channel: Channel) -> Option<String> {
+    match channel {
+        Channel::Email => person.emails.first().map(|e| e.address.clone()),
+        _ => person.phones.first().map(|p| if p.e164.is_empty() { p.number.clone() } else { p.e164.clone() }),
+    }
+    .filter(|a| !a.trim().is_empty())
+}
+
 /// A message to a customer as written, kept as the delivery's variables.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CustomerDraft {

@@ -21,7 +21,9 @@ use crm_proto::notifications::v1::{Notification, NotificationCreated};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-pub use deliveries::{Attempt, AttemptResult, CUSTOMER_MESSAGE, CustomerDraft, DeliveryFilter, NewDelivery, Start};
+pub use deliveries::{
+    Attempt, AttemptResult, CUSTOMER_MESSAGE, CustomerDraft, DeliveryFilter, NewDelivery, Start, customer_address,
+};
 pub use settings::{EventTypeSettings, Prefs, StoredTemplate};
 pub use webhooks::StoredWebhook;
 

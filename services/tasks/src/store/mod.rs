@@ -221,16 +221,10 @@ impl Store {
 
     /// Replaces the task's pending jobs with those of `schedule`.
     async fn reschedule(tx: &mut Tx, task: &Task, schedule: &Schedule) -> Result<(), ApiError> {
-        let mut sql = Sql::new("DELETE FROM jobs WHERE (kind = ");
-        sql.bind(REMINDER_JOB).push(" AND job_key IN (");
-        for n in 0..domain::MAX_REMINDERS {
-            if n > 0 {
-                sql.push(", ");
-            }
-            sql.bind(reminder_key(&task.id, n));
-        }
-        sql.push(")) OR (kind = ").bind(ESCALATION_JOB).push(" AND job_key = ").bind(task.id.as_str()).push(")");
-        sql.query().execute(&mut **tx).await?;
+        let reminder_keys: Vec<String> = (0..domain::MAX_REMINDERS).map(|n| reminder_key(&task.id, n)).collect();
+        let mut waiting: Vec<(&str, &str)> = reminder_keys.iter().map(|k| (REMINDER_JOB, k.as_str())).collect();
+        waiting.push((ESCALATION_JOB, task.id.as_str()));
+        jobs::cancel_all(tx, &waiting).await?;
         let due = domain::due_at(task).to_string();
         let keys: Vec<String> = (0..schedule.reminders.len()).map(|n| reminder_key(&task.id, n)).collect();
         let reminders: Vec<(&str, i64, &[u8])> =
