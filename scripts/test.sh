@@ -6,7 +6,7 @@
 #                          (default postgres://postgres@127.0.0.1:5432/postgres)
 #   CRM_TEST_REDIS_URL     Redis server (default redis://127.0.0.1:6379)
 # It also installs the Python packages of the tests' real peers (tests/peers/requirements.txt:
-# an SMTP server) when they are missing.
+# an SMTP server, a webhook receiver, an OpenAPI validator) when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,12 +58,13 @@ ensure_redis() {
 
 ensure_python_peers() {
   # Real peers of the end-to-end tests written in Python (an SMTP server, a webhook receiver
-  # verifying signatures with the Standard Webhooks library), pinned.
+  # verifying signatures with the Standard Webhooks library, an OpenAPI validator and a generic
+  # client driven by the gateway's document), pinned.
   if ! command -v python3 >/dev/null; then
     log "installing Python"
     apt_install python3 python3-pip
   fi
-  if ! python3 -c "import aiosmtpd, standardwebhooks" 2>/dev/null; then
+  if ! python3 -c "import aiosmtpd, standardwebhooks, openapi_spec_validator, jsonschema" 2>/dev/null; then
     log "installing the test peers' Python packages"
     python3 -m pip install --quiet --disable-pip-version-check -r tests/peers/requirements.txt \
       || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages -r tests/peers/requirements.txt

@@ -1,16 +1,23 @@
 //! Edge policy and the gateway's own gRPC answers: trailers-only error responses, the
-//! `grpc-timeout` header, the deadline until upstream response headers, and load shedding.
+//! `grpc-timeout` header, the deadline until upstream response headers, load shedding, and the
+//! retry of idempotent reads.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use crm_kit::balance::{Avoid, Replica};
 
 use futures_util::FutureExt;
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use tokio::time::error::Elapsed;
 use tonic::Code;
-use tower::{Layer, Service};
+use tower::{Layer, Service, ServiceExt};
 
 /// Body of every response the proxy hands back.
 pub(crate) type HttpBody = axum::body::Body;
@@ -201,6 +208,107 @@ where
             Some(e) => futures_util::future::Either::Left(std::future::ready(Ok(error_response(e)))),
             None => futures_util::future::Either::Right(self.inner.call(request).map(answer::<S::Error> as fn(_) -> _)),
         }
+    }
+}
+
+/// Whether an answer is a trailers-only UNAVAILABLE (no replica took the call, the call failed
+/// on its way, or the replica itself said so before answering anything).
+fn is_unavailable(response: &Response<HttpBody>) -> bool {
+    response.headers().get("grpc-status").is_some_and(|s| s.as_bytes() == b"14")
+}
+
+/// Retries an idempotent read (a call whose HTTP rule is a GET) once after UNAVAILABLE,
+/// preferably on another replica, within what is left of the call's deadline. Such a call's
+/// request (one small message) is read before it is sent, so that it can be sent again; other
+/// calls stream through untouched.
+#[derive(Debug, Clone)]
+pub(crate) struct RetryLayer {
+    reads: Arc<HashSet<String>>,
+    limit: Option<Duration>,
+}
+
+impl RetryLayer {
+    /// `reads`: the gRPC paths of idempotent reads; `limit`: the gateway's deadline (zero: none).
+    pub(crate) fn new(reads: HashSet<String>, limit: Duration) -> RetryLayer {
+        RetryLayer { reads: Arc::new(reads), limit: (!limit.is_zero()).then_some(limit) }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry { inner, reads: self.reads.clone(), limit: self.limit }
+    }
+}
+
+/// See [`RetryLayer`].
+#[derive(Debug, Clone)]
+pub(crate) struct Retry<S> {
+    inner: S,
+    reads: Arc<HashSet<String>>,
+    limit: Option<Duration>,
+}
+
+impl<S> Service<Request<HttpBody>> for Retry<S>
+where
+    S: Service<Request<HttpBody>, Response = Response<HttpBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = Response<HttpBody>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<HttpBody>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<HttpBody>) -> Self::Future {
+        if !self.reads.contains(request.uri().path()) {
+            return Box::pin(self.inner.call(request));
+        }
+        // The polled service takes the first attempt; a clone the retry.
+        let clone = self.inner.clone();
+        let mut first = std::mem::replace(&mut self.inner, clone.clone());
+        let deadline = deadline(self.limit, request.headers());
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            let started = tokio::time::Instant::now();
+            let (parts, body) = request.into_parts();
+            let body = match body.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(err) => {
+                    let refused = parts.extensions.get::<crm_kit::limit::Refusal>().and_then(|r| r.status());
+                    return Ok(match refused {
+                        Some(status) => grpc_error(status.code(), status.message()),
+                        None => grpc_error(Code::Cancelled, &format!("the request could not be read: {err}")),
+                    });
+                }
+            };
+            let response = first.call(Request::from_parts(parts.clone(), HttpBody::from(body.clone()))).await?;
+            if !is_unavailable(&response) {
+                return Ok(response);
+            }
+            let left = match deadline {
+                None => None,
+                Some(deadline) => match deadline.checked_sub(started.elapsed()) {
+                    Some(left) if left >= Duration::from_millis(1) => Some(left),
+                    _ => return Ok(response),
+                },
+            };
+            let mut retry = Request::from_parts(parts, HttpBody::from(body));
+            if let Some(left) = left
+                && let Ok(value) = HeaderValue::from_str(&format!("{}m", left.as_millis().min(99_999_999)))
+            {
+                retry.headers_mut().insert("grpc-timeout", value);
+            }
+            if let Some(Replica(addr)) = response.extensions().get::<Replica>() {
+                retry.extensions_mut().insert(Avoid(*addr));
+            }
+            tracing::debug!(path = retry.uri().path(), "retrying an idempotent read after UNAVAILABLE");
+            clone.oneshot(retry).await
+        })
     }
 }
 

@@ -1,19 +1,27 @@
 //! The CRM edge: one port serving gRPC (h2c), gRPC-Web and HTTP/1.1, proxying gRPC calls at the
 //! HTTP/2 level (messages are never decoded) to the replicas of the service that owns the
 //! call's package, through the process's replica pools (discovery by DNS, active and passive
-//! health checking, power-of-two-choices balancing), behind a concurrency limit with load
-//! shedding and deadlines.
+//! health checking, power-of-two-choices balancing), behind rate limits, a concurrency limit
+//! with load shedding, retries of idempotent reads and deadlines.
 //!
 //! Server reflection over every CRM service, `grpc.health.v1` (including one status per service
 //! behind it), `/healthz`, `/readyz` and `/metrics` are answered by the gateway itself, and every
 //! call with an HTTP rule also answers REST/JSON at its path (`rest`), the calendar feed's plain
-//! GET included.
+//! GET included, described by an OpenAPI 3.1 document at `/openapi.json` (`openapi`).
+//!
+//! Every call, gRPC or REST, takes one request path (`proxy::stack`): the caller's rate limit
+//! (`ratelimit`, shared through Redis), load shedding over the concurrency limit, one retry of
+//! an idempotent read, the balance over the upstream's replicas under the deadline.
 
 #![warn(missing_docs)]
 
 mod edge;
+mod openapi;
 mod proxy;
+mod ratelimit;
 mod rest;
+
+pub use ratelimit::{Limits, Rate, parse_rate};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +62,36 @@ pub struct GatewayArgs {
         default_value_t = 1024
     )]
     pub max_concurrency: usize,
+    /// Rate limit per user (the subject of an access token): RATE/s or RATE/m, optionally
+    /// :BURST (calls at once after a quiet spell; by default a second's worth), or "off".
+    /// Shared by every gateway replica through Redis (--redis-url) when it is set.
+    #[arg(
+        id = "gateway_rate_limit_user",
+        long = "rate-limit-user",
+        value_name = "RATE",
+        env = "CRM_GATEWAY_RATE_LIMIT_USER",
+        default_value = "200/s:400"
+    )]
+    pub rate_limit_user: String,
+    /// Rate limit per client (a service account's token), as --rate-limit-user.
+    #[arg(
+        id = "gateway_rate_limit_client",
+        long = "rate-limit-client",
+        value_name = "RATE",
+        env = "CRM_GATEWAY_RATE_LIMIT_CLIENT",
+        default_value = "1000/s:2000"
+    )]
+    pub rate_limit_client: String,
+    /// Rate limit per address for calls without a token (signing in, refreshing), as
+    /// --rate-limit-user. The address is the connection's peer.
+    #[arg(
+        id = "gateway_rate_limit_anonymous",
+        long = "rate-limit-anonymous",
+        value_name = "RATE",
+        env = "CRM_GATEWAY_RATE_LIMIT_ANONYMOUS",
+        default_value = "20/s:40"
+    )]
+    pub rate_limit_anonymous: String,
 }
 
 impl GatewayArgs {
@@ -62,22 +100,33 @@ impl GatewayArgs {
         if self.max_concurrency == 0 {
             return Err(GatewayError::BadSetting("--max-concurrency must be at least 1".into()));
         }
-        Ok(EdgePolicy { request_timeout: self.request_timeout, max_concurrency: self.max_concurrency })
+        let rate = |flag: &str, text: &str| {
+            ratelimit::parse_rate(text).map_err(|e| GatewayError::BadSetting(format!("--{flag}: {e}")))
+        };
+        let limits = Limits {
+            user: rate("rate-limit-user", &self.rate_limit_user)?,
+            client: rate("rate-limit-client", &self.rate_limit_client)?,
+            address: rate("rate-limit-anonymous", &self.rate_limit_anonymous)?,
+        };
+        Ok(EdgePolicy { request_timeout: self.request_timeout, max_concurrency: self.max_concurrency, limits })
     }
 }
 
-/// How the gateway treats calls: deadline and concurrency limit.
+/// How the gateway treats calls: deadline, concurrency limit and rate limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EdgePolicy {
     /// Longest wait for an upstream's response headers; zero: no limit besides `grpc-timeout`.
     pub request_timeout: Duration,
     /// Most calls waiting for upstream response headers at once (at least 1).
     pub max_concurrency: usize,
+    /// Rate limits per caller.
+    pub limits: Limits,
 }
 
 impl Default for EdgePolicy {
+    /// A 30 s deadline, 1024 calls at once, no rate limits.
     fn default() -> EdgePolicy {
-        EdgePolicy { request_timeout: Duration::from_secs(30), max_concurrency: 1024 }
+        EdgePolicy { request_timeout: Duration::from_secs(30), max_concurrency: 1024, limits: Limits::default() }
     }
 }
 
@@ -127,6 +176,8 @@ pub struct Gateway {
     upstreams: Arc<[Upstream]>,
     policy: EdgePolicy,
     authenticator: Option<Authenticator>,
+    /// Where the rate limits are shared, and under which key prefix.
+    shared_limits: Option<(redis::Client, String)>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -143,7 +194,7 @@ impl Gateway {
         for upstream in &upstreams {
             upstream.pool.export_health();
         }
-        Gateway { upstreams: upstreams.into(), policy, authenticator: None }
+        Gateway { upstreams: upstreams.into(), policy, authenticator: None, shared_limits: None }
     }
 
     /// Verifies access tokens at the edge: calls that need one and lack a valid one are refused
@@ -154,23 +205,57 @@ impl Gateway {
         self
     }
 
+    /// Shares the rate limits with every gateway replica through the Redis of `client`, under
+    /// keys starting with `prefix`.
+    pub fn share_limits(mut self, client: redis::Client, prefix: &str) -> Gateway {
+        self.shared_limits = Some((client, prefix.to_string()));
+        self
+    }
+
     /// The gateway as a role on `server`: the proxy as its fallback, the published keys, its
     /// readiness, and the job that reports each upstream's health.
     pub fn open(self, mut server: Server) -> Opened {
-        let Gateway { upstreams, policy, authenticator } = self;
+        let Gateway { upstreams, policy, authenticator, shared_limits } = self;
         let health = server.health_reporter();
-        let mut fallback = proxy::router(upstreams.clone(), &policy);
+        let limiter = match shared_limits {
+            Some((client, prefix)) => ratelimit::Limiter::shared(policy.limits, client, &prefix),
+            None => Ok(ratelimit::Limiter::local(policy.limits)),
+        };
+        let limiter = Arc::new(limiter.unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "cannot share rate limits through Redis; each replica applies them alone");
+            ratelimit::Limiter::local(policy.limits)
+        }));
         // Every call with an HTTP rule at its path: one route per first segment of the paths
         // ("/v1/…", "/calendar/…"), none of which is a gRPC path ("/package.Service/Method").
-        let rest_routes = Arc::new(rest::routes(&rest::suite_pool()));
-        let timeout = if policy.request_timeout.is_zero() { Duration::MAX } else { policy.request_timeout };
-        for prefix in rest::prefixes(&rest_routes) {
-            let (routes, upstreams) = (rest_routes.clone(), upstreams.clone());
+        let descriptors = rest::suite_pool();
+        let rest_routes = rest::routes(&descriptors);
+        let stack = proxy::stack(upstreams.clone(), &policy, limiter, rest::reads(&rest_routes));
+        // The REST edge described (OpenAPI 3.1), generated once.
+        let needs_token = |path: &str| authenticator.as_ref().is_none_or(|a| a.needs_token(path));
+        let document: Arc<str> = openapi::document(&descriptors, &rest_routes, &needs_token).to_string().into();
+        let mut fallback = axum::Router::new().fallback_service(stack.clone()).route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let document = document.clone();
+                async move {
+                    (
+                        [
+                            (http::header::CONTENT_TYPE, "application/json"),
+                            (http::header::CACHE_CONTROL, "max-age=300"),
+                        ],
+                        document.to_string(),
+                    )
+                }
+            }),
+        );
+        let rest = Arc::new(rest::Rest::new(rest_routes, stack, authenticator.clone(), policy.request_timeout));
+        for prefix in rest.prefixes() {
+            let rest = rest.clone();
             fallback = fallback.route(
                 &format!("/{prefix}/{{*rest}}"),
                 axum::routing::any(move |request: http::Request<axum::body::Body>| {
-                    let (routes, upstreams) = (routes.clone(), upstreams.clone());
-                    async move { rest::serve(&routes, &upstreams, request, timeout).await }
+                    let rest = rest.clone();
+                    async move { rest.serve(request).await }
                 }),
             );
         }
@@ -215,7 +300,11 @@ impl role::Service for GatewayRole {
             .into_iter()
             .map(|spec| Ok(Upstream::of(spec, ctx.peer(spec.name)?.pool().clone())))
             .collect::<Result<Vec<_>, role::Error>>()?;
-        Ok(Gateway::new(upstreams, policy).authenticate(ctx.authenticator()?).open(ctx.server()))
+        let mut gateway = Gateway::new(upstreams, policy).authenticate(ctx.authenticator()?);
+        if let Some(client) = ctx.events().redis_client() {
+            gateway = gateway.share_limits(client, &ctx.events().settings().stream_prefix);
+        }
+        Ok(gateway.open(ctx.server()))
     }
 }
 
@@ -310,10 +399,14 @@ mod tests {
         let cli = Cli::try_parse_from(["crm", "--request-timeout", "2s"]).unwrap();
         assert_eq!(cli.gateway.request_timeout, Duration::from_secs(2));
         assert_eq!(cli.gateway.max_concurrency, 1024);
-        assert_eq!(
-            cli.gateway.policy().unwrap(),
-            EdgePolicy { request_timeout: Duration::from_secs(2), max_concurrency: 1024 }
-        );
+        let policy = cli.gateway.policy().unwrap();
+        assert_eq!((policy.request_timeout, policy.max_concurrency), (Duration::from_secs(2), 1024));
+        assert_eq!(policy.limits.user, parse_rate("200/s:400").unwrap());
+        let off = Cli::try_parse_from(["crm", "--rate-limit-user", "off", "--rate-limit-anonymous", "5/m"]).unwrap();
+        let limits = off.gateway.policy().unwrap().limits;
+        assert_eq!((limits.user, limits.address), (None, parse_rate("5/m").unwrap()));
+        let bad = Cli::try_parse_from(["crm", "--rate-limit-client", "lots"]).unwrap();
+        assert!(matches!(bad.gateway.policy(), Err(GatewayError::BadSetting(m)) if m.contains("--rate-limit-client")));
         let zero = Cli::try_parse_from(["crm", "--max-concurrency", "0"]).unwrap();
         assert!(matches!(zero.gateway.policy(), Err(GatewayError::BadSetting(_))));
         assert!(Cli::try_parse_from(["crm", "--request-timeout", "soon"]).is_err());

@@ -3,6 +3,7 @@
 //! and streams headers, body and trailers back as they come (messages are never decoded or
 //! buffered).
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -13,21 +14,39 @@ use crm_kit::limit::Refusal;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use tonic::Code;
+use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder};
 
-use crate::edge::{AnswerErrorsLayer, DeadlineLayer, HttpBody, grpc_error};
+use crate::edge::{AnswerErrorsLayer, DeadlineLayer, HttpBody, RetryLayer, grpc_error};
+use crate::ratelimit::{Limiter, RateLimitLayer};
 use crate::{EdgePolicy, Upstream};
 
-/// The proxy behind the edge policy (load shedding over a concurrency limit, then the deadline
-/// until upstream response headers), as the kit server's fallback router.
-pub(crate) fn router(upstreams: Arc<[Upstream]>, policy: &EdgePolicy) -> axum::Router {
+/// The gateway's request path as one service: every gRPC call (and every REST call, once
+/// transcoded) meets the edge policy in this order, built here and nowhere else:
+///
+/// 1. the caller's rate limit (refused calls take nothing else);
+/// 2. load shedding over the concurrency limit (RESOURCE_EXHAUSTED when full);
+/// 3. one retry of an idempotent read after UNAVAILABLE, on another replica if there is one;
+/// 4. the balance over the upstream's replicas (the proxy: power of two choices, failover
+///    while nothing was sent), each attempt under the deadline until response headers.
+pub(crate) type Stack = BoxCloneSyncService<Request<HttpBody>, Response<HttpBody>, Infallible>;
+
+/// See [`Stack`]; `reads` are the gRPC paths of idempotent reads.
+pub(crate) fn stack(
+    upstreams: Arc<[Upstream]>,
+    policy: &EdgePolicy,
+    limiter: Arc<Limiter>,
+    reads: HashSet<String>,
+) -> Stack {
     let service = ServiceBuilder::new()
         .layer(AnswerErrorsLayer)
+        .layer(RateLimitLayer::new(limiter))
         .load_shed()
         .concurrency_limit(policy.max_concurrency)
+        .layer(RetryLayer::new(reads, policy.request_timeout))
         .layer(DeadlineLayer::new(policy.request_timeout))
         .service(Proxy { upstreams });
-    axum::Router::new().fallback_service(service)
+    BoxCloneSyncService::new(service)
 }
 
 /// Where a request goes.

@@ -10,21 +10,31 @@
 //! calendar feed (`GET /calendar/<token>`, which calendar apps fetch with no token) and report
 //! downloads.
 //!
-//! Not yet: server streams (export, subscribe) as newline-delimited JSON or server-sent events.
+//! A server stream (the live notifications) answers as newline-delimited JSON, or as
+//! server-sent events when the client accepts `text/event-stream`; an error after the first
+//! message ends the stream as an `{"error": …}` line or an `error` event.
+//!
+//! Every call goes through the gateway's request path ([`crate::proxy::Stack`]): the token is
+//! checked here as the kit's authentication layer checks gRPC calls, then the caller's rate
+//! limit, the concurrency limit, the retry of idempotent reads and the balance apply alike.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use crm_kit::auth::Authenticator;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, TE};
-use http::{HeaderMap, HeaderValue, Method, Request, Response};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt;
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage, Value};
 use serde_json::json;
 use tonic::Code;
 
-use crate::Upstream;
+use tower::ServiceExt;
+
 use crate::edge::HttpBody;
+use crate::proxy::Stack;
 
 /// Largest JSON body a REST call takes.
 const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -32,32 +42,36 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 /// One annotated call.
 #[derive(Debug, Clone)]
 pub(crate) struct RestRoute {
-    method: Method,
+    pub(crate) method: Method,
     /// Literal segments and `{field.path}` variables.
-    segments: Vec<Segment>,
+    pub(crate) segments: Vec<Segment>,
     /// The `:verb` after the last segment.
-    verb: Option<String>,
+    pub(crate) verb: Option<String>,
     /// "/crm.deals.v1.DealsService/GetDeal".
-    pub grpc_path: String,
+    pub(crate) grpc_path: String,
     /// `None`: no body; `Some("*")`: the whole message; `Some(field)`: that field.
-    body: Option<String>,
-    input: MessageDescriptor,
-    output: MessageDescriptor,
+    pub(crate) body: Option<String>,
+    pub(crate) input: MessageDescriptor,
+    pub(crate) output: MessageDescriptor,
+    /// A server stream: answered as newline-delimited JSON or server-sent events.
+    pub(crate) streaming: bool,
+    /// The call's method.
+    pub(crate) descriptor: prost_reflect::MethodDescriptor,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
+pub(crate) enum Segment {
     Literal(String),
     Field(String),
 }
 
-/// Every unary call of `pool` with an HTTP rule.
+/// Every unary or server-streaming call of `pool` with an HTTP rule.
 pub(crate) fn routes(pool: &DescriptorPool) -> Vec<RestRoute> {
     let Some(http) = pool.get_extension_by_name("google.api.http") else { return Vec::new() };
     let mut out = Vec::new();
     for service in pool.services() {
         for method in service.methods() {
-            if method.is_server_streaming() || method.is_client_streaming() {
+            if method.is_client_streaming() {
                 continue;
             }
             let options = method.options();
@@ -85,6 +99,8 @@ pub(crate) fn routes(pool: &DescriptorPool) -> Vec<RestRoute> {
                 body,
                 input: method.input(),
                 output: method.output(),
+                streaming: method.is_server_streaming(),
+                descriptor: method.clone(),
             });
         }
     }
@@ -174,6 +190,11 @@ fn percent_decode(text: &str, plus_is_space: bool) -> String {
 /// The suite's descriptors.
 pub(crate) fn suite_pool() -> DescriptorPool {
     DescriptorPool::decode(crm_proto::FILE_DESCRIPTOR_SET).expect("the suite's descriptor set decodes")
+}
+
+/// The gRPC paths of the idempotent reads: the unary calls whose HTTP rule is a GET.
+pub(crate) fn reads(routes: &[RestRoute]) -> HashSet<String> {
+    routes.iter().filter(|r| r.method == Method::GET && !r.streaming).map(|r| r.grpc_path.clone()).collect()
 }
 
 /// The first segments of the routes' paths, each once ("v1", "calendar").
@@ -343,61 +364,110 @@ fn grpc_error(headers: &HeaderMap) -> Option<(Code, String, Vec<serde_json::Valu
     Some((status.code(), status.message().to_string(), details))
 }
 
-/// Answers an HTTP request under `/v1/`: the call its method and path name, or a JSON
-/// NOT_FOUND.
-pub(crate) async fn serve(
-    routes: &[RestRoute],
-    upstreams: &[Upstream],
-    request: Request<axum::body::Body>,
+/// The REST edge: the routes, and the gateway's request path their calls take.
+pub(crate) struct Rest {
+    routes: Vec<RestRoute>,
+    stack: Stack,
+    authenticator: Option<Authenticator>,
     timeout: Duration,
-) -> Response<HttpBody> {
-    let path = request.uri().path().to_string();
-    let Some((route, vars)) = find(routes, request.method(), &path) else {
-        return error(Code::NotFound, &format!("no call answers {} {path}", request.method()), vec![]);
-    };
-    let Some(upstream) =
-        upstreams.iter().find(|u| u.packages.iter().any(|p| route.grpc_path[1..].starts_with(&format!("{p}."))))
-    else {
-        return error(Code::Unimplemented, &format!("no service here answers {}", route.grpc_path), vec![]);
-    };
-    answer(route, vars, upstream.clone(), request, timeout).await
 }
 
-/// Makes the call of `route` for an HTTP request and answers as HTTP.
-pub(crate) async fn answer(
-    route: &RestRoute,
-    vars: Vec<(String, String)>,
-    upstream: Upstream,
-    request: Request<axum::body::Body>,
-    timeout: Duration,
-) -> Response<HttpBody> {
-    let (parts, body) = request.into_parts();
-    let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => return error(Code::InvalidArgument, &format!("the body could not be read: {e}"), vec![]),
-    };
-    let message = match build(route, &vars, parts.uri.query().unwrap_or(""), &body) {
-        Ok(message) => message,
-        Err((code, message, details)) => return error(code, &message, details),
-    };
-    let payload = message.encode_to_vec();
-    let mut frame = BytesMut::with_capacity(payload.len() + 5);
-    frame.put_u8(0);
-    frame.put_u32(payload.len() as u32);
-    frame.put_slice(&payload);
-    let mut call = Request::new(HttpBody::from(frame.freeze()));
-    *call.method_mut() = Method::POST;
-    *call.uri_mut() = match route.grpc_path.parse() {
-        Ok(uri) => uri,
-        Err(_) => return error(Code::Internal, "bad route", vec![]),
-    };
-    call.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    call.headers_mut().insert(TE, HeaderValue::from_static("trailers"));
-    if let Some(auth) = parts.headers.get(AUTHORIZATION) {
-        call.headers_mut().insert(AUTHORIZATION, auth.clone());
+/// Request headers a REST call passes on to its gRPC call.
+const PASSED_ON: [HeaderName; 4] = [
+    AUTHORIZATION,
+    HeaderName::from_static("grpc-timeout"),
+    HeaderName::from_static("traceparent"),
+    HeaderName::from_static("tracestate"),
+];
+
+impl Rest {
+    /// REST over `routes`, each call sent through `stack`; tokens checked at the edge with
+    /// `authenticator` (as gRPC calls are); a unary answer waits at most `timeout` (zero: no
+    /// limit besides the stack's deadline).
+    pub(crate) fn new(
+        routes: Vec<RestRoute>,
+        stack: Stack,
+        authenticator: Option<Authenticator>,
+        timeout: Duration,
+    ) -> Rest {
+        let timeout = if timeout.is_zero() { Duration::MAX } else { timeout };
+        Rest { routes, stack, authenticator, timeout }
     }
+
+    /// See [`prefixes`].
+    pub(crate) fn prefixes(&self) -> Vec<String> {
+        prefixes(&self.routes)
+    }
+
+    /// Answers an HTTP request: the call its method and path name, or a JSON NOT_FOUND.
+    pub(crate) async fn serve(&self, request: Request<axum::body::Body>) -> Response<HttpBody> {
+        let path = request.uri().path().to_string();
+        let Some((route, vars)) = find(&self.routes, request.method(), &path) else {
+            return error(Code::NotFound, &format!("no call answers {} {path}", request.method()), vec![]);
+        };
+        let (mut parts, body) = request.into_parts();
+        if let Some(authenticator) = &self.authenticator
+            && authenticator.needs_token(&route.grpc_path)
+        {
+            let verified = match crm_kit::auth::bearer_token(&parts.headers) {
+                None => Err(crm_kit::error::ApiError::unauthenticated(
+                    "this call needs an access token: send `Authorization: Bearer <token>`",
+                )),
+                Some(token) => authenticator.verifier().verify(token).await,
+            };
+            match verified {
+                Ok(principal) => {
+                    parts.extensions.insert(principal);
+                }
+                Err(err) => return error(Code::Unauthenticated, tonic::Status::from(err).message(), vec![]),
+            }
+        }
+        let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => return error(Code::InvalidArgument, &format!("the body could not be read: {e}"), vec![]),
+        };
+        let message = match build(route, &vars, parts.uri.query().unwrap_or(""), &body) {
+            Ok(message) => message,
+            Err((code, message, details)) => return error(code, &message, details),
+        };
+        let payload = message.encode_to_vec();
+        let mut frame = BytesMut::with_capacity(payload.len() + 5);
+        frame.put_u8(0);
+        frame.put_u32(payload.len() as u32);
+        frame.put_slice(&payload);
+        let mut call = Request::new(HttpBody::from(frame.freeze()));
+        *call.method_mut() = Method::POST;
+        *call.uri_mut() = match route.grpc_path.parse() {
+            Ok(uri) => uri,
+            Err(_) => return error(Code::Internal, "bad route", vec![]),
+        };
+        // The caller (for its rate limit and the services' audit) and the headers that matter.
+        *call.extensions_mut() = parts.extensions;
+        call.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        call.headers_mut().insert(TE, HeaderValue::from_static("trailers"));
+        for name in &PASSED_ON {
+            if let Some(value) = parts.headers.get(name) {
+                call.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        if let Some(value) = parts.headers.get("x-forwarded-for") {
+            call.headers_mut().insert("x-forwarded-for", value.clone());
+        }
+        let response = match self.stack.clone().oneshot(call).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        if route.streaming {
+            let format = StreamFormat::of(&parts.headers);
+            return stream(route, response, format);
+        }
+        unary(route, response, self.timeout).await
+    }
+}
+
+/// A unary call's answer as HTTP: its message as JSON (or a raw body), or its error.
+async fn unary(route: &RestRoute, response: Response<HttpBody>, timeout: Duration) -> Response<HttpBody> {
     let exchange = async {
-        let response = crate::proxy::forward(&upstream, call).await;
         let (head, body) = response.into_parts();
         if let Some(err) = grpc_error(&head.headers) {
             return Err(err);
@@ -438,6 +508,142 @@ pub(crate) async fn answer(
     };
     let mut response = Response::new(HttpBody::from(json));
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// How a server stream is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamFormat {
+    /// One JSON message per line (`application/x-ndjson`); an error ends it as
+    /// `{"error": <google.rpc.Status>}`.
+    Lines,
+    /// Server-sent events (`text/event-stream`, when the client accepts it): each message a
+    /// `data:` event; an error ends it as an `error` event.
+    Events,
+}
+
+impl StreamFormat {
+    fn of(headers: &HeaderMap) -> StreamFormat {
+        let accepts_events = headers
+            .get_all(http::header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().starts_with("text/event-stream")));
+        if accepts_events { StreamFormat::Events } else { StreamFormat::Lines }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            StreamFormat::Lines => "application/x-ndjson",
+            StreamFormat::Events => "text/event-stream",
+        }
+    }
+
+    fn message(self, json: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(json.len() + 8);
+        if self == StreamFormat::Events {
+            out.put_slice(b"data: ");
+        }
+        out.put_slice(json);
+        out.put_slice(if self == StreamFormat::Events { b"\n\n" } else { b"\n" });
+        out.freeze()
+    }
+
+    fn error(self, (code, message, details): Failure) -> Bytes {
+        let status = json!({"code": code as i32, "message": message, "details": details});
+        match self {
+            StreamFormat::Lines => Bytes::from(format!("{}\n", json!({ "error": status }))),
+            StreamFormat::Events => Bytes::from(format!("event: error\ndata: {status}\n\n")),
+        }
+    }
+}
+
+/// What is left to read of a server stream.
+struct Streaming {
+    body: HttpBody,
+    buffer: BytesMut,
+    output: MessageDescriptor,
+    format: StreamFormat,
+    done: bool,
+}
+
+impl Streaming {
+    /// The next piece to write, or `None` at the end.
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(message) = self.take_message() {
+                return Some(message);
+            }
+            if self.done {
+                return None;
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => self.buffer.extend_from_slice(&data),
+                    Err(frame) => {
+                        self.done = true;
+                        let trailers = frame.into_trailers().unwrap_or_default();
+                        match grpc_error(&trailers) {
+                            Some((Code::Ok, _, _)) => {}
+                            Some(err) => return Some(self.format.error(err)),
+                            None => {
+                                let why = (Code::Internal, "the upstream ended without a status".into(), vec![]);
+                                return Some(self.format.error(why));
+                            }
+                        }
+                    }
+                },
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(self.format.error((Code::Unavailable, e.to_string(), vec![])));
+                }
+                None => {
+                    self.done = true;
+                    let why = (Code::Internal, "the upstream ended without a status".into(), vec![]);
+                    return Some(self.format.error(why));
+                }
+            }
+        }
+    }
+
+    /// A whole message from the buffer, as JSON written in the stream's format.
+    fn take_message(&mut self) -> Option<Bytes> {
+        if self.buffer.len() < 5 {
+            return None;
+        }
+        let length = u32::from_be_bytes([self.buffer[1], self.buffer[2], self.buffer[3], self.buffer[4]]) as usize;
+        if self.buffer.len() < 5 + length {
+            return None;
+        }
+        let frame = self.buffer.split_to(5 + length);
+        let json = DynamicMessage::decode(self.output.clone(), &frame[5..])
+            .map_err(|e| e.to_string())
+            .and_then(|m| serde_json::to_vec(&m).map_err(|e| e.to_string()));
+        Some(match json {
+            Ok(json) => self.format.message(&json),
+            Err(e) => {
+                self.done = true;
+                self.buffer.clear();
+                self.format.error((Code::Internal, format!("the upstream's message does not decode: {e}"), vec![]))
+            }
+        })
+    }
+}
+
+/// A server stream's answer: its messages as they come, in `format`; an error before the
+/// first message is an ordinary JSON error with its HTTP status.
+fn stream(route: &RestRoute, response: Response<HttpBody>, format: StreamFormat) -> Response<HttpBody> {
+    let (head, body) = response.into_parts();
+    if let Some((code, message, details)) = grpc_error(&head.headers) {
+        return error(code, &message, details);
+    }
+    let state = Streaming { body, buffer: BytesMut::new(), output: route.output.clone(), format, done: false };
+    let pieces = futures_util::stream::unfold(state, |mut state| async move {
+        state.next().await.map(|piece| (Ok::<_, std::convert::Infallible>(piece), state))
+    });
+    let mut response = Response::new(HttpBody::from_stream(pieces));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    response.headers_mut().insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
 }
 

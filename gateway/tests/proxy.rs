@@ -61,7 +61,11 @@ impl ContactsService for TestContacts {
         unimplemented()
     }
     async fn create_person(&self, _: Request<CreatePersonRequest>) -> Result<Response<Person>, Status> {
-        unimplemented()
+        // Not an idempotent read: never retried by the gateway.
+        if self.name == "replica-0" {
+            return Err(Status::unavailable("replica-0 is going away"));
+        }
+        Ok(Response::new(Person { full_name: self.name.clone(), ..Default::default() }))
     }
     async fn get_person(&self, request: Request<GetPersonRequest>) -> Result<Response<Person>, Status> {
         let metadata = request.metadata();
@@ -73,6 +77,9 @@ impl ContactsService for TestContacts {
             if metadata.contains_key("grpc-timeout") { "set" } else { "-" },
         );
         let id = request.into_inner().id;
+        if id == "flaky" && self.name == "replica-0" {
+            return Err(Status::unavailable("replica-0 is going away"));
+        }
         if id == "missing" {
             return Err(Status::not_found(format!("no person {id} at {} — sorry", self.name)));
         }
@@ -367,7 +374,7 @@ async fn proxies_balances_and_fails_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sheds_load_and_enforces_the_deadline() {
     let replica = Replica::start("slow").await;
-    let settings = EdgePolicy { max_concurrency: 1, request_timeout: Duration::from_secs(1) };
+    let settings = EdgePolicy { max_concurrency: 1, request_timeout: Duration::from_secs(1), ..EdgePolicy::default() };
     let gw = gateway(vec![replica.addr.to_string()], settings).await;
     let channel = channel(gw.addr).await;
     wait_for_health(&channel, CONTACTS_SERVICE, ServingStatus::Serving).await;
@@ -423,4 +430,59 @@ async fn an_oversize_message_is_resource_exhausted() {
         assert_eq!(get_person(&mut client, "p").await.unwrap().full_name, "replica", "at {place}");
     }
     replica.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_reads_are_retried_once_on_another_replica() {
+    let replicas = [Replica::start("replica-0").await, Replica::start("replica-1").await];
+    let gw = gateway(replicas.iter().map(|r| r.addr.to_string()).collect(), fast_settings()).await;
+    let channel = channel(gw.addr).await;
+    wait_for_health(&channel, CONTACTS_SERVICE, ServingStatus::Serving).await;
+    let mut client = ContactsServiceClient::new(channel.clone());
+    // replica-0 answers UNAVAILABLE to this read: every call still succeeds, at replica-1.
+    for _ in 0..20 {
+        let person = get_person(&mut client, "flaky").await.expect("retried at the other replica");
+        assert_eq!(person.full_name, "replica-1");
+    }
+    // A create is not an idempotent read: what replica-0 says reaches the caller.
+    let mut unavailable = 0;
+    for _ in 0..40 {
+        match client.create_person(CreatePersonRequest::default()).await {
+            Ok(person) => assert_eq!(person.into_inner().full_name, "replica-1"),
+            Err(status) => {
+                assert_eq!((status.code(), status.message()), (Code::Unavailable, "replica-0 is going away"));
+                unavailable += 1;
+            }
+        }
+    }
+    assert!(unavailable > 0, "creates are never retried");
+    // With one replica left, the read is retried there and fails as it says.
+    let lone = gateway(vec![replicas[0].addr.to_string()], fast_settings()).await;
+    let channel = self::channel(lone.addr).await;
+    wait_for_health(&channel, CONTACTS_SERVICE, ServingStatus::Serving).await;
+    let status = get_person(&mut ContactsServiceClient::new(channel), "flaky").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_over_their_rate_limit_are_told_when_to_come_back() {
+    use tonic_types::StatusExt;
+    let replica = Replica::start("replica-0").await;
+    let limits = crm_gateway::Limits { address: crm_gateway::parse_rate("1/m:3").unwrap(), ..Default::default() };
+    let gw = gateway(vec![replica.addr.to_string()], EdgePolicy { limits, ..EdgePolicy::default() }).await;
+    let channel = channel(gw.addr).await;
+    wait_for_health(&channel, CONTACTS_SERVICE, ServingStatus::Serving).await;
+    let mut client = ContactsServiceClient::new(channel);
+    for i in 0..3 {
+        get_person(&mut client, &format!("p{i}")).await.expect("within the burst");
+    }
+    let refused = get_person(&mut client, "p3").await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(refused.message().contains("rate limit"), "{}", refused.message());
+    let retry = refused.get_details_retry_info().expect("retry info");
+    let delay = retry.retry_delay.expect("a delay");
+    assert!(delay > Duration::from_secs(50) && delay <= Duration::from_secs(60), "{delay:?}");
+    // Health checks and the ops endpoints are not limited.
+    let (status, _, _) = http1(gw.addr, "GET /healthz HTTP/1.1", b"").await;
+    assert_eq!(status, 200);
 }

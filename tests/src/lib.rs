@@ -271,7 +271,18 @@ pub fn suite_env() -> Vec<(&'static str, &'static str)> {
         ("CRM_SERVICE_CLIENT_ID", SERVICE_CLIENT_ID),
         ("CRM_SERVICE_CLIENT_SECRET", SERVICE_CLIENT_SECRET),
     ]
+    .into_iter()
+    .chain(UNLIMITED)
+    .collect()
 }
+
+/// The gateway's rate limits off: tests drive thousands of calls as one user from one address
+/// (the tests of the limits set their own).
+pub const UNLIMITED: [(&str, &str); 3] = [
+    ("CRM_GATEWAY_RATE_LIMIT_USER", "off"),
+    ("CRM_GATEWAY_RATE_LIMIT_CLIENT", "off"),
+    ("CRM_GATEWAY_RATE_LIMIT_ANONYMOUS", "off"),
+];
 
 /// The suite in cluster mode, from the role list: one process per replica of each role, one
 /// PostgreSQL database per role that has one, the front role (the gateway) in front. Processes
@@ -435,8 +446,8 @@ fn strs(args: &[String]) -> Vec<&str> {
 }
 
 /// Starts `crm dev` on `data_dir`, its gateway on `addr`, with [`ADMIN_EMAIL`] as the first
-/// administrator and `env` (e.g. `CRM_ADMIN_PASSWORD`); waits until it serves every service
-/// and has printed its banner.
+/// administrator and `env` (e.g. `CRM_ADMIN_PASSWORD`; the gateway's rate limits are off unless
+/// `env` sets them); waits until it serves every service and has printed its banner.
 pub async fn start_dev(name: &str, data_dir: &Path, addr: SocketAddr, env: &[(&str, &str)]) -> Process {
     let args = [
         "dev",
@@ -449,7 +460,8 @@ pub async fn start_dev(name: &str, data_dir: &Path, addr: SocketAddr, env: &[(&s
         "--default-calling-code",
         "7",
     ];
-    let mut dev = Process::start(name, &args, env);
+    let env: Vec<(&str, &str)> = UNLIMITED.into_iter().chain(env.iter().copied()).collect();
+    let mut dev = Process::start(name, &args, &env);
     for service in served_services() {
         dev.wait_serving(addr, service).await;
     }
@@ -584,6 +596,87 @@ pub async fn http_request(addr: SocketAddr, method: &str, path: &str, token: &st
     let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
+}
+
+/// An HTTP/1.1 response read as it streams (a REST server stream): its status and headers,
+/// then its chunked body as it arrives.
+pub struct HttpStream {
+    pub status: u16,
+    pub head: String,
+    stream: tokio::net::TcpStream,
+    raw: Vec<u8>,
+    body: Vec<u8>,
+}
+
+impl HttpStream {
+    /// Sends `GET path` with a bearer `token` and an `Accept` header, and reads the head.
+    pub async fn get(addr: SocketAddr, path: &str, token: &str, accept: &str) -> HttpStream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nAccept: {accept}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut raw = Vec::new();
+        let end = loop {
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
+                .await
+                .expect("response head within 20s")
+                .expect("read");
+            assert!(n > 0, "closed before the head: {}", String::from_utf8_lossy(&raw));
+            raw.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8_lossy(&raw[..end]).to_string();
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let raw = raw[end + 4..].to_vec();
+        HttpStream { status, head, stream, raw, body: Vec::new() }
+    }
+
+    /// The body received so far (chunks decoded).
+    pub fn body(&self) -> String {
+        String::from_utf8_lossy(&self.body).to_string()
+    }
+
+    /// Reads until the body holds `needle`, for at most `within`; the body so far.
+    pub async fn read_until(&mut self, needle: &str, within: Duration) -> String {
+        use tokio::io::AsyncReadExt;
+        let deadline = Instant::now() + within;
+        loop {
+            self.decode();
+            if self.body().contains(needle) {
+                return self.body();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut buf = [0u8; 4096];
+            let n = match tokio::time::timeout(left, self.stream.read(&mut buf)).await {
+                Ok(read) => read.expect("read"),
+                Err(_) => panic!("{needle:?} not streamed within {within:?}; got {:?}", self.body()),
+            };
+            assert!(n > 0, "the stream ended before {needle:?}; got {:?}", self.body());
+            self.raw.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Moves every whole chunk from `raw` into `body` (all of `raw` when the body is not chunked).
+    fn decode(&mut self) {
+        if !self.head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+            self.body.append(&mut self.raw);
+            return;
+        }
+        loop {
+            let Some(line) = self.raw.windows(2).position(|w| w == b"\r\n") else { return };
+            let size =
+                usize::from_str_radix(String::from_utf8_lossy(&self.raw[..line]).trim(), 16).expect("chunk size");
+            if self.raw.len() < line + 2 + size + 2 {
+                return;
+            }
+            self.body.extend_from_slice(&self.raw[line + 2..line + 2 + size]);
+            self.raw.drain(..line + 2 + size + 2);
+        }
+    }
 }
 
 /// A real server of the tests' own (`tests/peers/`): an SMTP server ([`Sink::smtp`], aiosmtpd)

@@ -88,7 +88,7 @@ async fn crm_dev_runs_deal_automations() {
     let gw = free_addr();
     let _dev = start_dev("dev", &data.path().join("crm-data"), gw, &[("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD)]).await;
     let admin = admin_token(gw).await;
-    let (_, alice) = salesperson(gw, &admin, "alice@example.com").await;
+    let (alice_user, alice) = salesperson(gw, &admin, "alice@example.com").await;
     let pipelines =
         deals_as(gw, &alice).await.list_pipelines(ListPipelinesRequest::default()).await.unwrap().into_inner();
     let sales = pipelines.pipelines.into_iter().find(|p| p.name == "Sales").expect("the starting pipeline");
@@ -110,6 +110,57 @@ async fn crm_dev_runs_deal_automations() {
         .expect("the administrator moves Alice's deal");
     expect_automation(gw, &alice, &deal.id).await;
     rest_calls_reach_deals(gw, &alice).await;
+    rest_streams_notifications(gw, &admin, &alice_user.id, &alice).await;
+    openapi_drives_calls(gw).await;
+}
+
+/// The gateway's OpenAPI document, validated by an independent validator (openapi-spec-validator)
+/// and driven by a generic client that knows only the document, every answer checked against
+/// the document's schema for its status (`tests/peers/openapi_check.py`).
+async fn openapi_drives_calls(gw: std::net::SocketAddr) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join("openapi_check.py");
+    let output = tokio::process::Command::new("python3")
+        .arg(script)
+        .args(["--gateway", &gw.to_string(), "--email", ADMIN_EMAIL, "--password", ADMIN_PASSWORD])
+        .output()
+        .await
+        .expect("python3 runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "the OpenAPI check failed: {stdout}{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("a JSON summary");
+    assert_eq!(summary["openapi"], "3.1.0");
+    assert!(summary["operations"].as_u64().unwrap() > 100, "{summary}");
+    let calls = summary["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 11, "{summary}");
+    assert!(calls.iter().any(|c| c["status"] == 404) && calls.iter().any(|c| c["status"] == 400), "{summary}");
+}
+
+/// A server stream over REST: Alice's live notifications as newline-delimited JSON and as
+/// server-sent events, both seeing a record assigned to her (over REST too).
+async fn rest_streams_notifications(gw: std::net::SocketAddr, admin: &str, alice_id: &str, alice: &str) {
+    let path = "/v1/notifications:subscribe";
+    let mut lines = HttpStream::get(gw, path, alice, "application/json").await;
+    let mut events = HttpStream::get(gw, path, alice, "text/event-stream").await;
+    assert_eq!((lines.status, events.status), (200, 200), "{} / {}", lines.head, events.head);
+    assert!(lines.head.to_ascii_lowercase().contains("content-type: application/x-ndjson"), "{}", lines.head);
+    assert!(events.head.to_ascii_lowercase().contains("content-type: text/event-stream"), "{}", events.head);
+    let person = format!(r#"{{"fullName": "Streamed Customer", "ownerId": "{alice_id}"}}"#);
+    let (status, body) = http_request(gw, "POST", "/v1/people", admin, &person).await;
+    assert_eq!(status, 200, "{body}");
+    let body = lines.read_until("Streamed Customer", std::time::Duration::from_secs(20)).await;
+    let line = body.lines().find(|l| l.contains("Streamed Customer")).expect("a line");
+    let notification: serde_json::Value = serde_json::from_str(line).expect("one JSON message per line");
+    assert!(notification["title"].as_str().is_some_and(|t| t.contains("Streamed Customer")), "{notification}");
+    assert!(notification["sequence"].is_string(), "64-bit integers as strings: {notification}");
+    let body = events.read_until("Streamed Customer", std::time::Duration::from_secs(20)).await;
+    let event = body.split("\n\n").find(|e| e.contains("Streamed Customer")).expect("an event");
+    let data = event.strip_prefix("data: ").expect("a data event");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(data).unwrap()["id"], notification["id"]);
+    // A bad request is refused before anything streams, as a JSON status.
+    let mut refused = HttpStream::get(gw, &format!("{path}?after_id=not-a-notification"), alice, "*/*").await;
+    assert_eq!(refused.status, 400, "{}", refused.head);
+    let body = refused.read_until("}", std::time::Duration::from_secs(5)).await;
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["code"], 3, "{body}");
 }
 
 /// REST/JSON through the gateway (G1): every annotated call at its HTTP path, with path, query

@@ -571,3 +571,102 @@ async fn dev_mode_refuses_hostile_input_on_sqlite() {
     let tally = corpus(addr, 0x5eed_0002).await;
     assert_clean("SQLite", &tally);
 }
+
+/// Calls GetMe through `gateway` as `token` from `callers` tasks until `until`; counts the
+/// answers by code. Nothing but OK and RESOURCE_EXHAUSTED (with its retry info) may come back.
+async fn get_me_flood(
+    gateway: SocketAddr,
+    token: &str,
+    callers: usize,
+    until: std::time::Instant,
+) -> BTreeMap<String, usize> {
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let token = token.to_string();
+            tokio::spawn(async move {
+                let mut client = auth_as(gateway, &token).await;
+                let mut codes = BTreeMap::<String, usize>::new();
+                while std::time::Instant::now() < until {
+                    let code = match client.get_me(crm_proto::auth::v1::GetMeRequest {}).await {
+                        Ok(_) => "Ok".to_string(),
+                        Err(status) => {
+                            if status.code() == Code::ResourceExhausted {
+                                let retry = status.get_details_retry_info().expect("retry info");
+                                assert!(retry.retry_delay.is_some_and(|d| d <= Duration::from_secs(1)), "{retry:?}");
+                            }
+                            format!("{:?}", status.code())
+                        }
+                    };
+                    *codes.entry(code).or_default() += 1;
+                }
+                codes
+            })
+        })
+        .collect();
+    let mut codes = BTreeMap::new();
+    for task in tasks {
+        for (code, n) in task.await.unwrap() {
+            *codes.entry(code).or_default() += n;
+        }
+    }
+    assert!(codes.keys().all(|c| c == "Ok" || c == "ResourceExhausted"), "{codes:?}");
+    codes
+}
+
+/// The value of a counter on a process's `/metrics` (summed over its labels).
+async fn counter(addr: SocketAddr, name: &str) -> f64 {
+    let (_, metrics) = http_get(addr, "/metrics").await;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Per-user rate limits shared by two gateway replicas through one Redis (G2): a user calling
+/// both as fast as they can gets one limit between them, not one per replica; with Redis gone,
+/// each replica applies the limit alone (calls go on, never all refused) and counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limits_hold_across_gateway_replicas() {
+    let mut redis = RedisServer::start().await;
+    let (rate, burst) = (20.0, 20.0);
+    let config = ClusterConfig {
+        replicas: vec![("gateway", 2)],
+        env: vec![
+            // The gateways' own Redis, so that it can be stopped.
+            ("gateway", "CRM_REDIS_URL", redis.url()),
+            ("gateway", "CRM_GATEWAY_RATE_LIMIT_USER", format!("{rate}/s:{burst}")),
+        ],
+        ..ClusterConfig::default()
+    };
+    let cluster = Cluster::start(config).await;
+    let (a, b) = (cluster.replica("gateway", 0), cluster.replica("gateway", 1));
+    let admin = admin_token(a).await;
+
+    let started = std::time::Instant::now();
+    let until = started + Duration::from_secs(3);
+    let (on_a, on_b) = tokio::join!(get_me_flood(a, &admin, 4, until), get_me_flood(b, &admin, 4, until));
+    let elapsed = started.elapsed().as_secs_f64();
+    let ok = on_a.get("Ok").copied().unwrap_or(0) + on_b.get("Ok").copied().unwrap_or(0);
+    let refused =
+        on_a.get("ResourceExhausted").copied().unwrap_or(0) + on_b.get("ResourceExhausted").copied().unwrap_or(0);
+    let most = burst + rate * elapsed;
+    eprintln!(
+        "shared limit: {ok} allowed, {refused} refused in {elapsed:.2}s (at most {most:.0}; a: {on_a:?}, b: {on_b:?})"
+    );
+    // One limit between both (one per replica would allow about twice as many), within 10%.
+    assert!(ok as f64 <= most * 1.1, "{ok} allowed, at most {most:.0}");
+    assert!(ok as f64 >= burst, "at least the burst: {ok}");
+    assert!(refused > 0 && on_a.contains_key("Ok") && on_b.contains_key("Ok"), "{on_a:?} {on_b:?}");
+    assert!(counter(a, "crm_gateway_rate_limited_total").await > 0.0);
+
+    // Redis gone: each replica decides alone, and says so.
+    redis.process.kill();
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    let (on_a, on_b) = tokio::join!(get_me_flood(a, &admin, 2, until), get_me_flood(b, &admin, 2, until));
+    eprintln!("Redis gone: a: {on_a:?}, b: {on_b:?}");
+    assert!(on_a.contains_key("Ok") && on_b.contains_key("Ok"), "fail open: {on_a:?} {on_b:?}");
+    for gateway in [a, b] {
+        assert!(counter(gateway, "crm_gateway_rate_limit_fallback_total").await > 0.0, "counted at {gateway}");
+    }
+}

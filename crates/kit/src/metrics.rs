@@ -69,6 +69,15 @@ pub struct JobKindLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    /// Whose limit: `user`, `client` (a service account) or `address` (a call without a token).
+    pub caller: &'static str,
+    /// `shared` (decided in Redis) or `local` (this replica alone: no Redis configured, or
+    /// Redis unreachable).
+    pub decided: &'static str,
+}
+
 /// Leased jobs' figures (kit::jobs).
 pub struct JobMetrics {
     /// Jobs run, by kind and outcome.
@@ -180,6 +189,10 @@ pub struct Metrics {
     pub jobs: JobMetrics,
     /// Calls served with a caller's last data scope because the auth service was unreachable.
     pub stale_scopes: Counter,
+    /// Calls the gateway refused over a rate limit.
+    pub rate_limited: Family<RateLimitLabels, Counter>,
+    /// Calls whose rate limit this gateway replica decided alone because Redis was unreachable.
+    pub rate_limit_fallback: Counter,
     pools: Mutex<Vec<(String, sqlx::AnyPool)>>,
 }
 
@@ -204,6 +217,14 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Calls served with the caller's last data scope while the auth service was unreachable",
         stale_scopes.clone(),
     );
+    let rate_limited = Family::<RateLimitLabels, Counter>::default();
+    registry.register("crm_gateway_rate_limited", "Calls refused over a rate limit", rate_limited.clone());
+    let rate_limit_fallback = Counter::default();
+    registry.register(
+        "crm_gateway_rate_limit_fallback",
+        "Calls whose rate limit one gateway replica decided alone because Redis was unreachable",
+        rate_limit_fallback.clone(),
+    );
     Metrics {
         registry,
         rpc_server_duration,
@@ -212,6 +233,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         events,
         jobs,
         stale_scopes,
+        rate_limited,
+        rate_limit_fallback,
         pools: Mutex::new(Vec::new()),
     }
 });

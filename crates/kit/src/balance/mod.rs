@@ -16,7 +16,7 @@ use std::time::Duration;
 use rand::Rng;
 
 pub use endpoint::{ConnectError, Endpoint, InFlight, ResponseBody};
-pub use pool::{Pool, SendError};
+pub use pool::{Avoid, Pool, Replica, SendError};
 
 use crate::shutdown::Shutdown;
 

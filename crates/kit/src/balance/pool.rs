@@ -46,6 +46,15 @@ impl From<SendError> for tonic::Status {
     }
 }
 
+/// A request extension: a replica the call should not go to when another can take it (a
+/// retry after that replica answered UNAVAILABLE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Avoid(pub SocketAddr);
+
+/// A response extension: the replica that answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replica(pub SocketAddr);
+
 /// The replicas of one service.
 pub struct Pool {
     service: &'static str,
@@ -201,10 +210,15 @@ impl Pool {
         let path = parts.uri.path_and_query().cloned();
         let mut request = Request::from_parts(parts, body);
 
+        let avoid = request.extensions().get::<Avoid>().map(|a| a.0);
         let mut tried = [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_ATTEMPTS];
         let mut last_error = None;
         for attempt in 0..MAX_ATTEMPTS {
-            let Some(endpoint) = self.pick(&tried[..attempt]) else { break };
+            let preferred = match avoid {
+                Some(avoid) if attempt == 0 => self.pick(&[avoid]),
+                _ => None,
+            };
+            let Some(endpoint) = preferred.or_else(|| self.pick(&tried[..attempt])) else { break };
             tried[attempt] = endpoint.addr();
             let in_flight = endpoint.track();
             let mut sender = match endpoint.sender().await {
@@ -223,7 +237,8 @@ impl Pool {
             }
             *request.uri_mut() = endpoint.uri(path.clone());
             match sender.try_send_request(request).await {
-                Ok(response) => {
+                Ok(mut response) => {
+                    response.extensions_mut().insert(Replica(endpoint.addr()));
                     return Ok(response.map(|body| ResponseBody { inner: body, in_flight: Some(in_flight) }));
                 }
                 Err(mut e) => {

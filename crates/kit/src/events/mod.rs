@@ -249,6 +249,15 @@ impl Events {
         &self.inner.settings
     }
 
+    /// The Redis server events travel through, if any (the gateway keeps its shared rate
+    /// limits there too).
+    pub fn redis_client(&self) -> Option<::redis::Client> {
+        match &self.inner.transport {
+            Transport::Redis(bus) => Some(bus.client()),
+            Transport::Embedded => None,
+        }
+    }
+
     /// "redis" or "embedded".
     pub fn transport_name(&self) -> &'static str {
         match self.inner.transport {

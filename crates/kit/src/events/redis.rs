@@ -29,6 +29,10 @@ impl Bus {
         Ok(Bus { client, conn })
     }
 
+    pub(crate) fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// The shared connection (commands that answer at once).
     pub(crate) fn conn(&self) -> ConnectionManager {
         self.conn.clone()
