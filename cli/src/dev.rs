@@ -96,19 +96,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
     }
     let listen = front.context("the suite has no front role")?;
+    // The same binary is the client: named as it was started (`target/release/crm`…).
+    let me = std::env::args().next().filter(|a| !a.is_empty()).unwrap_or_else(|| "crm".into());
     println!(
         "\nCRM is running (started in {} ms). Data: {}\n\n\
-         Gateway (gRPC, gRPC-Web, /healthz, /readyz, /metrics, /.well-known/jwks.json): http://{listen}\n\n\
+         Gateway (gRPC, gRPC-Web, REST/JSON, /openapi.json, /healthz, /readyz, /metrics, \
+         /.well-known/jwks.json): http://{listen}\n\n\
          {}\n\n\
          Try it:\n  \
-         grpcurl -plaintext {listen} list\n  \
-         TOKEN=$(grpcurl -plaintext -d '{{\"email\": \"<administrator>\", \"password\": \"<password>\"}}' \\\n    \
-         {listen} crm.auth.v1.AuthService/SignIn | sed -n 's/.*\"accessToken\": \"\\(.*\\)\".*/\\1/p')\n  \
-         grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" \\\n    \
-         -d '{{\"person\": {{\"full_name\": \"Anna Petrova\", \"emails\": [{{\"address\": \"anna@example.com\"}}]}}}}' \\\n    \
-         {listen} crm.contacts.v1.ContactsService/CreatePerson\n  \
-         grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{\"query\": \"anna\"}}' \\\n    \
-         {listen} crm.contacts.v1.ContactsService/ListPeople\n\n\
+         {me} login --server {listen} --email <administrator>\n  \
+         {me} contacts create \"Anna Petrova\" --email anna@example.com\n  \
+         {me} contacts list --search anna\n  \
+         curl -s http://{listen}/openapi.json     # the REST API, described\n  \
+         grpcurl -plaintext {listen} list         # gRPC, with server reflection\n\n\
          Stop with ctrl-c.\n",
         started.elapsed().as_millis(),
         data_dir.display(),

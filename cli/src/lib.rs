@@ -4,7 +4,9 @@
 //! - `crm serve <role>…` runs cluster roles against PostgreSQL;
 //! - `crm migrate <role>` applies a role's database migrations;
 //! - `crm events …` shows a service's events backlog, consumer lag and dead letters;
-//! - `crm bench …` loads realistic volume and measures latency.
+//! - `crm bench …` loads realistic volume and measures latency;
+//! - `crm login`, `crm contacts|deals|tasks|notifications …`, `crm report …`, `crm call …`:
+//!   the client commands, calling a running CRM through its gateway (`client`).
 //!
 //! Every command works from [`SUITE`], the list of roles: adding a service is one line there.
 
@@ -15,6 +17,7 @@ mod bench_inproc;
 mod bench_notifications;
 mod bench_plans;
 mod bench_tasks;
+mod client;
 mod dev;
 mod events;
 mod serve;
@@ -64,6 +67,26 @@ enum Command {
     Events(events::EventsArgs),
     /// Load volume into a database and measure calls against a running suite.
     Bench(bench::BenchArgs),
+    /// Sign in to a CRM (its gateway) and keep the session for the client commands.
+    Login(client::LoginArgs),
+    /// Sign out and forget the session.
+    Logout(client::SessionArgs),
+    /// Who the session is signed in as.
+    Whoami(client::SessionArgs),
+    /// People: list, get, create, update, delete.
+    Contacts(client::ContactsArgs),
+    /// Deals: list, get, create, update, move; pipelines.
+    Deals(client::DealsArgs),
+    /// Tasks: list, create, complete.
+    Tasks(client::TasksArgs),
+    /// My inbox: list, mark read, watch live.
+    Notifications(client::NotificationsArgs),
+    /// A report of the deals: as a table, CSV or JSON.
+    Report(client::ReportArgs),
+    /// Any call of the API by name, with its request as JSON.
+    Call(client::CallArgs),
+    /// Shell completion for crm (bash, zsh, fish, elvish, powershell).
+    Completion(client::CompletionArgs),
 }
 
 /// Every role's flags, generated from [`SUITE`] and kept as parsed for each role to read its
@@ -156,6 +179,20 @@ pub fn main() -> anyhow::Result<()> {
             Command::Bench(args) => {
                 let _telemetry = crm_kit::telemetry::init("crm-bench", cli.log.format_or(LogFormat::Pretty));
                 bench::run(args).await
+            }
+            Command::Login(args) => client::login(args).await,
+            Command::Logout(args) => client::logout(args).await,
+            Command::Whoami(args) => client::whoami(args).await,
+            Command::Contacts(args) => client::contacts(args).await,
+            Command::Deals(args) => client::deals(args).await,
+            Command::Tasks(args) => client::tasks(args).await,
+            Command::Notifications(args) => client::notifications(args).await,
+            Command::Report(args) => client::report(args).await,
+            Command::Call(args) => client::call(args).await,
+            Command::Completion(args) => {
+                use clap::CommandFactory;
+                client::completion(args, Cli::command());
+                Ok(())
             }
         }
     })

@@ -455,3 +455,128 @@ async fn twenty_drains_under_load_fail_no_call() {
         &failed[..failed.len().min(5)]
     );
 }
+
+/// Runs the `crm` client with its session in `config`, against `server`, feeding `stdin`:
+/// whether it succeeded, its standard output and its standard error.
+fn crm_client(config: &std::path::Path, server: SocketAddr, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(crm_bin())
+        .args(args)
+        .env("CRM_CONFIG_DIR", config)
+        .env("CRM_SERVER", server.to_string())
+        .env_remove("CRM_PASSWORD")
+        .env_remove("CRM_OUTPUT")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run crm");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    (output.status.success(), text(&output.stdout), text(&output.stderr))
+}
+
+/// The `crm` client commands against `crm dev` (X6): sign in, create, list, update, a report,
+/// errors as field violations, JSON output, token refresh (the access token lives 3 s, so every
+/// command renews it first; one refused as expired is renewed and the call made again), sign out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_client_works_against_crm_dev() {
+    let data = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let env = [("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD), ("CRM_ACCESS_TOKEN_TTL", "3s")];
+    let _dev = start_dev("dev", &data.path().join("crm-data"), addr, &env).await;
+    let config = data.path().join("config");
+    let run = |args: &[&str]| crm_client(&config, addr, args, "");
+    let ok = |args: &[&str]| {
+        let (ok, out, err) = run(args);
+        assert!(ok, "crm {args:?} failed: {out}{err}");
+        out
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.extend(["--output", "json"]);
+        serde_json::from_str(&ok(&args)).expect("JSON output")
+    };
+
+    let (signed_in, out, err) = crm_client(
+        &config,
+        addr,
+        &["login", "--email", ADMIN_EMAIL, "--password-stdin"],
+        &format!("{ADMIN_PASSWORD}\n"),
+    );
+    assert!(signed_in, "{out}{err}");
+    assert!(out.contains(&format!("signed in to {addr} as {ADMIN_EMAIL}")), "{out}");
+    let session_file = config.join("session.json");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&session_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the session is the user's alone");
+    }
+    let session = || -> serde_json::Value { serde_json::from_slice(&std::fs::read(&session_file).unwrap()).unwrap() };
+    let first = session();
+    assert_eq!(json(&["whoami"])["email"], ADMIN_EMAIL);
+    let renewed = session();
+    assert_ne!(renewed["access_token"], first["access_token"], "renewed before it ran out");
+    assert_ne!(renewed["refresh_token"], first["refresh_token"], "the refresh token is used up");
+
+    // People: create, list (a table), update only what is given, get as JSON.
+    let ada =
+        json(&["contacts", "create", "Ada Lovelace", "--email", "ada@example.com", "--phone", "+7 912 345 67 89"]);
+    let id = ada["id"].as_str().expect("an id").to_string();
+    let table = ok(&["contacts", "list"]);
+    let header = table.lines().next().unwrap();
+    assert!(header.starts_with("ID") && header.contains("NAME") && header.contains("EMAIL"), "{table}");
+    assert!(
+        table.lines().any(|l| l.contains(&id) && l.contains("Ada Lovelace") && l.contains("ada@example.com")),
+        "{table}"
+    );
+    let updated = ok(&["contacts", "update", &id, "--name", "Ada King"]);
+    assert!(updated.contains("Ada King"), "{updated}");
+    let got = json(&["contacts", "get", &id]);
+    assert_eq!(
+        (got["fullName"].as_str(), got["emails"][0]["address"].as_str()),
+        (Some("Ada King"), Some("ada@example.com"))
+    );
+
+    // Refusals name the field.
+    let (refused, _, err) = run(&["contacts", "create", " "]);
+    assert!(!refused);
+    assert!(err.contains("InvalidArgument") && err.contains("person.full_name"), "{err}");
+    let (refused, _, err) = run(&["deals", "create", "Bad money", "--amount", "1.234", "--currency", "EUR"]);
+    assert!(!refused && err.contains("not an amount of EUR"), "{err}");
+
+    // A deal in euros, the forecast as a table and as CSV, any call by name.
+    let deal = json(&["deals", "create", "Big deal", "--amount", "19.99", "--currency", "EUR", "--person", &id]);
+    assert_eq!(deal["amount"]["minorUnits"], "1999");
+    let deals = ok(&["deals", "list"]);
+    assert!(deals.lines().any(|l| l.contains("Big deal") && l.contains("19.99 EUR") && l.contains("OPEN")), "{deals}");
+    let forecast = ok(&["report", "forecast"]);
+    assert!(forecast.starts_with("Month"), "{forecast}");
+    let csv = ok(&["report", "forecast", "--csv"]);
+    assert!(csv.starts_with("Month,"), "{csv}");
+    let report = json(&["report", "funnel"]);
+    assert_eq!(report["kind"], "REPORT_KIND_FUNNEL");
+    let pipelines = json(&["call", "DealsService/ListPipelines"]);
+    assert_eq!(pipelines["pipelines"][0]["name"], "Sales");
+    ok(&["notifications", "list"]);
+
+    // An access token refused as expired (here: not a token at all) is renewed and the call made
+    // again.
+    let mut broken = session();
+    broken["access_token"] = "not-a-token".into();
+    broken["access_expires_at"] = (chrono::Utc::now().timestamp() + 3600).into();
+    std::fs::write(&session_file, broken.to_string()).unwrap();
+    assert_eq!(json(&["whoami"])["email"], ADMIN_EMAIL);
+    assert_ne!(session()["access_token"], "not-a-token");
+
+    // Completion scripts; signing out ends the session here and on the server.
+    assert!(ok(&["completion", "bash"]).contains("_crm"));
+    let refresh = session()["refresh_token"].as_str().unwrap().to_string();
+    assert!(ok(&["logout"]).contains("signed out"));
+    assert!(!session_file.exists());
+    let (listed, _, err) = run(&["contacts", "list"]);
+    assert!(!listed && err.contains("not signed in"), "{err}");
+    let refreshed = auth(addr).await.refresh(crm_proto::auth::v1::RefreshRequest { refresh_token: refresh }).await;
+    assert_eq!(refreshed.unwrap_err().code(), tonic::Code::Unauthenticated, "signed out on the server too");
+}
