@@ -56,7 +56,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let credentials = ServiceCredentials::generate(DEV_SERVICE_CLIENT_ID);
     let intervals = args.common.intervals().map_err(|e| anyhow::anyhow!("{e}"))?;
     let peers = Peers::new(callees, intervals, args.common.keys_refresh_interval, Some(credentials), shutdown.clone())
-        .with_visibility(args.common.visibility());
+        .with_visibility(args.common.visibility())
+        .with_tls(args.common.tls.peers().map_err(|e| anyhow::anyhow!("{e}"))?);
     // Events go through the roles' databases: every producer runs in this process.
     let events = Events::embedded(&SUITE, Settings::default());
     // One process: nothing balances over its roles, so a stop drains at once.
@@ -74,7 +75,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         });
         let ctx = Context::new(spec, SUITE, database, peers.clone(), events.clone());
         let opened = role.open(args.flags.matches(), ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
-        let opened = opened.server_settings(settings);
+        let opened = opened.server_settings(settings.clone());
         banner.extend(opened.banner_lines().iter().cloned());
         let shutdown = shutdown.clone();
         tasks.spawn(async move {

@@ -54,7 +54,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let credentials = args.service_account.credentials().map_err(|e| anyhow::anyhow!("{e}"))?;
     let intervals = args.common.intervals().map_err(|e| anyhow::anyhow!("{e}"))?;
     let peers = Peers::new(callees, intervals, args.common.keys_refresh_interval, credentials, shutdown.clone())
-        .with_visibility(args.common.visibility());
+        .with_visibility(args.common.visibility())
+        .with_tls(args.common.tls.peers().map_err(|e| anyhow::anyhow!("{e}"))?);
     let events = args.events.events(&SUITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let settings = args.common.server_settings().map_err(|e| anyhow::anyhow!("{e}"))?;
 
@@ -66,7 +67,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         let ctx = Context::new(spec, SUITE, placement.database.clone(), peers.clone(), events.clone());
         let opened = role.open(args.flags.matches(), ctx).await.map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
-        let opened = opened.server_settings(settings);
+        let opened = opened.server_settings(settings.clone());
         if let Some(notice) = opened.notice_text() {
             println!("{notice}");
         }

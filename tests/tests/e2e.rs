@@ -580,3 +580,134 @@ async fn the_command_line_client_works_against_crm_dev() {
     let refreshed = auth(addr).await.refresh(crm_proto::auth::v1::RefreshRequest { refresh_token: refresh }).await;
     assert_eq!(refreshed.unwrap_err().code(), tonic::Code::Unauthenticated, "signed out on the server too");
 }
+
+/// A test certificate authority and leaf certificates for 127.0.0.1 and localhost it signs.
+struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "CRM test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        TestCa { issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap() }
+    }
+
+    /// A leaf named `name`: its certificate (DER), and the PEM of the certificate and its key.
+    fn leaf(&self, name: &str) -> (Vec<u8>, String, String) {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.der().to_vec(), cert.pem(), key.serialize_pem())
+    }
+
+    /// A TLS client configuration trusting this authority (ALPN h2).
+    fn client(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).unwrap();
+        #[allow(deprecated)]
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        std::sync::Arc::new(config)
+    }
+}
+
+/// Calls `addr` over TLS (trusting `config`'s authority, as `localhost`): the certificate the
+/// server presented and a gRPC channel over that connection.
+async fn tls_channel(
+    addr: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> (Vec<u8>, tonic::transport::Channel) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("TLS handshake");
+    let presented = tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "HTTP/2 negotiated");
+    let stream = std::sync::Mutex::new(Some(tls));
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let tls = stream.lock().unwrap().take();
+            async move { tls.map(hyper_util::rt::TokioIo::new).ok_or_else(|| std::io::Error::other("one connection")) }
+        }))
+        .await
+        .expect("a channel over TLS");
+    (presented, channel)
+}
+
+/// TLS on every role's port (G1), with a certificate made in the test: the handshake, calls over
+/// it (the gateway calling the services over TLS too), and a renewed certificate taking effect
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_tls_and_reloads_its_certificate() {
+    let data = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let (first, cert_pem, key_pem) = ca.leaf("crm first");
+    let (cert, key) = (data.path().join("tls.crt"), data.path().join("tls.key"));
+    let authority = data.path().join("ca.crt");
+    std::fs::write(&cert, cert_pem).unwrap();
+    std::fs::write(&key, key_pem).unwrap();
+    std::fs::write(&authority, ca.issuer.pem()).unwrap();
+    let addr = free_addr();
+    let env = [
+        ("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD),
+        ("CRM_TLS_CERT", cert.to_str().unwrap()),
+        ("CRM_TLS_KEY", key.to_str().unwrap()),
+        ("CRM_TLS_RELOAD_INTERVAL", "100ms"),
+        // TLS only (but from loopback), and the roles call each other over TLS, verified.
+        ("CRM_TLS_ONLY", "true"),
+        ("CRM_PEERS_TLS_CA", authority.to_str().unwrap()),
+    ];
+    // The harness waits for it over plaintext, from loopback.
+    let _dev = start_dev("dev", &data.path().join("crm-data"), addr, &env).await;
+
+    let (presented, channel) = tls_channel(addr, ca.client()).await;
+    assert_eq!(presented, first);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+    assert_eq!(status.into_inner().status, ServingStatus::Serving as i32);
+    let mut auth = crm_proto::auth::v1::auth_service_client::AuthServiceClient::new(channel);
+    let request = crm_proto::auth::v1::SignInRequest { email: ADMIN_EMAIL.into(), password: ADMIN_PASSWORD.into() };
+    let pair = auth.sign_in(request).await.expect("a call over TLS").into_inner();
+    let mut contacts = contacts_service_client::ContactsServiceClient::new(tls_channel(addr, ca.client()).await.1);
+    let mut request = tonic::Request::new(ListPeopleRequest { page_size: 1, ..Default::default() });
+    request.metadata_mut().insert("authorization", format!("Bearer {}", pair.access_token).parse().unwrap());
+    contacts.list_people(request).await.expect("a service call through the gateway over TLS");
+    // The command-line client over TLS, trusting the test authority.
+    let config = data.path().join("config");
+    let server = format!("https://localhost:{}", addr.port());
+    let tls_args = ["--server", server.as_str(), "--ca-file", authority.to_str().unwrap()];
+    let login = [&["login", "--email", ADMIN_EMAIL, "--password-stdin"][..], &tls_args[..]].concat();
+    let (signed_in, out, err) = crm_client(&config, addr, &login, &format!("{ADMIN_PASSWORD}\n"));
+    assert!(signed_in && out.contains(&format!("signed in to {server}")), "{out}{err}");
+    let whoami = [&["whoami", "--output", "json"][..], &tls_args[..]].concat();
+    let (ok, out, err) = crm_client(&config, addr, &whoami, "");
+    assert!(ok && out.contains(ADMIN_EMAIL), "{out}{err}");
+
+    // A renewed certificate: new connections get it, no restart.
+    let (second, cert_pem, key_pem) = ca.leaf("crm second");
+    std::fs::write(&key, key_pem).unwrap();
+    std::fs::write(&cert, cert_pem).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (presented, _) = tls_channel(addr, ca.client()).await;
+        if presented == second {
+            break;
+        }
+        assert_eq!(presented, first, "the old certificate until the new one loads");
+        assert!(Instant::now() < deadline, "the renewed certificate was not served within 20s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Calls through the gateway still reach the services (new connections get the new one).
+    let mut contacts = contacts_service_client::ContactsServiceClient::new(tls_channel(addr, ca.client()).await.1);
+    let mut request = tonic::Request::new(ListPeopleRequest { page_size: 1, ..Default::default() });
+    request.metadata_mut().insert("authorization", format!("Bearer {}", pair.access_token).parse().unwrap());
+    contacts.list_people(request).await.expect("a call after the renewal");
+}

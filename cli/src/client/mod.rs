@@ -31,12 +31,16 @@ pub(crate) use commands::{
 #[derive(clap::Args, Debug, Clone)]
 #[command(next_help_heading = "Client")]
 pub(crate) struct ClientArgs {
-    /// The gateway, host:port (default: where `crm login` signed in, else 127.0.0.1:8080).
+    /// The gateway, host:port or https://host:port (default: where `crm login` signed in, else
+    /// 127.0.0.1:8080).
     #[arg(long, value_name = "HOST:PORT", env = "CRM_SERVER", global = true)]
     pub server: Option<String>,
     /// How answers are printed: a table for people, or JSON (proto3 JSON, as the REST API).
     #[arg(long, short = 'o', value_enum, env = "CRM_OUTPUT", default_value = "table", global = true)]
     pub output: Output,
+    /// For an https:// server: PEM CA certificates to trust instead of the public ones.
+    #[arg(long, value_name = "FILE", env = "CRM_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// How answers are printed.
@@ -193,10 +197,21 @@ impl Client {
             .or_else(|| session.as_ref().map(|s| s.server.clone()))
             .unwrap_or_else(|| "127.0.0.1:8080".to_string());
         let uri = if server.contains("://") { server.clone() } else { format!("http://{server}") };
-        let channel = Channel::from_shared(uri.clone())
+        let mut endpoint = Channel::from_shared(uri.clone())
             .with_context(|| format!("{server:?} is not a server address"))?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .connect_lazy();
+            .connect_timeout(std::time::Duration::from_secs(5));
+        if uri.starts_with("https://") {
+            let tls = tonic::transport::ClientTlsConfig::new();
+            let tls = match &args.ca_file {
+                Some(file) => {
+                    let pem = std::fs::read(file).with_context(|| format!("--ca-file {}", file.display()))?;
+                    tls.ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                }
+                None => tls.with_webpki_roots(),
+            };
+            endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+        }
+        let channel = endpoint.connect_lazy();
         let pool = DescriptorPool::decode(crm_proto::FILE_DESCRIPTOR_SET).context("the suite's descriptors")?;
         // A session signed in elsewhere is not sent to this server.
         let session = session.filter(|s| s.server == server);

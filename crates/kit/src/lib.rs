@@ -1,5 +1,5 @@
 //! What every CRM service is built from (ARCHITECTURE §2): the role contract, storage and
-//! migrations, the gRPC server with health, reflection and graceful shutdown, clients of other
+//! migrations, the gRPC server with health, reflection, TLS and graceful shutdown, clients of other
 //! services, the events backbone and leased jobs, token verification with data scope, the error model, keyset pagination, filters,
 //! update masks, input validation, configuration and telemetry.
 
@@ -23,6 +23,7 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 pub mod validate;
 pub mod wire;
 

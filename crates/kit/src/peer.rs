@@ -51,6 +51,8 @@ struct Inner {
     verifier: OnceLock<Verifier>,
     visibility: Visibility,
     scopes: OnceLock<ScopeCache>,
+    /// TLS to the callees, when they are called over TLS.
+    tls: Option<crate::tls::PeerTls>,
     shutdown: Shutdown,
 }
 
@@ -99,6 +101,7 @@ impl Peers {
                 verifier: OnceLock::new(),
                 visibility: Visibility::default(),
                 scopes: OnceLock::new(),
+                tls: None,
                 shutdown,
             }),
         }
@@ -109,6 +112,15 @@ impl Peers {
     pub fn with_visibility(mut self, visibility: Visibility) -> Peers {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.visibility = visibility;
+        }
+        self
+    }
+
+    /// Calls the other roles over `tls` (None: plaintext); call it on the new `Peers`, as
+    /// [`Peers::with_visibility`].
+    pub fn with_tls(mut self, tls: Option<crate::tls::PeerTls>) -> Peers {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.tls = tls;
         }
         self
     }
@@ -139,7 +151,7 @@ impl Peers {
         if let Some(pool) = pools.get(callee.role) {
             return Ok(pool.clone());
         }
-        let pool = Arc::new(Pool::new(callee.service, callee.addrs.clone()));
+        let pool = Arc::new(Pool::new(callee.service, callee.addrs.clone()).with_tls(self.inner.tls.clone()));
         tokio::spawn(crate::balance::maintain(pool.clone(), self.inner.intervals, self.inner.shutdown.clone()));
         pools.insert(callee.role, pool.clone());
         Ok(pool)

@@ -391,6 +391,8 @@ pub struct CommonArgs {
         value_parser = crate::config::parse_duration
     )]
     pub drain_delay: Duration,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
     /// How long a caller's visible owners (their data scope, resolved by the auth service) are
     /// reused by every service that lists records: an organisation change (a user moved, a
     /// role's scope changed) shows within it even while its event is delayed; "0" asks the auth
@@ -430,6 +432,7 @@ impl CommonArgs {
             max_concurrent_streams: self.max_concurrent_streams,
             read_timeout: self.request_read_timeout,
             drain_delay: self.drain_delay,
+            tls: self.tls.tls()?,
         })
     }
 

@@ -31,7 +31,7 @@ pub type ReadyCheck = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), Str
 const READY_INTERVAL: Duration = Duration::from_secs(2);
 
 /// How a server treats its connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ServerSettings {
     /// Streams (calls) one HTTP/2 connection may have open at once, advertised to clients.
     pub max_concurrent_streams: u32,
@@ -42,6 +42,8 @@ pub struct ServerSettings {
     /// whoever balances over it (the gateway's health checks, a Kubernetes endpoint) stops
     /// sending first; then it stops accepting and finishes the calls in flight.
     pub drain_delay: Duration,
+    /// TLS beside (or instead of) plaintext on the port.
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl Default for ServerSettings {
@@ -50,6 +52,7 @@ impl Default for ServerSettings {
             max_concurrent_streams: 256,
             read_timeout: crate::limit::DEFAULT_READ_TIMEOUT,
             drain_delay: Duration::ZERO,
+            tls: None,
         }
     }
 }
@@ -181,6 +184,10 @@ impl Server {
         let routes = Routes::from(router);
 
         let watcher = tokio::spawn(watch_readiness(health.clone(), names.clone(), ready, shutdown.clone()));
+        let reloader = settings.tls.clone().map(|tls| {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { tls.watch(shutdown.wait()).await })
+        });
         let drain = {
             let health = health.clone();
             async move {
@@ -200,9 +207,12 @@ impl Server {
             .layer(RpcLayer::new(role))
             .layer(tower::util::option_layer(auth.map(crate::auth::AuthLayer::new)))
             .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming(listener, settings.read_timeout), drain)
+            .serve_with_incoming_shutdown(incoming(listener, settings.read_timeout, settings.tls.clone()), drain)
             .await;
         watcher.abort();
+        if let Some(reloader) = reloader {
+            reloader.abort();
+        }
         result
     }
 }
@@ -245,28 +255,54 @@ const MAX_HANDSHAKES: usize = 4096;
 /// listeners it binds itself, and small gRPC frames otherwise wait for delayed ACKs, ~40 ms),
 /// handed to the server once the client has started sending: a connection silent for
 /// `first_bytes` is closed, so idle sockets cannot pile up (HTTP/1.1 headers then have 30 s,
-/// HTTP/2 streams the body read timeout).
+/// HTTP/2 streams the body read timeout). With `tls`, a connection whose first byte starts a
+/// TLS handshake is served over TLS (the handshake, too, within `first_bytes`), and plaintext
+/// unless TLS alone is allowed.
 fn incoming(
     listener: TcpListener,
     first_bytes: Duration,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tls: Option<crate::tls::Tls>,
+) -> impl tokio_stream::Stream<Item = std::io::Result<crate::tls::Conn>> {
     use futures_util::StreamExt;
+
+    use crate::tls::{Conn, Tls};
+    let limit = if first_bytes.is_zero() { Duration::MAX } else { first_bytes };
     TcpListenerStream::new(listener)
-        .map(move |accepted| async move {
-            let stream = accepted?;
-            stream.set_nodelay(true)?;
-            if !first_bytes.is_zero() {
+        .map(move |accepted| {
+            let tls = tls.clone();
+            async move {
+                let stream = accepted?;
+                stream.set_nodelay(true)?;
+                if first_bytes.is_zero() && tls.is_none() {
+                    return Ok(Some(Conn::Plain(stream)));
+                }
                 let mut byte = [0u8; 1];
-                match tokio::time::timeout(first_bytes, stream.peek(&mut byte)).await {
-                    Ok(Ok(n)) if n > 0 => {}
+                let first = match tokio::time::timeout(limit, stream.peek(&mut byte)).await {
+                    Ok(Ok(n)) if n > 0 => byte[0],
                     // Silent, or gone before saying anything.
                     _ => return Ok(None),
+                };
+                match tls {
+                    Some(tls) if Tls::starts_tls(first) => {
+                        match tokio::time::timeout(limit, tls.accept(stream)).await {
+                            Ok(Ok(conn)) => Ok(Some(conn)),
+                            Ok(Err(error)) => {
+                                tracing::debug!(%error, "TLS handshake failed");
+                                Ok(None)
+                            }
+                            Err(_) => Ok(None),
+                        }
+                    }
+                    Some(tls) if tls.only() && !stream.peer_addr().is_ok_and(|a| a.ip().is_loopback()) => {
+                        tracing::debug!("a plaintext connection refused: TLS only");
+                        Ok(None)
+                    }
+                    _ => Ok(Some(Conn::Plain(stream))),
                 }
             }
-            Ok(Some(stream))
         })
         .buffer_unordered(MAX_HANDSHAKES)
-        .filter_map(|result: std::io::Result<Option<tokio::net::TcpStream>>| async move { result.transpose() })
+        .filter_map(|result: std::io::Result<Option<Conn>>| async move { result.transpose() })
 }
 
 async fn set_all(health: &HealthReporter, names: &[String], status: ServingStatus) {

@@ -43,6 +43,8 @@ pub enum ConnectError {
 /// One replica of a service.
 pub struct Endpoint {
     addr: SocketAddr,
+    /// TLS to the replica, verified as the host it was configured with.
+    tls: Option<(crate::tls::PeerTls, String)>,
     authority: Authority,
     service: &'static str,
     labels: UpstreamLabels,
@@ -64,13 +66,21 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub(super) fn new(service: &'static str, addr: SocketAddr, exported: Arc<AtomicBool>) -> Endpoint {
+    /// A replica, called over TLS when `tls` is given (with the host name its certificate must
+    /// carry).
+    pub(super) fn new(
+        service: &'static str,
+        addr: SocketAddr,
+        exported: Arc<AtomicBool>,
+        tls: Option<(crate::tls::PeerTls, String)>,
+    ) -> Endpoint {
         // Only the `:authority` of forwarded calls; the connection goes to `addr` regardless.
         let authority =
             Authority::try_from(addr.to_string().as_str()).unwrap_or_else(|_| Authority::from_static("upstream"));
         let labels = UpstreamLabels { upstream: service.to_string(), endpoint: addr.to_string() };
         let endpoint = Endpoint {
             addr,
+            tls,
             authority,
             service,
             labels,
@@ -180,25 +190,39 @@ impl Endpoint {
 
     async fn connect(&self) -> Result<SendRequest<Body>, ConnectError> {
         let addr = self.addr;
+        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .adaptive_window(true)
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let closed = move |result: Result<(), hyper::Error>| {
+            if let Err(e) = result {
+                tracing::debug!(endpoint = %addr, error = %e, "upstream connection closed");
+            }
+        };
         let handshake = async {
             let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| ConnectError::Connect(addr, e))?;
             let _ = stream.set_nodelay(true);
-            hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .adaptive_window(true)
-                .keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| ConnectError::Handshake(addr, e))
+            let sender = match &self.tls {
+                None => {
+                    let (sender, connection) =
+                        builder.handshake(TokioIo::new(stream)).await.map_err(|e| ConnectError::Handshake(addr, e))?;
+                    tokio::spawn(async move { closed(connection.await) });
+                    sender
+                }
+                Some((tls, host)) => {
+                    let stream = tls.connect(host, stream).await.map_err(|e| ConnectError::Connect(addr, e))?;
+                    let (sender, connection) =
+                        builder.handshake(TokioIo::new(stream)).await.map_err(|e| ConnectError::Handshake(addr, e))?;
+                    tokio::spawn(async move { closed(connection.await) });
+                    sender
+                }
+            };
+            Ok::<_, ConnectError>(sender)
         };
-        let (sender, connection) =
+        let sender =
             tokio::time::timeout(CONNECT_TIMEOUT, handshake).await.map_err(|_| ConnectError::Timeout(addr))??;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(endpoint = %addr, error = %e, "upstream connection closed");
-            }
-        });
         tracing::debug!(upstream = self.service, endpoint = %addr, "connected");
         Ok(sender)
     }
@@ -301,7 +325,7 @@ mod tests {
 
     #[test]
     fn builds_replica_uris() {
-        let e = Endpoint::new("svc.S", "[::1]:50051".parse().unwrap(), Default::default());
+        let e = Endpoint::new("svc.S", "[::1]:50051".parse().unwrap(), Default::default(), None);
         let uri = e.uri(Some(PathAndQuery::from_static("/crm.contacts.v1.ContactsService/GetPerson")));
         assert_eq!(uri.to_string(), "http://[::1]:50051/crm.contacts.v1.ContactsService/GetPerson");
     }

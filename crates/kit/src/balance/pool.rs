@@ -1,7 +1,7 @@
 //! The replicas of one service: discovery by DNS, power-of-two-choices selection, and sending a
 //! call with failover while nothing of it has been sent.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -46,6 +46,12 @@ impl From<SendError> for tonic::Status {
     }
 }
 
+/// The host of a `host:port` target ("[::1]:50051" → "::1").
+fn host_of(target: &str) -> &str {
+    let host = target.rsplit_once(':').map_or(target, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// A request extension: a replica the call should not go to when another can take it (a
 /// retry after that replica answered UNAVAILABLE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +72,8 @@ pub struct Pool {
     /// Set by the first discovery, which the first call waits for.
     discovered: tokio::sync::OnceCell<()>,
     exported: Arc<AtomicBool>,
+    /// TLS to the replicas, if they are called over TLS.
+    tls: Option<crate::tls::PeerTls>,
 }
 
 impl Pool {
@@ -80,7 +88,14 @@ impl Pool {
             endpoints: RwLock::new(Vec::new()),
             discovered: tokio::sync::OnceCell::new(),
             exported: Arc::new(AtomicBool::new(false)),
+            tls: None,
         }
+    }
+
+    /// Calls the replicas over `tls`, each verified as the host of its target.
+    pub fn with_tls(mut self, tls: Option<crate::tls::PeerTls>) -> Pool {
+        self.tls = tls;
+        self
     }
 
     /// The full name of the service the replicas serve.
@@ -159,24 +174,29 @@ impl Pool {
             }
         });
         let results = futures_util::future::join_all(lookups).await;
-        let wanted: HashSet<SocketAddr> = {
+        // Each address with the host of the target it came from (the name TLS verifies).
+        let wanted: HashMap<SocketAddr, &str> = {
             let mut resolved = self.resolved.lock().unwrap_or_else(PoisonError::into_inner);
             for (last, now) in resolved.iter_mut().zip(results) {
                 if let Some(now) = now {
                     *last = now;
                 }
             }
-            resolved.iter().flatten().copied().collect()
+            resolved
+                .iter()
+                .zip(&self.targets)
+                .flat_map(|(addrs, target)| addrs.iter().map(move |a| (*a, host_of(target))))
+                .collect()
         };
         {
             let current = self.read();
-            if current.len() == wanted.len() && current.iter().all(|e| wanted.contains(&e.addr())) {
+            if current.len() == wanted.len() && current.iter().all(|e| wanted.contains_key(&e.addr())) {
                 return Vec::new();
             }
         }
         let mut endpoints = self.endpoints.write().unwrap_or_else(PoisonError::into_inner);
         endpoints.retain(|e| {
-            let keep = wanted.contains(&e.addr());
+            let keep = wanted.contains_key(&e.addr());
             if !keep {
                 tracing::info!(upstream = self.service, endpoint = %e.addr(), "replica removed");
                 e.retire();
@@ -184,10 +204,11 @@ impl Pool {
             keep
         });
         let mut added = Vec::new();
-        for addr in wanted {
+        for (addr, host) in wanted {
             if !endpoints.iter().any(|e| e.addr() == addr) {
                 tracing::info!(upstream = self.service, endpoint = %addr, "replica added");
-                let endpoint = Arc::new(Endpoint::new(self.service, addr, self.exported.clone()));
+                let tls = self.tls.clone().map(|tls| (tls, host.to_string()));
+                let endpoint = Arc::new(Endpoint::new(self.service, addr, self.exported.clone(), tls));
                 endpoints.push(endpoint.clone());
                 added.push(endpoint);
             }
@@ -287,13 +308,22 @@ fn code_of(error: hyper::Error) -> Code {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
+
+    #[test]
+    fn targets_name_their_hosts() {
+        assert_eq!(host_of("contacts.crm.svc:50051"), "contacts.crm.svc");
+        assert_eq!(host_of("127.0.0.1:50051"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:50051"), "::1");
+    }
 
     #[test]
     fn pick_skips_unhealthy_and_tried_replicas() {
         let pool = Pool::new("svc.S", Vec::new());
-        let a = Arc::new(Endpoint::new("svc.S", "127.0.0.1:1".parse().unwrap(), Default::default()));
-        let b = Arc::new(Endpoint::new("svc.S", "127.0.0.1:2".parse().unwrap(), Default::default()));
+        let a = Arc::new(Endpoint::new("svc.S", "127.0.0.1:1".parse().unwrap(), Default::default(), None));
+        let b = Arc::new(Endpoint::new("svc.S", "127.0.0.1:2".parse().unwrap(), Default::default(), None));
         pool.endpoints.write().unwrap().extend([a.clone(), b.clone()]);
         // None healthy: any untried replica is still tried.
         assert!(pool.pick(&[]).is_some());
