@@ -5,8 +5,9 @@
 #   CRM_TEST_POSTGRES_URL  PostgreSQL server the tests create their databases on
 #                          (default postgres://postgres@127.0.0.1:5432/postgres)
 #   CRM_TEST_REDIS_URL     Redis server (default redis://127.0.0.1:6379)
-# It also installs the Python packages of the tests' real peers (tests/peers/requirements.txt:
-# an SMTP server, a webhook receiver, an OpenAPI validator) when they are missing.
+# It also installs the tests' real peers when they are missing: Python packages
+# (tests/peers/requirements.txt: an SMTP server, a webhook receiver, an OpenAPI validator) and
+# npm packages (tests/peers/grpcweb: a gRPC-Web client library).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,9 +72,23 @@ ensure_python_peers() {
   fi
 }
 
+ensure_node_peers() {
+  # A real gRPC-Web client library (Connect-ES) under Node, pinned by its package-lock.json.
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    log "installing Node.js"
+    apt_install nodejs npm
+  fi
+  local dir=tests/peers/grpcweb
+  if [ ! -d "$dir/node_modules" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules" ]; then
+    log "installing the test peers' npm packages"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error && touch node_modules)
+  fi
+}
+
 ensure_postgres
 ensure_redis
 ensure_python_peers
+ensure_node_peers
 export CRM_TEST_POSTGRES_URL="${CRM_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export CRM_TEST_REDIS_URL="${CRM_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 

@@ -95,6 +95,9 @@ struct SeedArgs {
 enum Op {
     /// GetPerson of a random known id.
     Get,
+    /// The same as REST/JSON (`GET /v1/people/{id}`, through the gateway's transcoder), one
+    /// HTTP/1.1 keep-alive connection per call in flight. Gateway only.
+    GetRest,
     /// ListPeople filtered by stage and a tag, first page of 50.
     List,
     /// ListPeople filtered by one owner, first page of 50.
@@ -437,7 +440,9 @@ impl Plan {
             Call::List(ListPeopleRequest { page_size: 50, filter, query, ..Default::default() })
         };
         match self.op {
-            Op::Get => Call::Get(GetPersonRequest { id: self.ids.choose(&mut rng).cloned().unwrap_or_default() }),
+            Op::Get | Op::GetRest => {
+                Call::Get(GetPersonRequest { id: self.ids.choose(&mut rng).cloned().unwrap_or_default() })
+            }
             Op::List => list(format!("stage = CUSTOMER AND tags:{}", pick(&mut rng, TAGS)), String::new()),
             Op::ListOwner => {
                 let owner = self.owners.choose(&mut rng).cloned().unwrap_or_default();
@@ -483,6 +488,27 @@ impl Plan {
         }
     }
 
+    /// GetPerson as REST/JSON over `rest`.
+    async fn call_rest(&self, rest: &mut Rest, authorization: &str) -> Result<(), tonic::Status> {
+        use http_body_util::BodyExt;
+        let Call::Get(get) = self.next() else { unreachable!("a REST op is a get") };
+        let request = http::Request::get(format!("/v1/people/{}", get.id))
+            .header(http::header::HOST, rest.host.as_str())
+            .header(http::header::AUTHORIZATION, authorization)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        rest.sender.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let response =
+            rest.sender.send_request(request).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let status = response.status();
+        let body = response.into_body().collect().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        if status != http::StatusCode::OK {
+            let text = String::from_utf8_lossy(&body.to_bytes()).to_string();
+            return Err(tonic::Status::unknown(format!("HTTP {status}: {text}")));
+        }
+        Ok(())
+    }
+
     async fn call(&self, client: &mut Client) -> Result<(), tonic::Status> {
         match self.next() {
             Call::Get(request) => client.get_person(request).await.map(|_| ()),
@@ -493,9 +519,32 @@ impl Plan {
     }
 }
 
+/// An HTTP/1.1 keep-alive connection for REST calls.
+struct Rest {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    host: String,
+}
+
+impl Rest {
+    async fn connect(target: &str) -> anyhow::Result<Rest> {
+        let stream =
+            tokio::net::TcpStream::connect(target).await.with_context(|| format!("cannot connect to {target}"))?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .with_context(|| format!("HTTP/1.1 to {target}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Rest { sender, host: target.to_string() })
+    }
+}
+
 /// What the calls need: the user's token, and known ids, owners and phones to pick from.
 struct Prepared {
     bearer: Bearer,
+    /// The `authorization` header value.
+    authorization: String,
     ids: Vec<String>,
     owners: Vec<String>,
     phones: Vec<String>,
@@ -530,7 +579,8 @@ async fn prepare(channel: Channel, sign_in_at: &str, email: &str, password: &str
         .await
         .with_context(|| format!("sign in as {email} at {sign_in_at}"))?
         .into_inner();
-    let bearer = Bearer(format!("Bearer {}", signed_in.access_token).parse().context("access token")?);
+    let authorization = format!("Bearer {}", signed_in.access_token);
+    let bearer = Bearer(authorization.parse().context("access token")?);
     let mut client = ContactsServiceClient::with_interceptor(channel, bearer.clone());
     let sample = client
         .list_people(ListPeopleRequest { page_size: 1000, order_by: "update_time desc".into(), ..Default::default() })
@@ -545,7 +595,7 @@ async fn prepare(channel: Channel, sign_in_at: &str, email: &str, password: &str
     owners.sort();
     owners.dedup();
     let phones = sample.people.iter().flat_map(|p| p.phones.iter().map(|ph| ph.e164.clone())).collect();
-    Ok(Prepared { bearer, ids, owners, phones })
+    Ok(Prepared { bearer, authorization, ids, owners, phones })
 }
 
 /// What one measurement came to.
@@ -568,6 +618,7 @@ impl Measured {
 
 /// Keeps `concurrency` calls of `op` in flight over `channels`: `warmup`, then `seconds` measured.
 async fn load(
+    target: &str,
     channels: &[Channel],
     prepared: &Prepared,
     op: Op,
@@ -587,6 +638,8 @@ async fn load(
     for i in 0..concurrency.max(1) {
         let mut client =
             ContactsServiceClient::with_interceptor(channels[i % channels.len()].clone(), prepared.bearer.clone());
+        let mut rest = if op == Op::GetRest { Some(Rest::connect(target).await?) } else { None };
+        let authorization = prepared.authorization.clone();
         let plan = plan.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
@@ -597,7 +650,10 @@ async fn load(
                 if t.duration_since(start) >= warmup + measure_for {
                     break;
                 }
-                let result = plan.call(&mut client).await;
+                let result = match &mut rest {
+                    Some(rest) => plan.call_rest(rest, &authorization).await,
+                    None => plan.call(&mut client).await,
+                };
                 if t.duration_since(start) < warmup {
                     continue;
                 }
@@ -633,7 +689,8 @@ async fn measure(args: RunArgs) -> anyhow::Result<()> {
     let channels = connect(&args.target, args.connections).await?;
     let sign_in_at = args.sign_in_at.clone().unwrap_or_else(|| args.target.clone());
     let prepared = prepare(channels[0].clone(), &sign_in_at, &args.email, &args.password).await?;
-    let m = load(&channels, &prepared, args.op, args.concurrency, Duration::from_secs(2), args.seconds).await?;
+    let m = load(&args.target, &channels, &prepared, args.op, args.concurrency, Duration::from_secs(2), args.seconds)
+        .await?;
     println!(
         "op={:?} target={} concurrency={} connections={} duration={:.0}s\n\
          calls={} errors={} throughput={:.0}/s\n\
@@ -671,7 +728,7 @@ struct SuiteArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "get,list,list-owner,search,search-phone,create,update"
+        default_value = "get,get-rest,list,list-owner,search,search-phone,create,update"
     )]
     ops: Vec<Op>,
     /// Calls in flight, comma-separated.
@@ -706,10 +763,13 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
     let warmup = Duration::from_secs(1);
     for &op in &args.ops {
         for &concurrency in &args.concurrency {
-            let through = load(&gateway, &prepared, op, concurrency, warmup, args.seconds).await?;
-            let straight = match &direct {
-                Some(channels) => Some(load(channels, &prepared, op, concurrency, warmup, args.seconds).await?),
-                None => None,
+            let through = load(&args.gateway, &gateway, &prepared, op, concurrency, warmup, args.seconds).await?;
+            // REST is the gateway's: a service answers gRPC only.
+            let straight = match (&direct, &args.direct) {
+                (Some(channels), Some(addr)) if op != Op::GetRest => {
+                    Some(load(addr, channels, &prepared, op, concurrency, warmup, args.seconds).await?)
+                }
+                _ => None,
             };
             let name = format!("{op:?}").to_lowercase();
             let (d_rate, d50, d99, ratio) = match &straight {

@@ -92,6 +92,16 @@ pub struct GatewayArgs {
         default_value = "20/s:40"
     )]
     pub rate_limit_anonymous: String,
+    /// Origins of browser apps allowed to call the gateway (gRPC-Web, REST), comma-separated,
+    /// e.g. "https://crm.example.com"; "*" for any. None: no cross-origin calls.
+    #[arg(
+        id = "gateway_cors_allowed_origins",
+        long = "cors-allowed-origins",
+        value_name = "ORIGINS",
+        env = "CRM_GATEWAY_CORS_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl GatewayArgs {
@@ -108,7 +118,16 @@ impl GatewayArgs {
             client: rate("rate-limit-client", &self.rate_limit_client)?,
             address: rate("rate-limit-anonymous", &self.rate_limit_anonymous)?,
         };
-        Ok(EdgePolicy { request_timeout: self.request_timeout, max_concurrency: self.max_concurrency, limits })
+        let cors_allowed_origins: Vec<String> =
+            self.cors_allowed_origins.iter().map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect();
+        crm_kit::server::cors_layer(&cors_allowed_origins)
+            .map_err(|e| GatewayError::BadSetting(format!("--cors-allowed-origins: {e}")))?;
+        Ok(EdgePolicy {
+            request_timeout: self.request_timeout,
+            max_concurrency: self.max_concurrency,
+            limits,
+            cors_allowed_origins,
+        })
     }
 }
 
@@ -121,12 +140,19 @@ pub struct EdgePolicy {
     pub max_concurrency: usize,
     /// Rate limits per caller.
     pub limits: Limits,
+    /// Origins of browser apps allowed to call (CORS); empty: none.
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl Default for EdgePolicy {
-    /// A 30 s deadline, 1024 calls at once, no rate limits.
+    /// A 30 s deadline, 1024 calls at once, no rate limits, no cross-origin calls.
     fn default() -> EdgePolicy {
-        EdgePolicy { request_timeout: Duration::from_secs(30), max_concurrency: 1024, limits: Limits::default() }
+        EdgePolicy {
+            request_timeout: Duration::from_secs(30),
+            max_concurrency: 1024,
+            limits: Limits::default(),
+            cors_allowed_origins: Vec::new(),
+        }
     }
 }
 
@@ -264,7 +290,11 @@ impl Gateway {
             fallback = fallback.route("/.well-known/jwks.json", axum::routing::get(move || jwks(keys.clone())));
             server = server.authenticate(authenticator);
         }
-        let server = server.ready_check(ready_check(upstreams.clone())).fallback(fallback);
+        let cors = crm_kit::server::cors_layer(&policy.cors_allowed_origins).unwrap_or_else(|err| {
+            tracing::error!(error = %err, "no cross-origin calls: the allowed origins are not origins");
+            None
+        });
+        let server = server.cors(cors).ready_check(ready_check(upstreams.clone())).fallback(fallback);
         Opened::new(server).job("report upstream health", move |shutdown| report(upstreams, health, shutdown))
     }
 
@@ -405,6 +435,11 @@ mod tests {
         let off = Cli::try_parse_from(["crm", "--rate-limit-user", "off", "--rate-limit-anonymous", "5/m"]).unwrap();
         let limits = off.gateway.policy().unwrap().limits;
         assert_eq!((limits.user, limits.address), (None, parse_rate("5/m").unwrap()));
+        let cors =
+            Cli::try_parse_from(["crm", "--cors-allowed-origins", "https://a.example.com, http://b:3000"]).unwrap();
+        assert_eq!(cors.gateway.policy().unwrap().cors_allowed_origins, ["https://a.example.com", "http://b:3000"]);
+        let not_origin = Cli::try_parse_from(["crm", "--cors-allowed-origins", "a.example.com/app"]).unwrap();
+        assert!(matches!(not_origin.gateway.policy(), Err(GatewayError::BadSetting(m)) if m.contains("not an origin")));
         let bad = Cli::try_parse_from(["crm", "--rate-limit-client", "lots"]).unwrap();
         assert!(matches!(bad.gateway.policy(), Err(GatewayError::BadSetting(m)) if m.contains("--rate-limit-client")));
         let zero = Cli::try_parse_from(["crm", "--max-concurrency", "0"]).unwrap();

@@ -480,12 +480,18 @@ fn crm_client(config: &std::path::Path, server: SocketAddr, args: &[&str], stdin
 /// The `crm` client commands against `crm dev` (X6): sign in, create, list, update, a report,
 /// errors as field violations, JSON output, token refresh (the access token lives 3 s, so every
 /// command renews it first; one refused as expired is renewed and the call made again), sign out.
+/// And, on the same suite, what browser apps use: gRPC-Web from a real client library and CORS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_command_line_client_works_against_crm_dev() {
     let data = tempfile::tempdir().unwrap();
     let addr = free_addr();
-    let env = [("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD), ("CRM_ACCESS_TOKEN_TTL", "3s")];
+    let env = [
+        ("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD),
+        ("CRM_ACCESS_TOKEN_TTL", "3s"),
+        ("CRM_GATEWAY_CORS_ALLOWED_ORIGINS", "https://app.example.com"),
+    ];
     let _dev = start_dev("dev", &data.path().join("crm-data"), addr, &env).await;
+    browsers_reach_the_gateway(addr, data.path()).await;
     let config = data.path().join("config");
     let run = |args: &[&str]| crm_client(&config, addr, args, "");
     let ok = |args: &[&str]| {
@@ -710,4 +716,71 @@ async fn the_gateway_serves_tls_and_reloads_its_certificate() {
     let mut request = tonic::Request::new(ListPeopleRequest { page_size: 1, ..Default::default() });
     request.metadata_mut().insert("authorization", format!("Bearer {}", pair.access_token).parse().unwrap());
     contacts.list_people(request).await.expect("a call after the renewal");
+}
+
+/// A real gRPC-Web client library (Connect-ES's gRPC-Web transport, under Node; its messages
+/// from the suite's descriptor set, `tests/peers/grpcweb`) signing in and calling contacts
+/// through the gateway, a refusal with its details; and CORS for an allowed origin (G1).
+async fn browsers_reach_the_gateway(addr: SocketAddr, dir: &std::path::Path) {
+    let descriptors = dir.join("crm_descriptor.bin");
+    std::fs::write(&descriptors, crm_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join("grpcweb").join("check.mjs");
+    let output = tokio::process::Command::new("node")
+        .arg(script)
+        .args(["--gateway", &addr.to_string(), "--descriptors", descriptors.to_str().unwrap()])
+        .args(["--email", ADMIN_EMAIL, "--password", ADMIN_PASSWORD])
+        .output()
+        .await
+        .expect("node runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "the gRPC-Web client failed: {stdout}{stderr}");
+    let answer: serde_json::Value = serde_json::from_str(stdout.trim()).expect("a JSON line");
+    assert_eq!(answer["signedIn"], true);
+    assert_eq!(answer["created"]["fullName"], "Web Client");
+    assert_eq!(answer["fetched"]["id"], answer["created"]["id"]);
+    assert_eq!(answer["fetched"]["emails"][0]["address"], "web@example.com");
+    assert_eq!(answer["refused"]["code"], "InvalidArgument");
+    assert_eq!(answer["refused"]["details"], serde_json::json!(["google.rpc.BadRequest"]));
+    assert_eq!(answer["unauthenticated"], "Unauthenticated");
+
+    // A browser's preflight from an allowed origin, and from another.
+    let preflight = |origin: &str| {
+        format!(
+            "OPTIONS /crm.contacts.v1.ContactsService/GetPerson HTTP/1.1\r\nHost: {addr}\r\nOrigin: {origin}\r\n\
+             Access-Control-Request-Method: POST\r\n\
+             Access-Control-Request-Headers: authorization,content-type,x-grpc-web\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let head = raw_head(addr, &preflight("https://app.example.com")).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("access-control-allow-origin: https://app.example.com"), "{head}");
+    assert!(head.contains("authorization") && head.contains("x-grpc-web"), "{head}");
+    let head = raw_head(addr, &preflight("https://elsewhere.example.com")).await;
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    // An answer to the allowed origin lets its script read the gRPC status.
+    let call = format!(
+        "POST /crm.contacts.v1.ContactsService/GetPerson HTTP/1.1\r\nHost: {addr}\r\nOrigin: https://app.example.com\r\n\
+         Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n\0\0\0\0\0"
+    );
+    let head = raw_head(addr, &call).await;
+    assert!(head.contains("access-control-allow-origin: https://app.example.com"), "{head}");
+    assert!(head.contains("access-control-expose-headers") && head.contains("grpc-status"), "{head}");
+}
+
+/// Sends a raw HTTP/1.1 request; the response's head, its header names in lower case.
+async fn raw_head(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    head.lines()
+        .map(|l| match l.split_once(':') {
+            Some((name, value)) => format!("{}:{value}", name.to_ascii_lowercase()),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -66,6 +66,7 @@ pub struct Server {
     fallback: Option<axum::Router>,
     auth: Option<crate::auth::Authenticator>,
     settings: ServerSettings,
+    cors: Option<tower_http::cors::CorsLayer>,
 }
 
 impl Server {
@@ -83,6 +84,7 @@ impl Server {
             fallback: None,
             auth: None,
             settings: ServerSettings::default(),
+            cors: None,
         }
     }
 
@@ -123,6 +125,12 @@ impl Server {
     }
 
     /// How connections are treated (stream limit, body read timeout, drain delay).
+    /// Answers cross-origin requests (CORS) as `cors` says (see [`cors_layer`]).
+    pub fn cors(mut self, cors: Option<tower_http::cors::CorsLayer>) -> Server {
+        self.cors = cors;
+        self
+    }
+
     pub fn settings(mut self, settings: ServerSettings) -> Server {
         self.settings = settings;
         self
@@ -148,7 +156,7 @@ impl Server {
             .build_v1alpha()
             .expect("descriptor sets are valid");
 
-        let Server { role, mut routes, health, names, ready, fallback, auth, settings } = self;
+        let Server { role, mut routes, health, names, ready, fallback, auth, settings, cors } = self;
         routes.add_service(reflection_v1).add_service(reflection_v1alpha);
 
         let ops = {
@@ -203,6 +211,7 @@ impl Server {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_concurrent_streams(Some(settings.max_concurrent_streams))
+            .layer(tower::util::option_layer(cors))
             .layer(GrpcWebSwitchLayer)
             .layer(RpcLayer::new(role))
             .layer(tower::util::option_layer(auth.map(crate::auth::AuthLayer::new)))
@@ -215,6 +224,48 @@ impl Server {
         }
         result
     }
+}
+
+/// CORS for browser apps at `origins` ("*": any origin; none: no cross-origin calls):
+/// preflights, and the headers gRPC-Web and REST need sent and read (the token, the gRPC status,
+/// the retry delay). An entry that is not an origin (`https://crm.example.com`) is refused.
+pub fn cors_layer(origins: &[String]) -> Result<Option<tower_http::cors::CorsLayer>, String> {
+    use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+    use http::{HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return Ok(None);
+    }
+    let allow = if origins.iter().any(|o| o.trim() == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = origins
+            .iter()
+            .map(|o| {
+                let o = o.trim().trim_end_matches('/');
+                match http::Uri::try_from(o) {
+                    Ok(uri) if uri.scheme().is_some() && uri.host().is_some() && uri.path() == "/" => {
+                        HeaderValue::from_str(o).map_err(|e| e.to_string())
+                    }
+                    _ => Err(format!("{o:?} is not an origin such as https://crm.example.com")),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        AllowOrigin::list(list)
+    };
+    let names = |names: &[&'static str]| names.iter().map(|n| HeaderName::from_static(n)).collect::<Vec<_>>();
+    let mut request_headers = vec![AUTHORIZATION, CONTENT_TYPE];
+    request_headers.extend(names(&["x-grpc-web", "x-user-agent", "grpc-timeout", "traceparent", "tracestate"]));
+    let mut exposed = names(&["grpc-status", "grpc-message", "grpc-status-details-bin"]);
+    exposed.push(RETRY_AFTER);
+    Ok(Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+            .allow_headers(request_headers)
+            .expose_headers(exposed)
+            .max_age(Duration::from_secs(600)),
+    ))
 }
 
 /// Waits until the server at `addr` reports `service` ("" for the whole process) SERVING over
