@@ -771,7 +771,7 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            let name = format!("{op:?}").to_lowercase();
+            let name = op.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
             let (d_rate, d50, d99, ratio) = match &straight {
                 Some(d) => (
                     format!("{:.0}", d.rate()),

@@ -29,6 +29,7 @@ use std::time::Duration;
 use crm_kit::auth::{Authenticator, Verifier};
 use crm_kit::balance::Pool;
 use crm_kit::config::parse_duration;
+use crm_kit::limit::SizeLimits;
 use crm_kit::role::{self, Calls, Context, Opened, RoleSpec};
 use crm_kit::server::{ReadyCheck, Server};
 use crm_kit::shutdown::Shutdown;
@@ -102,6 +103,19 @@ pub struct GatewayArgs {
         value_delimiter = ','
     )]
     pub cors_allowed_origins: Vec<String>,
+    /// Smaller request size limits for some methods, PREFIX=SIZE comma-separated: a method path
+    /// or a service's prefix, and bytes (or KiB, MiB), at most 4MiB (what the services take,
+    /// and the limit of every other method). A REST call's JSON body counts against its
+    /// method's limit.
+    #[arg(
+        id = "gateway_route_max_request_size",
+        long = "route-max-request-size",
+        value_name = "PREFIX=SIZE",
+        env = "CRM_GATEWAY_ROUTE_MAX_REQUEST_SIZE",
+        value_delimiter = ',',
+        default_value = "/crm.auth.v1.AuthService/=64KiB"
+    )]
+    pub route_max_request_size: Vec<String>,
 }
 
 impl GatewayArgs {
@@ -122,11 +136,15 @@ impl GatewayArgs {
             self.cors_allowed_origins.iter().map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect();
         crm_kit::server::cors_layer(&cors_allowed_origins)
             .map_err(|e| GatewayError::BadSetting(format!("--cors-allowed-origins: {e}")))?;
+        let sizes = SizeLimits::new(crm_kit::limit::MAX_MESSAGE_BYTES)
+            .parse_routes(&self.route_max_request_size)
+            .map_err(|e| GatewayError::BadSetting(format!("--route-max-request-size: {e}")))?;
         Ok(EdgePolicy {
             request_timeout: self.request_timeout,
             max_concurrency: self.max_concurrency,
             limits,
             cors_allowed_origins,
+            sizes,
         })
     }
 }
@@ -142,16 +160,20 @@ pub struct EdgePolicy {
     pub limits: Limits,
     /// Origins of browser apps allowed to call (CORS); empty: none.
     pub cors_allowed_origins: Vec<String>,
+    /// The longest request message per method (gRPC, or a REST call's JSON body).
+    pub sizes: SizeLimits,
 }
 
 impl Default for EdgePolicy {
-    /// A 30 s deadline, 1024 calls at once, no rate limits, no cross-origin calls.
+    /// A 30 s deadline, 1024 calls at once, no rate limits, no cross-origin calls, 4 MiB
+    /// messages.
     fn default() -> EdgePolicy {
         EdgePolicy {
             request_timeout: Duration::from_secs(30),
             max_concurrency: 1024,
             limits: Limits::default(),
             cors_allowed_origins: Vec::new(),
+            sizes: SizeLimits::new(crm_kit::limit::MAX_MESSAGE_BYTES),
         }
     }
 }
@@ -274,7 +296,8 @@ impl Gateway {
                 }
             }),
         );
-        let rest = Arc::new(rest::Rest::new(rest_routes, stack, authenticator.clone(), policy.request_timeout));
+        let rest = rest::Rest::new(rest_routes, stack, authenticator.clone(), policy.request_timeout);
+        let rest = Arc::new(rest.with_sizes(policy.sizes.clone()));
         for prefix in rest.prefixes() {
             let rest = rest.clone();
             fallback = fallback.route(
@@ -294,7 +317,11 @@ impl Gateway {
             tracing::error!(error = %err, "no cross-origin calls: the allowed origins are not origins");
             None
         });
-        let server = server.cors(cors).ready_check(ready_check(upstreams.clone())).fallback(fallback);
+        let server = server
+            .cors(cors)
+            .size_limits(policy.sizes.clone())
+            .ready_check(ready_check(upstreams.clone()))
+            .fallback(fallback);
         Opened::new(server).job("report upstream health", move |shutdown| report(upstreams, health, shutdown))
     }
 
@@ -440,6 +467,16 @@ mod tests {
         assert_eq!(cors.gateway.policy().unwrap().cors_allowed_origins, ["https://a.example.com", "http://b:3000"]);
         let not_origin = Cli::try_parse_from(["crm", "--cors-allowed-origins", "a.example.com/app"]).unwrap();
         assert!(matches!(not_origin.gateway.policy(), Err(GatewayError::BadSetting(m)) if m.contains("not an origin")));
+        assert_eq!(policy.sizes.for_path("/crm.auth.v1.AuthService/SignIn"), 64 * 1024);
+        assert_eq!(policy.sizes.for_path("/crm.deals.v1.DealsService/CreateDeal"), 4 * 1024 * 1024);
+        let sizes = Cli::try_parse_from(["crm", "--route-max-request-size", "/crm.a.v1.A/=1KiB,/crm.a.v1.A/Big=2KiB"]);
+        let sizes = sizes.unwrap().gateway.policy().unwrap().sizes;
+        assert_eq!((sizes.for_path("/crm.a.v1.A/Big"), sizes.for_path("/crm.a.v1.A/Small")), (2048, 1024));
+        assert_eq!(sizes.for_path("/crm.auth.v1.AuthService/SignIn"), 4 * 1024 * 1024, "the default replaced");
+        for bad in ["/x=5MiB", "x=1KiB", "/x", "/x=lots"] {
+            let cli = Cli::try_parse_from(["crm", "--route-max-request-size", bad]).unwrap();
+            assert!(cli.gateway.policy().is_err(), "{bad}");
+        }
         let bad = Cli::try_parse_from(["crm", "--rate-limit-client", "lots"]).unwrap();
         assert!(matches!(bad.gateway.policy(), Err(GatewayError::BadSetting(m)) if m.contains("--rate-limit-client")));
         let zero = Cli::try_parse_from(["crm", "--max-concurrency", "0"]).unwrap();

@@ -5,7 +5,10 @@
 //! own limit: a sustained rate and a burst. The algorithm is GCRA (the generic cell rate
 //! algorithm): one number per caller, the "theoretical arrival time" of its next call, kept in
 //! Redis and moved by one Lua script in one round trip, with Redis's clock, so that every
-//! replica decides on the same state.
+//! replica decides on the same state. A caller with a large burst is granted a few calls at
+//! once (a lease, a fiftieth of its burst, at most 100, usable for a second), so that a busy
+//! caller costs one Redis round trip per lease rather than per call; a caller with a small burst
+//! asks for each call.
 //!
 //! When Redis is unreachable, each replica decides alone with the same algorithm and limits in
 //! memory (fail open with a per-replica limit, never closed for the whole CRM): the outage is
@@ -135,9 +138,10 @@ fn gcra(tat: &mut u64, now: u64, rate: Rate) -> Result<(), u64> {
     Ok(())
 }
 
-/// The same step in Redis, with Redis's clock: KEYS[1] the caller's key, ARGV[1] the interval
-/// and ARGV[2] the burst. Answers 0 (allowed) or the microseconds to wait. The key expires when
-/// its caller is back to a full burst.
+/// The same step in Redis, with Redis's clock, for up to ARGV[3] calls at once: KEYS[1] the
+/// caller's key, ARGV[1] the interval, ARGV[2] the burst. Answers how many calls it granted
+/// (as many as fit, at most ARGV[3]) and, when none, the microseconds to wait. The key expires
+/// when its caller is back to a full burst.
 const GCRA_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -145,11 +149,20 @@ local interval = tonumber(ARGV[1])
 local capacity = interval * tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local next = tat + interval
-if next - now > capacity then return next - now - capacity end
+local fit = math.floor((capacity - (tat - now)) / interval)
+if fit < 1 then return {0, tat + interval - now - capacity} end
+local granted = math.min(tonumber(ARGV[3]), fit)
+local next = tat + granted * interval
 redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', math.ceil((next - now) / 1000))
-return 0
+return {granted, 0}
 ";
+
+/// Calls granted by Redis at once for a caller whose burst is large: its burst over this, at
+/// most [`MAX_LEASE`]; a caller with a small burst asks Redis for each call.
+const LEASE_SHARE: u64 = 50;
+const MAX_LEASE: u64 = 100;
+/// How long granted calls not made yet stay usable.
+const LEASE_FOR: Duration = Duration::from_secs(1);
 
 /// Longest wait for Redis's answer before a replica decides alone.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(100);
@@ -167,11 +180,16 @@ struct Shared {
     paused_until: AtomicU64,
 }
 
+/// A caller's kind and key.
+type CallerKey = (&'static str, String);
+
 /// Decides whether a caller's call may go on.
 pub(crate) struct Limiter {
     limits: Limits,
     shared: Option<Shared>,
-    local: Mutex<HashMap<(&'static str, String), u64>>,
+    local: Mutex<HashMap<CallerKey, u64>>,
+    /// Calls Redis granted ahead and not made yet, per caller, and until when (µs) they last.
+    leases: Mutex<HashMap<CallerKey, (u64, u64)>>,
     started: Instant,
 }
 
@@ -184,7 +202,13 @@ impl std::fmt::Debug for Limiter {
 impl Limiter {
     /// Limits decided in this replica alone.
     pub(crate) fn local(limits: Limits) -> Limiter {
-        Limiter { limits, shared: None, local: Mutex::new(HashMap::new()), started: Instant::now() }
+        Limiter {
+            limits,
+            shared: None,
+            local: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+        }
     }
 
     /// Limits shared through the Redis of `client`, its keys under `prefix`.
@@ -255,21 +279,47 @@ impl Limiter {
         verdict
     }
 
+    /// Decides in Redis: from calls granted ahead to this replica, or by asking Redis for the
+    /// next ones (several at once for a caller with a large burst: Redis is asked once per
+    /// lease, and a lease not used within [`LEASE_FOR`] is dropped, which only ever makes the
+    /// limit stricter).
     async fn check_shared(
         &self,
         shared: &Shared,
-        kind: &str,
+        kind: &'static str,
         key: &str,
         rate: Rate,
     ) -> Result<Result<(), Duration>, String> {
+        let now = self.now_us();
+        {
+            let mut leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some((cells, until)) = leases.get_mut(&(kind, key.to_string()))
+                && *cells > 0
+                && *until > now
+            {
+                *cells -= 1;
+                return Ok(Ok(()));
+            }
+        }
+        let want = (rate.burst / LEASE_SHARE).clamp(1, MAX_LEASE);
         let mut conn = shared.conn.clone();
         let mut invocation = shared.script.key(format!("{}{kind}:{key}", shared.prefix));
-        invocation.arg(rate.interval_us).arg(rate.burst);
-        let wait: u64 = tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
+        invocation.arg(rate.interval_us).arg(rate.burst).arg(want);
+        let (granted, wait): (u64, u64) = tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
             .await
             .map_err(|_| format!("no answer within {REDIS_TIMEOUT:?}"))?
             .map_err(|e| e.to_string())?;
-        Ok(if wait == 0 { Ok(()) } else { Err(Duration::from_micros(wait)) })
+        if granted == 0 {
+            return Ok(Err(Duration::from_micros(wait.max(1))));
+        }
+        if granted > 1 {
+            let mut leases = self.leases.lock().unwrap_or_else(PoisonError::into_inner);
+            if leases.len() >= MAX_LOCAL {
+                leases.retain(|_, (_, until)| *until > now);
+            }
+            leases.insert((kind, key.to_string()), (granted - 1, now + LEASE_FOR.as_micros() as u64));
+        }
+        Ok(Ok(()))
     }
 
     fn check_local(&self, kind: &'static str, key: &str, rate: Rate) -> Result<(), Duration> {
@@ -442,6 +492,27 @@ mod tests {
         }
         assert_eq!(allowed, 5, "a burst of this replica's own");
         assert!(metrics().rate_limit_fallback.get() >= before + 10);
+    }
+
+    #[tokio::test]
+    async fn callers_with_large_bursts_ask_redis_once_per_lease() {
+        let url = crm_kit::testing::redis_url();
+        let prefix = crm_kit::testing::unique_stream_prefix();
+        // 500 calls at once, then one a minute: leases of 10.
+        let limits = Limits { user: parse_rate("1/m:500").unwrap(), ..Limits::default() };
+        let replica = || Limiter::shared(limits, redis::Client::open(url.as_str()).unwrap(), &prefix).unwrap();
+        let (a, b) = (replica(), replica());
+        let mut allowed = 0;
+        for i in 0..1000 {
+            let limiter = if i % 3 == 0 { &a } else { &b };
+            allowed += usize::from(limiter.check("user", "heavy").await.is_ok());
+        }
+        // Never more than the burst between both; at most a lease's worth left unused at each.
+        assert!((500 - 2 * 9..=500).contains(&allowed), "{allowed}");
+        let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+        let stored: Option<String> =
+            redis::cmd("GET").arg(format!("{prefix}ratelimit:user:heavy")).query_async(&mut conn).await.unwrap();
+        assert!(stored.is_some(), "the caller's state is in Redis");
     }
 
     /// An address where nothing listens.

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use crm_kit::auth::Authenticator;
+use crm_kit::limit::SizeLimits;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, TE};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::BodyExt;
@@ -35,9 +36,6 @@ use tower::ServiceExt;
 
 use crate::edge::HttpBody;
 use crate::proxy::Stack;
-
-/// Largest JSON body a REST call takes.
-const MAX_BODY: usize = 4 * 1024 * 1024;
 
 /// One annotated call.
 #[derive(Debug, Clone)]
@@ -370,6 +368,7 @@ pub(crate) struct Rest {
     stack: Stack,
     authenticator: Option<Authenticator>,
     timeout: Duration,
+    sizes: SizeLimits,
 }
 
 /// Request headers a REST call passes on to its gRPC call.
@@ -391,7 +390,13 @@ impl Rest {
         timeout: Duration,
     ) -> Rest {
         let timeout = if timeout.is_zero() { Duration::MAX } else { timeout };
-        Rest { routes, stack, authenticator, timeout }
+        Rest { routes, stack, authenticator, timeout, sizes: SizeLimits::new(crm_kit::limit::MAX_MESSAGE_BYTES) }
+    }
+
+    /// Limits a call's JSON body as its method's messages are limited.
+    pub(crate) fn with_sizes(mut self, sizes: SizeLimits) -> Rest {
+        self.sizes = sizes;
+        self
     }
 
     /// See [`prefixes`].
@@ -422,8 +427,18 @@ impl Rest {
                 Err(err) => return error(Code::Unauthenticated, tonic::Status::from(err).message(), vec![]),
             }
         }
-        let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+        let max = self.sizes.for_path(&route.grpc_path);
+        let body = match http_body_util::Limited::new(body, max).collect().await {
             Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                let mut refused = error(
+                    Code::ResourceExhausted,
+                    &format!("the body is over this call's limit of {max} bytes"),
+                    vec![],
+                );
+                *refused.status_mut() = http::StatusCode::PAYLOAD_TOO_LARGE;
+                return refused;
+            }
             Err(e) => return error(Code::InvalidArgument, &format!("the body could not be read: {e}"), vec![]),
         };
         let message = match build(route, &vars, parts.uri.query().unwrap_or(""), &body) {

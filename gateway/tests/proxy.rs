@@ -429,6 +429,18 @@ async fn an_oversize_message_is_resource_exhausted() {
         // The connection stays usable.
         assert_eq!(get_person(&mut client, "p").await.unwrap().full_name, "replica", "at {place}");
     }
+    // A smaller limit for one method, at the gateway: others keep the default.
+    let sizes = crm_kit::limit::SizeLimits::new(crm_kit::limit::MAX_MESSAGE_BYTES)
+        .route("/crm.contacts.v1.ContactsService/GetPerson", 64);
+    let small = gateway(vec![replica.addr.to_string()], EdgePolicy { sizes, ..EdgePolicy::default() }).await;
+    let through = channel(small.addr).await;
+    wait_for_health(&through, CONTACTS_SERVICE, ServingStatus::Serving).await;
+    let mut client = ContactsServiceClient::new(through);
+    let refused = get_person(&mut client, &"x".repeat(100)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert_eq!(get_person(&mut client, "p").await.unwrap().full_name, "replica");
+    let created = client.create_person(CreatePersonRequest { request_id: "x".repeat(100), ..Default::default() });
+    assert_eq!(created.await.unwrap().into_inner().full_name, "replica", "another method: the default");
     replica.stop().await;
 }
 

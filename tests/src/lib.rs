@@ -59,20 +59,25 @@ pub fn crm_bin() -> &'static Path {
     })
 }
 
-/// A port free right now on 127.0.0.1, and never handed out before in this test process: the
-/// kernel may give the same ephemeral port to two binds in a row once the first is closed, and
-/// two roles told to listen on one port cannot both start.
+/// A port free right now on 127.0.0.1, never handed out before in this test process, and
+/// outside the kernel's ephemeral range (32768 and up here): the processes under test bind
+/// their own internal listeners to port 0, and an ephemeral port handed out here could be given
+/// to one of them before the process it was meant for listens on it.
 pub fn free_addr() -> SocketAddr {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-        let addr = listener.local_addr().expect("local addr");
-        let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !given.contains(&addr.port()) {
-            given.push(addr.port());
-            return addr;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    // Each test process starts at its own place in the range.
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(u32::MAX, (std::process::id() * 97) % SPAN, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..SPAN {
+        let port = FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        let port = u16::try_from(port).expect("a port");
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            return listener.local_addr().expect("local addr");
         }
     }
+    panic!("no free port between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// A running `crm` process; its output goes to a log file shown when a test fails.

@@ -193,6 +193,10 @@ async fn rest_calls_reach_deals(gw: std::net::SocketAddr, token: &str) {
     assert_eq!(status, 401, "no token");
     let (status, body) = http_request(gw, "GET", "/v1/nothing/here", token, "").await;
     assert_eq!((status, json(&body)["code"].clone()), (404, 5.into()));
+    // Signing in takes small bodies (the gateway's default route limit for auth: 64 KiB).
+    let huge = format!(r#"{{"email": "a@example.com", "password": "{}"}}"#, "x".repeat(70 * 1024));
+    let (status, body) = http_request(gw, "POST", "/v1/auth:signIn", "", &huge).await;
+    assert_eq!((status, json(&body)["code"].clone()), (413, 8.into()), "{body}");
     let (status, body) = http_request(gw, "GET", "/v1/reports/REPORT_KIND_FORECAST:csv", token, "").await;
     assert_eq!(status, 200);
     assert!(body.starts_with("Month,Open deals"), "{body}");

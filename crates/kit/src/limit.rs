@@ -27,6 +27,73 @@ use crate::wire::{Fault, Schema};
 /// The longest request message a service accepts (tonic's own default receive limit).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// The longest request message by method: a default, and for the methods whose path starts
+/// with a prefix (`/crm.auth.v1.AuthService/`, or one method's whole path) their own; the
+/// longest matching prefix wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SizeLimits {
+    default: usize,
+    routes: Vec<(String, usize)>,
+}
+
+impl SizeLimits {
+    /// `default` for every method.
+    pub fn new(default: usize) -> SizeLimits {
+        SizeLimits { default, routes: Vec::new() }
+    }
+
+    /// Methods under `prefix` take messages of at most `max` bytes.
+    pub fn route(mut self, prefix: &str, max: usize) -> SizeLimits {
+        self.routes.retain(|(p, _)| p != prefix);
+        self.routes.push((prefix.to_string(), max));
+        self
+    }
+
+    /// The limit of the method at `path`.
+    pub fn for_path(&self, path: &str) -> usize {
+        self.routes
+            .iter()
+            .filter(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map_or(self.default, |(_, max)| *max)
+    }
+
+    /// Adds `PREFIX=SIZE` entries (`/crm.auth.v1.AuthService/=64KiB`); a size is bytes, or with
+    /// KiB or MiB, and at most the default.
+    pub fn parse_routes(mut self, entries: &[String]) -> Result<SizeLimits, String> {
+        for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+            let (prefix, size) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("{entry:?} is not PREFIX=SIZE, e.g. /crm.auth.v1.AuthService/=64KiB"))?;
+            if !prefix.starts_with('/') {
+                return Err(format!("{prefix:?} is not a method path prefix (it starts with '/')"));
+            }
+            let max = parse_size(size)?;
+            if max > self.default {
+                return Err(format!("{entry:?}: at most {} bytes, what the services accept", self.default));
+            }
+            self = self.route(prefix, max);
+        }
+        Ok(self)
+    }
+}
+
+/// "64KiB", "4MiB", "1000" (bytes).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let bad = || format!("{text:?} is not a size such as 4096, 64KiB or 1MiB");
+    let n: usize = digits.parse().map_err(|_| bad())?;
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1024,
+        "MiB" => 1024 * 1024,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).filter(|n| *n > 0).ok_or_else(bad)
+}
+
 /// How long a request body may take to deliver each message (from the request's start, or from
 /// the previous message) and then its end, unless the server is told otherwise.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,16 +108,21 @@ pub enum Guard {
 }
 
 /// Wraps every request body in a [`Limited`] body.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct MessageLimitLayer {
-    max: usize,
+    limits: Arc<SizeLimits>,
     guard: Guard,
     read_timeout: Duration,
 }
 
 impl MessageLimitLayer {
     pub fn new(max: usize, guard: Guard) -> MessageLimitLayer {
-        MessageLimitLayer { max, guard, read_timeout: DEFAULT_READ_TIMEOUT }
+        MessageLimitLayer::by_method(SizeLimits::new(max), guard)
+    }
+
+    /// A limit per method.
+    pub fn by_method(limits: SizeLimits, guard: Guard) -> MessageLimitLayer {
+        MessageLimitLayer { limits: Arc::new(limits), guard, read_timeout: DEFAULT_READ_TIMEOUT }
     }
 
     /// How long each message (and the body's end) may take to arrive; zero: no limit.
@@ -64,7 +136,7 @@ impl<S> tower::Layer<S> for MessageLimitLayer {
     type Service = MessageLimit<S>;
 
     fn layer(&self, inner: S) -> MessageLimit<S> {
-        MessageLimit { inner, max: self.max, guard: self.guard, read_timeout: self.read_timeout }
+        MessageLimit { inner, limits: self.limits.clone(), guard: self.guard, read_timeout: self.read_timeout }
     }
 }
 
@@ -72,7 +144,7 @@ impl<S> tower::Layer<S> for MessageLimitLayer {
 #[derive(Debug, Clone)]
 pub struct MessageLimit<S> {
     inner: S,
-    max: usize,
+    limits: Arc<SizeLimits>,
     guard: Guard,
     read_timeout: Duration,
 }
@@ -90,7 +162,7 @@ where
     }
 
     fn call(&mut self, request: Request<axum::body::Body>) -> Self::Future {
-        let (max, guard, read_timeout) = (self.max, self.guard, self.read_timeout);
+        let (max, guard, read_timeout) = (self.limits.for_path(request.uri().path()), self.guard, self.read_timeout);
         let grpc = request
             .headers()
             .get(http::header::CONTENT_TYPE)

@@ -67,6 +67,7 @@ pub struct Server {
     auth: Option<crate::auth::Authenticator>,
     settings: ServerSettings,
     cors: Option<tower_http::cors::CorsLayer>,
+    sizes: crate::limit::SizeLimits,
 }
 
 impl Server {
@@ -85,6 +86,7 @@ impl Server {
             auth: None,
             settings: ServerSettings::default(),
             cors: None,
+            sizes: crate::limit::SizeLimits::new(crate::limit::MAX_MESSAGE_BYTES),
         }
     }
 
@@ -125,6 +127,13 @@ impl Server {
     }
 
     /// How connections are treated (stream limit, body read timeout, drain delay).
+    /// The longest request message per method (by default [`crate::limit::MAX_MESSAGE_BYTES`]
+    /// for every one).
+    pub fn size_limits(mut self, sizes: crate::limit::SizeLimits) -> Server {
+        self.sizes = sizes;
+        self
+    }
+
     /// Answers cross-origin requests (CORS) as `cors` says (see [`cors_layer`]).
     pub fn cors(mut self, cors: Option<tower_http::cors::CorsLayer>) -> Server {
         self.cors = cors;
@@ -156,7 +165,7 @@ impl Server {
             .build_v1alpha()
             .expect("descriptor sets are valid");
 
-        let Server { role, mut routes, health, names, ready, fallback, auth, settings, cors } = self;
+        let Server { role, mut routes, health, names, ready, fallback, auth, settings, cors, sizes } = self;
         routes.add_service(reflection_v1).add_service(reflection_v1alpha);
 
         let ops = {
@@ -181,8 +190,7 @@ impl Server {
         // gateway's proxy) is followed by its frame headers only, and the service behind checks
         // the messages.
         let limit = |guard| {
-            crate::limit::MessageLimitLayer::new(crate::limit::MAX_MESSAGE_BYTES, guard)
-                .read_timeout(settings.read_timeout)
+            crate::limit::MessageLimitLayer::by_method(sizes.clone(), guard).read_timeout(settings.read_timeout)
         };
         let services = routes.routes().into_axum_router().layer(limit(crate::limit::Guard::Messages));
         let mut router = services.merge(ops);
