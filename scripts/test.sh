@@ -7,7 +7,8 @@
 #   CRM_TEST_REDIS_URL     Redis server (default redis://127.0.0.1:6379)
 # It also installs the tests' real peers when they are missing: Python packages
 # (tests/peers/requirements.txt: an SMTP server, a webhook receiver, an OpenAPI validator) and
-# npm packages (tests/peers/grpcweb: a gRPC-Web client library).
+# npm packages (tests/peers/grpcweb: a gRPC-Web client library), and promtool; and it checks the
+# Helm chart (tests/peers/chart_check.py) before the Rust tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,7 +66,7 @@ ensure_python_peers() {
     log "installing Python"
     apt_install python3 python3-pip
   fi
-  if ! python3 -c "import aiosmtpd, standardwebhooks, openapi_spec_validator, jsonschema" 2>/dev/null; then
+  if ! python3 -c "import aiosmtpd, standardwebhooks, openapi_spec_validator, jsonschema, helm, kubernetes_validate, yaml" 2>/dev/null; then
     log "installing the test peers' Python packages"
     python3 -m pip install --quiet --disable-pip-version-check -r tests/peers/requirements.txt \
       || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages -r tests/peers/requirements.txt
@@ -85,12 +86,26 @@ ensure_node_peers() {
   fi
 }
 
+ensure_promtool() {
+  # Checks the chart's alert rules (Debian's Prometheus package).
+  if ! command -v promtool >/dev/null; then
+    log "installing promtool"
+    apt_install prometheus
+  fi
+}
+
 ensure_postgres
 ensure_redis
 ensure_python_peers
 ensure_node_peers
+ensure_promtool
 export CRM_TEST_POSTGRES_URL="${CRM_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export CRM_TEST_REDIS_URL="${CRM_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+
+log "Helm chart"
+# Rendered by a real Helm engine, every object validated against the Kubernetes schemas (1.29
+# and the newest), the alert rules by promtool, the dashboards and the chart's promises.
+python3 tests/peers/chart_check.py --require-promtool
 
 log "format"
 cargo fmt --all --check
