@@ -7,7 +7,7 @@
 #   CRM_TEST_REDIS_URL     Redis server (default redis://127.0.0.1:6379)
 # It also installs the tests' real peers when they are missing: Python packages
 # (tests/peers/requirements.txt: an SMTP server, a webhook receiver, an OpenAPI validator) and
-# npm packages (tests/peers/grpcweb: a gRPC-Web client library), and promtool; and it checks the
+# npm packages (tests/peers/grpcweb: a gRPC-Web client library), and Prometheus; and it checks the
 # Helm chart (tests/peers/chart_check.py) before the Rust tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,10 +86,11 @@ ensure_node_peers() {
   fi
 }
 
-ensure_promtool() {
-  # Checks the chart's alert rules (Debian's Prometheus package).
-  if ! command -v promtool >/dev/null; then
-    log "installing promtool"
+ensure_prometheus() {
+  # Debian's Prometheus package: promtool checks the chart's alert rules, and a real Prometheus
+  # scrapes a cluster in the end-to-end tests.
+  if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+    log "installing Prometheus"
     apt_install prometheus
   fi
 }
@@ -98,7 +99,7 @@ ensure_postgres
 ensure_redis
 ensure_python_peers
 ensure_node_peers
-ensure_promtool
+ensure_prometheus
 export CRM_TEST_POSTGRES_URL="${CRM_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 export CRM_TEST_REDIS_URL="${CRM_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 

@@ -441,6 +441,72 @@ impl RedisServer {
     }
 }
 
+/// A real Prometheus (Debian's `prometheus`) scraping `targets` every second, keeping its data in
+/// a directory of its own, on a free port.
+pub struct Prometheus {
+    pub addr: SocketAddr,
+    pub process: Process,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    pub async fn start(targets: &[SocketAddr]) -> Prometheus {
+        let dir = tempfile::tempdir().expect("a directory for Prometheus");
+        let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: crm\n    \
+             static_configs:\n      - targets: [{}]\n",
+            list.join(", ")
+        );
+        let file = dir.path().join("prometheus.yml");
+        std::fs::write(&file, config).expect("write the Prometheus configuration");
+        let addr = free_addr();
+        let args = [
+            format!("--config.file={}", file.display()),
+            format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+            format!("--web.listen-address={addr}"),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = Process::start_program(Path::new("prometheus"), "prometheus", &args, &[]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(addr).await.is_err() || http_get(addr, "/-/ready").await.0 != 200 {
+            assert!(Instant::now() < deadline, "Prometheus did not start:\n{}", process.output());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Prometheus { addr, process, _dir: dir }
+    }
+
+    /// An instant PromQL query: its result vector (`data.result`).
+    pub async fn query(&self, promql: &str) -> Vec<serde_json::Value> {
+        let mut encoded = String::new();
+        for b in promql.bytes() {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                encoded.push(char::from(b));
+            } else {
+                encoded.push_str(&format!("%{b:02X}"));
+            }
+        }
+        let (status, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}")).await;
+        assert_eq!(status, 200, "{promql}: {body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("a JSON answer");
+        answer["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits (up to 30 s) until `promql` gives one sample equal to `expected`.
+    pub async fn wait_for(&self, promql: &str, expected: f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let result = self.query(promql).await;
+            let value = result.first().and_then(|r| r["value"][1].as_str()).and_then(|v| v.parse::<f64>().ok());
+            if value == Some(expected) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{promql} gave {result:?}, expected {expected}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 /// Every service the suite serves, as the front role reports them.
 pub fn served_services() -> Vec<&'static str> {
     SUITE.services()

@@ -241,6 +241,36 @@ async fn cluster_serves_every_call_through_the_gateway() {
     for m in [m0, m1] {
         assert!(m.contains("rpc_service=\"crm.contacts.v1.ContactsService\""), "{m}");
     }
+    scraped_by_prometheus(&cluster, &token).await;
+}
+
+/// A real Prometheus scrapes the cluster (X3): a PromQL query over the RPC duration histogram
+/// counts exactly the calls this test made, by role, method and code, and its quantiles answer.
+async fn scraped_by_prometheus(cluster: &Cluster, token: &str) {
+    let targets =
+        [cluster.gateway, cluster.replica("auth", 0), cluster.replica("contacts", 0), cluster.replica("contacts", 1)];
+    let prometheus = Prometheus::start(&targets).await;
+    let mut c = contacts_as(cluster.gateway, token).await;
+    for _ in 0..5 {
+        let missing = c.get_company(GetCompanyRequest { id: "0190b8a2-0000-7000-8000-00000000beef".into() }).await;
+        assert_eq!(missing.unwrap_err().code(), Code::NotFound);
+    }
+    let calls = |role: &str| {
+        format!(
+            "sum(rpc_server_call_duration_seconds_count{{crm_role=\"{role}\", \
+             rpc_service=\"crm.contacts.v1.ContactsService\", rpc_method=\"GetCompany\", rpc_grpc_status_code=\"5\"}})"
+        )
+    };
+    // Through the gateway, and at the replicas behind it (over both).
+    prometheus.wait_for(&calls("gateway"), 5.0).await;
+    prometheus.wait_for(&calls("contacts"), 5.0).await;
+    // Over the process's life (a rate needs scrapes a while apart).
+    let p99 = "histogram_quantile(0.99, sum by (le) (rpc_server_call_duration_seconds_bucket{crm_role=\"gateway\"}))";
+    let result = prometheus.query(p99).await;
+    let value = result.first().and_then(|r| r["value"][1].as_str()).and_then(|v| v.parse::<f64>().ok());
+    assert!(value.is_some_and(|v| v > 0.0 && v.is_finite()), "{p99}: {result:?}");
+    let up = prometheus.query("sum(up{job=\"crm\"})").await;
+    assert_eq!(up.first().and_then(|r| r["value"][1].as_str()), Some("4"), "every target scraped: {up:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
 //! The gRPC server every role runs: its services plus `grpc.health.v1` (a status for every
 //! service served), server reflection (v1 and v1alpha), gRPC-Web and HTTP/1.1, `/healthz`,
 //! `/readyz` and `/metrics` on the same port, a span and metrics for every call, token checks,
-//! the request message limit, and a graceful drain on shutdown.
+//! the request message limit (per method), TLS beside plaintext (`crate::tls`), CORS for
+//! browser apps, and a graceful drain on shutdown.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -126,7 +127,6 @@ impl Server {
         self
     }
 
-    /// How connections are treated (stream limit, body read timeout, drain delay).
     /// The longest request message per method (by default [`crate::limit::MAX_MESSAGE_BYTES`]
     /// for every one).
     pub fn size_limits(mut self, sizes: crate::limit::SizeLimits) -> Server {
@@ -140,6 +140,7 @@ impl Server {
         self
     }
 
+    /// How connections are treated (stream limit, body read timeout, drain delay, TLS).
     pub fn settings(mut self, settings: ServerSettings) -> Server {
         self.settings = settings;
         self
