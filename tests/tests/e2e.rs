@@ -486,6 +486,109 @@ async fn twenty_drains_under_load_fail_no_call() {
     );
 }
 
+/// Waits until the gateway's `/metrics` shows `count` healthy contacts replicas.
+async fn wait_contacts_up(gateway: SocketAddr, count: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, metrics) = http_get(gateway, "/metrics").await;
+        let up = metrics
+            .lines()
+            .filter(|l| l.starts_with("crm_gateway_upstream_up{") && l.contains(CONTACTS_SERVICE))
+            .filter(|l| l.ends_with(" 1"))
+            .count();
+        if up == count {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: the gateway did not see {count} replicas up:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A rolling update as Kubernetes does it with `maxUnavailable: 0` (X4): two contacts replicas
+/// under reads and writes; a third starts, then an old one gets SIGTERM (it reports NOT_SERVING,
+/// keeps serving through its drain delay, finishes what it has); again for the other; no call
+/// fails, and every write that was answered is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_under_reads_and_writes_fails_no_call() {
+    // Four addresses for the gateway; two replicas run at first, two come as the update.
+    let mut cluster =
+        Cluster::start(ClusterConfig { replicas: vec![("contacts", 4)], ..ClusterConfig::default() }).await;
+    for i in [2, 3] {
+        let replica = cluster.process("contacts", i);
+        assert!(tokio::task::block_in_place(|| replica.terminate(Duration::from_secs(15))));
+    }
+    wait_contacts_up(cluster.gateway, 2, "before the update").await;
+    let token = admin_token(cluster.gateway).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|n| {
+            let (stop, token, gateway) = (stop.clone(), token.clone(), cluster.gateway);
+            tokio::spawn(async move {
+                let mut c = contacts_as(gateway, &token).await;
+                let (mut created, mut failed) = (Vec::new(), Vec::new());
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    i += 1;
+                    let request = CreatePersonRequest {
+                        person: Some(person(
+                            &format!("Rolling {n}-{i}"),
+                            &format!("+7 913 {n:03} {:02} {:02}", i / 100 % 100, i % 100),
+                        )),
+                        request_id: String::new(),
+                    };
+                    match c.create_person(request).await {
+                        Ok(p) => {
+                            let id = p.into_inner().id;
+                            if let Err(e) = c.get_person(GetPersonRequest { id: id.clone() }).await {
+                                failed.push(format!("get {:?}: {}", e.code(), e.message()));
+                            }
+                            created.push(id);
+                        }
+                        Err(e) => failed.push(format!("create {:?}: {}", e.code(), e.message())),
+                    }
+                }
+                (created, failed)
+            })
+        })
+        .collect();
+    for (new, old) in [(2, 0), (3, 1)] {
+        let addr = cluster.replica("contacts", new);
+        let replica = cluster.process("contacts", new);
+        replica.restart();
+        replica.wait_serving(addr, CONTACTS_SERVICE).await;
+        wait_contacts_up(cluster.gateway, 3, "a new replica").await;
+        let replica = cluster.process("contacts", old);
+        let clean = tokio::task::block_in_place(|| replica.terminate(Duration::from_secs(15)));
+        assert!(clean, "replica {old} drained and exited cleanly: {}", replica.output());
+        wait_contacts_up(cluster.gateway, 2, "an old replica gone").await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut created, mut failed) = (Vec::new(), Vec::new());
+    for task in load {
+        let (c, f) = task.await.unwrap();
+        created.extend(c);
+        failed.extend(f);
+    }
+    eprintln!("rolling update: {} writes (each read back), {} failed", created.len(), failed.len());
+    assert!(failed.is_empty(), "{} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    assert!(created.len() > 20, "the load ran through the update: {}", created.len());
+    // Every answered write is there, once (the cluster's people are this test's).
+    let mut c = contacts_as(cluster.gateway, &token).await;
+    let mut seen = std::collections::HashSet::new();
+    let mut page_token = String::new();
+    loop {
+        let request = ListPeopleRequest { page_size: 500, page_token, ..Default::default() };
+        let page = c.list_people(request).await.unwrap().into_inner();
+        seen.extend(page.people.into_iter().map(|p| p.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let missing = created.iter().filter(|id| !seen.contains(*id)).count();
+    assert_eq!((missing, seen.len()), (0, created.len()), "every write once");
+}
+
 /// Runs the `crm` client with its session in `config`, against `server`, feeding `stdin`:
 /// whether it succeeded, its standard output and its standard error.
 fn crm_client(config: &std::path::Path, server: SocketAddr, args: &[&str], stdin: &str) -> (bool, String, String) {
