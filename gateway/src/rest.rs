@@ -11,7 +11,8 @@
 //! downloads.
 //!
 //! A server stream (the live notifications) answers as newline-delimited JSON, or as
-//! server-sent events when the client accepts `text/event-stream`; an error after the first
+//! server-sent events when the client accepts `text/event-stream` (a keep-alive comment after
+//! 15 s of quiet); an error after the first
 //! message ends the stream as an `{"error": …}` line or an `error` event.
 //!
 //! Every call goes through the gateway's request path ([`crate::proxy::Stack`]): the token is
@@ -580,7 +581,13 @@ struct Streaming {
     output: MessageDescriptor,
     format: StreamFormat,
     done: bool,
+    /// For server-sent events: a comment line while nothing else is sent, so that proxies with
+    /// an idle timeout keep a quiet stream open.
+    keepalive: Option<tokio::time::Interval>,
 }
+
+/// How long a server-sent event stream stays silent before a keep-alive comment.
+const KEEPALIVE: Duration = Duration::from_secs(15);
 
 impl Streaming {
     /// The next piece to write, or `None` at the end.
@@ -592,7 +599,19 @@ impl Streaming {
             if self.done {
                 return None;
             }
-            match self.body.frame().await {
+            let frame = match &mut self.keepalive {
+                Some(tick) => tokio::select! {
+                    frame = self.body.frame() => frame,
+                    _ = tick.tick() => return Some(Bytes::from_static(b": keep-alive\n\n")),
+                },
+                None => self.body.frame().await,
+            };
+            if frame.is_some()
+                && let Some(tick) = &mut self.keepalive
+            {
+                tick.reset();
+            }
+            match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => self.buffer.extend_from_slice(&data),
                     Err(frame) => {
@@ -645,6 +664,15 @@ impl Streaming {
     }
 }
 
+fn streaming(body: HttpBody, output: MessageDescriptor, format: StreamFormat) -> Streaming {
+    let keepalive = (format == StreamFormat::Events).then(|| {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + KEEPALIVE, KEEPALIVE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
+    Streaming { body, buffer: BytesMut::new(), output, format, done: false, keepalive }
+}
+
 /// A server stream's answer: its messages as they come, in `format`; an error before the
 /// first message is an ordinary JSON error with its HTTP status.
 fn stream(route: &RestRoute, response: Response<HttpBody>, format: StreamFormat) -> Response<HttpBody> {
@@ -652,7 +680,7 @@ fn stream(route: &RestRoute, response: Response<HttpBody>, format: StreamFormat)
     if let Some((code, message, details)) = grpc_error(&head.headers) {
         return error(code, &message, details);
     }
-    let state = Streaming { body, buffer: BytesMut::new(), output: route.output.clone(), format, done: false };
+    let state = streaming(body, route.output.clone(), format);
     let pieces = futures_util::stream::unfold(state, |mut state| async move {
         state.next().await.map(|piece| (Ok::<_, std::convert::Infallible>(piece), state))
     });
@@ -701,6 +729,35 @@ mod tests {
             "in a path a '+' is itself"
         );
         assert!(found.len() > 80, "every service's calls: {}", found.len());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_event_streams_get_keep_alive_comments() {
+        let output = suite_pool().get_message_by_name("crm.notifications.v1.Notification").unwrap();
+        let (sender, body) = {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::convert::Infallible>>(4);
+            (tx, HttpBody::new(http_body_util::StreamBody::new(tokio_stream_of(rx))))
+        };
+        let mut events = streaming(body, output.clone(), StreamFormat::Events);
+        // Nothing for 15 s: a comment; a message then goes out as an event.
+        assert_eq!(events.next().await.as_deref(), Some(&b": keep-alive\n\n"[..]));
+        let message = DynamicMessage::new(output.clone()).encode_to_vec();
+        let mut frame = vec![0, 0, 0, 0, message.len() as u8];
+        frame.extend(&message);
+        sender.send(Ok(http_body::Frame::data(Bytes::from(frame)))).await.unwrap();
+        assert_eq!(events.next().await.as_deref(), Some(&b"data: {}\n\n"[..]));
+        // Lines of JSON get none (a comment is no JSON line).
+        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::convert::Infallible>>(1);
+        let mut lines =
+            streaming(HttpBody::new(http_body_util::StreamBody::new(tokio_stream_of(rx))), output, StreamFormat::Lines);
+        let waited = tokio::time::timeout(Duration::from_secs(60), lines.next()).await;
+        assert!(waited.is_err(), "no keep-alive in NDJSON");
+    }
+
+    fn tokio_stream_of<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> + Send + 'static {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
     }
 
     #[test]
