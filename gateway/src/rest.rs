@@ -412,19 +412,12 @@ impl Rest {
             return error(Code::NotFound, &format!("no call answers {} {path}", request.method()), vec![]);
         };
         let (mut parts, body) = request.into_parts();
-        if let Some(authenticator) = &self.authenticator
-            && authenticator.needs_token(&route.grpc_path)
-        {
-            let verified = match crm_kit::auth::bearer_token(&parts.headers) {
-                None => Err(crm_kit::error::ApiError::unauthenticated(
-                    "this call needs an access token: send `Authorization: Bearer <token>`",
-                )),
-                Some(token) => authenticator.verifier().verify(token).await,
-            };
-            match verified {
-                Ok(principal) => {
+        if let Some(authenticator) = &self.authenticator {
+            match authenticator.caller(&route.grpc_path, &parts.headers).await {
+                Ok(Some(principal)) => {
                     parts.extensions.insert(principal);
                 }
+                Ok(None) => {}
                 Err(err) => return error(Code::Unauthenticated, tonic::Status::from(err).message(), vec![]),
             }
         }

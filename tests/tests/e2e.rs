@@ -454,20 +454,7 @@ async fn twenty_drains_under_load_fail_no_call() {
         replica.wait_serving(addr, CONTACTS_SERVICE).await;
         // The gateway must see the replica back before the other one goes (with neither up,
         // UNAVAILABLE would be the right answer).
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let (_, metrics) = http_get(cluster.gateway, "/metrics").await;
-            let up = metrics
-                .lines()
-                .filter(|l| l.starts_with("crm_gateway_upstream_up{") && l.contains(CONTACTS_SERVICE))
-                .filter(|l| l.ends_with(" 1"))
-                .count();
-            if up == 2 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "drain {drain}: the gateway did not see both replicas up:\n{metrics}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_contacts_up(cluster.gateway, 2, &format!("drain {drain}")).await;
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let (mut ok, mut failed) = (0, Vec::new());
@@ -747,9 +734,7 @@ impl TestCa {
     fn client(&self) -> std::sync::Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.issuer.der().clone()).unwrap();
-        #[allow(deprecated)]
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        let mut config = rustls::ClientConfig::builder_with_provider(crm_kit::tls::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)

@@ -102,12 +102,7 @@ impl Tls {
             current: RwLock::new(Arc::new(loaded)),
             stamp: Mutex::new(stamp(cert, key)),
         });
-        // ring's provider (the one already in the build): classical key exchange only, which
-        // rustls now marks as lacking post-quantum groups; aws-lc-rs would add them with a C
-        // toolchain build.
-        #[allow(deprecated)]
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_no_client_auth()
@@ -149,6 +144,14 @@ impl Tls {
     }
 }
 
+/// The cryptography of every TLS connection: ring's provider (the one already in the build),
+/// classical key exchange only, which rustls now marks as lacking post-quantum groups;
+/// aws-lc-rs would add them at the cost of a C toolchain build.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    #[allow(deprecated)]
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
 /// TLS for calls to other roles: their certificates verified against given authorities, each
 /// replica by the host name it was configured with (`--<role>-addr`).
 #[derive(Clone)]
@@ -173,9 +176,7 @@ impl PeerTls {
         if roots.is_empty() {
             return Err(format!("--peers-tls-ca {}: no certificate in the file", ca.display()));
         }
-        #[allow(deprecated)] // see Tls::load
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)

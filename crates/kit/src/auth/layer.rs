@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use super::{Verifier, bearer_token};
+use super::{Principal, Verifier, bearer_token};
 use crate::error::ApiError;
 
 /// What the authentication layer checks: tokens, with `verifier`, on every CRM call except the
@@ -32,6 +32,21 @@ impl Authenticator {
     /// Whether a request path needs an access token: every CRM call but the public ones.
     pub fn needs_token(&self, path: &str) -> bool {
         path.starts_with("/crm.") && !self.public.contains(&path)
+    }
+
+    /// The caller of the call at gRPC `path` with `headers`: `None` when the call needs no
+    /// token; UNAUTHENTICATED when it needs one and has no valid one. Every edge that takes
+    /// calls (this layer, the gateway's REST transcoder) decides with it.
+    pub async fn caller(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Principal>, ApiError> {
+        if !self.needs_token(path) {
+            return Ok(None);
+        }
+        match bearer_token(headers) {
+            None => {
+                Err(ApiError::unauthenticated("this call needs an access token: send `authorization: Bearer <token>`"))
+            }
+            Some(token) => self.verifier.verify(token).await.map(Some),
+        }
     }
 }
 
@@ -83,18 +98,13 @@ where
         if !self.authenticator.needs_token(req.uri().path()) {
             return Box::pin(inner.call(req));
         }
-        let token = bearer_token(req.headers()).map(str::to_string);
-        let verifier = self.authenticator.verifier.clone();
+        let authenticator = self.authenticator.clone();
         Box::pin(async move {
-            let verified = match token {
-                None => Err(ApiError::unauthenticated(
-                    "this call needs an access token: send `authorization: Bearer <token>`",
-                )),
-                Some(token) => verifier.verify(&token).await,
-            };
-            match verified {
+            match authenticator.caller(req.uri().path(), req.headers()).await {
                 Ok(principal) => {
-                    req.extensions_mut().insert(principal);
+                    if let Some(principal) = principal {
+                        req.extensions_mut().insert(principal);
+                    }
                     inner.call(req).await
                 }
                 Err(err) => Ok(tonic::Status::from(err).into_http()),
