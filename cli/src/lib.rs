@@ -165,7 +165,9 @@ pub fn main() -> anyhow::Result<()> {
                 dev::run(args).await
             }
             Command::Serve(args) => {
-                let _telemetry = crm_kit::telemetry::init("crm", cli.log.format_or(LogFormat::Json));
+                // Traces name the roles the process serves: crm-contacts, crm-auth+contacts…
+                let name = format!("crm-{}", args.roles.join("+"));
+                let _telemetry = crm_kit::telemetry::init(&name, cli.log.format_or(LogFormat::Json));
                 serve::run(*args).await
             }
             Command::Migrate(args) => {

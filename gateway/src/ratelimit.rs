@@ -202,6 +202,12 @@ impl std::fmt::Debug for Limiter {
 impl Limiter {
     /// Limits decided in this replica alone.
     pub(crate) fn local(limits: Limits) -> Limiter {
+        // Zero series from the start, limited or not, so that dashboards and alerts see 0.
+        for caller in ["user", "client", "address"] {
+            for decided in ["shared", "local"] {
+                let _ = metrics().rate_limited.get_or_create(&RateLimitLabels { caller, decided });
+            }
+        }
         Limiter {
             limits,
             shared: None,

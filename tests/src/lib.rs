@@ -17,6 +17,8 @@ use crm_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
 use crm_proto::deals::v1::deals_service_client::DealsServiceClient;
 use crm_proto::notifications::v1::notifications_service_client::NotificationsServiceClient;
 use crm_proto::tasks::v1::tasks_service_client::TasksServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -393,6 +395,16 @@ impl Cluster {
         self.group(role).replicas[i].1.pid()
     }
 
+    /// What replica `i` of `role` has logged so far.
+    pub fn output(&self, role: &str, i: usize) -> String {
+        self.group(role).replicas[i].1.output()
+    }
+
+    /// The address of every process of the cluster.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.roles.iter().flat_map(|g| g.replicas.iter().map(|(addr, _)| *addr)).collect()
+    }
+
     /// The process of replica `i` of `role`.
     pub fn process(&mut self, role: &str, i: usize) -> &mut Process {
         let group = self.roles.iter_mut().find(|g| g.role == role).unwrap_or_else(|| panic!("no role {role}"));
@@ -465,6 +477,8 @@ impl Prometheus {
             format!("--config.file={}", file.display()),
             format!("--storage.tsdb.path={}", dir.path().join("data").display()),
             format!("--web.listen-address={addr}"),
+            // Exemplars (trace ids on histogram buckets) scraped and kept.
+            "--enable-feature=exemplar-storage".to_string(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let process = Process::start_program(Path::new("prometheus"), "prometheus", &args, &[]);
@@ -478,18 +492,22 @@ impl Prometheus {
 
     /// An instant PromQL query: its result vector (`data.result`).
     pub async fn query(&self, promql: &str) -> Vec<serde_json::Value> {
-        let mut encoded = String::new();
-        for b in promql.bytes() {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                encoded.push(char::from(b));
-            } else {
-                encoded.push_str(&format!("%{b:02X}"));
-            }
-        }
-        let (status, body) = http_get(self.addr, &format!("/api/v1/query?query={encoded}")).await;
+        let (status, body) = http_get(self.addr, &format!("/api/v1/query?query={}", url_encode(promql))).await;
         assert_eq!(status, 200, "{promql}: {body}");
         let answer: serde_json::Value = serde_json::from_str(&body).expect("a JSON answer");
         answer["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The exemplars of the series `selector` selects over the last hour (`data`: one entry per
+    /// series, each with its `exemplars`).
+    pub async fn exemplars(&self, selector: &str) -> Vec<serde_json::Value> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs();
+        let path =
+            format!("/api/v1/query_exemplars?query={}&start={}&end={}", url_encode(selector), now - 3600, now + 60);
+        let (status, body) = http_get(self.addr, &path).await;
+        assert_eq!(status, 200, "{selector}: {body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("a JSON answer");
+        answer["data"].as_array().cloned().unwrap_or_default()
     }
 
     /// Waits (up to 30 s) until `promql` gives one sample equal to `expected`.
@@ -507,6 +525,148 @@ impl Prometheus {
     }
 }
 
+/// One span an [`OtlpReceiver`] received, its ids in hex.
+#[derive(Clone, Debug)]
+pub struct ReceivedSpan {
+    /// The exporting process's `service.name`.
+    pub service: String,
+    pub name: String,
+    /// OTLP's span kind: 2 server, 3 client, 5 consumer…
+    pub kind: i32,
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a trace's root.
+    pub parent_span_id: String,
+    /// Attribute values as text.
+    pub attributes: std::collections::HashMap<String, String>,
+    /// The spans it links to: (trace id, span id).
+    pub links: Vec<(String, String)>,
+}
+
+impl ReceivedSpan {
+    pub fn attribute(&self, key: &str) -> &str {
+        self.attributes.get(key).map_or("", String::as_str)
+    }
+}
+
+/// A minimal OpenTelemetry collector: the OTLP trace service over gRPC (its
+/// `opentelemetry-proto` definitions) on a free port, keeping every span it is sent.
+pub struct OtlpReceiver {
+    pub addr: SocketAddr,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct Collector(std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>);
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        let text = |value: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match value
+            .as_ref()
+            .and_then(|v| v.value.as_ref())
+        {
+            Some(Value::StringValue(s)) => s.clone(),
+            Some(Value::IntValue(i)) => i.to_string(),
+            Some(Value::BoolValue(b)) => b.to_string(),
+            Some(Value::DoubleValue(d)) => d.to_string(),
+            Some(other) => format!("{other:?}"),
+            None => String::new(),
+        };
+        let mut received = Vec::new();
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .map(|kv| text(&kv.value))
+                .unwrap_or_default();
+            for span in resource_spans.scope_spans.into_iter().flat_map(|s| s.spans) {
+                received.push(ReceivedSpan {
+                    service: service.clone(),
+                    name: span.name,
+                    kind: span.kind,
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: hex(&span.parent_span_id),
+                    attributes: span.attributes.iter().map(|kv| (kv.key.clone(), text(&kv.value))).collect(),
+                    links: span.links.iter().map(|l| (hex(&l.trace_id), hex(&l.span_id))).collect(),
+                });
+            }
+        }
+        self.0.lock().expect("spans lock").extend(received);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> OtlpReceiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the OTLP receiver");
+        let addr = listener.local_addr().expect("its address");
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let service = TraceServiceServer::new(Collector(spans.clone()));
+        let server = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await;
+        });
+        OtlpReceiver { addr, spans, server }
+    }
+
+    /// The environment that makes a `crm` process export its spans here, without delay.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", self.addr)),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+        ]
+    }
+
+    /// Every span received of trace `trace_id`.
+    pub fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
+        self.spans.lock().expect("spans lock").iter().filter(|s| s.trace_id == trace_id).cloned().collect()
+    }
+
+    /// Waits (up to 30 s) until the spans of `trace_id` satisfy `complete`; returns them.
+    pub async fn wait_for(&self, trace_id: &str, complete: impl Fn(&[ReceivedSpan]) -> bool) -> Vec<ReceivedSpan> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let spans = self.trace(trace_id);
+            if complete(&spans) {
+                return spans;
+            }
+            assert!(Instant::now() < deadline, "trace {trace_id} is incomplete: {spans:#?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+fn url_encode(text: &str) -> String {
+    let mut encoded = String::new();
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    encoded
+}
+
 /// Every service the suite serves, as the front role reports them.
 pub fn served_services() -> Vec<&'static str> {
     SUITE.services()
@@ -514,6 +674,32 @@ pub fn served_services() -> Vec<&'static str> {
 
 fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
+}
+
+/// A new active user with the Salesperson role (password `member-password-1`), signed in: the
+/// user and their access token.
+pub async fn salesperson(gw: SocketAddr, admin: &str, email: &str) -> (crm_proto::auth::v1::User, String) {
+    let mut org = org_as(gw, admin).await;
+    let roles = org
+        .list_roles(crm_proto::auth::v1::ListRolesRequest { page_size: 100, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let role = roles.roles.iter().find(|r| r.name == "Salesperson").expect("a Salesperson role").id.clone();
+    let user = crm_proto::auth::v1::User {
+        email: email.into(),
+        display_name: email.into(),
+        role_ids: vec![role],
+        active: true,
+        ..Default::default()
+    };
+    let user = org
+        .create_user(crm_proto::auth::v1::CreateUserRequest { user: Some(user), password: "member-password-1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = sign_in(gw, email, "member-password-1").await.expect("signs in").access_token;
+    (user, token)
 }
 
 /// Starts `crm dev` on `data_dir`, its gateway on `addr`, with [`ADMIN_EMAIL`] as the first
@@ -665,8 +851,23 @@ pub async fn http_request(addr: SocketAddr, method: &str, path: &str, token: &st
     stream.read_to_end(&mut raw).await.expect("read");
     let text = String::from_utf8_lossy(&raw).to_string();
     let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let chunked = head.lines().any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    (status, if chunked { dechunk(body) } else { body.to_string() })
+}
+
+/// A chunked HTTP/1.1 body's content.
+fn dechunk(mut body: &str) -> String {
+    let mut content = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or_default().trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        content.push_str(&rest[..size]);
+        body = rest[size..].strip_prefix("\r\n").unwrap_or(&rest[size..]);
+    }
+    content
 }
 
 /// An HTTP/1.1 response read as it streams (a REST server stream): its status and headers,

@@ -9,8 +9,7 @@
 //! viewer may see, a department's figures its people's.
 
 use crm_proto::auth::v1::{
-    CreateDepartmentRequest, CreateRoleRequest, CreateUserRequest, DataScope, Department, ListRolesRequest, Role,
-    UpdateUserRequest, User,
+    CreateDepartmentRequest, CreateRoleRequest, DataScope, Department, Role, UpdateUserRequest, User,
 };
 use crm_proto::contacts::v1::{CreatePersonRequest, Person};
 use crm_proto::deals::v1::*;
@@ -200,26 +199,6 @@ async fn rest_calls_reach_deals(gw: std::net::SocketAddr, token: &str) {
     let (status, body) = http_request(gw, "GET", "/v1/reports/REPORT_KIND_FORECAST:csv", token, "").await;
     assert_eq!(status, 200);
     assert!(body.starts_with("Month,Open deals"), "{body}");
-}
-
-async fn salesperson(gw: std::net::SocketAddr, admin: &str, email: &str) -> (User, String) {
-    let mut org = org_as(gw, admin).await;
-    let roles = org.list_roles(ListRolesRequest { page_size: 100, ..Default::default() }).await.unwrap().into_inner();
-    let role = roles.roles.iter().find(|r| r.name == "Salesperson").expect("a Salesperson role").id.clone();
-    let user = User {
-        email: email.into(),
-        display_name: email.into(),
-        role_ids: vec![role],
-        active: true,
-        ..Default::default()
-    };
-    let user = org
-        .create_user(CreateUserRequest { user: Some(user), password: "member-password-1".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    let token = sign_in(gw, email, "member-password-1").await.expect("signs in").access_token;
-    (user, token)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -224,7 +224,14 @@ async fn anonymous_calls(addr: SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_serves_every_call_through_the_gateway() {
-    let cluster = cluster().await;
+    // Every process exports its spans to a real OTLP receiver; contacts also logs the calls it
+    // fails (at debug), so that the trace ids of JSON log lines can be checked.
+    let otlp = OtlpReceiver::start().await;
+    let mut env: Vec<(&'static str, &'static str, String)> =
+        SUITE.names().into_iter().flat_map(|role| otlp.env().into_iter().map(move |(k, v)| (role, k, v))).collect();
+    env.push(("contacts", "RUST_LOG", "info,crm_kit::metrics=debug".into()));
+    let cluster =
+        Cluster::start(ClusterConfig { replicas: vec![("contacts", 2)], env, ..ClusterConfig::default() }).await;
     let token = admin_token(cluster.gateway).await;
     exercise_contacts(cluster.gateway, &token).await;
     anonymous_calls(cluster.gateway).await;
@@ -241,12 +248,14 @@ async fn cluster_serves_every_call_through_the_gateway() {
     for m in [m0, m1] {
         assert!(m.contains("rpc_service=\"crm.contacts.v1.ContactsService\""), "{m}");
     }
-    scraped_by_prometheus(&cluster, &token).await;
+    let prometheus = scraped_by_prometheus(&cluster, &token).await;
+    traced_across_services(&cluster, &token, &otlp, &prometheus).await;
+    dashboards_ask_for_what_processes_export(&cluster, &prometheus).await;
 }
 
 /// A real Prometheus scrapes the cluster (X3): a PromQL query over the RPC duration histogram
 /// counts exactly the calls this test made, by role, method and code, and its quantiles answer.
-async fn scraped_by_prometheus(cluster: &Cluster, token: &str) {
+async fn scraped_by_prometheus(cluster: &Cluster, token: &str) -> Prometheus {
     let targets =
         [cluster.gateway, cluster.replica("auth", 0), cluster.replica("contacts", 0), cluster.replica("contacts", 1)];
     let prometheus = Prometheus::start(&targets).await;
@@ -271,6 +280,188 @@ async fn scraped_by_prometheus(cluster: &Cluster, token: &str) {
     assert!(value.is_some_and(|v| v > 0.0 && v.is_finite()), "{p99}: {result:?}");
     let up = prometheus.query("sum(up{job=\"crm\"})").await;
     assert_eq!(up.first().and_then(|r| r["value"][1].as_str()), Some("4"), "every target scraped: {up:?}");
+    prometheus
+}
+
+/// A W3C `traceparent` of a client's own: a new trace id and the client's span id.
+fn client_trace() -> (String, String, tonic::metadata::MetadataValue<tonic::metadata::Ascii>) {
+    let trace_id = uuid::Uuid::now_v7().simple().to_string();
+    let span_id = uuid::Uuid::now_v7().simple().to_string()[16..].to_string();
+    let header = format!("00-{trace_id}-{span_id}-01").parse().expect("a traceparent");
+    (trace_id, span_id, header)
+}
+
+/// The span ids from `span` up through its parents (those received).
+fn ancestry(spans: &[ReceivedSpan], span: &ReceivedSpan) -> Vec<String> {
+    let mut chain = Vec::new();
+    let mut at = Some(span);
+    while let Some(s) = at {
+        chain.push(s.span_id.clone());
+        at = spans.iter().find(|p| p.span_id == s.parent_span_id);
+    }
+    chain
+}
+
+/// One call's trace, received by a real OTLP receiver (X3): a client's W3C context goes through
+/// the gateway into contacts, into the events contacts publishes, and into notifications
+/// handling them — one trace id, each span the child of the one before, SQL statements as
+/// client spans under the work that ran them. The trace id is the exemplar of the call's bucket
+/// in the RPC histogram Prometheus scraped, and is on the JSON log lines written inside a call.
+async fn traced_across_services(cluster: &Cluster, token: &str, otlp: &OtlpReceiver, prometheus: &Prometheus) {
+    let (seller, _) = salesperson(cluster.gateway, token, "traced-seller@example.com").await;
+    let (trace_id, client_span, traceparent) = client_trace();
+    let person = Person { full_name: "Traced Person".into(), owner_id: seller.id, ..Default::default() };
+    let mut request = tonic::Request::new(CreatePersonRequest { person: Some(person), request_id: String::new() });
+    request.metadata_mut().insert("traceparent", traceparent);
+    contacts_as(cluster.gateway, token).await.create_person(request).await.unwrap();
+
+    const METHOD: &str = "crm.contacts.v1.ContactsService/CreatePerson";
+    const HANDLED: &str = "handle crm.contacts.v1.ContactOwnerChanged";
+    let call = |spans: &[ReceivedSpan], role: &str| {
+        spans.iter().find(|s| s.name == METHOD && s.attribute("crm.role") == role).cloned()
+    };
+    let spans = otlp
+        .wait_for(&trace_id, |spans| {
+            let published = call(spans, "contacts").map(|c| c.span_id).unwrap_or_default();
+            let handled = spans.iter().any(|s| s.name == HANDLED);
+            let handled_sql = spans
+                .iter()
+                .any(|s| s.kind == 3 && s.service == "crm-notifications" && ancestry(spans, s).contains(&published));
+            let linked = spans
+                .iter()
+                .all(|s| s.parent_span_id == client_span || spans.iter().any(|p| p.span_id == s.parent_span_id));
+            call(spans, "gateway").is_some() && handled && handled_sql && linked
+        })
+        .await;
+    let gateway = call(&spans, "gateway").unwrap();
+    assert_eq!((gateway.service.as_str(), gateway.kind), ("crm-gateway", 2), "{gateway:?}");
+    assert_eq!(gateway.parent_span_id, client_span, "the gateway's span is the client's child");
+    let contacts = call(&spans, "contacts").unwrap();
+    assert_eq!((contacts.service.as_str(), contacts.kind), ("crm-contacts", 2), "{contacts:?}");
+    assert_eq!(contacts.parent_span_id, gateway.span_id, "the replica's span is the gateway's child");
+    let insert = spans
+        .iter()
+        .find(|s| s.parent_span_id == contacts.span_id && s.attribute("db.operation.name") == "INSERT")
+        .unwrap_or_else(|| panic!("the call's INSERT statements are its children: {spans:#?}"));
+    assert_eq!(insert.kind, 3);
+    assert_eq!(insert.attribute("db.system.name"), "postgresql");
+    assert!(insert.attribute("db.query.text").starts_with("INSERT INTO"), "{insert:?}");
+    let handled = spans.iter().find(|s| s.name == HANDLED).unwrap();
+    assert_eq!((handled.service.as_str(), handled.kind), ("crm-notifications", 5), "{handled:?}");
+    assert_eq!(handled.parent_span_id, contacts.span_id, "the event's handling is the publishing call's child");
+    assert_eq!(handled.attribute("messaging.consumer.group.name"), "notifications");
+    // Notifications handles the call's events (created, assigned) in one batch: its statements
+    // run under a batch span, the child of the first event's span and linked to the others'.
+    let events: Vec<&ReceivedSpan> =
+        spans.iter().filter(|s| s.kind == 5 && s.parent_span_id == contacts.span_id).collect();
+    let batch = spans
+        .iter()
+        .find(|s| s.name == "handle events" && events.iter().any(|e| e.span_id == s.parent_span_id))
+        .unwrap_or_else(|| panic!("a batch span under an event's: {spans:#?}"));
+    for event in events.iter().filter(|e| e.span_id != batch.parent_span_id) {
+        assert!(batch.links.contains(&(trace_id.clone(), event.span_id.clone())), "{batch:?} links {event:?}");
+    }
+    let statements = spans.iter().filter(|s| s.kind == 3 && s.parent_span_id == batch.span_id).count();
+    assert!(statements > 0, "the batch's statements are its children: {spans:#?}");
+
+    // The exemplar of the gateway's CreatePerson bucket is this call's trace.
+    let selector = "rpc_server_call_duration_seconds_bucket{crm_role=\"gateway\",rpc_method=\"CreatePerson\"}";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let series = prometheus.exemplars(selector).await;
+        let traces: Vec<&str> = series
+            .iter()
+            .flat_map(|s| s["exemplars"].as_array().into_iter().flatten())
+            .filter_map(|e| e["labels"]["trace_id"].as_str())
+            .collect();
+        if traces.contains(&trace_id.as_str()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no exemplar of trace {trace_id}: {series:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A JSON log line written inside a call carries the call's trace id.
+    let (trace_id, _, traceparent) = client_trace();
+    let mut request = tonic::Request::new(GetPersonRequest { id: "0190b8a2-0000-7000-8000-00000000beef".into() });
+    request.metadata_mut().insert("traceparent", traceparent);
+    let missing = contacts_as(cluster.gateway, token).await.get_person(request).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let logged = |i: usize| {
+        cluster
+            .output("contacts", i)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|line| line["span"]["trace_id"] == trace_id.as_str() && line["fields"]["message"] == "call failed")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(logged(0) || logged(1)) {
+        assert!(Instant::now() < deadline, "no JSON log line of trace {trace_id}:\n{}", cluster.output("contacts", 0));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Metric names in `text` (PromQL, or a template of it): identifiers right before a selector.
+fn metric_names(text: &str) -> Vec<String> {
+    let bytes = text.as_bytes();
+    let mut names = Vec::new();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b != b'{' || i == 0 {
+            continue;
+        }
+        let start = text[..i].rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(0, |p| p + 1);
+        let name = &text[start..i];
+        if name.chars().next().is_some_and(|c| c.is_ascii_lowercase()) {
+            names.push(name.to_string());
+        }
+    }
+    names
+}
+
+/// The chart's dashboards and alerts ask for what the processes really export (X3): every
+/// dashboard query is valid PromQL to a real Prometheus, and every metric a dashboard or an
+/// alert rule names is on some process's `/metrics`.
+async fn dashboards_ask_for_what_processes_export(cluster: &Cluster, prometheus: &Prometheus) {
+    let mut exported = std::collections::HashSet::from(["up".to_string()]);
+    for addr in cluster.addrs() {
+        let (_, text) = http_get(addr, "/metrics").await;
+        for line in text.lines() {
+            let Some((name, kind)) = line.strip_prefix("# TYPE ").and_then(|t| t.split_once(' ')) else { continue };
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_count", "_sum"],
+                _ => &[""],
+            };
+            exported.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        }
+    }
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../helm/crm");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(chart.join("dashboards")).unwrap() {
+        let path = entry.unwrap().path();
+        let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let expr = target["expr"].as_str().unwrap();
+                for name in metric_names(expr) {
+                    assert!(exported.contains(&name), "{}: {name} is exported by no process", path.display());
+                }
+                // Grafana's variables as this Prometheus has them: no namespace label, any role.
+                let promql = expr.replace("$__rate_interval", "1m").replace("$namespace", "");
+                let promql = promql.replace("\"$role\"", "\".*\"").replace("\"$method\"", "\".*\"");
+                assert!(!promql.contains('$'), "{}: a variable left in {promql}", path.display());
+                prometheus.query(&promql).await;
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 30, "only {checked} dashboard queries");
+    let rules = std::fs::read_to_string(chart.join("templates/prometheusrule.yaml")).unwrap();
+    let named = metric_names(&rules);
+    assert!(named.len() > 10, "{named:?}");
+    for name in named {
+        assert!(exported.contains(&name), "alert rules: {name} is exported by no process");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -191,12 +191,14 @@ impl Runner {
 
     /// Runs jobs of `kind` with `handler`.
     pub fn handle(mut self, kind: &str, handler: Arc<dyn JobHandler>) -> Runner {
+        crate::metrics::metrics().jobs.init(kind);
         self.handlers.insert(kind.to_string(), Handling::InTransaction(handler));
         self
     }
 
     /// Runs jobs of `kind` with an external `handler`.
     pub fn handle_external(mut self, kind: &str, handler: Arc<dyn ExternalJobHandler>) -> Runner {
+        crate::metrics::metrics().jobs.init(kind);
         self.handlers.insert(kind.to_string(), Handling::External(handler));
         self
     }

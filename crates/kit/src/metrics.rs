@@ -1,24 +1,27 @@
 //! Prometheus metrics with OpenTelemetry semantic-convention names, and the tower layer that
 //! gives every gRPC call a span (with W3C trace context from its headers) and a duration
-//! observation labelled by service, method and status code.
+//! observation labelled by service, method and status code, with the call's trace id as the
+//! observation's exemplar (OpenMetrics).
 
 use std::collections::HashSet;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use http::{HeaderMap, Request, Response};
 use http_body::{Body as HttpBody, Frame};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry, Unit};
 use tonic::body::Body;
 use tower::{Layer, Service};
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
 const DURATION_BUCKETS: [f64; 15] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -32,10 +35,33 @@ pub struct RpcLabels {
     pub rpc_grpc_status_code: i32,
 }
 
+/// The exemplar of an observation: the trace it was made in.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceExemplar {
+    pub trace_id: String,
+}
+
+/// `db.client.connection.*` attributes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
-    pub pool_name: String,
-    pub state: &'static str,
+    /// The pool: the role whose database it is ("contacts"…).
+    pub db_client_connection_pool_name: String,
+    /// `idle` or `used`.
+    pub db_client_connection_state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolNameLabels {
+    pub db_client_connection_pool_name: String,
+}
+
+/// `db.client.operation.duration` attributes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DbOperationLabels {
+    /// `postgresql` or `sqlite` (`other_sql` in a process with both).
+    pub db_system_name: &'static str,
+    /// The statement's first keyword: `SELECT`, `INSERT`, `UPDATE`, `DELETE`, `WITH`, `BEGIN`…
+    pub db_operation_name: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -89,6 +115,17 @@ pub struct JobMetrics {
 }
 
 impl JobMetrics {
+    /// Zero series for jobs of `kind` (so that rates and increases over them answer from the
+    /// start rather than once something happened).
+    pub fn init(&self, kind: &str) {
+        let labels = JobKindLabels { kind: kind.to_string() };
+        let _ = self.start_delay.get_or_create(&labels);
+        let _ = self.duration.get_or_create(&labels);
+        for outcome in ["done", "failed", "dead"] {
+            let _ = self.runs.get_or_create(&JobLabels { kind: kind.to_string(), outcome });
+        }
+    }
+
     fn register(registry: &mut Registry) -> JobMetrics {
         let m = JobMetrics {
             runs: Family::default(),
@@ -133,6 +170,14 @@ pub struct EventMetrics {
 }
 
 impl EventMetrics {
+    /// Zero series for consumer group `consumer` of `source`'s events.
+    pub fn init_group(&self, source: &str, consumer: &str) {
+        let labels = GroupLabels { source: source.to_string(), consumer: consumer.to_string() };
+        for counter in [&self.consumed, &self.redelivered, &self.duplicates, &self.dead_lettered] {
+            let _ = counter.get_or_create(&labels);
+        }
+    }
+
     fn register(registry: &mut Registry) -> EventMetrics {
         let m = EventMetrics {
             outbox_backlog: Family::default(),
@@ -171,18 +216,30 @@ impl EventMetrics {
     }
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+pub type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
-fn duration_histogram() -> Histogram {
+/// A family of duration histograms (seconds, the buckets of every duration here).
+pub fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
 
+type ExemplarHistogramFamily<L> =
+    Family<L, HistogramWithExemplars<TraceExemplar>, fn() -> HistogramWithExemplars<TraceExemplar>>;
+
+fn duration_histogram_with_exemplars() -> HistogramWithExemplars<TraceExemplar> {
+    HistogramWithExemplars::new(DURATION_BUCKETS.into_iter())
+}
+
 pub struct Metrics {
-    registry: Registry,
-    /// rpc.server.call.duration, seconds.
-    pub rpc_server_duration: HistogramFamily<RpcLabels>,
+    registry: Mutex<Registry>,
+    /// rpc.server.call.duration, seconds, with the trace id of a call per bucket as exemplar.
+    pub rpc_server_duration: ExemplarHistogramFamily<RpcLabels>,
+    /// db.client.operation.duration, seconds: every SQL statement (see `telemetry`).
+    pub db_operation_duration: HistogramFamily<DbOperationLabels>,
     /// db.client.connection.count by state (idle/used), refreshed at scrape time.
     pub db_connections: Family<PoolLabels, Gauge>,
+    /// db.client.connection.max: the most connections a pool opens.
+    pub db_connections_max: Family<PoolNameLabels, Gauge>,
     /// 1 when the gateway considers an upstream endpoint healthy, else 0.
     pub upstream_up: Family<UpstreamLabels, Gauge>,
     pub events: EventMetrics,
@@ -198,15 +255,25 @@ pub struct Metrics {
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let mut registry = Registry::default();
-    let rpc_server_duration: HistogramFamily<RpcLabels> = Family::new_with_constructor(duration_histogram);
+    let rpc_server_duration: ExemplarHistogramFamily<RpcLabels> =
+        Family::new_with_constructor(duration_histogram_with_exemplars);
     registry.register_with_unit(
         "rpc_server_call_duration",
         "Duration of gRPC calls handled by this process",
-        prometheus_client::registry::Unit::Seconds,
+        Unit::Seconds,
         rpc_server_duration.clone(),
+    );
+    let db_operation_duration: HistogramFamily<DbOperationLabels> = Family::new_with_constructor(duration_histogram);
+    registry.register_with_unit(
+        "db_client_operation_duration",
+        "Duration of SQL statements, from sending to the last row read",
+        Unit::Seconds,
+        db_operation_duration.clone(),
     );
     let db_connections = Family::<PoolLabels, Gauge>::default();
     registry.register("db_client_connection_count", "Database connections by state", db_connections.clone());
+    let db_connections_max = Family::<PoolNameLabels, Gauge>::default();
+    registry.register("db_client_connection_max", "The most connections a pool opens", db_connections_max.clone());
     let upstream_up = Family::<UpstreamLabels, Gauge>::default();
     registry.register("crm_gateway_upstream_up", "Whether an upstream endpoint is healthy", upstream_up.clone());
     let events = EventMetrics::register(&mut registry);
@@ -226,9 +293,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         rate_limit_fallback.clone(),
     );
     Metrics {
-        registry,
+        registry: Mutex::new(registry),
         rpc_server_duration,
+        db_operation_duration,
         db_connections,
+        db_connections_max,
         upstream_up,
         events,
         jobs,
@@ -243,22 +312,62 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
+/// Adds a service's own metric to this process's `/metrics` (call it once per process, e.g.
+/// from a `LazyLock`). Names follow the OpenTelemetry conventions where one exists, else
+/// `crm_<service>_…`; a counter's exposition adds `_total`, a unit its suffix.
+pub fn register(name: &str, help: &str, unit: Option<Unit>, metric: impl Metric) {
+    let mut registry = METRICS.registry.lock().expect("registry lock");
+    match unit {
+        Some(unit) => registry.register_with_unit(name, help, unit, metric),
+        None => registry.register(name, help, metric),
+    }
+}
+
 /// Reports a database pool's connections on `/metrics`.
 pub fn register_pool(name: &str, pool: sqlx::AnyPool) {
+    let max = i64::from(pool.options().get_max_connections());
+    let labels = PoolNameLabels { db_client_connection_pool_name: name.to_string() };
+    METRICS.db_connections_max.get_or_create(&labels).set(max);
     METRICS.pools.lock().expect("pools lock").push((name.to_string(), pool));
 }
 
-/// The Prometheus text exposition of every metric of this process.
+const POSTGRES: u8 = 1;
+const SQLITE: u8 = 2;
+static DB_SYSTEMS: AtomicU8 = AtomicU8::new(0);
+
+/// Notes which database system this process connects to (`db.system.name` of its statements).
+pub(crate) fn note_db_system(backend: crate::db::Backend) {
+    let bit = match backend {
+        crate::db::Backend::Postgres => POSTGRES,
+        crate::db::Backend::Sqlite => SQLITE,
+    };
+    DB_SYSTEMS.fetch_or(bit, Ordering::Relaxed);
+}
+
+/// `db.system.name` of this process's statements: `postgresql`, `sqlite`, or `other_sql` when
+/// it uses both (sqlx's statement records do not say which connection ran them).
+pub fn db_system() -> &'static str {
+    match DB_SYSTEMS.load(Ordering::Relaxed) {
+        POSTGRES => "postgresql",
+        SQLITE => "sqlite",
+        _ => "other_sql",
+    }
+}
+
+/// The Prometheus text exposition (OpenMetrics) of every metric of this process.
 pub fn render() -> String {
     let m = metrics();
     for (name, pool) in m.pools.lock().expect("pools lock").iter() {
         let idle = pool.num_idle() as i64;
         let size = i64::from(pool.size());
-        m.db_connections.get_or_create(&PoolLabels { pool_name: name.clone(), state: "idle" }).set(idle);
-        m.db_connections.get_or_create(&PoolLabels { pool_name: name.clone(), state: "used" }).set(size - idle);
+        for (state, value) in [("idle", idle), ("used", size - idle)] {
+            let labels = PoolLabels { db_client_connection_pool_name: name.clone(), db_client_connection_state: state };
+            m.db_connections.get_or_create(&labels).set(value);
+        }
     }
     let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &m.registry).expect("metrics encode");
+    prometheus_client::encoding::text::encode(&mut out, &m.registry.lock().expect("registry lock"))
+        .expect("metrics encode");
     out
 }
 
@@ -360,15 +469,16 @@ where
         };
         let (rpc_service, rpc_method) = method_labels(service, method);
         let labels = RpcLabels { crm_role: self.role, rpc_service, rpc_method, rpc_grpc_status_code: 0 };
-        let span = crate::telemetry::rpc_span(self.role, service, method, req.headers());
+        let (span, trace_id) = crate::telemetry::rpc_span(self.role, service, method, req.headers());
         crate::telemetry::inject_context(&span, req.headers_mut());
         let start = Instant::now();
         let future = self.inner.call(req);
+        let recorder_span = span.clone();
         Box::pin(
             async move {
                 let response = future.await?;
                 let (parts, body) = response.into_parts();
-                let mut recorder = Recorder { labels, start, done: false };
+                let mut recorder = Recorder { labels, start, span: recorder_span, trace_id, done: false };
                 if let Some(code) = grpc_status(&parts.headers) {
                     recorder.finish(code);
                 }
@@ -379,9 +489,13 @@ where
     }
 }
 
+/// Records a call when its status is known; holds its span open until then (a stream's span
+/// lasts as long as the stream).
 struct Recorder {
     labels: RpcLabels,
     start: Instant,
+    span: Span,
+    trace_id: Option<String>,
     done: bool,
 }
 
@@ -390,9 +504,14 @@ impl Recorder {
         if !self.done {
             self.done = true;
             self.labels.rpc_grpc_status_code = code;
-            metrics().rpc_server_duration.get_or_create(&self.labels).observe(self.start.elapsed().as_secs_f64());
+            let exemplar = self.trace_id.take().map(|trace_id| TraceExemplar { trace_id });
+            metrics().rpc_server_duration.get_or_create(&self.labels).observe(
+                self.start.elapsed().as_secs_f64(),
+                exemplar,
+                Some(SystemTime::now()),
+            );
             if code != 0 {
-                tracing::debug!(rpc.grpc.status_code = code, "call failed");
+                tracing::debug!(parent: &self.span, rpc.grpc.status_code = code, "call failed");
             }
         }
     }
@@ -471,9 +590,12 @@ mod tests {
     fn renders_registered_metrics() {
         let labels =
             RpcLabels { crm_role: "test", rpc_service: "svc".into(), rpc_method: "M".into(), rpc_grpc_status_code: 5 };
-        metrics().rpc_server_duration.get_or_create(&labels).observe(0.002);
+        let trace = TraceExemplar { trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into() };
+        metrics().rpc_server_duration.get_or_create(&labels).observe(0.002, Some(trace), None);
         let text = render();
         assert!(text.contains("rpc_server_call_duration_seconds_bucket"), "{text}");
         assert!(text.contains("rpc_grpc_status_code=\"5\""), "{text}");
+        // OpenMetrics: the exemplar follows its bucket's sample.
+        assert!(text.contains("# {trace_id=\"4bf92f3577b34da6a3ce929d0e0e4736\"} 0.002"), "{text}");
     }
 }

@@ -8,12 +8,14 @@
 //! next runner finds the attempt still under way) — the receiver may have it, so the delivery is
 //! parked as dead with the reason rather than sent twice; an administrator retries it.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use crm_kit::auth::RemoteDirectory;
 use crm_kit::db::Db;
 use crm_kit::events::HandlerError;
 use crm_kit::jobs::{ExternalJobHandler, Job, Next};
+use crm_kit::metrics::{HistogramFamily, duration_histogram};
 use crm_kit::peer::Peer;
 use crm_kit::time::now_micros;
 use crm_proto::auth::v1::User;
@@ -21,6 +23,10 @@ use crm_proto::contacts::v1::GetPersonRequest;
 use crm_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
 use crm_proto::notifications::v1::Channel;
 use futures_util::future::BoxFuture;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Unit;
 use serde_json::Value;
 
 use crate::email::EmailSender;
@@ -29,6 +35,54 @@ use crate::sms::SmsSender;
 use crate::store::{Attempt, AttemptResult, CUSTOMER_MESSAGE, CustomerDraft, Start, Store};
 use crate::templates;
 use crate::webhooks::WebhookSender;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    /// `email`, `sms` or `webhook`.
+    channel: &'static str,
+    /// `sent`; `retried` (not delivered, tried again later); `dead` (not delivered, not tried
+    /// again: refused for good, or the last attempt); `unknown` (the receiver may have it, not
+    /// sent again by itself).
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChannelLabels {
+    channel: &'static str,
+}
+
+/// Delivery attempts outside the inbox, on this process's `/metrics`.
+struct DeliveryMetrics {
+    attempts: Family<AttemptLabels, Counter>,
+    duration: HistogramFamily<ChannelLabels>,
+}
+
+static METRICS: LazyLock<DeliveryMetrics> = LazyLock::new(|| {
+    let metrics =
+        DeliveryMetrics { attempts: Family::default(), duration: Family::new_with_constructor(duration_histogram) };
+    crm_kit::metrics::register(
+        "crm_notifications_delivery_attempts",
+        "Delivery attempts (e-mail, SMS, webhooks) by channel and outcome",
+        None,
+        metrics.attempts.clone(),
+    );
+    crm_kit::metrics::register(
+        "crm_notifications_delivery_attempt_duration",
+        "How long a delivery attempt took (the receiver's answer included)",
+        Some(Unit::Seconds),
+        metrics.duration.clone(),
+    );
+    metrics
+});
+
+fn channel_label(channel: i32) -> &'static str {
+    match Channel::try_from(channel) {
+        Ok(Channel::Email) => "email",
+        Ok(Channel::Sms) => "sms",
+        Ok(Channel::Webhook) => "webhook",
+        _ => "other",
+    }
+}
 
 /// The senders of the channels this process can deliver to.
 #[derive(Default)]
@@ -49,6 +103,18 @@ pub struct DeliveryJob {
 
 impl DeliveryJob {
     pub fn new(store: Store, senders: Senders, schedule: Vec<Duration>) -> DeliveryJob {
+        // Zero series of each channel this replica delivers to, from the start.
+        let channels = [
+            senders.email.as_ref().map(|_| "email"),
+            senders.sms.as_ref().map(|_| "sms"),
+            senders.webhooks.as_ref().map(|_| "webhook"),
+        ];
+        for channel in channels.into_iter().flatten() {
+            let _ = METRICS.duration.get_or_create(&ChannelLabels { channel });
+            for outcome in ["sent", "retried", "dead", "unknown"] {
+                let _ = METRICS.attempts.get_or_create(&AttemptLabels { channel, outcome });
+            }
+        }
         DeliveryJob { store, senders, schedule, contacts: None }
     }
 
@@ -134,6 +200,15 @@ impl ExternalJobHandler for DeliveryJob {
             }
             let retry_at =
                 if result.sent || result.permanent || result.unknown { None } else { self.retry_at(attempt.round) };
+            let channel = channel_label(attempt.channel);
+            let outcome = match (result.sent, result.unknown, retry_at.is_some()) {
+                (true, _, _) => "sent",
+                (_, true, _) => "unknown",
+                (_, _, true) => "retried",
+                _ => "dead",
+            };
+            METRICS.attempts.get_or_create(&AttemptLabels { channel, outcome }).inc();
+            METRICS.duration.get_or_create(&ChannelLabels { channel }).observe(started.elapsed().as_secs_f64());
             if result.sent {
                 tracing::debug!(delivery = %id, channel = attempt.channel, attempt = attempt.number, "delivered");
             } else {

@@ -128,6 +128,7 @@ impl Db {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(url)?;
+        crate::metrics::note_db_system(backend);
         let url = match backend {
             Backend::Postgres => url.to_string(),
             Backend::Sqlite => prepare_sqlite(url).await?,

@@ -9,6 +9,7 @@ use futures_util::future::BoxFuture;
 use prost::Message;
 use sqlx::Row;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::redis::{self as streams, Entry};
 use super::{Events, Transport, embedded, envelope};
@@ -56,8 +57,7 @@ pub trait Handler: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             for event in events {
-                let span = envelope::handler_span("batch", &event.envelope);
-                self.handle(tx, event).instrument(span).await?;
+                self.handle(tx, event).await?;
             }
             Ok(())
         })
@@ -98,6 +98,9 @@ impl std::fmt::Debug for Consumer {
 impl Consumer {
     pub(crate) fn new(events: Events, name: &str, db: Db, sources: &[&str], handler: Arc<dyn Handler>) -> Consumer {
         let member = format!("{}-{}", std::process::id(), &crate::id::new()[24..]);
+        for source in sources {
+            metrics().events.init_group(source, name);
+        }
         Consumer {
             events,
             name: name.to_string(),
@@ -296,7 +299,15 @@ impl Consumer {
                 outcomes.push(Outcome::Duplicate);
             }
         }
-        let span = tracing::info_span!("handle events", consumer = %self.name, events = handled.len());
+        // Each event's handling is a span in its producer's trace; the batch's shared work runs
+        // in a span under the first of them, linked to the others'.
+        let event_spans: Vec<tracing::Span> =
+            handled.iter().map(|event| envelope::handler_span(&self.name, &event.envelope)).collect();
+        let first = event_spans.first().and_then(|s| s.id());
+        let span = tracing::info_span!(parent: first, "handle events", consumer = %self.name, events = handled.len());
+        for other in event_spans.iter().skip(1) {
+            span.add_link(opentelemetry::trace::TraceContextExt::span(&other.context()).span_context().clone());
+        }
         if let Err(err) = self.handler.handle_batch(&mut tx, &handled).instrument(span).await {
             let _ = tx.rollback().await;
             return Err(Failure::Handler(err));
