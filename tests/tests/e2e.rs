@@ -508,21 +508,37 @@ async fn dev_mode_runs_the_suite_on_sqlite() {
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().join("crm-data");
     let addr = free_addr();
-    let mut dev = start_dev("dev", &data_dir, addr, &[("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD)]).await;
+    let otlp = OtlpReceiver::start().await;
+    let otel = otlp.env();
+    let mut env = vec![("CRM_ADMIN_PASSWORD", ADMIN_PASSWORD)];
+    env.extend(otel.iter().map(|(k, v)| (*k, v.as_str())));
+    let mut dev = start_dev("dev", &data_dir, addr, &env).await;
     let token = admin_token(addr).await;
     exercise_contacts(addr, &token).await;
     anonymous_calls(addr).await;
     ops_endpoints(addr).await;
     assignment_notifies_the_new_owner(addr, &token).await;
     let mut c = contacts_as(addr, &token).await;
-    let kept = c
-        .create_person(CreatePersonRequest {
-            person: Some(person("Persisted", "+7 914 000 00 01")),
-            request_id: String::new(),
+    let (trace_id, _, traceparent) = client_trace();
+    let mut request = tonic::Request::new(CreatePersonRequest {
+        person: Some(person("Persisted", "+7 914 000 00 01")),
+        request_id: String::new(),
+    });
+    request.metadata_mut().insert("traceparent", traceparent);
+    let kept = c.create_person(request).await.unwrap().into_inner();
+    // Traced on SQLite too: the statements (run on sqlx's worker threads) under the call's span.
+    let inserted_under_call = |spans: &[ReceivedSpan]| {
+        spans.iter().any(|call| {
+            call.attribute("crm.role") == "contacts"
+                && spans.iter().any(|s| {
+                    s.parent_span_id == call.span_id
+                        && s.attribute("db.system.name") == "sqlite"
+                        && s.attribute("db.operation.name") == "INSERT"
+                })
         })
-        .await
-        .unwrap()
-        .into_inner();
+    };
+    let spans = otlp.wait_for(&trace_id, inserted_under_call).await;
+    assert!(spans.iter().all(|s| s.service == "crm-dev"), "{spans:#?}");
     assert!(dev.terminate(Duration::from_secs(15)), "{}", dev.output());
     assert!(data_dir.join("contacts.db").exists());
 
