@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crm_kit::testing::TestDb;
 use crm_proto::auth::v1::auth_service_client::AuthServiceClient;
 use crm_proto::auth::v1::org_service_client::OrgServiceClient;
-use crm_proto::auth::v1::{SignInRequest, TokenPair};
+use crm_proto::auth::v1::{CreateUserRequest, ListRolesRequest, SignInRequest, TokenPair, User};
 use crm_proto::contacts::v1::contacts_service_client::ContactsServiceClient;
 use crm_proto::deals::v1::deals_service_client::DealsServiceClient;
 use crm_proto::notifications::v1::notifications_service_client::NotificationsServiceClient;
@@ -676,30 +676,26 @@ fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-/// A new active user with the Salesperson role (password `member-password-1`), signed in: the
-/// user and their access token.
-pub async fn salesperson(gw: SocketAddr, admin: &str, email: &str) -> (crm_proto::auth::v1::User, String) {
+/// The password of every user [`member`] creates.
+pub const MEMBER_PASSWORD: &str = "member-password-1";
+
+/// Creates `user`, active and with the role named `role`, as the administrator (`admin`'s
+/// token), and signs them in with [`MEMBER_PASSWORD`]: the user and their access token.
+pub async fn member(gw: SocketAddr, admin: &str, role: &str, user: User) -> (User, String) {
     let mut org = org_as(gw, admin).await;
-    let roles = org
-        .list_roles(crm_proto::auth::v1::ListRolesRequest { page_size: 100, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    let role = roles.roles.iter().find(|r| r.name == "Salesperson").expect("a Salesperson role").id.clone();
-    let user = crm_proto::auth::v1::User {
-        email: email.into(),
-        display_name: email.into(),
-        role_ids: vec![role],
-        active: true,
-        ..Default::default()
-    };
-    let user = org
-        .create_user(crm_proto::auth::v1::CreateUserRequest { user: Some(user), password: "member-password-1".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    let token = sign_in(gw, email, "member-password-1").await.expect("signs in").access_token;
+    let roles = org.list_roles(ListRolesRequest { page_size: 100, ..Default::default() }).await.unwrap().into_inner();
+    let role_id = roles.roles.iter().find(|r| r.name == role).unwrap_or_else(|| panic!("a {role} role")).id.clone();
+    let user = User { role_ids: vec![role_id], active: true, ..user };
+    let request = CreateUserRequest { user: Some(user), password: MEMBER_PASSWORD.into() };
+    let user = org.create_user(request).await.unwrap().into_inner();
+    let token = sign_in(gw, &user.email, MEMBER_PASSWORD).await.expect("the member signs in").access_token;
     (user, token)
+}
+
+/// A new salesperson named by their e-mail, in no department: the user and their access token.
+pub async fn salesperson(gw: SocketAddr, admin: &str, email: &str) -> (User, String) {
+    member(gw, admin, "Salesperson", User { email: email.into(), display_name: email.into(), ..Default::default() })
+        .await
 }
 
 /// Starts `crm dev` on `data_dir`, its gateway on `addr`, with [`ADMIN_EMAIL`] as the first

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crm_proto::auth::v1::org_service_client::OrgServiceClient;
-use crm_proto::auth::v1::{CreateUserRequest, GetMeRequest, ListRolesRequest, ListUsersRequest, User};
+use crm_proto::auth::v1::{GetMeRequest, ListUsersRequest, User};
 use crm_proto::contacts::v1::*;
 use crm_proto::notifications::v1::{ListNotificationsRequest, SubscribeRequest};
 use crm_tests::*;
@@ -552,21 +552,14 @@ async fn dev_mode_runs_the_suite_on_sqlite() {
 /// A person created for a new salesperson reaches their live stream and inbox (events through
 /// the databases in `crm dev`).
 async fn assignment_notifies_the_new_owner(addr: SocketAddr, admin: &str) {
-    let mut org = org_as(addr, admin).await;
-    let roles = org.list_roles(ListRolesRequest { page_size: 100, ..Default::default() }).await.unwrap().into_inner();
-    let salesperson = roles.roles.iter().find(|r| r.name == "Salesperson").unwrap().id.clone();
     let me = auth_as(addr, admin).await.get_me(GetMeRequest {}).await.unwrap().into_inner();
     let user = User {
         email: "dev-seller@example.com".into(),
         display_name: "Seller".into(),
         department_id: me.department_id,
-        role_ids: vec![salesperson],
-        active: true,
         ..Default::default()
     };
-    let request = CreateUserRequest { user: Some(user), password: "seller-password-1".into() };
-    let seller = org.create_user(request).await.unwrap().into_inner();
-    let token = sign_in(addr, "dev-seller@example.com", "seller-password-1").await.unwrap().access_token;
+    let (seller, token) = member(addr, admin, "Salesperson", user).await;
     let mut live =
         notifications_as(addr, &token).await.subscribe(SubscribeRequest::default()).await.unwrap().into_inner();
     let person = Person { full_name: "Vera Lebedeva".into(), owner_id: seller.id, ..Default::default() };

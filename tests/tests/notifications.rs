@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crm_proto::auth::v1::{CreateUserRequest, GetMeRequest, ListRolesRequest, User};
+use crm_proto::auth::v1::{GetMeRequest, User};
 use crm_proto::contacts::v1::{CreatePersonRequest, Person, UpdatePersonRequest};
 use crm_proto::notifications::v1::*;
 use crm_tests::*;
@@ -27,23 +27,15 @@ async fn member(gateway: SocketAddr, admin: &str, email: &str, name: &str) -> Me
 }
 
 async fn member_with_phone(gateway: SocketAddr, admin: &str, email: &str, name: &str, phone: &str) -> Member {
-    let mut org = org_as(gateway, admin).await;
-    let roles = org.list_roles(ListRolesRequest { page_size: 100, ..Default::default() }).await.unwrap().into_inner();
-    let salesperson = roles.roles.iter().find(|r| r.name == "Salesperson").expect("a Salesperson role").id.clone();
     let me = auth_as(gateway, admin).await.get_me(GetMeRequest {}).await.unwrap().into_inner();
     let user = User {
         email: email.into(),
         display_name: name.into(),
         phone: phone.into(),
         department_id: me.department_id,
-        role_ids: vec![salesperson],
-        active: true,
         ..Default::default()
     };
-    let password = "member-password-1";
-    let user =
-        org.create_user(CreateUserRequest { user: Some(user), password: password.into() }).await.unwrap().into_inner();
-    let token = sign_in(gateway, email, password).await.expect("the member signs in").access_token;
+    let (user, token) = crm_tests::member(gateway, admin, "Salesperson", user).await;
     Member { user, token }
 }
 

@@ -17,9 +17,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crm_proto::auth::v1::{
-    CreateDepartmentRequest, CreateUserRequest, Department, ListRolesRequest, UpdateDepartmentRequest, User,
-};
+use crm_proto::auth::v1::{CreateDepartmentRequest, Department, UpdateDepartmentRequest, User};
 use crm_proto::contacts::v1::{CreatePersonRequest, GetPersonRequest, Person, RecordType};
 use crm_proto::notifications::v1::{ListNotificationsRequest, Notification};
 use crm_proto::tasks::v1::*;
@@ -55,22 +53,14 @@ async fn member(
     department: &str,
     supervisor: &str,
 ) -> Member {
-    let mut org = org_as(gateway, admin).await;
-    let roles = org.list_roles(ListRolesRequest { page_size: 100, ..Default::default() }).await.unwrap().into_inner();
-    let role_id = roles.roles.iter().find(|r| r.name == role).unwrap_or_else(|| panic!("a {role} role")).id.clone();
     let user = User {
         email: email.into(),
         display_name: email.split('@').next().unwrap().into(),
         department_id: department.into(),
         supervisor_id: supervisor.into(),
-        role_ids: vec![role_id],
-        active: true,
         ..Default::default()
     };
-    let password = "member-password-1";
-    let user =
-        org.create_user(CreateUserRequest { user: Some(user), password: password.into() }).await.unwrap().into_inner();
-    let token = sign_in(gateway, email, password).await.expect("the member signs in").access_token;
+    let (user, token) = crm_tests::member(gateway, admin, role, user).await;
     Member { user, token }
 }
 
