@@ -309,8 +309,8 @@ impl Events {
         }
     }
 
-    /// Checks at start that `consumer` can read every source it needs: without Redis, each must
-    /// be opened in this process or attached.
+    /// Whether `consumer` can read every source it needs: without Redis, each must be opened in
+    /// this process (one of `here`) or attached. The error names the first one that is not.
     pub fn check_sources(&self, consumer: &str, sources: &[&str], here: &[&str]) -> Result<(), Error> {
         if matches!(self.inner.transport, Transport::Redis(_)) {
             return Ok(());
@@ -319,7 +319,8 @@ impl Events {
             if !here.contains(source) && self.local(source).is_none() {
                 return Err(format!(
                     "{consumer} consumes the events of {source}, which does not run in this process: \
-                     set --redis-url (CRM_REDIS_URL) so that events travel between processes"
+                     they will not reach it; set --redis-url (CRM_REDIS_URL) so that events travel \
+                     between processes"
                 )
                 .into());
             }
