@@ -170,9 +170,9 @@ impl Db {
         };
         // By default sqlx pings an idle connection before handing it out, besides the ping it
         // makes when a connection comes back: a round trip to the database on every
-        // acquisition, on the caller's path (15% of a serving process's CPU under Get load).
-        // A connection back for less than IDLE_BEFORE_PING passed its return ping that recently;
-        // only one idle for longer is pinged again before use.
+        // acquisition, on the caller's path (without it, Get straight to contacts at 1 in flight
+        // went from p50 0.46 to 0.41 ms). A connection back for less than IDLE_BEFORE_PING passed
+        // its return ping that recently; only one idle for longer is pinged again before use.
         let options = options.test_before_acquire(false).before_acquire(|conn, meta| {
             Box::pin(async move {
                 if meta.idle_for > IDLE_BEFORE_PING {
