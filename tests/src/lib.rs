@@ -698,6 +698,17 @@ pub async fn salesperson(gw: SocketAddr, admin: &str, email: &str) -> (User, Str
         .await
 }
 
+/// Runs a test peer written in another language, `program tests/peers/<script> <args>`, which
+/// prints one JSON line; asserts it succeeded and returns that line.
+pub async fn run_peer(program: &str, script: &str, args: &[&str]) -> serde_json::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join(script);
+    let output =
+        tokio::process::Command::new(program).arg(&path).args(args).output().await.expect("the peer's program runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{script} failed: {stdout}{stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{script} printed no JSON line ({e}): {stdout}"))
+}
+
 /// Starts `crm dev` on `data_dir`, its gateway on `addr`, with [`ADMIN_EMAIL`] as the first
 /// administrator and `env` (e.g. `CRM_ADMIN_PASSWORD`; the gateway's rate limits are off unless
 /// `env` sets them); waits until it serves every service and has printed its banner.

@@ -117,16 +117,9 @@ async fn crm_dev_runs_deal_automations() {
 /// and driven by a generic client that knows only the document, every answer checked against
 /// the document's schema for its status (`tests/peers/openapi_check.py`).
 async fn openapi_drives_calls(gw: std::net::SocketAddr) {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join("openapi_check.py");
-    let output = tokio::process::Command::new("python3")
-        .arg(script)
-        .args(["--gateway", &gw.to_string(), "--email", ADMIN_EMAIL, "--password", ADMIN_PASSWORD])
-        .output()
-        .await
-        .expect("python3 runs");
-    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "the OpenAPI check failed: {stdout}{stderr}");
-    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).expect("a JSON summary");
+    let gateway = gw.to_string();
+    let args = ["--gateway", &gateway, "--email", ADMIN_EMAIL, "--password", ADMIN_PASSWORD];
+    let summary = run_peer("python3", "openapi_check.py", &args).await;
     assert_eq!(summary["openapi"], "3.1.0");
     assert!(summary["operations"].as_u64().unwrap() > 100, "{summary}");
     let calls = summary["calls"].as_array().unwrap();

@@ -1066,17 +1066,10 @@ async fn the_gateway_serves_tls_and_reloads_its_certificate() {
 async fn browsers_reach_the_gateway(addr: SocketAddr, dir: &std::path::Path) {
     let descriptors = dir.join("crm_descriptor.bin");
     std::fs::write(&descriptors, crm_proto::FILE_DESCRIPTOR_SET).unwrap();
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("peers").join("grpcweb").join("check.mjs");
-    let output = tokio::process::Command::new("node")
-        .arg(script)
-        .args(["--gateway", &addr.to_string(), "--descriptors", descriptors.to_str().unwrap()])
-        .args(["--email", ADMIN_EMAIL, "--password", ADMIN_PASSWORD])
-        .output()
-        .await
-        .expect("node runs");
-    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-    assert!(output.status.success(), "the gRPC-Web client failed: {stdout}{stderr}");
-    let answer: serde_json::Value = serde_json::from_str(stdout.trim()).expect("a JSON line");
+    let (gateway, descriptors) = (addr.to_string(), descriptors.to_str().unwrap().to_string());
+    let args =
+        ["--gateway", &gateway, "--descriptors", &descriptors, "--email", ADMIN_EMAIL, "--password", ADMIN_PASSWORD];
+    let answer = run_peer("node", "grpcweb/check.mjs", &args).await;
     assert_eq!(answer["signedIn"], true);
     assert_eq!(answer["created"]["fullName"], "Web Client");
     assert_eq!(answer["fetched"]["id"], answer["created"]["id"]);

@@ -104,12 +104,12 @@ pub struct DeliveryJob {
 impl DeliveryJob {
     pub fn new(store: Store, senders: Senders, schedule: Vec<Duration>) -> DeliveryJob {
         // Zero series of each channel this replica delivers to, from the start.
-        let channels = [
-            senders.email.as_ref().map(|_| "email"),
-            senders.sms.as_ref().map(|_| "sms"),
-            senders.webhooks.as_ref().map(|_| "webhook"),
+        let configured = [
+            (senders.email.is_some(), Channel::Email),
+            (senders.sms.is_some(), Channel::Sms),
+            (senders.webhooks.is_some(), Channel::Webhook),
         ];
-        for channel in channels.into_iter().flatten() {
+        for channel in configured.into_iter().filter(|(on, _)| *on).map(|(_, c)| channel_label(c as i32)) {
             let _ = METRICS.duration.get_or_create(&ChannelLabels { channel });
             for outcome in ["sent", "retried", "dead", "unknown"] {
                 let _ = METRICS.attempts.get_or_create(&AttemptLabels { channel, outcome });
