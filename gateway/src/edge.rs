@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crm_kit::balance::local::grpc_timeout;
 use crm_kit::balance::{Avoid, Replica};
 
 use futures_util::FutureExt;
@@ -52,25 +53,6 @@ fn grpc_message(message: &str) -> HeaderValue {
         }
     }
     HeaderValue::from_str(&encoded).unwrap_or_else(|_| HeaderValue::from_static("error"))
-}
-
-/// The `grpc-timeout` header: 1 to 8 digits and a unit (H, M, S, m, u, n). Malformed: `None`.
-pub(crate) fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.as_bytes();
-    let (&unit, digits) = value.split_last()?;
-    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let n = digits.iter().fold(0_u64, |n, d| n * 10 + u64::from(d - b'0'));
-    Some(match unit {
-        b'H' => Duration::from_secs(n * 3600),
-        b'M' => Duration::from_secs(n * 60),
-        b'S' => Duration::from_secs(n),
-        b'm' => Duration::from_millis(n),
-        b'u' => Duration::from_micros(n),
-        b'n' => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 /// The time a call may wait for upstream response headers: the gateway's limit, or the
@@ -331,20 +313,6 @@ mod tests {
         let h = response.headers();
         let get = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
         (get("content-type"), get("grpc-status"), get("grpc-message"))
-    }
-
-    #[test]
-    fn parses_grpc_timeouts() {
-        assert_eq!(grpc_timeout(&headers("1H")), Some(Duration::from_secs(3600)));
-        assert_eq!(grpc_timeout(&headers("2M")), Some(Duration::from_secs(120)));
-        assert_eq!(grpc_timeout(&headers("30S")), Some(Duration::from_secs(30)));
-        assert_eq!(grpc_timeout(&headers("250m")), Some(Duration::from_millis(250)));
-        assert_eq!(grpc_timeout(&headers("99999999u")), Some(Duration::from_micros(99_999_999)));
-        assert_eq!(grpc_timeout(&headers("5n")), Some(Duration::from_nanos(5)));
-        for bad in ["", "S", "123456789S", "10x", "-1S", "1.5S", "10s"] {
-            assert_eq!(grpc_timeout(&headers(bad)), None, "{bad:?}");
-        }
-        assert_eq!(grpc_timeout(&HeaderMap::new()), None);
     }
 
     #[test]

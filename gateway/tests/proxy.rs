@@ -76,7 +76,18 @@ impl ContactsService for TestContacts {
             header("x-request-id"),
             if metadata.contains_key("grpc-timeout") { "set" } else { "-" },
         );
+        // A TCP peer never has port 0: a call from this process does (see `in_process`).
+        let from_this_process = request.remote_addr().is_some_and(|peer| peer.port() == 0);
         let id = request.into_inner().id;
+        if id == "from-where" {
+            let place = if from_this_process { "this process" } else { "the network" };
+            return Ok(Response::new(Person {
+                id,
+                full_name: self.name.clone(),
+                notes: place.into(),
+                ..Default::default()
+            }));
+        }
         if id == "flaky" && self.name == "replica-0" {
             return Err(Status::unavailable("replica-0 is going away"));
         }
@@ -131,11 +142,18 @@ impl Replica {
     }
 
     fn serve(name: &str, listener: TcpListener) -> Replica {
+        Replica::serve_with(name, listener, false)
+    }
+
+    /// A replica whose stack this process's callers call without the network when
+    /// `in_process` (as `crm serve` sets up its servers).
+    fn serve_with(name: &str, listener: TcpListener, in_process: bool) -> Replica {
         let addr = listener.local_addr().unwrap();
         let (trigger, shutdown) = crm_kit::shutdown::channel();
         let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
         let service = TestContacts { name: name.to_string(), entered: entered.clone(), release: release.clone() };
-        let server = Server::new("test").add_service(ContactsServiceServer::new(service));
+        let settings = crm_kit::server::ServerSettings { in_process, ..Default::default() };
+        let server = Server::new("test").settings(settings).add_service(ContactsServiceServer::new(service));
         let task = tokio::spawn(server.serve(listener, shutdown));
         Replica { addr, entered, release, trigger, task }
     }
@@ -394,6 +412,70 @@ async fn sheds_load_and_enforces_the_deadline() {
     assert_eq!(get_person(&mut client, "p").await.unwrap().full_name, "slow");
 
     replica.release.notify_waiters();
+}
+
+/// The answer of a replica pool to a raw ListPeople call (which waits in the test replica)
+/// with `grpc-timeout: 100m`: gRPC status and message.
+async fn list_people_timing_out(pool: &crm_kit::balance::Pool) -> (String, String) {
+    let message = ListPeopleRequest { page_size: 10, ..Default::default() }.encode_to_vec();
+    let mut frame = vec![0];
+    frame.extend(u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend(message);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("/crm.contacts.v1.ContactsService/ListPeople")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "100m")
+        .body(tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::from(frame))))
+        .unwrap();
+    let response = pool.send(request).await.unwrap();
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+    (header("grpc-status"), header("grpc-message"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_in_this_process_is_called_without_the_network() {
+    let near = Replica::serve_with("near", TcpListener::bind("127.0.0.1:0").await.unwrap(), true);
+    let far = Replica::start("far").await;
+    let gw = gateway(vec![near.addr.to_string()], fast_settings()).await;
+    let channel = channel(gw.addr).await;
+    wait_for_health(&channel, CONTACTS_SERVICE, ServingStatus::Serving).await;
+    let mut client = ContactsServiceClient::new(channel.clone());
+    // Through the gateway, from this process: the replica's whole stack took the call, headers
+    // passed on as over the wire.
+    assert_eq!(get_person(&mut client, "from-where").await.unwrap().notes, "this process");
+    let mut request = Request::new(GetPersonRequest { id: "p".into() });
+    request.metadata_mut().insert("authorization", "Bearer secret-token".parse().unwrap());
+    request.metadata_mut().insert("x-request-id", "req-42".parse().unwrap());
+    request.set_timeout(Duration::from_secs(5));
+    let person = client.get_person(request).await.unwrap().into_inner();
+    assert_eq!(person.notes, "authorization=Bearer secret-token x-request-id=req-42 grpc-timeout=set");
+    let missing = get_person(&mut client, "missing").await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(missing.message(), "no person missing at near — sorry");
+    // Straight to its port, from outside: the network, as ever.
+    let mut direct = ContactsServiceClient::new(self::channel(near.addr).await);
+    assert_eq!(get_person(&mut direct, "from-where").await.unwrap().notes, "the network");
+
+    // The caller's grpc-timeout is enforced as the replica's server enforces it off the wire.
+    let (_trigger, shutdown) = crm_kit::shutdown::channel();
+    let peers = |addr: SocketAddr| {
+        let callee = Callee { role: "contacts", service: CONTACTS_SERVICE, addrs: vec![addr.to_string()] };
+        Peers::new([callee], Intervals::default(), Duration::from_secs(60), None, shutdown.clone())
+    };
+    let (near_peers, far_peers) = (peers(near.addr), peers(far.addr));
+    let in_process = list_people_timing_out(near_peers.peer("contacts").unwrap().pool()).await;
+    let networked = list_people_timing_out(far_peers.peer("contacts").unwrap().pool()).await;
+    assert_eq!(in_process, networked);
+    // CANCELLED, percent-encoded as on the wire.
+    assert_eq!(in_process, ("1".to_string(), "Timeout%20expired".to_string()));
+
+    // Once the replica stops, nothing reaches its stack: the call finds no replica.
+    near.stop().await;
+    let gone = get_person(&mut client, "p").await.unwrap_err();
+    assert_eq!(gone.code(), Code::Unavailable, "{gone:?}");
+    far.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

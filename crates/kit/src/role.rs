@@ -391,6 +391,18 @@ pub struct CommonArgs {
         value_parser = crate::config::parse_duration
     )]
     pub drain_delay: Duration,
+    /// Whether a call from one role to another running in the same process (the gateway
+    /// forwarding to contacts, a service asking auth) skips the network: the callee's stack
+    /// takes it in the process, with the same checks as on its port; "false" sends every call
+    /// over HTTP/2.
+    #[arg(
+        long = "in-process-calls",
+        value_name = "BOOL",
+        env = "CRM_IN_PROCESS_CALLS",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub in_process_calls: bool,
     #[command(flatten)]
     pub tls: crate::tls::TlsArgs,
     /// How long a caller's visible owners (their data scope, resolved by the auth service) are
@@ -433,6 +445,7 @@ impl CommonArgs {
             read_timeout: self.request_read_timeout,
             drain_delay: self.drain_delay,
             tls: self.tls.tls()?,
+            in_process: self.in_process_calls,
         })
     }
 

@@ -45,6 +45,9 @@ pub struct ServerSettings {
     pub drain_delay: Duration,
     /// TLS beside (or instead of) plaintext on the port.
     pub tls: Option<crate::tls::Tls>,
+    /// Whether this process's own callers (the gateway, other roles' clients) call the server
+    /// without the network while it accepts calls (see [`crate::balance::local`]).
+    pub in_process: bool,
 }
 
 impl Default for ServerSettings {
@@ -54,6 +57,7 @@ impl Default for ServerSettings {
             read_timeout: crate::limit::DEFAULT_READ_TIMEOUT,
             drain_delay: Duration::ZERO,
             tls: None,
+            in_process: false,
         }
     }
 }
@@ -205,6 +209,23 @@ impl Server {
             let shutdown = shutdown.clone();
             tokio::spawn(async move { tls.watch(shutdown.wait()).await })
         });
+        // Every call meets these layers, off the wire or from this process.
+        let stack = tower::ServiceBuilder::new()
+            .layer(tower::util::option_layer(cors))
+            .layer(GrpcWebSwitchLayer)
+            .layer(RpcLayer::new(role))
+            .layer(tower::util::option_layer(auth.map(crate::auth::AuthLayer::new)));
+        let in_process = match (settings.in_process, listener.local_addr()) {
+            (true, Ok(addr)) => {
+                let service = stack
+                    .clone()
+                    .map_err(Into::into)
+                    .map_response(|response: http::Response<_>| response.map(Body::new))
+                    .service(routes.clone());
+                Some(crate::balance::local::register(addr, crate::balance::local::LocalService::new(service)))
+            }
+            _ => None,
+        };
         let drain = {
             let health = health.clone();
             async move {
@@ -212,6 +233,8 @@ impl Server {
                 set_all(&health, &names, ServingStatus::NotServing).await;
                 // Still taking calls while those balancing over this server notice.
                 tokio::time::sleep(settings.drain_delay).await;
+                // Then no new calls, from the network or from this process.
+                drop(in_process);
             }
         };
 
@@ -220,10 +243,7 @@ impl Server {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_concurrent_streams(Some(settings.max_concurrent_streams))
-            .layer(tower::util::option_layer(cors))
-            .layer(GrpcWebSwitchLayer)
-            .layer(RpcLayer::new(role))
-            .layer(tower::util::option_layer(auth.map(crate::auth::AuthLayer::new)))
+            .layer(stack)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming(listener, settings.read_timeout, settings.tls.clone()), drain)
             .await;

@@ -63,6 +63,8 @@ pub struct Endpoint {
     /// Counts failed connection attempts: callers queued behind a failing attempt give up at
     /// once instead of each waiting out its own connect timeout.
     connect_failures: AtomicU64,
+    /// Set once the replica was found served by this process (logged once).
+    in_process: AtomicBool,
 }
 
 impl Endpoint {
@@ -92,6 +94,7 @@ impl Endpoint {
             conn: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             connect_failures: AtomicU64::new(0),
+            in_process: AtomicBool::new(false),
         };
         endpoint.export();
         endpoint
@@ -148,6 +151,31 @@ impl Endpoint {
         parts.authority = Some(self.authority.clone());
         parts.path_and_query = Some(path.unwrap_or_else(|| PathAndQuery::from_static("/")));
         Uri::from_parts(parts).unwrap_or_default()
+    }
+
+    /// The replica's service stack, when this process serves it (see [`super::local`]).
+    pub fn local(&self) -> Option<super::local::LocalService> {
+        let local = super::local::find(self.addr);
+        if local.is_some() && !self.in_process.swap(true, Ordering::Relaxed) {
+            tracing::info!(upstream = self.service, endpoint = %self.addr, "replica served by this process: called without the network");
+        }
+        local
+    }
+
+    /// Sends `request` to the replica: in the process when it is served here, else over its
+    /// HTTP/2 connection (connecting first if there is none).
+    pub(super) async fn call(&self, request: Request<Body>) -> Result<Response<ResponseBody>, BoxError> {
+        if let Some(local) = self.local() {
+            let response = super::local::call(local, request, self.addr).await;
+            return Ok(response.map(|body| ResponseBody { inner: Inner::Local(body), in_flight: None }));
+        }
+        let mut sender = self.sender().await?;
+        if let Err(e) = sender.ready().await {
+            self.connection_lost();
+            return Err(e.into());
+        }
+        let response = sender.send_request(request).await?;
+        Ok(response.map(|body| ResponseBody { inner: Inner::Remote(body), in_flight: None }))
     }
 
     fn cached(&self) -> Option<SendRequest<Body>> {
@@ -258,9 +286,9 @@ impl Endpoint {
 struct Connection(Arc<Endpoint>);
 
 impl tower::Service<Request<Body>> for Connection {
-    type Response = Response<Incoming>;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, Self::Error>> + Send>>;
+    type Response = Response<ResponseBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -268,16 +296,11 @@ impl tower::Service<Request<Body>> for Connection {
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let endpoint = self.0.clone();
-        Box::pin(async move {
-            let mut sender = endpoint.sender().await?;
-            if let Err(e) = sender.ready().await {
-                endpoint.connection_lost();
-                return Err(e.into());
-            }
-            Ok(sender.send_request(request).await?)
-        })
+        Box::pin(async move { endpoint.call(request).await })
     }
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A call in flight on a replica.
 pub struct InFlight(Arc<Endpoint>);
@@ -291,17 +314,26 @@ impl Drop for InFlight {
 /// A replica's response body, passed through frame by frame; the call stops counting as in
 /// flight on its replica when the body ends or is dropped.
 pub struct ResponseBody {
-    pub(super) inner: Incoming,
+    pub(super) inner: Inner,
     pub(super) in_flight: Option<InFlight>,
+}
+
+/// Where a response body comes from: the replica's connection, or its stack in this process.
+pub(super) enum Inner {
+    Remote(Incoming),
+    Local(Body),
 }
 
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> = match &mut this.inner {
+            Inner::Remote(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Inner::Local(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        };
         match &polled {
             Poll::Ready(None | Some(Err(_))) => this.in_flight = None,
             Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => this.in_flight = None,
@@ -311,11 +343,17 @@ impl http_body::Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Remote(body) => body.is_end_stream(),
+            Inner::Local(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Remote(body) => body.size_hint(),
+            Inner::Local(body) => body.size_hint(),
+        }
     }
 }
 

@@ -4,9 +4,11 @@
 //!
 //! One mechanism for every caller: the gateway forwards client calls through a [`Pool`]
 //! without decoding them, and a service's typed client to another service
-//! ([`crate::peer::Peer`]) sends its calls through the same kind of pool.
+//! ([`crate::peer::Peer`]) sends its calls through the same kind of pool. A replica served by
+//! this very process is called without the network ([`local`]).
 
 mod endpoint;
+pub mod local;
 mod pool;
 
 use std::sync::Arc;

@@ -12,7 +12,7 @@ use tonic::Code;
 use tonic::body::Body;
 
 use super::choose_p2c;
-use super::endpoint::{Endpoint, ResponseBody};
+use super::endpoint::{Endpoint, Inner, ResponseBody};
 
 /// Longest wait for one DNS resolution.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -242,6 +242,12 @@ impl Pool {
             let Some(endpoint) = preferred.or_else(|| self.pick(&tried[..attempt])) else { break };
             tried[attempt] = endpoint.addr();
             let in_flight = endpoint.track();
+            if let Some(local) = endpoint.local() {
+                *request.uri_mut() = endpoint.uri(path.clone());
+                let mut response = super::local::call(local, request, endpoint.addr()).await;
+                response.extensions_mut().insert(Replica(endpoint.addr()));
+                return Ok(response.map(|body| ResponseBody { inner: Inner::Local(body), in_flight: Some(in_flight) }));
+            }
             let mut sender = match endpoint.sender().await {
                 Ok(sender) => sender,
                 Err(e) => {
@@ -260,7 +266,9 @@ impl Pool {
             match sender.try_send_request(request).await {
                 Ok(mut response) => {
                     response.extensions_mut().insert(Replica(endpoint.addr()));
-                    return Ok(response.map(|body| ResponseBody { inner: body, in_flight: Some(in_flight) }));
+                    return Ok(
+                        response.map(|body| ResponseBody { inner: Inner::Remote(body), in_flight: Some(in_flight) })
+                    );
                 }
                 Err(mut e) => {
                     let closed = sender.is_closed();
