@@ -222,6 +222,20 @@ async fn get_person(client: &mut ContactsServiceClient<Channel>, id: &str) -> Re
     client.get_person(GetPersonRequest { id: id.into() }).await.map(Response::into_inner)
 }
 
+/// Checks that a call's metadata reaches the replica as sent (the replica writes what it got
+/// into the person's notes) and returns the NOT_FOUND of a missing person, for its message.
+async fn passes_metadata_and_status(client: &mut ContactsServiceClient<Channel>) -> Status {
+    let mut request = Request::new(GetPersonRequest { id: "p".into() });
+    request.metadata_mut().insert("authorization", "Bearer secret-token".parse().unwrap());
+    request.metadata_mut().insert("x-request-id", "req-42".parse().unwrap());
+    request.set_timeout(Duration::from_secs(5));
+    let person = client.get_person(request).await.unwrap().into_inner();
+    assert_eq!(person.notes, "authorization=Bearer secret-token x-request-id=req-42 grpc-timeout=set");
+    let missing = get_person(client, "missing").await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    missing
+}
+
 /// A raw HTTP/1.1 exchange (the connection is closed after it): status, headers, body.
 async fn http1(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, HashMap<String, String>, Vec<u8>) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -290,14 +304,7 @@ async fn proxies_balances_and_fails_over() {
     assert_eq!(served.len(), 2, "both replicas served calls: {served:?}");
 
     // Metadata goes through as sent, status and message come back unchanged.
-    let mut request = Request::new(GetPersonRequest { id: "p".into() });
-    request.metadata_mut().insert("authorization", "Bearer secret-token".parse().unwrap());
-    request.metadata_mut().insert("x-request-id", "req-42".parse().unwrap());
-    request.set_timeout(Duration::from_secs(5));
-    let person = client.get_person(request).await.unwrap().into_inner();
-    assert_eq!(person.notes, "authorization=Bearer secret-token x-request-id=req-42 grpc-timeout=set");
-    let missing = get_person(&mut client, "missing").await.unwrap_err();
-    assert_eq!(missing.code(), Code::NotFound);
+    let missing = passes_metadata_and_status(&mut client).await;
     assert!(missing.message().starts_with("no person missing at replica-") && missing.message().ends_with("— sorry"));
     let unimplemented = client.get_company(GetCompanyRequest::default()).await.unwrap_err();
     assert_eq!((unimplemented.code(), unimplemented.message()), (Code::Unimplemented, "not in this test replica"));
@@ -445,14 +452,7 @@ async fn a_replica_in_this_process_is_called_without_the_network() {
     // Through the gateway, from this process: the replica's whole stack took the call, headers
     // passed on as over the wire.
     assert_eq!(get_person(&mut client, "from-where").await.unwrap().notes, "this process");
-    let mut request = Request::new(GetPersonRequest { id: "p".into() });
-    request.metadata_mut().insert("authorization", "Bearer secret-token".parse().unwrap());
-    request.metadata_mut().insert("x-request-id", "req-42".parse().unwrap());
-    request.set_timeout(Duration::from_secs(5));
-    let person = client.get_person(request).await.unwrap().into_inner();
-    assert_eq!(person.notes, "authorization=Bearer secret-token x-request-id=req-42 grpc-timeout=set");
-    let missing = get_person(&mut client, "missing").await.unwrap_err();
-    assert_eq!(missing.code(), Code::NotFound);
+    let missing = passes_metadata_and_status(&mut client).await;
     assert_eq!(missing.message(), "no person missing at near — sorry");
     // Straight to its port, from outside: the network, as ever.
     let mut direct = ContactsServiceClient::new(self::channel(near.addr).await);

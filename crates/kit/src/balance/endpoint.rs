@@ -20,6 +20,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+use super::local::BoxError;
 use crate::metrics::{UpstreamLabels, metrics};
 
 /// Longest wait for a TCP connection and HTTP/2 handshake to a replica.
@@ -154,7 +155,7 @@ impl Endpoint {
     }
 
     /// The replica's service stack, when this process serves it (see [`super::local`]).
-    pub fn local(&self) -> Option<super::local::LocalService> {
+    pub(super) fn local(&self) -> Option<super::local::LocalService> {
         let local = super::local::find(self.addr);
         if local.is_some() && !self.in_process.swap(true, Ordering::Relaxed) {
             tracing::info!(upstream = self.service, endpoint = %self.addr, "replica served by this process: called without the network");
@@ -299,8 +300,6 @@ impl tower::Service<Request<Body>> for Connection {
         Box::pin(async move { endpoint.call(request).await })
     }
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A call in flight on a replica.
 pub struct InFlight(Arc<Endpoint>);

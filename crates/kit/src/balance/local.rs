@@ -7,8 +7,9 @@
 //! The callee sees what the wire would carry: the request's method, path, headers and body,
 //! none of the caller's extensions, and a loopback peer. It enforces the caller's
 //! `grpc-timeout` as its server would. What is skipped is HTTP/2 itself (framing, header
-//! compression, the per-connection stream limit) and the kernel's loopback: about half of the
-//! CPU of a call forwarded by the gateway on the development machine.
+//! compression, the per-connection stream limit) and the kernel's loopback: a third of the CPU
+//! of a Get forwarded by the gateway on the development machine (0.32 → 0.21 ms, against
+//! 0.18 ms for a Get straight to contacts).
 //!
 //! A server registers its stack while it accepts calls ([`register`], when its settings ask
 //! for it); a replica whose address is registered is called here. An address registered as
