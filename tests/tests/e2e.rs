@@ -278,8 +278,9 @@ async fn scraped_by_prometheus(cluster: &Cluster, token: &str) -> Prometheus {
     let result = prometheus.query(p99).await;
     let value = result.first().and_then(|r| r["value"][1].as_str()).and_then(|v| v.parse::<f64>().ok());
     assert!(value.is_some_and(|v| v > 0.0 && v.is_finite()), "{p99}: {result:?}");
-    let up = prometheus.query("sum(up{job=\"crm\"})").await;
-    assert_eq!(up.first().and_then(|r| r["value"][1].as_str()), Some("4"), "every target scraped: {up:?}");
+    // Every target scraped. Polled: with the test processes busy, one scrape in a while takes
+    // longer than the 1 s interval allows, and that target reads as down until the next one.
+    prometheus.wait_for("sum(up{job=\"crm\"})", 4.0).await;
     prometheus
 }
 

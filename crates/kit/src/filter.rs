@@ -269,14 +269,47 @@ impl Parser {
 /// all bound parameters.
 #[derive(Debug, Clone)]
 pub struct Filter {
-    condition: Sql,
+    /// The conjuncts of the filter's top-level `AND` (the whole condition when it is not one),
+    /// each with the pin it is, when it is one.
+    parts: Vec<(Option<(&'static str, String)>, Sql)>,
     pins: Vec<(&'static str, String)>,
 }
 
 impl Filter {
     /// Appends ` AND (condition)`.
     pub fn push_onto(&self, sql: &mut Sql) {
-        sql.push(" AND (").push_sql(self.condition.clone()).push(")");
+        self.push_parts(sql, None);
+    }
+
+    /// Appends ` AND (condition)` without the comparison `field = value` (or `field:value`) of
+    /// the top-level `AND`, for a query that already holds to it by its shape (walking a tag's
+    /// own index, say): every other part still applies, and the query pays for no second check
+    /// of what it joined on. A filter that is that comparison alone appends nothing.
+    pub fn push_onto_except(&self, sql: &mut Sql, field: &str, value: &str) {
+        self.push_parts(sql, Some((field, value)));
+    }
+
+    fn push_parts(&self, sql: &mut Sql, except: Option<(&str, &str)>) {
+        let mut skipped = false;
+        let parts: Vec<&Sql> = self
+            .parts
+            .iter()
+            .filter(|(pin, _)| {
+                let skip = !skipped
+                    && matches!((pin, except), (Some((f, v)), Some((field, value))) if *f == field && v == value);
+                skipped |= skip;
+                !skip
+            })
+            .map(|(_, part)| part)
+            .collect();
+        if parts.is_empty() {
+            return;
+        }
+        sql.push(" AND (");
+        sql.push_each(&parts, " AND ", |sql, part| {
+            sql.push_sql((*part).clone());
+        });
+        sql.push(")");
     }
 
     /// The fields every matching row has one value in (or, for a list, holds), with that value
@@ -288,15 +321,14 @@ impl Filter {
     }
 }
 
-fn pins(expr: &Expr, fields: &[Field], out: &mut Vec<(&'static str, String)>) {
-    match expr {
-        Expr::And(parts) => parts.iter().for_each(|part| pins(part, fields, out)),
+/// The pin a conjunct of the top-level `AND` is: `field = value` or `list:value` on a field of
+/// the listing.
+fn pin(conjunct: &Expr, fields: &[Field]) -> Option<(&'static str, String)> {
+    match conjunct {
         Expr::Cmp { field, op: Op::Eq | Op::Has, value } => {
-            if let Some(spec) = fields.iter().find(|f| f.name == field.as_str()) {
-                out.push((spec.name, value.clone()));
-            }
+            fields.iter().find(|f| f.name == field.as_str()).map(|spec| (spec.name, value.clone()))
         }
-        _ => {}
+        _ => None,
     }
 }
 
@@ -321,11 +353,24 @@ pub fn parse_expr(text: &str) -> Result<Option<Expr>, ApiError> {
 /// its field. `None` for an empty filter.
 pub fn parse(text: &str, fields: &[Field]) -> Result<Option<Filter>, ApiError> {
     let Some(expr) = parse_expr(text)? else { return Ok(None) };
-    let mut condition = Sql::default();
-    compile(&expr, fields, &mut condition)?;
-    let mut pinned = Vec::new();
-    pins(&expr, fields, &mut pinned);
-    Ok(Some(Filter { condition, pins: pinned }))
+    let mut conjuncts = Vec::new();
+    flatten_and(&expr, &mut conjuncts);
+    let mut parts = Vec::with_capacity(conjuncts.len());
+    for conjunct in conjuncts {
+        let mut condition = Sql::default();
+        compile(conjunct, fields, &mut condition)?;
+        parts.push((pin(conjunct, fields), condition));
+    }
+    let pinned = parts.iter().filter_map(|(pin, _)| pin.clone()).collect();
+    Ok(Some(Filter { parts, pins: pinned }))
+}
+
+/// The conjuncts of a top-level `AND`, those of `AND`s nested in it (parenthesised) included.
+fn flatten_and<'e>(expr: &'e Expr, out: &mut Vec<&'e Expr>) {
+    match expr {
+        Expr::And(parts) => parts.iter().for_each(|part| flatten_and(part, out)),
+        other => out.push(other),
+    }
 }
 
 fn compile(expr: &Expr, fields: &[Field], sql: &mut Sql) -> Result<(), ApiError> {
@@ -454,7 +499,7 @@ mod tests {
         let (text, binds) = sql(r#"stage = CUSTOMER AND tags:vip AND create_time > "2026-01-01T00:00:00Z""#).unwrap();
         assert_eq!(
             text,
-            "SELECT 1 WHERE 1=1 AND ((stage = 3 AND id IN (SELECT record_id FROM tags WHERE tag = $1) AND created_at > $2))"
+            "SELECT 1 WHERE 1=1 AND (stage = 3 AND id IN (SELECT record_id FROM tags WHERE tag = $1) AND created_at > $2)"
         );
         assert_eq!(binds, vec![Bind::Text("vip".into()), Bind::Int(1_767_225_600_000_000)]);
     }
@@ -470,10 +515,38 @@ mod tests {
     }
 
     #[test]
+    fn a_pin_the_query_holds_to_is_left_out() {
+        let except = |text: &str, field: &str, value: &str| {
+            let mut sql = Sql::new("SELECT 1 WHERE 1=1");
+            parse(text, FIELDS).unwrap().unwrap().push_onto_except(&mut sql, field, value);
+            sql.into_parts()
+        };
+        // Only that comparison goes; the others keep their places and their parameters.
+        let (text, binds) =
+            except("create_time > \"2026-01-01T00:00:00Z\" AND tags:vip AND (tags:b2b owner_id = u1)", "tags", "vip");
+        assert_eq!(
+            text,
+            "SELECT 1 WHERE 1=1 AND (created_at > $1 AND id IN (SELECT record_id FROM tags WHERE tag = $2) AND owner_id = $3)"
+        );
+        assert_eq!(binds, vec![Bind::Int(1_767_225_600_000_000), Bind::Text("b2b".into()), Bind::Text("u1".into())]);
+        // Alone, it leaves nothing to add.
+        assert_eq!(except("tags:vip", "tags", "vip").0, "SELECT 1 WHERE 1=1");
+        // Anything but a pin of the top-level AND stays: under OR or NOT it does not hold to every row.
+        for text in ["tags:vip OR stage = LEAD", "NOT tags:vip", "tags:b2b"] {
+            let (with, _) = except(text, "tags", "vip");
+            let (plain, _) = sql(text).unwrap();
+            assert_eq!(with, plain, "{text}");
+        }
+        // Written twice, it goes once.
+        let (text, _) = except("tags:vip tags:vip", "tags", "vip");
+        assert_eq!(text, "SELECT 1 WHERE 1=1 AND (id IN (SELECT record_id FROM tags WHERE tag = $1))");
+    }
+
+    #[test]
     fn or_not_and_parentheses() {
         let (text, binds) =
             sql("(stage = LEAD OR stage = LIFECYCLE_STAGE_CUSTOMER) NOT do_not_contact = true").unwrap();
-        assert_eq!(text, "SELECT 1 WHERE 1=1 AND (((stage = 1 OR stage = 3) AND NOT (do_not_contact = 1)))");
+        assert_eq!(text, "SELECT 1 WHERE 1=1 AND ((stage = 1 OR stage = 3) AND NOT (do_not_contact = 1))");
         assert!(binds.is_empty());
         let (text, _) = sql("-owner_id = abc").unwrap();
         assert!(text.ends_with("AND (NOT (owner_id = $1))"), "{text}");

@@ -347,8 +347,11 @@ impl Store {
         let mut sql = Sql::new("SELECT ");
         sql.push(COLUMNS).push(" FROM tags t JOIN ").push(table(kind));
         sql.push(" r ON r.id = t.record_id WHERE t.tag = ").bind(tag);
+        // The join holds every row to the tag: probing each row's tags for it again cost
+        // (at 1M people, stage and tag) 1.2–2.0 ms of execution rather than 0.64–0.76, and a
+        // join more to plan.
         if let Some(filter) = &q.filter {
-            filter.push_onto(&mut sql);
+            filter.push_onto_except(&mut sql, "tags", tag);
         }
         q.scope.push_condition(&mut sql, self.db().backend(), "owner_id");
         q.page.push_keyset(&mut sql, &order);

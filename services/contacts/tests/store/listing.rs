@@ -36,6 +36,13 @@ pub async fn filters_and_search(env: Env) {
     let by = |f: &'static str| list_people(api, f, "", "full_name", 50, "");
     assert_eq!(names(by("stage = CUSTOMER").await.unwrap()), ["Ekaterina Ivanova", "Zhang Wei"]);
     assert_eq!(names(by("tags:vip AND tags:wholesale").await.unwrap()), ["Ekaterina Ivanova"]);
+    // Newest first, a required tag is walked through its own entries (the first one the filter
+    // names); every other condition, another tag too, still applies to each record.
+    let newest = |f: &'static str| list_people(api, f, "", "", 50, "");
+    assert_eq!(names(newest("tags:vip").await.unwrap()), ["Ekaterina Ivanova", "Zhang Wei"]);
+    assert_eq!(names(newest("tags:wholesale AND tags:vip").await.unwrap()), ["Ekaterina Ivanova"]);
+    assert_eq!(names(newest("tags:wholesale stage = LEAD").await.unwrap()), ["Juan dela Cruz"]);
+    assert!(names(newest("tags:vip AND NOT tags:vip").await.unwrap()).is_empty());
     assert_eq!(names(by("stage != CUSTOMER AND region = Seoul").await.unwrap()), ["Jo Lee"]);
     assert_eq!(
         names(by("(region = Manila OR region = Moscow) AND NOT stage = LOST").await.unwrap()),
