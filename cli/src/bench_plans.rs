@@ -1,15 +1,16 @@
 //! `crm bench plans`: every README filter and sort, a few searches, first page and a later
-//! page, run against a seeded contacts database with the plan the database chose for each
-//! statement. A plan that does not walk an index shows here first, at the size it was seeded to.
+//! page (and companies by tag), run against a seeded contacts database with the plan the
+//! database chose for each statement. A plan that does not walk an index shows here first, at
+//! the size it was seeded to.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use crm_contacts::Store;
-use crm_contacts::domain::{Kind, Rules};
+use crm_contacts::domain::{Kind, Record, Rules};
 use crm_contacts::store::{ListQuery, ListRequest};
 use crm_kit::auth::OwnerScope;
-use crm_proto::contacts::v1::Person;
+use crm_proto::contacts::v1::{Company, Person};
 use sqlx::Row;
 
 #[derive(clap::Args, Debug)]
@@ -90,9 +91,10 @@ pub async fn plans(args: PlansArgs) -> anyhow::Result<()> {
             cases.push(ListRequest { filter: filter.into(), query: query.clone(), ..Default::default() });
         }
     }
-    cases.retain(|c| {
+    let wanted = |c: &ListRequest| {
         args.only.is_empty() || [&c.filter, &c.order_by, &c.query].iter().any(|t| t.contains(args.only.as_str()))
-    });
+    };
+    cases.retain(wanted);
 
     let rules = Rules::default();
     println!(
@@ -104,52 +106,17 @@ pub async fn plans(args: PlansArgs) -> anyhow::Result<()> {
     );
     println!("{:<58} {:<20} {:>5} {:>5} {:>9}  plan", "filter / query", "order_by", "page", "rows", "ms");
     let mut times = Vec::new();
-    for mut case in cases {
-        case.page_size = args.page_size;
-        for page in [1, args.later_page] {
-            case.page_token.clear();
-            // Walk to the page through the pages before it, as a client would.
-            let mut reached = true;
-            for _ in 1..page {
-                let q = ListQuery::parse(Kind::Person, &case, &rules, scope.clone())?;
-                let (_, next) = store.list::<Person>(&q).await?;
-                if next.is_empty() {
-                    reached = false;
-                    break;
-                }
-                case.page_token = next;
-            }
-            if !reached {
-                continue;
-            }
-            let q = ListQuery::parse(Kind::Person, &case, &rules, scope.clone())?;
-            let label = if case.query.is_empty() {
-                case.filter.clone()
-            } else {
-                format!("query {:?} {}", case.query, case.filter)
-            };
-            for (i, statement) in store.explain::<Person>(&q).await?.into_iter().enumerate() {
-                let ms = statement.elapsed.as_secs_f64() * 1000.0;
-                times.push(statement.elapsed);
-                let mark = if statement.elapsed > SLOW { "*" } else { " " };
-                let page = if i == 0 { page.to_string() } else { format!("{page}+") };
-                println!(
-                    "{:<58} {:<20} {:>5} {:>5} {:>8.2}{mark}  {}",
-                    clip(&label, 58),
-                    case.order_by,
-                    page,
-                    statement.rows,
-                    ms,
-                    outline(&statement.plan)
-                );
-                if args.verbose {
-                    for line in &statement.plan {
-                        println!("        {line}");
-                    }
-                }
-            }
-        }
-    }
+    let run = Run { store: &store, rules: &rules, scope: &scope, args: &args };
+    run.cases::<Person>(cases, &mut times).await?;
+    // Companies by tag: their entries share each tag's range with people's.
+    let companies = ["tags:vip", "stage = CUSTOMER AND tags:vip"].into_iter().flat_map(|filter| {
+        ["", "create_time asc"].map(|order| ListRequest {
+            filter: filter.into(),
+            order_by: order.into(),
+            ..Default::default()
+        })
+    });
+    run.cases::<Company>(companies.filter(wanted).collect(), &mut times).await?;
     times.sort();
     if let (Some(max), false) = (times.last(), times.is_empty()) {
         let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
@@ -165,6 +132,71 @@ pub async fn plans(args: PlansArgs) -> anyhow::Result<()> {
     }
     store.db().close().await;
     Ok(())
+}
+
+/// What every case is run against.
+struct Run<'a> {
+    store: &'a Store,
+    rules: &'a Rules,
+    scope: &'a OwnerScope,
+    args: &'a PlansArgs,
+}
+
+impl Run<'_> {
+    /// Runs each case's first and later page, printing each statement's plan and time, and
+    /// adds the times to `times`.
+    async fn cases<R: Record>(&self, cases: Vec<ListRequest>, times: &mut Vec<Duration>) -> anyhow::Result<()> {
+        for mut case in cases {
+            case.page_size = self.args.page_size;
+            for page in [1, self.args.later_page] {
+                case.page_token.clear();
+                // Walk to the page through the pages before it, as a client would.
+                let mut reached = true;
+                for _ in 1..page {
+                    let q = ListQuery::parse(R::KIND, &case, self.rules, self.scope.clone())?;
+                    let (_, next) = self.store.list::<R>(&q).await?;
+                    if next.is_empty() {
+                        reached = false;
+                        break;
+                    }
+                    case.page_token = next;
+                }
+                if !reached {
+                    continue;
+                }
+                let q = ListQuery::parse(R::KIND, &case, self.rules, self.scope.clone())?;
+                let mut label = if case.query.is_empty() {
+                    case.filter.clone()
+                } else {
+                    format!("query {:?} {}", case.query, case.filter)
+                };
+                if matches!(R::KIND, Kind::Company) {
+                    label = format!("companies: {label}");
+                }
+                for (i, statement) in self.store.explain::<R>(&q).await?.into_iter().enumerate() {
+                    let ms = statement.elapsed.as_secs_f64() * 1000.0;
+                    times.push(statement.elapsed);
+                    let mark = if statement.elapsed > SLOW { "*" } else { " " };
+                    let page = if i == 0 { page.to_string() } else { format!("{page}+") };
+                    println!(
+                        "{:<58} {:<20} {:>5} {:>5} {:>8.2}{mark}  {}",
+                        clip(&label, 58),
+                        case.order_by,
+                        page,
+                        statement.rows,
+                        ms,
+                        outline(&statement.plan)
+                    );
+                    if self.args.verbose {
+                        for line in &statement.plan {
+                            println!("        {line}");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn clip(text: &str, width: usize) -> String {

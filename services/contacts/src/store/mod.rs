@@ -424,7 +424,7 @@ impl Store {
             });
         });
         sql.query().execute(&mut **tx).await?;
-        insert_tags(tx, &tags).await?;
+        insert_tags(tx, R::KIND, &tags).await?;
         self.insert_revisions::<R>(tx, &revisions, actor).await?;
         self.outbox.append_all(tx, &published).await
     }
@@ -506,7 +506,7 @@ impl Store {
             sql.query().execute(&mut **edit.tx()).await?;
             let created_at = old.meta().created_at;
             let rows: Vec<(&str, &str, i64)> = new_tags.iter().map(|t| (t.as_str(), id, created_at)).collect();
-            insert_tags(edit.tx(), &rows).await?;
+            insert_tags(edit.tx(), R::KIND, &rows).await?;
         }
         let c = new.columns();
         let mut assignments = Sql::new("display_name = ");
@@ -572,12 +572,14 @@ impl Store {
     }
 }
 
-/// Inserts (tag, record id, record's creation time) rows in one statement per 1,000.
-async fn insert_tags(tx: &mut Tx, rows: &[(&str, &str, i64)]) -> Result<(), ApiError> {
+/// Inserts (tag, record id, record's creation time) rows of records of one kind in one
+/// statement per 1,000.
+async fn insert_tags(tx: &mut Tx, kind: Kind, rows: &[(&str, &str, i64)]) -> Result<(), ApiError> {
+    let record_type = kind.record_type() as i64;
     for chunk in rows.chunks(1000) {
-        let mut sql = Sql::new("INSERT INTO tags (tag, record_id, record_created_at) VALUES ");
+        let mut sql = Sql::new("INSERT INTO tags (tag, record_id, record_created_at, record_type) VALUES ");
         sql.push_values(chunk, |v, (tag, record_id, created_at)| {
-            v.bind(*tag).bind(*record_id).bind(*created_at);
+            v.bind(*tag).bind(*record_id).bind(*created_at).bind(record_type);
         });
         sql.query().execute(&mut **tx).await?;
     }

@@ -80,6 +80,32 @@ pub async fn companies_crud(env: Env) {
         .unwrap()
         .into_inner();
     assert_eq!(listed.companies.len(), 1);
+    // In creation order a required tag is walked through the entries of one kind of record: a
+    // company tagged on update, another on creation, a person beside them.
+    let tagged = Company { name: "Globex".into(), tags: vec!["key account".into()], ..Default::default() };
+    let globex = api
+        .create_company(req(CreateCompanyRequest { company: Some(tagged), request_id: String::new() }))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut someone = person("Key Person", "+7 901 000-00-01", "key@person.example");
+    someone.tags = vec!["key account".into()];
+    let someone = create_person(api, someone).await.unwrap();
+    for (order_by, expected) in [("", [&globex.id, &acme.id]), ("create_time asc", [&acme.id, &globex.id])] {
+        let listed = api
+            .list_companies(req(ListCompaniesRequest {
+                filter: "tags:\"key account\"".into(),
+                order_by: order_by.into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        let ids: Vec<&String> = listed.companies.iter().map(|c| &c.id).collect();
+        assert_eq!(ids, expected, "{order_by:?}");
+    }
+    let people = list_people(api, "tags:\"key account\"", "", "", 50, "").await.unwrap();
+    assert_eq!(people.people.iter().map(|p| &p.id).collect::<Vec<_>>(), [&someone.id]);
     api.delete_company(req(DeleteCompanyRequest { id: acme.id.clone(), etag: updated.etag })).await.unwrap();
     assert_eq!(api.get_company(req(GetCompanyRequest { id: acme.id })).await.unwrap_err().code(), Code::NotFound);
 }
