@@ -108,7 +108,7 @@ pub async fn plans(args: PlansArgs) -> anyhow::Result<()> {
     let mut times = Vec::new();
     let run = Run { store: &store, rules: &rules, scope: &scope, args: &args };
     run.cases::<Person>(cases, &mut times).await?;
-    // Companies by tag: their entries share each tag's range with people's.
+    // Companies by tag: the few records whose tag entries lie in one table with the many's.
     let companies = ["tags:vip", "stage = CUSTOMER AND tags:vip"].into_iter().flat_map(|filter| {
         ["", "create_time asc"].map(|order| ListRequest {
             filter: filter.into(),

@@ -158,8 +158,22 @@ impl Page {
     /// empty, so it would walk the sort's index through everyone's rows instead of the owner's
     /// own index. `column >= key` keeps every such row in the estimate.
     pub fn push_after(&self, sql: &mut Sql, order: &Order) {
+        self.push_after_as(sql, order, "");
+    }
+
+    /// [`Page::push_after`] for SQLite, with the key written `(+column, +tie)`, which SQLite
+    /// never takes as a bound of the sort's index: for a listing whose rows a filter's own
+    /// index chooses (then sorted), where SQLite would otherwise walk the sort's index from the
+    /// key and filter every row after it (at 1M people, the fifth page of those marked
+    /// do-not-contact by name: 169 ms that way, 2.7 ms through their own index). Not PostgreSQL
+    /// (no unary `+` on text).
+    pub fn push_after_unbounded(&self, sql: &mut Sql, order: &Order) {
+        self.push_after_as(sql, order, "+");
+    }
+
+    fn push_after_as(&self, sql: &mut Sql, order: &Order, prefix: &str) {
         let Some(cursor) = &self.after else { return };
-        sql.push(" AND (").push(order.column).push(", ").push(order.tie).push(") ");
+        sql.push(" AND (").push(prefix).push(order.column).push(", ").push(prefix).push(order.tie).push(") ");
         sql.push(if order.desc { "<= (" } else { ">= (" });
         let key = |sql: &mut Sql| {
             match &cursor.key {
@@ -264,6 +278,15 @@ mod tests {
             "SELECT id, name FROM roles WHERE 1=1 AND (name, id) >= ($1, $2) AND NOT (name = $3 AND id = $4) \
              ORDER BY name ASC, id ASC LIMIT 3"
         );
+        let mut sql = Sql::new("SELECT id, name FROM roles WHERE 1=1");
+        next.push_after_unbounded(&mut sql, &order);
+        assert_eq!(
+            sql.text(),
+            "SELECT id, name FROM roles WHERE 1=1 AND (+name, +id) >= ($1, $2) AND NOT (name = $3 AND id = $4)"
+        );
+        let mut sql = Sql::new("SELECT 1");
+        first.push_after_unbounded(&mut sql, &order);
+        assert_eq!(sql.text(), "SELECT 1", "nothing before the first page");
         let events = Order::newest("occurred_at");
         assert!(Page::decode(&["roles"], 2, &token, &events).is_err(), "a text key does not suit a time order");
         assert!(Page::decode(&["users"], 2, &token, &order).is_err(), "another listing's token");

@@ -177,6 +177,19 @@ fn selective(filter: &Filter, scope: &OwnerScope) -> bool {
         })
 }
 
+/// Whether a [`selective`] filter chooses the rows through an index in another order than the
+/// sort's (one company's records, or those marked do-not-contact, by name): its rows are found
+/// there and sorted, on every page. One owner's records (and one record) have indexes in every
+/// sort order.
+fn chosen_apart_from_the_sort(q: &ListQuery) -> bool {
+    let Some(filter) = &q.filter else { return false };
+    let one_owner = matches!(&q.scope, OwnerScope::Owners(owners) if owners.len() == 1);
+    q.order.column != "created_at"
+        && selective(filter, &q.scope)
+        && !one_owner
+        && !filter.pins().iter().any(|(field, _)| matches!(*field, "id" | "owner_id"))
+}
+
 /// The tag a listing newest or oldest first walks the records of, in that order, through the
 /// tags' own index: a tag the filter requires, for a caller who sees every record, when nothing
 /// is searched and nothing more [`selective`] chooses the rows. Walking the records' order and
@@ -322,7 +335,11 @@ impl Store {
         if window.is_none() {
             self.push_search(&mut sql, kind, &q.terms, false);
         }
-        q.page.push_after(&mut sql, &q.order);
+        if window.is_none() && self.db().backend() == Backend::Sqlite && chosen_apart_from_the_sort(q) {
+            q.page.push_after_unbounded(&mut sql, &q.order);
+        } else {
+            q.page.push_after(&mut sql, &q.order);
+        }
         q.page.push_order(&mut sql, &q.order);
         let Some(window) = window else {
             q.page.push_limit(&mut sql);

@@ -145,6 +145,10 @@ pub async fn listings_do_not_depend_on_the_window(env: Env) {
         if i % 4 == 0 {
             p.tags = vec!["vip".into()];
         }
+        if i % 5 == 0 {
+            p.do_not_contact = true;
+            p.do_not_contact_reason = "asked not to be called".into();
+        }
         create_person(&env.api, p).await.unwrap();
     }
     let mut by_window = Vec::new();
@@ -170,6 +174,9 @@ pub async fn listings_do_not_depend_on_the_window(env: Env) {
             ("tags:vip", "", ""),
             ("stage = CUSTOMER AND tags:vip", "", "create_time asc"),
             ("tags:vip", "", "full_name"),
+            // Found through their own index (in creation order) and sorted, on every page.
+            ("do_not_contact = true", "", "full_name desc"),
+            ("do_not_contact = true", "", "update_time"),
         ] {
             let mut names = Vec::new();
             let mut token = String::new();
@@ -201,6 +208,13 @@ pub async fn listings_do_not_depend_on_the_window(env: Env) {
     let mut by_name = newest_first.clone();
     by_name.sort();
     assert_eq!(by_window[0][10], by_name);
+    let marked: Vec<usize> = (0..40).filter(|i| i % 5 == 0).collect();
+    let mut by_name_desc: Vec<String> = marked.iter().map(name).collect();
+    by_name_desc.sort();
+    by_name_desc.reverse();
+    assert_eq!(by_window[0][11], by_name_desc, "eight over pages of four, each once");
+    let oldest_updated_first: Vec<String> = marked.iter().map(name).collect();
+    assert_eq!(by_window[0][12], oldest_updated_first);
     assert_eq!(by_window[0], by_window[1]);
     assert_eq!(by_window[0], by_window[2]);
 }
