@@ -272,7 +272,6 @@ pub struct Filter {
     /// The conjuncts of the filter's top-level `AND` (the whole condition when it is not one),
     /// each with the pin it is, when it is one.
     parts: Vec<(Option<(&'static str, String)>, Sql)>,
-    pins: Vec<(&'static str, String)>,
 }
 
 impl Filter {
@@ -290,24 +289,17 @@ impl Filter {
     }
 
     fn push_parts(&self, sql: &mut Sql, except: Option<(&str, &str)>) {
-        let mut skipped = false;
-        let parts: Vec<&Sql> = self
-            .parts
-            .iter()
-            .filter(|(pin, _)| {
-                let skip = !skipped
-                    && matches!((pin, except), (Some((f, v)), Some((field, value))) if *f == field && v == value);
-                skipped |= skip;
-                !skip
-            })
-            .map(|(_, part)| part)
-            .collect();
+        let skipped = except.and_then(|(field, value)| {
+            self.parts.iter().position(|(pin, _)| matches!(pin, Some((f, v)) if *f == field && v == value))
+        });
+        let parts: Vec<&Sql> =
+            self.parts.iter().enumerate().filter(|(i, _)| Some(*i) != skipped).map(|(_, (_, part))| part).collect();
         if parts.is_empty() {
             return;
         }
         sql.push(" AND (");
-        sql.push_each(&parts, " AND ", |sql, part| {
-            sql.push_sql((*part).clone());
+        sql.push_each(parts, " AND ", |sql, part| {
+            sql.push_sql(part.clone());
         });
         sql.push(")");
     }
@@ -316,8 +308,8 @@ impl Filter {
     /// as typed: the `field = value` and `list:value` comparisons the filter's top-level `AND`
     /// requires. A store may tell a selective filter (one owner's records) from a broad one by
     /// them, or walk a tag's own index.
-    pub fn pins(&self) -> &[(&'static str, String)] {
-        &self.pins
+    pub fn pins(&self) -> impl Iterator<Item = &(&'static str, String)> {
+        self.parts.iter().filter_map(|(pin, _)| pin.as_ref())
     }
 }
 
@@ -361,8 +353,7 @@ pub fn parse(text: &str, fields: &[Field]) -> Result<Option<Filter>, ApiError> {
         compile(conjunct, fields, &mut condition)?;
         parts.push((pin(conjunct, fields), condition));
     }
-    let pinned = parts.iter().filter_map(|(pin, _)| pin.clone()).collect();
-    Ok(Some(Filter { parts, pins: pinned }))
+    Ok(Some(Filter { parts }))
 }
 
 /// The conjuncts of a top-level `AND`, those of `AND`s nested in it (parenthesised) included.
@@ -506,7 +497,7 @@ mod tests {
 
     #[test]
     fn pins_are_the_equalities_every_match_has() {
-        let pinned = |text: &str| parse(text, FIELDS).unwrap().unwrap().pins().to_vec();
+        let pinned = |text: &str| parse(text, FIELDS).unwrap().unwrap().pins().cloned().collect::<Vec<_>>();
         assert_eq!(pinned("owner_id = u1 AND stage = LEAD"), [("owner_id", "u1".into()), ("stage", "LEAD".into())]);
         assert!(pinned("owner_id = u1 OR stage = LEAD").is_empty());
         assert!(pinned("NOT owner_id = u1").is_empty());

@@ -445,7 +445,7 @@ impl DealsApi {
         };
         let filter = crm_kit::filter::parse(&r.filter, deals::FIELDS)?;
         if let Some(f) = &filter
-            && f.pins().iter().any(|(field, _)| *field == "pipeline_id" || *field == "stage_id")
+            && f.pins().any(|(field, _)| *field == "pipeline_id" || *field == "stage_id")
         {
             return Err(ApiError::invalid("filter", "names the pipeline and stages itself; filter on the rest"));
         }

@@ -167,8 +167,7 @@ impl Endpoint {
     /// HTTP/2 connection (connecting first if there is none).
     pub(super) async fn call(&self, request: Request<Body>) -> Result<Response<ResponseBody>, BoxError> {
         if let Some(local) = self.local() {
-            let response = super::local::call(local, request, self.addr).await;
-            return Ok(response.map(|body| ResponseBody { inner: Inner::Local(body), in_flight: None }));
+            return Ok(self.call_local(local, request, None).await);
         }
         let mut sender = self.sender().await?;
         if let Err(e) = sender.ready().await {
@@ -177,6 +176,18 @@ impl Endpoint {
         }
         let response = sender.send_request(request).await?;
         Ok(response.map(|body| ResponseBody { inner: Inner::Remote(body), in_flight: None }))
+    }
+
+    /// Hands `request` to `local`, the replica's stack in this process; the response body
+    /// keeps `in_flight` until it ends.
+    pub(super) async fn call_local(
+        &self,
+        local: super::local::LocalService,
+        request: Request<Body>,
+        in_flight: Option<InFlight>,
+    ) -> Response<ResponseBody> {
+        let response = super::local::call(local, request, self.addr).await;
+        response.map(|body| ResponseBody { inner: Inner::Local(body), in_flight })
     }
 
     fn cached(&self) -> Option<SendRequest<Body>> {

@@ -244,9 +244,9 @@ impl Pool {
             let in_flight = endpoint.track();
             if let Some(local) = endpoint.local() {
                 *request.uri_mut() = endpoint.uri(path.clone());
-                let mut response = super::local::call(local, request, endpoint.addr()).await;
+                let mut response = endpoint.call_local(local, request, Some(in_flight)).await;
                 response.extensions_mut().insert(Replica(endpoint.addr()));
-                return Ok(response.map(|body| ResponseBody { inner: Inner::Local(body), in_flight: Some(in_flight) }));
+                return Ok(response);
             }
             let mut sender = match endpoint.sender().await {
                 Ok(sender) => sender,

@@ -166,28 +166,41 @@ fn tag_order(order: &Order) -> Order {
     Order { column: "record_created_at", tie: "record_id", ..*order }
 }
 
+/// How a filter (within a scope) picks few records through an index of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chooser {
+    /// One owner's records (their indexes come in every sort order), or one record.
+    InEveryOrder,
+    /// One company's records, or those marked do-not-contact: indexes in creation order.
+    InCreationOrder,
+}
+
+/// How a filter chooses the rows itself rather than sift a window, if it does (see
+/// [`Chooser`]).
+fn chooser(filter: &Filter, scope: &OwnerScope) -> Option<Chooser> {
+    let one_owner = matches!(scope, OwnerScope::Owners(owners) if owners.len() == 1);
+    if one_owner || filter.pins().any(|(field, _)| matches!(*field, "id" | "owner_id")) {
+        return Some(Chooser::InEveryOrder);
+    }
+    filter
+        .pins()
+        .any(|(field, value)| *field == "company_id" || (*field == "do_not_contact" && value == "true"))
+        .then_some(Chooser::InCreationOrder)
+}
+
 /// Whether a filter (within a scope) picks few records through an index of its own: one owner's,
 /// one company's, one record, or those marked do-not-contact. Such a filter chooses the rows
 /// itself rather than sift a window.
 fn selective(filter: &Filter, scope: &OwnerScope) -> bool {
-    let one_owner = matches!(scope, OwnerScope::Owners(owners) if owners.len() == 1);
-    one_owner
-        || filter.pins().iter().any(|(field, value)| {
-            matches!(*field, "id" | "owner_id" | "company_id") || (*field == "do_not_contact" && value == "true")
-        })
+    chooser(filter, scope).is_some()
 }
 
 /// Whether a [`selective`] filter chooses the rows through an index in another order than the
 /// sort's (one company's records, or those marked do-not-contact, by name): its rows are found
-/// there and sorted, on every page. One owner's records (and one record) have indexes in every
-/// sort order.
+/// there and sorted, on every page.
 fn chosen_apart_from_the_sort(q: &ListQuery) -> bool {
-    let Some(filter) = &q.filter else { return false };
-    let one_owner = matches!(&q.scope, OwnerScope::Owners(owners) if owners.len() == 1);
     q.order.column != "created_at"
-        && selective(filter, &q.scope)
-        && !one_owner
-        && !filter.pins().iter().any(|(field, _)| matches!(*field, "id" | "owner_id"))
+        && q.filter.as_ref().and_then(|filter| chooser(filter, &q.scope)) == Some(Chooser::InCreationOrder)
 }
 
 /// The tag a listing newest or oldest first walks the records of, in that order, through the
@@ -203,7 +216,7 @@ fn driving_tag(q: &ListQuery) -> Option<&str> {
         return None;
     }
     let filter = q.filter.as_ref().filter(|f| !selective(f, &q.scope))?;
-    filter.pins().iter().find(|(field, _)| *field == "tags").map(|(_, tag)| tag.as_str())
+    filter.pins().find(|(field, _)| *field == "tags").map(|(_, tag)| tag.as_str())
 }
 
 /// The first rows in sort order a listing looks through (see [`Store::window`]).
