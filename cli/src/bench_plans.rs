@@ -1,14 +1,15 @@
 //! `crm bench plans`: every README filter and sort, a few searches, first page and a later
 //! page (and companies by tag), run against a seeded contacts database with the plan the
 //! database chose for each statement. A plan that does not walk an index shows here first, at
-//! the size it was seeded to.
+//! the size it was seeded to. A statement prepared once and kept (a tag's walk) also shows how
+//! many of its runs on one connection used PostgreSQL's generic plan.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use crm_contacts::Store;
 use crm_contacts::domain::{Kind, Record, Rules};
-use crm_contacts::store::{ListQuery, ListRequest};
+use crm_contacts::store::{ListQuery, ListRequest, Planning};
 use crm_kit::auth::OwnerScope;
 use crm_proto::contacts::v1::{Company, Person};
 use sqlx::Row;
@@ -178,8 +179,15 @@ impl Run<'_> {
                     times.push(statement.elapsed);
                     let mark = if statement.elapsed > SLOW { "*" } else { " " };
                     let page = if i == 0 { page.to_string() } else { format!("{page}+") };
+                    let kept = match (statement.planning, statement.kept) {
+                        (Planning::Kept, Some(runs)) => {
+                            format!("[kept: generic plan {} of {} runs] ", runs.generic, runs.generic + runs.custom)
+                        }
+                        (Planning::Kept, None) => "[kept] ".to_string(),
+                        (Planning::EachRun, _) => String::new(),
+                    };
                     println!(
-                        "{:<58} {:<20} {:>5} {:>5} {:>8.2}{mark}  {}",
+                        "{:<58} {:<20} {:>5} {:>5} {:>8.2}{mark}  {kept}{}",
                         clip(&label, 58),
                         case.order_by,
                         page,

@@ -22,7 +22,9 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 pub use keys::Duplicate;
-pub use list::{Explained, ListQuery, ListRequest, WINDOW_PER_ROW, filter_fields, revision_order, sort_order};
+pub use list::{
+    Explained, KeptRuns, ListQuery, ListRequest, Planning, WINDOW_PER_ROW, filter_fields, revision_order, sort_order,
+};
 
 use crate::domain::{self, Change, Columns, Key, Kind, Meta, Record};
 

@@ -7,11 +7,14 @@ mod listing;
 mod records;
 mod scope;
 
-use std::sync::Arc;
+pub use std::sync::Arc;
 use std::time::Duration;
 
+pub use crm_contacts::domain::Kind;
 pub use crm_contacts::domain::Rules;
+pub use crm_contacts::store::{ListQuery, ListRequest, Planning};
 pub use crm_contacts::{ContactsApi, Store};
+pub use crm_kit::auth::OwnerScope;
 use crm_kit::auth::ScopeCache;
 pub use crm_kit::auth::UserStatus;
 pub use crm_kit::testing::{Org, TestDb};
@@ -81,6 +84,7 @@ crm_kit::both_backends!(env =>
     stale_etag_is_aborted,
     bad_input_lists_field_violations,
     filters_and_search,
+    a_tag_walk_binding_nothing_else_is_kept,
     pagination_is_stable_under_concurrent_inserts,
     create_is_idempotent_by_request_id,
     request_ids_are_scoped_to_the_caller,
