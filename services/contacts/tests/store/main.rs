@@ -84,7 +84,7 @@ crm_kit::both_backends!(env =>
     stale_etag_is_aborted,
     bad_input_lists_field_violations,
     filters_and_search,
-    a_tag_walk_binding_nothing_else_is_kept,
+    walks_binding_nothing_else_are_kept,
     pagination_is_stable_under_concurrent_inserts,
     create_is_idempotent_by_request_id,
     request_ids_are_scoped_to_the_caller,
