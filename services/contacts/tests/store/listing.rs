@@ -132,10 +132,11 @@ pub async fn walks_binding_nothing_else_are_kept(env: Env) {
         assert_eq!(names, expected, "{filter} by {order_by:?}");
     }
 
-    let explain = |filter: String, order_by: &'static str, scope: OwnerScope| {
+    let explain = |filter: String, order_by: &'static str, scope: OwnerScope, page_token: String| {
         let store = env.store.clone();
         async move {
-            let request = ListRequest { filter, order_by: order_by.into(), page_size: 2, ..Default::default() };
+            let request =
+                ListRequest { filter, order_by: order_by.into(), page_size: 2, page_token, ..Default::default() };
             let q = ListQuery::parse(Kind::Person, &request, &rules(), scope).unwrap();
             store.explain::<Person>(&q).await.unwrap()
         }
@@ -147,14 +148,17 @@ pub async fn walks_binding_nothing_else_are_kept(env: Env) {
         (&owner_filter, "full_name", OwnerScope::All, 3),
         ("stage = CUSTOMER", "update_time desc", one_owner.clone(), 3),
         ("", "last_activity_time", one_owner.clone(), 3),
+        // No value at all: everyone's first page, of a stage too.
+        ("", "", OwnerScope::All, 3),
+        ("stage = CUSTOMER", "full_name", OwnerScope::All, 3),
     ] {
-        let kept = explain(filter.to_string(), order_by, scope.clone()).await;
+        let kept = explain(filter.to_string(), order_by, scope.clone(), String::new()).await;
         let case = format!("{filter} by {order_by:?} in {scope:?}");
         assert_eq!(kept.len(), 1, "{case}");
         assert_eq!((kept[0].planning, kept[0].rows), (Planning::Kept, rows), "{case}");
         if postgres {
             let runs = kept[0].kept.expect("runs of a kept statement");
-            assert!(runs.generic > 0 && runs.custom > 0, "{case}: {runs:?}");
+            assert!(runs.generic > 0, "{case}: {runs:?}");
         } else {
             assert_eq!(kept[0].kept, None, "{case}");
         }
@@ -168,9 +172,14 @@ pub async fn walks_binding_nothing_else_are_kept(env: Env) {
         (&format!("{owner_filter} AND create_time > \"2000-01-01T00:00:00Z\""), OwnerScope::All),
         ("stage = CUSTOMER", head),
     ] {
-        let explained = explain(filter.to_string(), "", scope.clone()).await;
+        let explained = explain(filter.to_string(), "", scope.clone(), String::new()).await;
         assert!(explained.iter().all(|s| s.planning == Planning::EachRun && s.kept.is_none()), "{filter} in {scope:?}");
     }
+    // A later page of everyone's records by name binds its key, which may lie anywhere.
+    let first = list_people(api, "stage = CUSTOMER", "", "full_name", 2, "").await.unwrap();
+    let later = explain("stage = CUSTOMER".into(), "full_name", OwnerScope::All, first.next_page_token).await;
+    assert!(later.iter().all(|s| s.planning == Planning::EachRun), "{later:?}");
+    assert_eq!(later.last().map(|s| s.rows), Some(1));
 }
 
 pub async fn pagination_is_stable_under_concurrent_inserts(env: Env) {
