@@ -361,18 +361,22 @@ async fn reminders_fire_once_with_a_replica_killed() {
     let create = |i: usize| {
         let admin = admin.clone();
         async move {
-            let now = crm_kit::time::now_micros();
-            let task = Task {
-                title: format!("Reminder {i}"),
-                due_time: ts(now + 9_000_000),
-                reminders: vec![prost_types::Duration { seconds: 5, nanos: 0 }],
-                ..Default::default()
+            let request = || {
+                let now = crm_kit::time::now_micros();
+                let task = Task {
+                    title: format!("Reminder {i}"),
+                    due_time: ts(now + 9_000_000),
+                    reminders: vec![prost_types::Duration { seconds: 5, nanos: 0 }],
+                    ..Default::default()
+                };
+                CreateTaskRequest { task: Some(task), request_id: format!("reminder-{i}") }
             };
-            let request = CreateTaskRequest { task: Some(task), request_id: format!("reminder-{i}") };
             let mut client = tasks_as(gw, &admin).await;
-            // A call cut off by the killed replica is retried with its request id.
+            // A call cut off by the killed replica is retried with its request id (the task
+            // its first call created comes back, if it did); its times are reckoned again, so
+            // that retries on a busy machine never ask for a reminder in the past.
             loop {
-                match client.create_task(request.clone()).await {
+                match client.create_task(request()).await {
                     Ok(task) => return task.into_inner().id,
                     Err(status) if status.code() == Code::Unavailable => {
                         tokio::time::sleep(Duration::from_millis(50)).await

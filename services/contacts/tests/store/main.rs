@@ -92,6 +92,7 @@ crm_kit::both_backends!(env =>
     concurrent_creates_of_one_phone_admit_one,
     listings_do_not_depend_on_the_window,
     phones_are_found_however_they_are_typed,
+    word_search_estimates_see_rarer_fragments,
     data_scope_limits_every_call,
     owners_are_assigned_within_scope,
     owners_must_be_active_users,
