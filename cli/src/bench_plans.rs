@@ -1,8 +1,9 @@
 //! `crm bench plans`: every README filter and sort, a few searches, first page and a later
 //! page (and companies by tag), run against a seeded contacts database with the plan the
 //! database chose for each statement. A plan that does not walk an index shows here first, at
-//! the size it was seeded to. A statement prepared once and kept (a tag's walk) also shows how
-//! many of its runs on one connection used PostgreSQL's generic plan.
+//! the size it was seeded to. A statement prepared once and kept (a tag's or one owner's walk,
+//! or one without values) is marked, with how many of its runs on one connection used
+//! PostgreSQL's generic plan.
 
 use std::time::Duration;
 
