@@ -131,6 +131,14 @@ impl TasksApi {
 
     async fn create_task(&self, caller: Caller, r: CreateTaskRequest) -> Result<Task, ApiError> {
         let mut task = r.task.ok_or_else(|| ApiError::invalid("task", "is required"))?;
+        // A retry of a create that did commit gets its task, even once its reminders have passed.
+        let request_id = r.request_id.trim();
+        if request_id.chars().count() <= MAX_REQUEST_ID_CHARS
+            && let Some(created) =
+                self.store.created_by_request(&caller.principal.subject, request_id, &caller.viewer).await?
+        {
+            return Ok(created);
+        }
         let now = now_micros();
         let mut v = Violations::new();
         v.max_chars("request_id", &r.request_id, MAX_REQUEST_ID_CHARS);
@@ -148,7 +156,7 @@ impl TasksApi {
         task.status = TaskStatus::Open as i32;
         let schedule = Schedule::of(&task, &times, now, self.grace_micros());
         let me = caller.principal.subject.clone();
-        self.store.create_task(task, &schedule, &me, r.request_id.trim(), &caller.viewer).await
+        self.store.create_task(task, &schedule, &me, request_id, &caller.viewer).await
     }
 
     async fn update_task(&self, caller: Caller, r: UpdateTaskRequest) -> Result<Task, ApiError> {

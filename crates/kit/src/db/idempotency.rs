@@ -16,6 +16,7 @@
 //! );
 //! ```
 
+use sqlx::AnyPool;
 use sqlx::Row;
 
 use super::{Sql, Tx};
@@ -57,8 +58,33 @@ pub async fn claim(
         return Ok(Claim::First);
     }
     // The earlier call committed (a concurrent one is waited for by the conflict check).
+    let row = created_by(caller, request_id).query().fetch_one(&mut **tx).await?;
+    Ok(Claim::Retry { record_type: row.try_get("record_type")?, record_id: row.try_get("record_id")? })
+}
+
+/// The id of the record of `record_type` that `caller`'s earlier call with `request_id`
+/// created, if that call committed. Read before a create is validated when its checks depend on
+/// the time (a reminder that has since passed): a retry of a call that did create gets what it
+/// created, rather than a refusal of times that were valid when it was first sent. An empty
+/// `request_id` names nothing.
+pub async fn earlier(
+    pool: &AnyPool,
+    caller: &str,
+    request_id: &str,
+    record_type: i64,
+) -> Result<Option<String>, ApiError> {
+    if request_id.is_empty() {
+        return Ok(None);
+    }
+    let Some(row) = created_by(caller, request_id).query().fetch_optional(pool).await? else {
+        return Ok(None);
+    };
+    let created: i64 = row.try_get("record_type")?;
+    Ok(if created == record_type { Some(row.try_get("record_id")?) } else { None })
+}
+
+fn created_by(caller: &str, request_id: &str) -> Sql {
     let mut sql = Sql::new("SELECT record_type, record_id FROM create_requests WHERE caller_id = ");
     sql.bind(caller).push(" AND request_id = ").bind(request_id);
-    let row = sql.query().fetch_one(&mut **tx).await?;
-    Ok(Claim::Retry { record_type: row.try_get("record_type")?, record_id: row.try_get("record_id")? })
+    sql
 }

@@ -253,6 +253,20 @@ impl Store {
         self.outbox.append(tx, &task.id, actor, &event).await
     }
 
+    /// The task `creator`'s earlier create with `request_id` made, if that call committed (see
+    /// [`idempotency::earlier`]).
+    pub async fn created_by_request(
+        &self,
+        creator: &str,
+        request_id: &str,
+        viewer: &Viewer,
+    ) -> Result<Option<Task>, ApiError> {
+        match idempotency::earlier(self.db.pool(), creator, request_id, CREATED_TASK).await? {
+            Some(id) => self.get_task(&id, viewer).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Creates `task` (normalised, its assignee and customer checked) for `creator`, with the
     /// jobs of `schedule`. With a `request_id`, the creator's repeated call returns the task
     /// their first one created.

@@ -774,7 +774,33 @@ async fn deal_automations_make_tasks(env: Env) {
     assert_eq!(jobs(&env, ESCALATION_JOB).await.len(), 1);
 }
 
+/// A create sent again with its request id gets the task its first call created, even once the
+/// task's reminder has passed (a retry after a long outage); another caller's call with that id
+/// is a first call, and its reminder in the past is refused.
+async fn retried_creates_get_their_task(env: Env) {
+    let now = crm_kit::time::now_micros();
+    let request = |due: i64| CreateTaskRequest {
+        task: Some(Task {
+            title: "Call back".into(),
+            due_time: ts(due),
+            reminders: vec![prost_types::Duration { seconds: 3600, nanos: 0 }],
+            ..Default::default()
+        }),
+        request_id: "call-back-1".into(),
+    };
+    let first = env.api.create_task(as_user(ALICE, request(now + hours(2)))).await.unwrap().into_inner();
+    // Sent again with times whose reminder (an hour before the due time) passed a minute ago.
+    let late = now + hours(1) - 60_000_000;
+    let again = env.api.create_task(as_user(ALICE, request(late))).await.unwrap().into_inner();
+    assert_eq!((again.id.as_str(), again.due_time), (first.id.as_str(), first.due_time));
+    let refused = env.api.create_task(as_user(BOB, request(late))).await.unwrap_err();
+    assert_eq!(violations(&refused), ["task.reminders[0]"]);
+    let created = published_of::<TaskAssigned>(&env).await;
+    assert_eq!(created.len(), 1, "{created:?}");
+}
+
 crm_kit::both_backends!(env =>
+    retried_creates_get_their_task,
     tasks_live_through_their_states,
     reminders_and_escalations_fire_once,
     bad_input_is_refused_field_by_field,
