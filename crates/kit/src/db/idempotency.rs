@@ -16,8 +16,7 @@
 //! );
 //! ```
 
-use sqlx::AnyPool;
-use sqlx::Row;
+use sqlx::{AnyPool, Row};
 
 use super::{Sql, Tx};
 use crate::error::ApiError;

@@ -176,15 +176,15 @@ enum Chooser {
     InCreationOrder,
 }
 
-/// How a filter chooses the rows itself rather than sift a window, if it does (see
-/// [`Chooser`]).
-fn chooser(filter: &Filter, scope: &OwnerScope) -> Option<Chooser> {
+/// How a filter (if any) within a scope chooses the rows itself rather than sift a window, if it
+/// does (see [`Chooser`]).
+fn chooser(filter: Option<&Filter>, scope: &OwnerScope) -> Option<Chooser> {
     let one_owner = matches!(scope, OwnerScope::Owners(owners) if owners.len() == 1);
-    if one_owner || filter.pins().any(|(field, _)| matches!(*field, "id" | "owner_id")) {
+    let pins = || filter.into_iter().flat_map(|filter| filter.pins());
+    if one_owner || pins().any(|(field, _)| matches!(*field, "id" | "owner_id")) {
         return Some(Chooser::InEveryOrder);
     }
-    filter
-        .pins()
+    pins()
         .any(|(field, value)| *field == "company_id" || (*field == "do_not_contact" && value == "true"))
         .then_some(Chooser::InCreationOrder)
 }
@@ -193,22 +193,20 @@ fn chooser(filter: &Filter, scope: &OwnerScope) -> Option<Chooser> {
 /// one company's, one record, or those marked do-not-contact. Such a filter chooses the rows
 /// itself rather than sift a window.
 fn selective(filter: &Filter, scope: &OwnerScope) -> bool {
-    chooser(filter, scope).is_some()
+    chooser(Some(filter), scope).is_some()
 }
 
 /// Whether a listing's rows are one owner's (or one record), found through the owner's index in
 /// the sort's own order.
 fn one_owners(q: &ListQuery) -> bool {
-    matches!(&q.scope, OwnerScope::Owners(owners) if owners.len() == 1)
-        || q.filter.as_ref().and_then(|filter| chooser(filter, &q.scope)) == Some(Chooser::InEveryOrder)
+    chooser(q.filter.as_ref(), &q.scope) == Some(Chooser::InEveryOrder)
 }
 
 /// Whether a [`selective`] filter chooses the rows through an index in another order than the
 /// sort's (one company's records, or those marked do-not-contact, by name): its rows are found
 /// there and sorted, on every page.
 fn chosen_apart_from_the_sort(q: &ListQuery) -> bool {
-    q.order.column != "created_at"
-        && q.filter.as_ref().and_then(|filter| chooser(filter, &q.scope)) == Some(Chooser::InCreationOrder)
+    q.order.column != "created_at" && chooser(q.filter.as_ref(), &q.scope) == Some(Chooser::InCreationOrder)
 }
 
 /// The tag a listing newest or oldest first walks the records of, in that order, through the
@@ -387,12 +385,12 @@ impl Store {
         let mut statements = Vec::new();
         self.fetch(R::KIND, q, Some(&mut statements)).await?;
         let backend = self.db().backend();
+        let (prefix, column) = match backend {
+            Backend::Postgres => ("EXPLAIN (ANALYZE, BUFFERS) ", 0),
+            Backend::Sqlite => ("EXPLAIN QUERY PLAN ", 3),
+        };
         let mut explained = Vec::with_capacity(statements.len());
         for statement in statements {
-            let (prefix, column) = match backend {
-                Backend::Postgres => ("EXPLAIN (ANALYZE, BUFFERS) ", 0),
-                Backend::Sqlite => ("EXPLAIN QUERY PLAN ", 3),
-            };
             let mut sql = Sql::new(prefix);
             sql.push_sql(statement.sql.clone());
             let lines = sql.query_unprepared().fetch_all(self.db().pool()).await?;
