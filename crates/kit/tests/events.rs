@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crm_kit::db::{Db, Migrations, Sql, Tx};
-use crm_kit::events::{self, Delivered, Events, Handler, HandlerError, Outbox, Settings, admin};
+use crm_kit::events::{self, Delivered, Events, Handler, HandlerError, Outbox, Round, Settings, admin};
 use crm_kit::jobs::{self, ExternalJobHandler, Job, JobHandler, Next, Runner, RunnerSettings};
 use crm_kit::role::Suite;
 use crm_kit::shutdown::{self, Shutdown, Trigger};
@@ -495,7 +495,68 @@ async fn external_jobs_finish_reschedule_and_fail(db: TestDb) {
     assert_eq!(jobs::counts(&db).await.unwrap(), (0, 1), "only the failed one stays");
 }
 
+/// Relay upkeep on a large outbox: published rows past retention are pruned in publication
+/// order, batch after batch, while those no group has read yet and within retention stay; the
+/// backlog gauge counts what waits, one by one up to 10,000 and from positions above.
+async fn upkeep_prunes_and_counts_a_large_outbox(db: TestDb) {
+    let db = open(&db).await;
+    // A source of its own (per database), so that no other relay sets its gauges.
+    let source: &'static str = Box::leak(format!("upkeep-{}", unique_stream_prefix()).into_boxed_str());
+    let events = Events::embedded(
+        &Suite::new(&[]),
+        Settings {
+            external_groups: vec![(source.into(), GROUP.into())],
+            retention: Duration::from_secs(3600),
+            batch: 2_000,
+            ..settings(&unique_stream_prefix())
+        },
+    );
+    let outbox = events.outbox(source, &db);
+    let relay = events.relay(&outbox, &db);
+    let backlog = || {
+        let labels = crm_kit::metrics::EventLabels { source: source.to_string() };
+        crm_kit::metrics::metrics().events.outbox_backlog.get_or_create(&labels).get()
+    };
+    produce(&db, &outbox, "big", 10_500, 1_500).await;
+    relay.maintain().await.unwrap();
+    assert_eq!(backlog(), 10_500, "a backlog above 10,000 is the span of its positions");
+    produce(&db, &outbox, "more", 1_700, 1_700).await;
+    while relay.publish_round().await.unwrap() != Round::Published(0) {}
+    relay.maintain().await.unwrap();
+    assert_eq!(backlog(), 0);
+    assert_eq!(outbox_rows(&db).await, 12_200, "the group has read nothing, and all are within retention");
+    // The first 11,000 by number pass the retention window: two full batches and a part.
+    let old = crm_kit::time::now_micros() - 2 * 3600 * 1_000_000;
+    let mut aged = Sql::new("UPDATE outbox SET created_at = ");
+    aged.bind(old).push(" WHERE seq <= ").bind(11_000_i64);
+    aged.query().execute(db.pool()).await.unwrap();
+    relay.maintain().await.unwrap();
+    let left =
+        Sql::new("SELECT MIN(seq) AS first, COUNT(*) AS n FROM outbox").query().fetch_one(db.pool()).await.unwrap();
+    assert_eq!((left.get::<i64, _>("first"), left.get::<i64, _>("n")), (11_001, 1_200));
+    // The last, appended with an earlier clock (another replica's), waits while the oldest is
+    // not due, and goes with it.
+    let mut skewed = Sql::new("UPDATE outbox SET created_at = ");
+    skewed.bind(old).push(" WHERE seq = ").bind(12_200_i64);
+    skewed.query().execute(db.pool()).await.unwrap();
+    relay.maintain().await.unwrap();
+    assert_eq!(outbox_rows(&db).await, 1_200);
+    let mut due = Sql::new("UPDATE outbox SET created_at = ");
+    due.bind(old).push(" WHERE seq < ").bind(12_200_i64);
+    due.query().execute(db.pool()).await.unwrap();
+    relay.maintain().await.unwrap();
+    assert_eq!(outbox_rows(&db).await, 0);
+    // Fewer than 10,000 waiting are counted one by one (a rolled-back append takes no place).
+    let mut tx = db.begin_write().await.unwrap();
+    outbox.append(&mut tx, "rolled-back", "tester", &Envelope::default()).await.unwrap();
+    tx.rollback().await.unwrap();
+    produce(&db, &outbox, "few", 30, 7).await;
+    relay.maintain().await.unwrap();
+    assert_eq!(backlog(), 30);
+}
+
 crm_kit::both_backends!(
+    upkeep_prunes_and_counts_a_large_outbox,
     external_jobs_finish_reschedule_and_fail,
     outbox_follows_the_transaction,
     delivers_each_event_once_embedded,

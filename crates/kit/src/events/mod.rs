@@ -37,7 +37,7 @@ use tokio::sync::Notify;
 
 pub use consumer::{Consumer, Delivered, Handler, HandlerError, Listener};
 pub use outbox::Outbox;
-pub use relay::Relay;
+pub use relay::{Relay, Round};
 
 use crate::db::Db;
 use crate::role::{Error, Suite};

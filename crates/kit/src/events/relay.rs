@@ -17,8 +17,11 @@ use crate::time::now_micros;
 
 /// How often the relay looks at consumer groups, prunes and trims.
 const MAINTAIN_EVERY: Duration = Duration::from_secs(1);
-/// Most rows pruned per statement.
+/// Most rows pruned per statement, and the most a statement reads to find them.
 const PRUNE_BATCH: i64 = 5_000;
+/// Unpublished rows counted one by one for the backlog; above, it is the span of their
+/// positions.
+const BACKLOG_COUNTED: i64 = 10_000;
 
 /// Publishes one producer's outbox; run it as a background job of the producing role. Several
 /// replicas may run one each: they take turns, one round at a time.
@@ -139,8 +142,8 @@ impl Relay {
             return Ok(Round::Busy);
         };
         let last_seq: i64 = row.try_get("last_seq")?;
-        let mut sql = Sql::new("SELECT position, envelope FROM outbox WHERE seq IS NULL ORDER BY position LIMIT ");
-        sql.bind(batch);
+        let mut sql = Sql::new("SELECT position, envelope FROM outbox WHERE seq IS NULL ORDER BY position");
+        sql.limit(batch);
         let rows = sql.query().fetch_all(&mut *tx).await?;
         if rows.is_empty() {
             tx.rollback().await?;
@@ -261,12 +264,31 @@ impl Relay {
     }
 
     /// Deletes published rows below `acked_below` and those older than the retention window.
+    ///
+    /// Upkeep runs every second, so each statement reads at most a batch of rows, whatever the
+    /// outbox holds: the oldest published rows by number, and only when the oldest of all is
+    /// due. A condition over every published row read them all (2M rows kept for groups that
+    /// had not read them yet: half a second of the database's CPU every second). Rows are
+    /// numbered in the order they were appended, so those past retention come first; one
+    /// appended with an earlier clock (another replica's) than the oldest row may wait until
+    /// that row is due.
     async fn prune(&self, acked_below: i64) -> Result<(), ApiError> {
         let expired = now_micros() - self.events.settings().retention.as_micros() as i64;
+        let oldest = Sql::new("SELECT seq, created_at FROM outbox WHERE seq IS NOT NULL ORDER BY seq LIMIT 1")
+            .query()
+            .fetch_optional(self.db.pool())
+            .await?;
+        let Some(oldest) = oldest else { return Ok(()) };
+        if oldest.try_get::<i64, _>("seq")? >= acked_below && oldest.try_get::<i64, _>("created_at")? >= expired {
+            return Ok(());
+        }
         loop {
-            let mut sql = Sql::new("DELETE FROM outbox WHERE position IN (SELECT position FROM outbox WHERE seq < ");
-            sql.bind(acked_below).push(" OR (seq IS NOT NULL AND created_at < ").bind(expired);
-            sql.push(")").limit(PRUNE_BATCH).push(")");
+            let mut sql = Sql::new(
+                "DELETE FROM outbox WHERE position IN (SELECT position FROM (SELECT position, seq, created_at FROM \
+                 outbox WHERE seq IS NOT NULL ORDER BY seq",
+            );
+            sql.limit(PRUNE_BATCH).push(") AS oldest WHERE seq < ").bind(acked_below);
+            sql.push(" OR created_at < ").bind(expired).push(")");
             let done = sql.query().execute(self.db.pool()).await?;
             if done.rows_affected() < PRUNE_BATCH as u64 {
                 return Ok(());
@@ -274,13 +296,29 @@ impl Relay {
         }
     }
 
+    /// Sets the backlog gauges: rows not yet published and the age of the oldest. Up to
+    /// [`BACKLOG_COUNTED`] rows are counted; a larger backlog (Redis away for a while) is the
+    /// span of the positions waiting, which also counts those of rolled-back appends among
+    /// them, so that this stays two index probes however far publishing fell behind.
     async fn report_backlog(&self) -> Result<(), Error> {
-        let row = Sql::new("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox WHERE seq IS NULL")
-            .query()
-            .fetch_one(self.db.pool())
-            .await?;
-        let count: i64 = row.try_get("n")?;
+        let mut head = Sql::new(
+            "SELECT COUNT(*) AS n, MIN(created_at) AS oldest, MIN(position) AS first FROM (SELECT position, \
+             created_at FROM outbox WHERE seq IS NULL ORDER BY position",
+        );
+        head.limit(BACKLOG_COUNTED + 1).push(") AS head");
+        let row = head.query().fetch_one(self.db.pool()).await?;
+        let mut count: i64 = row.try_get("n")?;
         let oldest: Option<i64> = row.try_get("oldest")?;
+        if count > BACKLOG_COUNTED {
+            let first: i64 = row.try_get("first")?;
+            let last: i64 = Sql::new("SELECT MAX(position) AS last FROM outbox WHERE seq IS NULL")
+                .query()
+                .fetch_one(self.db.pool())
+                .await?
+                .try_get::<Option<i64>, _>("last")?
+                .unwrap_or(first);
+            count = count.max(last - first + 1);
+        }
         let labels = source_labels(self.source());
         metrics().events.outbox_backlog.get_or_create(&labels).set(count);
         let age = oldest.map(|t| (now_micros() - t).max(0) as f64 / 1e6).unwrap_or(0.0);
