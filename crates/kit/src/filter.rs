@@ -88,6 +88,17 @@ pub enum FieldKind {
     Collection { prefix: &'static str, suffix: &'static str },
 }
 
+impl FieldKind {
+    /// The number an enum's value names (`CUSTOMER` or `LIFECYCLE_STAGE_CUSTOMER`, any case);
+    /// `None` for another value or another kind of field.
+    pub fn enum_number(&self, value: &str) -> Option<i64> {
+        let FieldKind::Enum { prefix, values } = self else { return None };
+        let upper = value.to_ascii_uppercase();
+        let short = upper.strip_prefix(prefix).unwrap_or(&upper);
+        values.iter().find(|(name, _)| *name == short).map(|(_, n)| *n)
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Field {
     pub name: &'static str,
@@ -412,13 +423,11 @@ fn comparison(spec: &Field, op: Op, value: &str, sql: &mut Sql) -> Result<(), Ap
                 if matches!(spec.kind, FieldKind::Lowercase) { value.trim().to_lowercase() } else { value.to_string() };
             sql.push(spec.column).push(" ").push(op.sql()).push(" ").bind(value);
         }
-        FieldKind::Enum { prefix, values } => {
+        FieldKind::Enum { values, .. } => {
             if !matches!(op, Op::Eq | Op::Ne) {
                 return Err(unsupported());
             }
-            let upper = value.to_ascii_uppercase();
-            let short = upper.strip_prefix(prefix).unwrap_or(&upper);
-            let number = values.iter().find(|(name, _)| *name == short).map(|(_, n)| *n).ok_or_else(|| {
+            let number = spec.kind.enum_number(value).ok_or_else(|| {
                 let names: Vec<_> = values.iter().map(|(n, _)| *n).collect();
                 invalid(format!("{} is not a {} value; one of: {}", quote(value), spec.name, names.join(", ")))
             })?;

@@ -23,10 +23,13 @@ const fn text(name: &'static str) -> Field {
     Field { name, column: name, kind: FieldKind::Text }
 }
 
+const STAGE: Field =
+    Field { name: "stage", column: "stage", kind: FieldKind::Enum { prefix: "LIFECYCLE_STAGE_", values: STAGES } };
+
 const COMMON_FIELDS: [Field; 12] = [
     Field { name: "id", column: "id", kind: FieldKind::Text },
     text("owner_id"),
-    Field { name: "stage", column: "stage", kind: FieldKind::Enum { prefix: "LIFECYCLE_STAGE_", values: STAGES } },
+    STAGE,
     text("source"),
     text("region"),
     Field {
@@ -476,6 +479,13 @@ impl Store {
         sql.push(COLUMNS).push(" FROM tags t JOIN ").push(table(kind));
         sql.push(" r ON r.id = t.record_id WHERE t.record_type = ").literal(kind.record_type() as i64);
         sql.push(" AND t.tag = ").bind(tag);
+        // A stage the filter requires is on the tag's entries as well, so that the walk reads
+        // that stage's entries only rather than each entry's record (about 280 for a page of 50
+        // customers at 1M people). The filter's own condition on the record stays.
+        let stage = q.filter.as_ref().and_then(|f| f.pins().find(|(field, _)| *field == STAGE.name));
+        if let Some(stage) = stage.and_then(|(_, value)| STAGE.kind.enum_number(value)) {
+            sql.push(" AND t.record_stage = ").literal(stage);
+        }
         let only_the_tag = sql.bind_count();
         // The join holds every row to the tag: probing each row's tags for it again cost
         // (at 1M people, stage and tag) 1.2–2.0 ms of execution rather than 0.64–0.76, and a

@@ -405,7 +405,7 @@ impl Store {
             " (id, display_name, owner_id, stage, source, region, industry, company_id, do_not_contact, \
              search_text, phone_digits, created_at, updated_at, last_activity_at, version, doc) VALUES ",
         );
-        let mut tags: Vec<(&str, &str, i64)> = Vec::new();
+        let mut tags: Vec<TagRow<'_>> = Vec::new();
         let mut revisions = Vec::with_capacity(records.len());
         let mut published = Vec::with_capacity(records.len());
         sql.push_values(records, |v, record| {
@@ -415,7 +415,12 @@ impl Store {
             v.bind(record.id());
             push_columns(v, &c);
             v.bind(created_at).bind(created_at).bind(0_i64).bind(1_i64).bind(document(record));
-            tags.extend(record.tags().iter().map(|t| (t.as_str(), record.id(), created_at)));
+            tags.extend(record.tags().iter().map(|t| TagRow {
+                tag: t,
+                record_id: record.id(),
+                created_at,
+                stage: c.stage,
+            }));
             revisions.push(NewRevision {
                 record_id: record.id().to_string(),
                 version: 1,
@@ -498,7 +503,8 @@ impl Store {
             let rows: Vec<(String, Key)> = new_keys.into_iter().map(|k| (id.to_string(), k)).collect();
             self.insert_key_rows::<R>(edit.tx(), &rows).await?;
         }
-        if old.columns().company_id != new.columns().company_id {
+        let (was, c) = (old.columns(), new.columns());
+        if was.company_id != c.company_id {
             self.check_references(edit.tx(), &new, scope).await?;
         }
         let (old_tags, new_tags) = (old.tags(), new.tags());
@@ -507,10 +513,15 @@ impl Store {
             sql.bind(id);
             sql.query().execute(&mut **edit.tx()).await?;
             let created_at = old.meta().created_at;
-            let rows: Vec<(&str, &str, i64)> = new_tags.iter().map(|t| (t.as_str(), id, created_at)).collect();
+            let rows: Vec<TagRow<'_>> =
+                new_tags.iter().map(|t| TagRow { tag: t, record_id: id, created_at, stage: c.stage }).collect();
             insert_tags(edit.tx(), R::KIND, &rows).await?;
+        } else if was.stage != c.stage && !new_tags.is_empty() {
+            // The tags' entries carry the stage their listings walk by.
+            let mut sql = Sql::new("UPDATE tags SET record_stage = ");
+            sql.bind(c.stage).push(" WHERE record_id = ").bind(id);
+            sql.query().execute(&mut **edit.tx()).await?;
         }
-        let c = new.columns();
         let mut assignments = Sql::new("display_name = ");
         assignments.bind(c.display_name.as_str()).push(", owner_id = ").bind(c.owner_id.as_str());
         assignments.push(", stage = ").bind(c.stage).push(", source = ").bind(c.source.as_str());
@@ -574,14 +585,22 @@ impl Store {
     }
 }
 
-/// Inserts (tag, record id, record's creation time) rows of records of one kind in one
-/// statement per 1,000.
-async fn insert_tags(tx: &mut Tx, kind: Kind, rows: &[(&str, &str, i64)]) -> Result<(), ApiError> {
+/// A record's tag, with what listings walk its entries by: the record's creation time and stage.
+struct TagRow<'a> {
+    tag: &'a str,
+    record_id: &'a str,
+    created_at: i64,
+    stage: i64,
+}
+
+/// Inserts tag entries of records of one kind in one statement per 1,000.
+async fn insert_tags(tx: &mut Tx, kind: Kind, rows: &[TagRow<'_>]) -> Result<(), ApiError> {
     let record_type = kind.record_type() as i64;
     for chunk in rows.chunks(1000) {
-        let mut sql = Sql::new("INSERT INTO tags (tag, record_id, record_created_at, record_type) VALUES ");
-        sql.push_values(chunk, |v, (tag, record_id, created_at)| {
-            v.bind(*tag).bind(*record_id).bind(*created_at).bind(record_type);
+        let mut sql =
+            Sql::new("INSERT INTO tags (tag, record_id, record_created_at, record_type, record_stage) VALUES ");
+        sql.push_values(chunk, |v, row| {
+            v.bind(row.tag).bind(row.record_id).bind(row.created_at).bind(record_type).bind(row.stage);
         });
         sql.query().execute(&mut **tx).await?;
     }

@@ -85,6 +85,7 @@ crm_kit::both_backends!(env =>
     bad_input_lists_field_violations,
     filters_and_search,
     walks_binding_nothing_else_are_kept,
+    tag_walks_follow_the_stage,
     pagination_is_stable_under_concurrent_inserts,
     create_is_idempotent_by_request_id,
     request_ids_are_scoped_to_the_caller,
