@@ -89,11 +89,6 @@ pub async fn filters_and_search(env: Env) {
     assert_eq!(companies.companies.len(), 1);
 }
 
-/// A listing newest first by a tag, or of one owner's records in any order, that binds no other
-/// value is prepared once and kept (its values, the tag or the owner and a page's key, say where
-/// an index walk starts, never which index); another bound value beside it, or a scope of
-/// several owners, has it planned with its values each run. On PostgreSQL a kept statement's
-/// runs settle on one generic plan; pages through it come whole and in order.
 /// A listing of one stage and one tag walks the tag's entries at that stage (they carry their
 /// record's stage), and they follow every change of stage or tags: a record that becomes a
 /// customer is listed, one that stops being one, or loses the tag, is not, and companies keep
@@ -126,16 +121,7 @@ pub async fn tag_walks_follow_the_stage(env: Env) {
     let listed = |filter: &'static str| async move {
         let mut names = Vec::new();
         for order_by in ["", "create_time asc"] {
-            let mut token = String::new();
-            let mut these = Vec::new();
-            loop {
-                let page = list_people(api, filter, "", order_by, 1, &token).await.unwrap();
-                these.extend(page.people.into_iter().map(|p| p.full_name));
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                token = page.next_page_token;
-            }
+            let mut these = all_names(api, filter, "", order_by, 1).await;
             these.sort();
             names.push(these);
         }
@@ -187,6 +173,11 @@ pub async fn tag_walks_follow_the_stage(env: Env) {
     assert!(plan.contains("tags_kind_stage_created"), "{plan}");
 }
 
+/// A listing newest first by a tag, or of one owner's records in any order, that binds no other
+/// value is prepared once and kept (its values, the tag or the owner and a page's key, say where
+/// an index walk starts, never which index); another bound value beside it, or a scope of
+/// several owners, has it planned with its values each run. On PostgreSQL a kept statement's
+/// runs settle on one generic plan; pages through it come whole and in order.
 pub async fn walks_binding_nothing_else_are_kept(env: Env) {
     let api = &env.api;
     for (i, (name, stage, region)) in [
@@ -212,16 +203,7 @@ pub async fn walks_binding_nothing_else_are_kept(env: Env) {
         (&owner_filter, "full_name desc", &["Dan", "Cat", "Ben", "Ann"]),
         (&owner_filter, "last_activity_time", &["Ann", "Ben", "Cat", "Dan"]),
     ] {
-        let mut names = Vec::new();
-        let mut token = String::new();
-        loop {
-            let page = list_people(api, filter, "", order_by, 1, &token).await.unwrap();
-            names.extend(page.people.into_iter().map(|p| p.full_name));
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            token = page.next_page_token;
-        }
+        let names = all_names(api, filter, "", order_by, 1).await;
         assert_eq!(names, expected, "{filter} by {order_by:?}");
     }
 
@@ -364,17 +346,7 @@ pub async fn listings_do_not_depend_on_the_window(env: Env) {
             ("do_not_contact = true", "", "full_name desc"),
             ("do_not_contact = true", "", "update_time"),
         ] {
-            let mut names = Vec::new();
-            let mut token = String::new();
-            loop {
-                let page = list_people(&api, filter, query, order, 4, &token).await.unwrap();
-                names.extend(page.people.into_iter().map(|p| p.full_name));
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                token = page.next_page_token;
-            }
-            results.push(names);
+            results.push(all_names(&api, filter, query, order, 4).await);
         }
         by_window.push(results);
     }

@@ -153,6 +153,20 @@ pub async fn list_people(
     .map(|r| r.into_inner())
 }
 
+/// The names on every page of a listing, `size` at a time, in the order listed.
+pub async fn all_names(api: &ContactsApi, filter: &str, query: &str, order_by: &str, size: i32) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = list_people(api, filter, query, order_by, size, &token).await.unwrap();
+        names.extend(page.people.into_iter().map(|p| p.full_name));
+        if page.next_page_token.is_empty() {
+            return names;
+        }
+        token = page.next_page_token;
+    }
+}
+
 pub fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
     Some(prost_types::FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() })
 }
