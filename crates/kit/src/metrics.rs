@@ -250,7 +250,7 @@ pub struct Metrics {
     pub rate_limited: Family<RateLimitLabels, Counter>,
     /// Calls whose rate limit this gateway replica decided alone because Redis was unreachable.
     pub rate_limit_fallback: Counter,
-    pools: Mutex<Vec<(String, sqlx::AnyPool)>>,
+    pools: Mutex<Vec<(String, crate::db::Pool)>>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -324,8 +324,8 @@ pub fn register(name: &str, help: &str, unit: Option<Unit>, metric: impl Metric)
 }
 
 /// Reports a database pool's connections on `/metrics`.
-pub fn register_pool(name: &str, pool: sqlx::AnyPool) {
-    let max = i64::from(pool.options().get_max_connections());
+pub fn register_pool(name: &str, pool: crate::db::Pool) {
+    let max = i64::from(pool.max_connections());
     let labels = PoolNameLabels { db_client_connection_pool_name: name.to_string() };
     METRICS.db_connections_max.get_or_create(&labels).set(max);
     METRICS.pools.lock().expect("pools lock").push((name.to_string(), pool));

@@ -19,7 +19,7 @@ pub struct Chosen {
 /// The template of `event_type` on `channel` for a user of `locale`, read through `conn`.
 pub async fn choose(
     store: &Store,
-    conn: &mut sqlx::AnyConnection,
+    conn: &mut crm_kit::db::Conn,
     event_type: &str,
     channel: Channel,
     locale: &str,

@@ -16,9 +16,9 @@
 //! );
 //! ```
 
-use sqlx::{AnyPool, Row};
+use sqlx::Row;
 
-use super::{Sql, Tx};
+use super::{Pool, Sql, Tx};
 use crate::error::ApiError;
 
 /// Longest `request_id` accepted.
@@ -67,7 +67,7 @@ pub async fn claim(
 /// created, rather than a refusal of times that were valid when it was first sent. An empty
 /// `request_id` names nothing.
 pub async fn earlier(
-    pool: &AnyPool,
+    pool: &Pool,
     caller: &str,
     request_id: &str,
     record_type: i64,

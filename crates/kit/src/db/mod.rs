@@ -1,6 +1,8 @@
-//! Storage: one sqlx `Any` pool per service over PostgreSQL (cluster) or SQLite (embedded),
-//! per-dialect migrations, and the pieces every store is built from:
+//! Storage: one pool of sqlx `Any` connections per service over PostgreSQL (cluster) or SQLite
+//! (embedded), per-dialect migrations, and the pieces every store is built from:
 //!
+//! - [`Pool`], [`Conn`] and [`Tx`]: kit's pool (sqlx's pings every connection that comes back,
+//!   this one only those left mid-statement; see [`pool`]);
 //! - [`Sql`]: statements assembled from code fragments, every value a bound parameter;
 //! - [`Edit`]: a versioned change of one row (lock, etag check, next version, `ABORTED` on a
 //!   race, the "still referenced" guard);
@@ -11,28 +13,22 @@
 
 mod edit;
 pub mod idempotency;
+pub mod pool;
 mod sql;
 
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use sqlx::any::AnyPoolOptions;
 use sqlx::migrate::Migrator;
-use sqlx::{Any, AnyPool, ConnectOptions, Connection, Executor, Transaction};
+use sqlx::{AnyConnection, ConnectOptions, Connection, Executor};
 
 pub use edit::Edit;
+pub use pool::{Conn, Pool, Tx};
 pub use sql::{Bind, Sql, Values};
 
 use crate::error::ApiError;
 use crate::server::ReadyCheck;
-
-/// A write transaction of either backend.
-pub type Tx = Transaction<'static, Any>;
-
-/// How long a connection may sit idle in the pool and still be handed out without a ping.
-const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -112,7 +108,7 @@ pub fn is_unique_violation(err: &sqlx::Error) -> bool {
 /// A service's database.
 #[derive(Clone, Debug)]
 pub struct Db {
-    pool: AnyPool,
+    pool: Pool,
     backend: Backend,
 }
 
@@ -136,56 +132,11 @@ impl Db {
             Backend::Postgres => url.to_string(),
             Backend::Sqlite => prepare_sqlite(url).await?,
         };
-        let mut options =
-            AnyPoolOptions::new().max_connections(max_connections.max(1)).acquire_timeout(Duration::from_secs(10));
-        options = match backend {
-            Backend::Sqlite => options.after_connect(|conn, _| {
-                Box::pin(async move {
-                    conn.execute("PRAGMA synchronous = NORMAL").await?;
-                    conn.execute("PRAGMA foreign_keys = ON").await?;
-                    conn.execute("PRAGMA busy_timeout = 10000").await?;
-                    Ok(())
-                })
-            }),
-            // PostgreSQL's stock random_page_cost (4) prices an index walk in another order than
-            // the table's as if it read spinning disks; with the data cached or on SSD it picks
-            // a scan of the newest rows with a filter over a walk of the filter's own index (a
-            // stage+tag first page at 1M people: 47 ms instead of 6.5 ms). The stock
-            // max_parallel_workers_per_gather (2) starts workers for a page of 50 whenever the
-            // whole listing would cost much: 11 ms of starting them for 2 ms of work. Unless the
-            // server or the connection URL set them otherwise, each connection uses the SSD value
-            // and no parallel workers.
-            Backend::Postgres => options.after_connect(|conn, _| {
-                Box::pin(async move {
-                    conn.execute(
-                        "DO $$ BEGIN IF current_setting('random_page_cost')::float8 = 4 THEN \
-                         SET random_page_cost = 1.1; END IF; \
-                         IF current_setting('max_parallel_workers_per_gather')::int = 2 THEN \
-                         SET max_parallel_workers_per_gather = 0; END IF; END $$",
-                    )
-                    .await?;
-                    Ok(())
-                })
-            }),
-        };
-        // By default sqlx pings an idle connection before handing it out, besides the ping it
-        // makes when a connection comes back: a round trip to the database on every
-        // acquisition, on the caller's path (without it, Get straight to contacts at 1 in flight
-        // went from p50 0.46 to 0.41 ms). A connection back for less than IDLE_BEFORE_PING passed
-        // its return ping that recently; only one idle for longer is pinged again before use.
-        let options = options.test_before_acquire(false).before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for > IDLE_BEFORE_PING {
-                    conn.ping().await?;
-                }
-                Ok(true)
-            })
-        });
-        let pool = options.connect(&url).await.map_err(DbError::Connect)?;
+        let pool = Pool::connect(&url, backend, max_connections).await.map_err(DbError::Connect)?;
         Ok(Db { pool, backend })
     }
 
-    pub fn pool(&self) -> &AnyPool {
+    pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
@@ -202,7 +153,10 @@ impl Db {
                 Backend::Postgres => &set.postgres,
                 Backend::Sqlite => &set.sqlite,
             };
-            migrator.run(&self.pool).await?;
+            let mut conn = self.pool.acquire().await.map_err(DbError::Connect)?;
+            // `run` over a connection's `Acquire` trips the compiler's check of higher-ranked
+            // lifetimes in a `Send` future; `run_direct` is what it calls.
+            migrator.run_direct(None, conn.raw(), false).await?;
         }
         Ok(())
     }
@@ -210,24 +164,25 @@ impl Db {
     /// A transaction for writing. On SQLite it takes the write lock up front (`BEGIN
     /// IMMEDIATE`) so that concurrent writers queue instead of failing to upgrade a read lock.
     pub async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
-        match self.backend {
-            Backend::Postgres => self.pool.begin().await,
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-        }
+        let begin = match self.backend {
+            Backend::Postgres => "BEGIN",
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+        };
+        Tx::begin(self.pool.acquire().await?, begin).await
     }
 
     /// A read-only transaction for statements that add up a large part of a table (a report
     /// over a million rows): on PostgreSQL with the server's parallel workers, which the pool's
-    /// connections otherwise go without ([`Db::open`]) — a funnel over 930,000 deals takes
-    /// about half the time with two workers. The setting ends with the transaction.
+    /// connections otherwise go without ([`prepare_connection`]) — a funnel over 930,000 deals
+    /// takes about half the time with two workers. The setting ends with the transaction.
     pub async fn begin_aggregate(&self) -> Result<Tx, sqlx::Error> {
         match self.backend {
             Backend::Postgres => {
-                let mut tx = self.pool.begin_with("BEGIN READ ONLY").await?;
+                let mut tx = Tx::begin(self.pool.acquire().await?, "BEGIN READ ONLY").await?;
                 sqlx::query("SET LOCAL max_parallel_workers_per_gather TO DEFAULT").execute(&mut *tx).await?;
                 Ok(tx)
             }
-            Backend::Sqlite => self.pool.begin().await,
+            Backend::Sqlite => Tx::begin(self.pool.acquire().await?, "BEGIN").await,
         }
     }
 
@@ -273,6 +228,35 @@ impl Db {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// The settings of each new connection.
+async fn prepare_connection(backend: Backend, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    match backend {
+        Backend::Sqlite => {
+            conn.execute("PRAGMA synchronous = NORMAL").await?;
+            conn.execute("PRAGMA foreign_keys = ON").await?;
+            conn.execute("PRAGMA busy_timeout = 10000").await?;
+        }
+        // PostgreSQL's stock random_page_cost (4) prices an index walk in another order than
+        // the table's as if it read spinning disks; with the data cached or on SSD it picks a
+        // scan of the newest rows with a filter over a walk of the filter's own index (a
+        // stage+tag first page at 1M people: 47 ms instead of 6.5 ms). The stock
+        // max_parallel_workers_per_gather (2) starts workers for a page of 50 whenever the whole
+        // listing would cost much: 11 ms of starting them for 2 ms of work. Unless the server or
+        // the connection URL set them otherwise, each connection uses the SSD value and no
+        // parallel workers.
+        Backend::Postgres => {
+            conn.execute(
+                "DO $$ BEGIN IF current_setting('random_page_cost')::float8 = 4 THEN \
+                 SET random_page_cost = 1.1; END IF; \
+                 IF current_setting('max_parallel_workers_per_gather')::int = 2 THEN \
+                 SET max_parallel_workers_per_gather = 0; END IF; END $$",
+            )
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 async fn prepare_sqlite(url: &str) -> Result<String, DbError> {

@@ -2,13 +2,13 @@
 //! written in the same transaction as what it records.
 
 use crm_kit::ApiError;
-use crm_kit::db::Sql;
+use crm_kit::db::{Conn, Sql};
 use crm_kit::filter::{Field, FieldKind, Filter};
 use crm_kit::page::{Order, Page};
 use crm_kit::time::{now_micros, to_timestamp};
 use crm_proto::auth::v1::SecurityEvent;
+use sqlx::Row;
 use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
 
 use super::Store;
 
@@ -63,7 +63,7 @@ fn event_of(row: &AnyRow) -> Result<SecurityEvent, ApiError> {
 }
 
 /// Writes `event` in the transaction (or on the connection) of what it records.
-pub(super) async fn insert_event(conn: &mut AnyConnection, event: &Event) -> Result<(), ApiError> {
+pub(super) async fn insert_event(conn: &mut Conn, event: &Event) -> Result<(), ApiError> {
     let mut sql = Sql::new("INSERT INTO security_events (");
     sql.push(EVENT_COLUMNS).push(") VALUES ");
     sql.push_values([event], |v, e| {

@@ -4,9 +4,9 @@
 use std::collections::BTreeSet;
 
 use crm_kit::ApiError;
-use crm_kit::db::Sql;
+use crm_kit::db::{Conn, Sql};
 use crm_proto::auth::v1::DataScope;
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use super::Store;
 use crate::domain;
@@ -35,7 +35,7 @@ pub(super) fn permissions_json(permissions: &[String]) -> String {
 }
 
 pub(super) async fn load_subject(
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     id: &str,
     service_account: bool,
 ) -> Result<Option<Subject>, ApiError> {

@@ -19,9 +19,9 @@ mod users;
 use std::collections::HashMap;
 
 use crm_kit::ApiError;
-use crm_kit::db::{Db, DbError, Migrations, Sql, Tx};
+use crm_kit::db::{Conn, Db, DbError, Migrations, Sql, Tx};
 use crm_kit::events::Outbox;
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 pub use departments::{DEPARTMENT_FIELDS, DEPARTMENT_ORDER};
 pub use events::{Actor, EVENT_FIELDS, EVENT_ORDER, Event};
@@ -86,7 +86,7 @@ fn etag(version: i64) -> String {
 
 /// Role ids per owner from a link table (`user_roles` or `service_account_roles`).
 async fn role_links(
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     table: &str,
     owner_column: &str,
     owners: &[String],

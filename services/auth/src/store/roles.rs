@@ -2,13 +2,13 @@
 //! role somebody holds cannot be deleted.
 
 use crm_kit::ApiError;
-use crm_kit::db::{Edit, Sql, Tx};
+use crm_kit::db::{Conn, Edit, Sql, Tx};
 use crm_kit::page::{Order, Page};
 use crm_kit::time::{now_micros, to_timestamp};
 use crm_proto::auth::v1::Role;
 use crm_proto::auth::v1::{Change, RoleChanged};
+use sqlx::Row;
 use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
 
 use super::events::insert_event;
 use super::identities::{permissions_json, permissions_of};
@@ -76,7 +76,7 @@ impl Store {
     }
 
     /// Role names by id, for audit details.
-    pub(super) async fn role_names(&self, conn: &mut AnyConnection, ids: &[String]) -> Result<Vec<String>, ApiError> {
+    pub(super) async fn role_names(&self, conn: &mut Conn, ids: &[String]) -> Result<Vec<String>, ApiError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }

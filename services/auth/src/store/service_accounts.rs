@@ -69,7 +69,7 @@ impl Store {
         let mut sql = Sql::new("SELECT id, name, client_id, created_at FROM service_accounts WHERE 1=1");
         page.push_keyset(&mut sql, &SERVICE_ACCOUNT_ORDER);
         let mut conn = self.db().pool().acquire().await?;
-        let rows = sql.query().fetch_all(&mut *conn).await?;
+        let rows = sql.query().fetch_all(&mut conn).await?;
         let (mut accounts, next) = page.finish(&rows, &SERVICE_ACCOUNT_ORDER, Self::service_account_of)?;
         let ids: Vec<String> = accounts.iter().map(|a| a.id.clone()).collect();
         let mut roles = role_links(&mut conn, "service_account_roles", "account_id", &ids).await?;

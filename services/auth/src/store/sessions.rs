@@ -2,10 +2,10 @@
 //! tokens, each good for one exchange; a token presented twice revokes its family.
 
 use crm_kit::ApiError;
-use crm_kit::db::Sql;
+use crm_kit::db::{Conn, Sql};
 use crm_kit::time::now_micros;
 use crm_proto::auth::v1::{PasswordChanged, UserLockedOut};
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use super::events::insert_event;
 use super::identities::{Subject, load_subject};
@@ -53,7 +53,7 @@ pub enum Exchange {
 /// The sealed successor of the used token `presented` and its expiry, when the token was
 /// exchanged within `grace` and the successor is unused, unexpired and not revoked.
 async fn successor_within(
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     presented: &[u8],
     grace: std::time::Duration,
     now: i64,
@@ -86,7 +86,7 @@ pub struct LockPolicy {
 }
 
 async fn insert_refresh_token(
-    conn: &mut AnyConnection,
+    conn: &mut Conn,
     token: &NewRefreshToken,
     family_id: &str,
     user_id: &str,
@@ -101,13 +101,13 @@ async fn insert_refresh_token(
 }
 
 /// Revokes every refresh-token family of a user still alive.
-pub(super) async fn revoke_user_sessions(conn: &mut AnyConnection, user_id: &str, now: i64) -> Result<u64, ApiError> {
+pub(super) async fn revoke_user_sessions(conn: &mut Conn, user_id: &str, now: i64) -> Result<u64, ApiError> {
     let mut sql = Sql::new("UPDATE refresh_families SET revoked_at = ");
     sql.bind(now).push(" WHERE user_id = ").bind(user_id).push(" AND revoked_at = 0");
     Ok(sql.query().execute(conn).await?.rows_affected())
 }
 
-async fn revoke_family(conn: &mut AnyConnection, family_id: &str, now: i64) -> Result<(), ApiError> {
+async fn revoke_family(conn: &mut Conn, family_id: &str, now: i64) -> Result<(), ApiError> {
     let mut sql = Sql::new("UPDATE refresh_families SET revoked_at = ");
     sql.bind(now).push(" WHERE id = ").bind(family_id).push(" AND revoked_at = 0");
     sql.query().execute(conn).await?;

@@ -3,10 +3,10 @@
 
 use crm_kit::ApiError;
 use crm_kit::auth::SigningKey;
-use crm_kit::db::Sql;
+use crm_kit::db::{Conn, Sql};
 use crm_kit::time::now_micros;
 use crm_proto::auth::v1::Jwk;
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use super::events::insert_event;
 use super::{Event, SIGNING_KEYS, Store};
@@ -71,7 +71,7 @@ impl Store {
     }
 }
 
-async fn current_key(conn: &mut AnyConnection) -> Result<Option<SigningKey>, ApiError> {
+async fn current_key(conn: &mut Conn) -> Result<Option<SigningKey>, ApiError> {
     let row =
         Sql::new("SELECT kid, pkcs8 FROM signing_keys WHERE retired_at = 0 ORDER BY created_at DESC, kid DESC LIMIT 1")
             .query()
@@ -83,7 +83,7 @@ async fn current_key(conn: &mut AnyConnection) -> Result<Option<SigningKey>, Api
     SigningKey::from_pkcs8(kid, &pkcs8).map(Some).map_err(ApiError::Internal)
 }
 
-async fn insert_key(conn: &mut AnyConnection, key: &SigningKey, now: i64) -> Result<(), ApiError> {
+async fn insert_key(conn: &mut Conn, key: &SigningKey, now: i64) -> Result<(), ApiError> {
     let mut sql = Sql::new("INSERT INTO signing_keys (kid, pkcs8, public_x, created_at) VALUES (");
     sql.bind(key.kid()).push(", ").bind(key.pkcs8().to_vec()).push(", ").bind(key.jwk().x).push(", ").bind(now);
     sql.push(")");

@@ -2,14 +2,14 @@
 //! user revokes their sign-ins at once.
 
 use crm_kit::ApiError;
-use crm_kit::db::{Edit, Sql, Tx};
+use crm_kit::db::{Conn, Edit, Sql, Tx};
 use crm_kit::filter::{Field, FieldKind, Filter};
 use crm_kit::page::{Order, Page};
 use crm_kit::time::{now_micros, to_timestamp};
 use crm_proto::auth::v1::User;
 use crm_proto::auth::v1::{UserCreated, UserDeactivated, UserUpdated};
+use sqlx::Row;
 use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
 
 use super::events::insert_event;
 use super::sessions::revoke_user_sessions;
@@ -65,7 +65,7 @@ fn duplicate_email(email: &str, holder: Option<String>) -> ApiError {
 }
 
 /// The user's role ids, as stored.
-async fn with_roles(conn: &mut AnyConnection, mut user: User) -> Result<User, ApiError> {
+async fn with_roles(conn: &mut Conn, mut user: User) -> Result<User, ApiError> {
     user.role_ids = role_links(conn, "user_roles", "user_id", std::slice::from_ref(&user.id))
         .await?
         .remove(&user.id)
@@ -149,7 +149,7 @@ impl Store {
         let mut conn = self.db().pool().acquire().await?;
         let row = select(id)
             .query()
-            .fetch_optional(&mut *conn)
+            .fetch_optional(&mut conn)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("user {id} not found")))?;
         with_roles(&mut conn, user_of(&row)?).await
@@ -163,7 +163,7 @@ impl Store {
         let mut sql = Sql::new("SELECT ");
         sql.push(USER_COLUMNS).push(" FROM users WHERE ").push_in("id", ids.iter().map(String::as_str));
         let mut conn = self.db().pool().acquire().await?;
-        let rows = sql.query().fetch_all(&mut *conn).await?;
+        let rows = sql.query().fetch_all(&mut conn).await?;
         let mut found = rows.iter().map(user_of).collect::<Result<Vec<User>, _>>()?;
         let found_ids: Vec<String> = found.iter().map(|u| u.id.clone()).collect();
         let mut roles = role_links(&mut conn, "user_roles", "user_id", &found_ids).await?;
@@ -188,7 +188,7 @@ impl Store {
         }
         page.push_keyset(&mut sql, &USER_ORDER);
         let mut conn = self.db().pool().acquire().await?;
-        let rows = sql.query().fetch_all(&mut *conn).await?;
+        let rows = sql.query().fetch_all(&mut conn).await?;
         let (mut users, next) = page.finish(&rows, &USER_ORDER, user_of)?;
         let ids: Vec<String> = users.iter().map(|u| u.id.clone()).collect();
         let mut roles = role_links(&mut conn, "user_roles", "user_id", &ids).await?;

@@ -5,8 +5,8 @@
 use std::collections::BTreeSet;
 
 use crm_kit::ApiError;
-use crm_kit::db::{Sql, Tx};
-use sqlx::{AnyConnection, Row};
+use crm_kit::db::{Conn, Sql, Tx};
+use sqlx::Row;
 
 use super::{Store, table};
 use crate::domain::{Key, Kind, Record};
@@ -79,12 +79,7 @@ impl Store {
         self.find_duplicates_in(&mut conn, kind, keys).await
     }
 
-    async fn find_duplicates_in(
-        &self,
-        conn: &mut AnyConnection,
-        kind: Kind,
-        keys: &[Key],
-    ) -> Result<Vec<Duplicate>, ApiError> {
+    async fn find_duplicates_in(&self, conn: &mut Conn, kind: Kind, keys: &[Key]) -> Result<Vec<Duplicate>, ApiError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }

@@ -415,11 +415,11 @@ impl Store {
     async fn kept_runs(&self, statement: &Statement) -> Result<KeptRuns, ApiError> {
         let mut conn = self.db().pool().acquire().await?;
         for _ in 0..KEPT_RUNS {
-            statement.query().fetch_all(&mut *conn).await?;
+            statement.query().fetch_all(&mut conn).await?;
         }
         let mut sql = Sql::new("SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = ");
         sql.bind(statement.sql.text());
-        let row = sql.query_unprepared().fetch_optional(&mut *conn).await?;
+        let row = sql.query_unprepared().fetch_optional(&mut conn).await?;
         let row = row.ok_or_else(|| ApiError::Internal("a kept statement is not prepared on its connection".into()))?;
         Ok(KeptRuns { generic: row.try_get("generic_plans")?, custom: row.try_get("custom_plans")? })
     }

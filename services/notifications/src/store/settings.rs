@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 
 use crm_kit::ApiError;
-use crm_kit::db::Sql;
+use crm_kit::db::{Conn, Sql};
 use crm_kit::time::now_micros;
-use sqlx::{AnyConnection, Row};
+use sqlx::Row;
 
 use super::Store;
 
@@ -57,7 +57,7 @@ impl Store {
     /// [`Store::event_type_settings`], read through `conn` (a transaction's, say).
     pub async fn event_type_settings_in(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
     ) -> Result<HashMap<String, EventTypeSettings>, ApiError> {
         let rows = Sql::new("SELECT name, default_channels, mandatory_in_app, enabled FROM event_types")
             .query()
@@ -79,7 +79,7 @@ impl Store {
 
     /// The language and choices of each of `users`, read through `conn` (two statements per
     /// 500 users).
-    pub async fn prefs_of(&self, conn: &mut AnyConnection, users: &[&str]) -> Result<HashMap<String, Prefs>, ApiError> {
+    pub async fn prefs_of(&self, conn: &mut Conn, users: &[&str]) -> Result<HashMap<String, Prefs>, ApiError> {
         let mut out: HashMap<String, Prefs> = HashMap::new();
         for chunk in users.chunks(500) {
             let mut sql = Sql::new("SELECT user_id, locale FROM user_settings WHERE ");
@@ -100,7 +100,7 @@ impl Store {
     /// The administrators' templates of `event_types` on `channel`, read through `conn`.
     pub async fn templates_of(
         &self,
-        conn: &mut AnyConnection,
+        conn: &mut Conn,
         event_types: &[&str],
         channel: i32,
     ) -> Result<Vec<StoredTemplate>, ApiError> {
