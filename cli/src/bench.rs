@@ -98,7 +98,8 @@ enum Op {
     /// The same as REST/JSON (`GET /v1/people/{id}`, through the gateway's transcoder), one
     /// HTTP/1.1 keep-alive connection per call in flight. Gateway only.
     GetRest,
-    /// ListPeople filtered by stage and a tag, first page of 50.
+    /// ListPeople filtered by stage and a tag, first page of 50 (or as `--filter`, `--order-by`
+    /// and `--page` say).
     List,
     /// ListPeople filtered by one owner, first page of 50.
     ListOwner,
@@ -139,6 +140,34 @@ struct RunArgs {
     /// That user's password (environment only, so that it never shows in a process list).
     #[arg(skip = std::env::var("CRM_BENCH_PASSWORD").unwrap_or_default())]
     password: String,
+    /// With `--op list`: the listing's filter instead of a stage and a random tag (the syntax of
+    /// the README's Filters; "" lists everyone). `{owner}` becomes a random owner of the people
+    /// sampled and `{tag}` a random seeded tag, anew for each call.
+    #[arg(long)]
+    filter: Option<String>,
+    /// With `--op list`: the listing's order (`create_time asc`, `full_name desc`…).
+    #[arg(long, default_value = "")]
+    order_by: String,
+    /// With `--op list`: the page measured, of 50. The pages before it are walked once before
+    /// the measurement, and every call asks for this one with its page token (a filter without
+    /// `{owner}` or `{tag}`).
+    #[arg(long, default_value_t = 1)]
+    page: u32,
+}
+
+/// The calls one measurement makes: `op`, as `listing` says for a listing.
+struct Work {
+    op: Op,
+    listing: Option<Listing>,
+}
+
+/// A listing asked for by `--filter`, `--order-by` and `--page`.
+#[derive(Debug, Clone, Default)]
+struct Listing {
+    filter: String,
+    order_by: String,
+    /// The token of the page measured (empty: the first).
+    page_token: String,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -423,6 +452,7 @@ struct Plan {
     ids: Vec<String>,
     owners: Vec<String>,
     phones: Vec<String>,
+    listing: Option<Listing>,
 }
 
 enum Call {
@@ -443,7 +473,20 @@ impl Plan {
             Op::Get | Op::GetRest => {
                 Call::Get(GetPersonRequest { id: self.ids.choose(&mut rng).cloned().unwrap_or_default() })
             }
-            Op::List => list(format!("stage = CUSTOMER AND tags:{}", pick(&mut rng, TAGS)), String::new()),
+            Op::List => match &self.listing {
+                Some(listing) => {
+                    let owner = self.owners.choose(&mut rng).map(String::as_str).unwrap_or_default();
+                    let filter = listing.filter.replace("{owner}", owner).replace("{tag}", pick(&mut rng, TAGS));
+                    Call::List(ListPeopleRequest {
+                        page_size: 50,
+                        filter,
+                        order_by: listing.order_by.clone(),
+                        page_token: listing.page_token.clone(),
+                        ..Default::default()
+                    })
+                }
+                None => list(format!("stage = CUSTOMER AND tags:{}", pick(&mut rng, TAGS)), String::new()),
+            },
             Op::ListOwner => {
                 let owner = self.owners.choose(&mut rng).cloned().unwrap_or_default();
                 list(format!("owner_id = \"{owner}\""), String::new())
@@ -598,6 +641,33 @@ async fn prepare(channel: Channel, sign_in_at: &str, email: &str, password: &str
     Ok(Prepared { bearer, authorization, ids, owners, phones })
 }
 
+/// The token of page `page` of `listing`, walking the pages before it once.
+async fn page_token(channel: &Channel, prepared: &Prepared, listing: &Listing, page: u32) -> anyhow::Result<String> {
+    if listing.filter.contains("{owner}") || listing.filter.contains("{tag}") {
+        bail!("--page needs a filter without {{owner}} or {{tag}}: each call asks for the same page");
+    }
+    let mut client = ContactsServiceClient::with_interceptor(channel.clone(), prepared.bearer.clone());
+    let mut token = String::new();
+    for walked in 1..page {
+        let response = client
+            .list_people(ListPeopleRequest {
+                page_size: 50,
+                filter: listing.filter.clone(),
+                order_by: listing.order_by.clone(),
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("listing page {walked}: {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        if response.next_page_token.is_empty() {
+            bail!("the listing has {walked} page(s) of 50, not {page}");
+        }
+        token = response.next_page_token;
+    }
+    Ok(token)
+}
+
 /// What one measurement came to.
 struct Measured {
     hist: Histogram<u64>,
@@ -621,7 +691,7 @@ async fn load(
     target: &str,
     channels: &[Channel],
     prepared: &Prepared,
-    op: Op,
+    Work { op, listing }: Work,
     concurrency: usize,
     warmup: Duration,
     seconds: u64,
@@ -631,6 +701,7 @@ async fn load(
         ids: prepared.ids.clone(),
         owners: prepared.owners.clone(),
         phones: prepared.phones.clone(),
+        listing,
     });
     let measure_for = Duration::from_secs(seconds.max(1));
     let start = Instant::now();
@@ -686,13 +757,40 @@ async fn measure(args: RunArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 || args.connections == 0 {
         bail!("--concurrency and --connections must be at least 1");
     }
+    let asks_listing = args.filter.is_some() || !args.order_by.is_empty() || args.page != 1;
+    if asks_listing && args.op != Op::List {
+        bail!("--filter, --order-by and --page are for --op list");
+    }
+    if args.page == 0 {
+        bail!("--page counts from 1");
+    }
+    let mut listing = asks_listing.then(|| Listing {
+        filter: args.filter.clone().unwrap_or_else(|| "stage = CUSTOMER AND tags:{tag}".into()),
+        order_by: args.order_by.clone(),
+        page_token: String::new(),
+    });
     let channels = connect(&args.target, args.connections).await?;
     let sign_in_at = args.sign_in_at.clone().unwrap_or_else(|| args.target.clone());
     let prepared = prepare(channels[0].clone(), &sign_in_at, &args.email, &args.password).await?;
-    let m = load(&args.target, &channels, &prepared, args.op, args.concurrency, Duration::from_secs(2), args.seconds)
-        .await?;
+    if let Some(listing) = listing.as_mut().filter(|_| args.page > 1) {
+        listing.page_token = page_token(&channels[0], &prepared, listing, args.page).await?;
+    }
+    let described = match &listing {
+        Some(l) => format!(" filter={:?} order_by={:?} page={}", l.filter, l.order_by, args.page),
+        None => String::new(),
+    };
+    let m = load(
+        &args.target,
+        &channels,
+        &prepared,
+        Work { op: args.op, listing },
+        args.concurrency,
+        Duration::from_secs(2),
+        args.seconds,
+    )
+    .await?;
     println!(
-        "op={:?} target={} concurrency={} connections={} duration={:.0}s\n\
+        "op={:?}{described} target={} concurrency={} connections={} duration={:.0}s\n\
          calls={} errors={} throughput={:.0}/s\n\
          latency ms: p50={:.2} p90={:.2} p99={:.2} p99.9={:.2} max={:.2}",
         args.op,
@@ -763,12 +861,15 @@ async fn suite(args: SuiteArgs) -> anyhow::Result<()> {
     let warmup = Duration::from_secs(1);
     for &op in &args.ops {
         for &concurrency in &args.concurrency {
-            let through = load(&args.gateway, &gateway, &prepared, op, concurrency, warmup, args.seconds).await?;
+            let through =
+                load(&args.gateway, &gateway, &prepared, Work { op, listing: None }, concurrency, warmup, args.seconds)
+                    .await?;
             // REST is the gateway's: a service answers gRPC only.
             let straight = match (&direct, &args.direct) {
-                (Some(channels), Some(addr)) if op != Op::GetRest => {
-                    Some(load(addr, channels, &prepared, op, concurrency, warmup, args.seconds).await?)
-                }
+                (Some(channels), Some(addr)) if op != Op::GetRest => Some(
+                    load(addr, channels, &prepared, Work { op, listing: None }, concurrency, warmup, args.seconds)
+                        .await?,
+                ),
                 _ => None,
             };
             let name = op.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();

@@ -609,6 +609,7 @@ async fn one_process_serves_every_role() {
     let mut args = vec!["serve".to_string()];
     args.extend(SUITE.names().into_iter().map(String::from));
     let mut front = None;
+    let mut contacts_db = String::new();
     for role in SUITE.roles() {
         let spec = role.spec();
         let addr = free_addr();
@@ -616,6 +617,9 @@ async fn one_process_serves_every_role() {
         if role.migrations().is_some() {
             let db = crm_kit::testing::TestDb::postgres().await;
             args.extend([format!("--{}-database-url", spec.name), db.url().to_string()]);
+            if spec.name == "contacts" {
+                contacts_db = db.url().to_string();
+            }
             dbs.push(db);
         }
         if spec.is_front() {
@@ -629,7 +633,52 @@ async fn one_process_serves_every_role() {
         process.wait_serving(gateway, service).await;
     }
     exercise_contacts(gateway, &admin_token(gateway).await).await;
+    bench_lists_a_later_page(gateway, &contacts_db).await;
     assert!(process.terminate(Duration::from_secs(15)), "{}", process.output());
+}
+
+/// `crm` with `args` (the administrator's password in `CRM_BENCH_PASSWORD`): whether it
+/// succeeded, and its output.
+async fn crm_bench(args: &[&str]) -> (bool, String) {
+    let output = tokio::process::Command::new(crm_bin())
+        .args(args)
+        .env("CRM_BENCH_PASSWORD", ADMIN_PASSWORD)
+        .env("CRM_BENCH_EMAIL", ADMIN_EMAIL)
+        .output()
+        .await
+        .expect("run crm");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+/// `crm bench run --op list` with a filter, an order and a page of the user's: the pages before
+/// it are walked once and every call asks for that page; one past the end, or a page with a
+/// filter that changes per call, is refused with what is wrong.
+async fn bench_lists_a_later_page(gateway: SocketAddr, contacts_db: &str) {
+    let (ok, out) =
+        crm_bench(&["bench", "seed", "--database-url", contacts_db, "--people", "120", "--companies", "3"]).await;
+    assert!(ok, "{out}");
+    let gateway = gateway.to_string();
+    let run = |extra: &'static [&'static str]| {
+        let mut args = vec!["bench", "run", "--target", gateway.as_str(), "--op", "list", "--concurrency", "2"];
+        args.extend(["--seconds", "1"]);
+        args.extend(extra);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let call = |args: Vec<String>| async move { crm_bench(&args.iter().map(String::as_str).collect::<Vec<_>>()).await };
+
+    let (ok, out) = call(run(&["--filter", "", "--order-by", "full_name desc", "--page", "3"])).await;
+    assert!(ok, "{out}");
+    assert!(out.contains("filter=\"\" order_by=\"full_name desc\" page=3"), "{out}");
+    assert!(out.contains(" errors=0 "), "{out}");
+    assert!(!out.contains("calls=0 "), "{out}");
+
+    let (ok, out) = call(run(&["--filter", "", "--page", "4"])).await;
+    assert!(!ok && out.contains("the listing has 3 page(s) of 50, not 4"), "{out}");
+    let (ok, out) = call(run(&["--filter", "owner_id = \"{owner}\"", "--page", "2"])).await;
+    assert!(!ok && out.contains("--page needs a filter without {owner} or {tag}"), "{out}");
+    let (ok, out) = call(run(&["--filter", "stage = NOTASTAGE"])).await;
+    assert!(ok && out.contains("first error: InvalidArgument"), "{out}");
 }
 
 /// Rolling restarts under load: each contacts replica in turn gets SIGTERM (reports

@@ -342,7 +342,7 @@ pub async fn listings_do_not_depend_on_the_window(env: Env) {
             ("tags:vip", "", ""),
             ("stage = CUSTOMER AND tags:vip", "", "create_time asc"),
             ("tags:vip", "", "full_name"),
-            // Found through their own index (in creation order) and sorted, on every page.
+            // Walked through an index of theirs in the listing's order, on every page.
             ("do_not_contact = true", "", "full_name desc"),
             ("do_not_contact = true", "", "update_time"),
         ] {
@@ -375,6 +375,23 @@ pub async fn listings_do_not_depend_on_the_window(env: Env) {
     assert_eq!(by_window[0][12], oldest_updated_first);
     assert_eq!(by_window[0], by_window[1]);
     assert_eq!(by_window[0], by_window[2]);
+    // The few records marked do-not-contact have an index of their own for each order.
+    for (order, index) in [
+        ("full_name desc", "people_do_not_contact_name"),
+        ("update_time", "people_do_not_contact_updated"),
+        ("last_activity_time desc", "people_do_not_contact_activity"),
+    ] {
+        let request = ListRequest {
+            filter: "do_not_contact = true".into(),
+            order_by: order.into(),
+            page_size: 4,
+            ..Default::default()
+        };
+        let q = ListQuery::parse(Kind::Person, &request, &rules(), OwnerScope::All).unwrap();
+        let explained = env.store.explain::<Person>(&q).await.unwrap();
+        let plan = explained.iter().flat_map(|e| e.plan.iter()).cloned().collect::<Vec<_>>().join("\n");
+        assert!(plan.contains(index), "{order}: {plan}");
+    }
 }
 
 pub async fn phones_are_found_however_they_are_typed(env: Env) {
