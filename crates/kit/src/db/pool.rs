@@ -449,15 +449,7 @@ impl<'c> Executor<'c> for &'c mut Conn {
     {
         let (raw, health) = self.parts();
         *health = Health::Busy;
-        let fetched = raw.fetch_optional(query);
-        Box::pin(async move {
-            let row = fetched.await;
-            *health = match &row {
-                Ok(_) => Health::Ready,
-                Err(err) => Health::after(err),
-            };
-            row
-        })
+        tracked(health, raw.fetch_optional(query))
     }
 
     fn prepare_with<'e>(self, sql: SqlStr, parameters: &'e [AnyTypeInfo]) -> BoxFuture<'e, Result<AnyStatement, Error>>
@@ -466,15 +458,7 @@ impl<'c> Executor<'c> for &'c mut Conn {
     {
         let (raw, health) = self.parts();
         *health = Health::Busy;
-        let prepared = raw.prepare_with(sql, parameters);
-        Box::pin(async move {
-            let statement = prepared.await;
-            *health = match &statement {
-                Ok(_) => Health::Ready,
-                Err(err) => Health::after(err),
-            };
-            statement
-        })
+        tracked(health, raw.prepare_with(sql, parameters))
     }
 
     fn describe<'e>(self, sql: SqlStr) -> BoxFuture<'e, Result<sqlx::Describe<Any>, Error>>
@@ -483,16 +467,23 @@ impl<'c> Executor<'c> for &'c mut Conn {
     {
         let (raw, health) = self.parts();
         *health = Health::Busy;
-        let described = raw.describe(sql);
-        Box::pin(async move {
-            let description = described.await;
-            *health = match &description {
-                Ok(_) => Health::Ready,
-                Err(err) => Health::after(err),
-            };
-            description
-        })
+        tracked(health, raw.describe(sql))
     }
+}
+
+/// `statement`, recording on `health` how it ended once it has.
+fn tracked<'e, T: Send + 'e>(
+    health: &'e mut Health,
+    statement: BoxFuture<'e, Result<T, Error>>,
+) -> BoxFuture<'e, Result<T, Error>> {
+    Box::pin(async move {
+        let result = statement.await;
+        *health = match &result {
+            Ok(_) => Health::Ready,
+            Err(err) => Health::after(err),
+        };
+        result
+    })
 }
 
 /// A statement run on the pool takes a connection for itself and gives it back when done. A
