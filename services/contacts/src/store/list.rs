@@ -175,7 +175,8 @@ fn tag_order(order: &Order) -> Order {
 enum Chooser {
     /// One owner's records (their indexes come in every sort order), or one record.
     InEveryOrder,
-    /// One company's records, or those marked do-not-contact: indexes in creation order.
+    /// One company's records (their index is in creation order), or those marked
+    /// do-not-contact (few, with a small index of their own in each order since migration 0011).
     InCreationOrder,
 }
 
@@ -205,9 +206,11 @@ fn one_owners(q: &ListQuery) -> bool {
     chooser(q.filter.as_ref(), &q.scope) == Some(Chooser::InEveryOrder)
 }
 
-/// Whether a [`selective`] filter chooses the rows through an index in another order than the
-/// sort's (one company's records, or those marked do-not-contact, by name): its rows are found
-/// there and sorted, on every page.
+/// Whether a [`selective`] filter's rows are found apart from the sort's index over the whole
+/// table (one company's records by name: through the company's index in creation order, and
+/// sorted on every page; those marked do-not-contact: through their own small index in that
+/// order). On SQLite a later page's key is then written so that it is not taken as a bound of the
+/// sort's whole index, which SQLite would walk from there.
 fn chosen_apart_from_the_sort(q: &ListQuery) -> bool {
     q.order.column != "created_at" && chooser(q.filter.as_ref(), &q.scope) == Some(Chooser::InCreationOrder)
 }
