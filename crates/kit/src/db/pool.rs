@@ -82,6 +82,13 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// Whether it has rested for [`IDLE_TIMEOUT`] or lived for [`MAX_LIFETIME`]: to be closed.
+    fn stale(&self) -> bool {
+        self.since.elapsed() >= IDLE_TIMEOUT || self.created.elapsed() >= MAX_LIFETIME
+    }
+}
+
 impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pool")
@@ -131,7 +138,7 @@ impl Pool {
         let mut permit = Some(permit);
         loop {
             let Some(idle) = shared.idle.lock().expect("pool lock").pop_back() else { break };
-            if idle.created.elapsed() >= MAX_LIFETIME || idle.since.elapsed() >= IDLE_TIMEOUT {
+            if idle.stale() {
                 shared.close_later(idle.raw);
                 continue;
             }
@@ -302,8 +309,7 @@ async fn sweep(shared: Weak<Shared>) {
         }
         let stale: VecDeque<Idle> = {
             let mut idle = shared.idle.lock().expect("pool lock");
-            let (keep, stale): (VecDeque<Idle>, VecDeque<Idle>) =
-                idle.drain(..).partition(|i| i.since.elapsed() < IDLE_TIMEOUT && i.created.elapsed() < MAX_LIFETIME);
+            let (stale, keep): (VecDeque<Idle>, VecDeque<Idle>) = idle.drain(..).partition(Idle::stale);
             *idle = keep;
             stale
         };
@@ -378,7 +384,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         let Some(raw) = self.raw.take() else { return };
         let permit = self.permit.take();
-        let shared = self.shared.clone();
+        let shared = &self.shared;
         if self.health == Health::Broken {
             shared.forget(raw);
             return;
@@ -398,6 +404,7 @@ impl Drop for Conn {
         let (created, roll_back) = (self.created, self.in_transaction);
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
+                let shared = shared.clone();
                 runtime.spawn(async move {
                     shared.recover(raw, created, roll_back).await;
                     drop(permit);
