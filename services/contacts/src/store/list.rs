@@ -164,10 +164,18 @@ impl ListQuery {
     }
 }
 
-/// A creation order as the tags' index holds it: the same keys (a record's creation time and
-/// id), so that the rows' own `created_at` and `id` make the page token either way.
-fn tag_order(order: &Order) -> Order {
-    Order { column: "record_created_at", tie: "record_id", ..*order }
+/// A record order as a tag's entries hold it: the same keys (a record's creation, update or last
+/// activity time, or name, and id), kept with the record, so that the rows' own keys make the
+/// page token either way. Every order of [`sort_order`] has one.
+fn tag_order(order: &Order) -> Option<Order> {
+    let column = match order.column {
+        "created_at" => "record_created_at",
+        "updated_at" => "record_updated_at",
+        "last_activity_at" => "record_activity_at",
+        "display_name" => "record_name",
+        _ => return None,
+    };
+    Some(Order { column, tie: "record_id", ..*order })
 }
 
 /// How a filter (within a scope) picks few records through an index of its own.
@@ -215,16 +223,17 @@ fn chosen_apart_from_the_sort(q: &ListQuery) -> bool {
     q.order.column != "created_at" && chooser(q.filter.as_ref(), &q.scope) == Some(Chooser::InCreationOrder)
 }
 
-/// The tag a listing newest or oldest first walks the records of, in that order, through the
-/// tags' own index: a tag the filter requires, for a caller who sees every record, when nothing
-/// is searched and nothing more [`selective`] chooses the rows. Walking the records' order and
-/// probing each one's tags instead depends on where the tag's records lie: the newest
-/// thousands of records untagged made a first page of 50 walk 52,000 rows. Within a data scope
-/// of some owners, their records are found through the owners' own indexes (walking everyone's
+/// The tag a listing walks the records of, in its order, through the tags' own index for that
+/// order: a tag the filter requires, for a caller who sees every record, when nothing is searched
+/// and nothing more [`selective`] chooses the rows. Walking the records' order and probing each
+/// one's tags instead depends on where the tag's records lie: the newest thousands of records
+/// untagged made a first page of 50 newest first walk 52,000 rows, and a tag one record in nine
+/// carries costs about 450 probes a page by name, update or last activity. Within a data scope of
+/// some owners, their records are found through the owners' own indexes (walking everyone's
 /// tagged records for one salesperson took 30 ms, and for a head of ten PostgreSQL hashed them
 /// all: 160 ms).
 fn driving_tag(q: &ListQuery) -> Option<&str> {
-    if q.order.column != "created_at" || !q.terms.is_empty() || !matches!(q.scope, OwnerScope::All) {
+    if !q.terms.is_empty() || !matches!(q.scope, OwnerScope::All) || tag_order(&q.order).is_none() {
         return None;
     }
     let filter = q.filter.as_ref().filter(|f| !selective(f, &q.scope))?;
@@ -431,8 +440,8 @@ impl Store {
     /// outside) applies only to the first `window.rows` rows in sort order within the scope
     /// after the cursor.
     fn select(&self, kind: Kind, q: &ListQuery, window: Option<Window>) -> Statement {
-        if let Some(tag) = driving_tag(q) {
-            return self.select_by_tag(kind, q, tag);
+        if let Some((tag, order)) = driving_tag(q).zip(tag_order(&q.order)) {
+            return self.select_by_tag(kind, q, tag, &order);
         }
         let mut sql = Sql::new("SELECT ");
         sql.push(if window.is_some() { "*" } else { COLUMNS });
@@ -451,7 +460,7 @@ impl Store {
         if window.is_none() && self.db().backend() == Backend::Sqlite && chosen_apart_from_the_sort(q) {
             q.page.push_after_unbounded(&mut sql, &q.order);
         } else {
-            q.page.push_after(&mut sql, &q.order);
+            self.push_walk_after(&mut sql, q, &q.order, owners_walk);
         }
         q.page.push_order(&mut sql, &q.order);
         let Some(window) = window else {
@@ -470,21 +479,21 @@ impl Store {
         Statement::new(outer, false)
     }
 
-    /// A listing in creation order that requires `tag`: the tag's entries in that order (each
-    /// holds its record's creation time), each joined to its record, until the page is full.
-    /// When the rest of the filter binds no value (`stage = CUSTOMER AND tags:vip`), the
-    /// statement's values are the tag and the page's key: the plan is [`Planning::Kept`]. A
-    /// bound value (a region, an owner, a time, another tag) may be rare enough that another
-    /// plan wins, so then it is planned with its values each run.
-    fn select_by_tag(&self, kind: Kind, q: &ListQuery, tag: &str) -> Statement {
-        let order = tag_order(&q.order);
+    /// A listing that requires `tag`: the tag's entries in the listing's order (each holds its
+    /// record's keys), each joined to its record, until the page is full. When the rest of the
+    /// filter binds no value (`stage = CUSTOMER AND tags:vip`), the statement's values are the
+    /// tag and the page's key: the plan is [`Planning::Kept`]. A bound value (a region, an
+    /// owner, a time, another tag) may be rare enough that another plan wins, so then it is
+    /// planned with its values each run.
+    fn select_by_tag(&self, kind: Kind, q: &ListQuery, tag: &str, order: &Order) -> Statement {
         let mut sql = Sql::new("SELECT ");
         sql.push(COLUMNS).push(" FROM tags t JOIN ").push(table(kind));
         sql.push(" r ON r.id = t.record_id WHERE t.record_type = ").literal(kind.record_type() as i64);
         sql.push(" AND t.tag = ").bind(tag);
-        // A stage the filter requires is on the tag's entries as well, so that the walk reads
-        // that stage's entries only rather than each entry's record (about 280 for a page of 50
-        // customers at 1M people). The filter's own condition on the record stays.
+        // A stage the filter requires is on the tag's entries as well, last in each order's
+        // index, so that the walk passes over other stages' entries within the index rather than
+        // read each entry's record (about 280 for a page of 50 customers at 1M people). The
+        // filter's own condition on the record stays.
         let stage = q.filter.as_ref().and_then(|f| f.pins().find(|(field, _)| *field == STAGE.name));
         if let Some(stage) = stage.and_then(|(_, value)| STAGE.kind.enum_number(value)) {
             sql.push(" AND t.record_stage = ").literal(stage);
@@ -498,8 +507,21 @@ impl Store {
         }
         q.scope.push_condition(&mut sql, self.db().backend(), "owner_id");
         let tags_walk = sql.bind_count() == only_the_tag;
-        q.page.push_keyset(&mut sql, &order);
+        self.push_walk_after(&mut sql, q, order, tags_walk);
+        q.page.push_order(&mut sql, order);
+        q.page.push_limit(&mut sql);
         Statement::new(sql, tags_walk)
+    }
+
+    /// The rows after the previous page; for a walk kept prepared on PostgreSQL, with the
+    /// page's key out of the planner's sight, so that later pages settle on the kept plan too
+    /// ([`Page::push_after_unplanned`]).
+    fn push_walk_after(&self, sql: &mut Sql, q: &ListQuery, order: &Order, kept: bool) {
+        if kept && self.db().backend() == Backend::Postgres {
+            q.page.push_after_unplanned(sql, order);
+        } else {
+            q.page.push_after(sql, order);
+        }
     }
 
     /// Every term must match, text terms in `search_text` and phone terms in `phone_digits`:

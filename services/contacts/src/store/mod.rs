@@ -236,6 +236,11 @@ impl Store {
             sql.push(", last_activity_summary = ").bind(activity.summary.as_str());
             sql.push(" WHERE id = ").bind(activity.id.as_str()).push(" AND last_activity_at < ").bind(activity.at);
             sql.query().execute(&mut **tx).await?;
+            // The record's tag entries carry the time their listings by last activity walk by.
+            let mut sql = Sql::new("UPDATE tags SET record_activity_at = ");
+            sql.bind(activity.at).push(" WHERE record_id = ").bind(activity.id.as_str());
+            sql.push(" AND record_activity_at < ").bind(activity.at);
+            sql.query().execute(&mut **tx).await?;
         }
         Ok(())
     }
@@ -419,6 +424,9 @@ impl Store {
                 tag: t,
                 record_id: record.id(),
                 created_at,
+                updated_at: created_at,
+                activity_at: 0,
+                name: c.display_name.clone(),
                 stage: c.stage,
             }));
             revisions.push(NewRevision {
@@ -507,19 +515,34 @@ impl Store {
         if was.company_id != c.company_id {
             self.check_references(edit.tx(), &new, scope).await?;
         }
+        // The record's tag entries carry the keys their listings walk by, the update time among
+        // them: every change rewrites them.
         let (old_tags, new_tags) = (old.tags(), new.tags());
         if old_tags != new_tags {
             let mut sql = Sql::new("DELETE FROM tags WHERE record_id = ");
             sql.bind(id);
             sql.query().execute(&mut **edit.tx()).await?;
-            let created_at = old.meta().created_at;
-            let rows: Vec<TagRow<'_>> =
-                new_tags.iter().map(|t| TagRow { tag: t, record_id: id, created_at, stage: c.stage }).collect();
+            let meta = old.meta();
+            let rows: Vec<TagRow<'_>> = new_tags
+                .iter()
+                .map(|t| TagRow {
+                    tag: t,
+                    record_id: id,
+                    created_at: meta.created_at,
+                    updated_at: now,
+                    activity_at: meta.last_activity_at,
+                    name: c.display_name.clone(),
+                    stage: c.stage,
+                })
+                .collect();
             insert_tags(edit.tx(), R::KIND, &rows).await?;
-        } else if was.stage != c.stage && !new_tags.is_empty() {
-            // The tags' entries carry the stage their listings walk by.
-            let mut sql = Sql::new("UPDATE tags SET record_stage = ");
-            sql.bind(c.stage).push(" WHERE record_id = ").bind(id);
+        } else if !new_tags.is_empty() {
+            let mut sql = Sql::new("UPDATE tags SET record_updated_at = ");
+            sql.bind(now).push(", record_stage = ").bind(c.stage);
+            if was.display_name != c.display_name {
+                sql.push(", record_name = ").bind(c.display_name.as_str());
+            }
+            sql.push(" WHERE record_id = ").bind(id);
             sql.query().execute(&mut **edit.tx()).await?;
         }
         let mut assignments = Sql::new("display_name = ");
@@ -585,11 +608,15 @@ impl Store {
     }
 }
 
-/// A record's tag, with what listings walk its entries by: the record's creation time and stage.
+/// A record's tag, with what listings walk its entries by: each key the record is sorted by
+/// (creation, update and last activity time, name) and its stage.
 struct TagRow<'a> {
     tag: &'a str,
     record_id: &'a str,
     created_at: i64,
+    updated_at: i64,
+    activity_at: i64,
+    name: String,
     stage: i64,
 }
 
@@ -597,10 +624,13 @@ struct TagRow<'a> {
 async fn insert_tags(tx: &mut Tx, kind: Kind, rows: &[TagRow<'_>]) -> Result<(), ApiError> {
     let record_type = kind.record_type() as i64;
     for chunk in rows.chunks(1000) {
-        let mut sql =
-            Sql::new("INSERT INTO tags (tag, record_id, record_created_at, record_type, record_stage) VALUES ");
+        let mut sql = Sql::new(
+            "INSERT INTO tags (tag, record_id, record_type, record_created_at, record_updated_at, \
+             record_activity_at, record_name, record_stage) VALUES ",
+        );
         sql.push_values(chunk, |v, row| {
-            v.bind(row.tag).bind(row.record_id).bind(row.created_at).bind(record_type).bind(row.stage);
+            v.bind(row.tag).bind(row.record_id).bind(record_type).bind(row.created_at).bind(row.updated_at);
+            v.bind(row.activity_at).bind(row.name.as_str()).bind(row.stage);
         });
         sql.query().execute(&mut **tx).await?;
     }

@@ -86,6 +86,8 @@ crm_kit::both_backends!(env =>
     filters_and_search,
     walks_binding_nothing_else_are_kept,
     tag_walks_follow_the_stage,
+    tag_walks_follow_every_order,
+    later_pages_of_kept_walks_settle_on_one_plan,
     pagination_is_stable_under_concurrent_inserts,
     create_is_idempotent_by_request_id,
     request_ids_are_scoped_to_the_caller,
