@@ -170,6 +170,13 @@ struct Listing {
     page_token: String,
 }
 
+impl Listing {
+    /// A page of 50 of this listing, with `filter` (its own, or with `{owner}` and `{tag}` drawn).
+    fn request(&self, filter: String, page_token: String) -> ListPeopleRequest {
+        ListPeopleRequest { page_size: 50, filter, order_by: self.order_by.clone(), page_token, ..Default::default() }
+    }
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Seed(a) => seed(a).await,
@@ -477,13 +484,7 @@ impl Plan {
                 Some(listing) => {
                     let owner = self.owners.choose(&mut rng).map(String::as_str).unwrap_or_default();
                     let filter = listing.filter.replace("{owner}", owner).replace("{tag}", pick(&mut rng, TAGS));
-                    Call::List(ListPeopleRequest {
-                        page_size: 50,
-                        filter,
-                        order_by: listing.order_by.clone(),
-                        page_token: listing.page_token.clone(),
-                        ..Default::default()
-                    })
+                    Call::List(listing.request(filter, listing.page_token.clone()))
                 }
                 None => list(format!("stage = CUSTOMER AND tags:{}", pick(&mut rng, TAGS)), String::new()),
             },
@@ -650,13 +651,7 @@ async fn page_token(channel: &Channel, prepared: &Prepared, listing: &Listing, p
     let mut token = String::new();
     for walked in 1..page {
         let response = client
-            .list_people(ListPeopleRequest {
-                page_size: 50,
-                filter: listing.filter.clone(),
-                order_by: listing.order_by.clone(),
-                page_token: token,
-                ..Default::default()
-            })
+            .list_people(listing.request(listing.filter.clone(), token))
             .await
             .map_err(|s| anyhow::anyhow!("listing page {walked}: {:?}: {}", s.code(), s.message()))?
             .into_inner();

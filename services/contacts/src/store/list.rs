@@ -223,8 +223,8 @@ fn chosen_apart_from_the_sort(q: &ListQuery) -> bool {
     q.order.column != "created_at" && chooser(q.filter.as_ref(), &q.scope) == Some(Chooser::InCreationOrder)
 }
 
-/// The tag a listing walks the records of, in its order, through the tags' own index for that
-/// order: a tag the filter requires, for a caller who sees every record, when nothing is searched
+/// The tag a listing walks the records of, in its order (as the tag's entries hold it), through
+/// the tags' own index for that order: a tag the filter requires, for a caller who sees every record, when nothing is searched
 /// and nothing more [`selective`] chooses the rows. Walking the records' order and probing each
 /// one's tags instead depends on where the tag's records lie: the newest thousands of records
 /// untagged made a first page of 50 newest first walk 52,000 rows, and a tag one record in nine
@@ -232,12 +232,13 @@ fn chosen_apart_from_the_sort(q: &ListQuery) -> bool {
 /// some owners, their records are found through the owners' own indexes (walking everyone's
 /// tagged records for one salesperson took 30 ms, and for a head of ten PostgreSQL hashed them
 /// all: 160 ms).
-fn driving_tag(q: &ListQuery) -> Option<&str> {
-    if !q.terms.is_empty() || !matches!(q.scope, OwnerScope::All) || tag_order(&q.order).is_none() {
+fn driving_tag(q: &ListQuery) -> Option<(&str, Order)> {
+    if !q.terms.is_empty() || !matches!(q.scope, OwnerScope::All) {
         return None;
     }
+    let order = tag_order(&q.order)?;
     let filter = q.filter.as_ref().filter(|f| !selective(f, &q.scope))?;
-    filter.pins().find(|(field, _)| *field == "tags").map(|(_, tag)| tag.as_str())
+    filter.pins().find(|(field, _)| *field == "tags").map(|(_, tag)| (tag.as_str(), order))
 }
 
 /// The first rows in sort order a listing looks through (see [`Store::window`]).
@@ -440,7 +441,7 @@ impl Store {
     /// outside) applies only to the first `window.rows` rows in sort order within the scope
     /// after the cursor.
     fn select(&self, kind: Kind, q: &ListQuery, window: Option<Window>) -> Statement {
-        if let Some((tag, order)) = driving_tag(q).zip(tag_order(&q.order)) {
+        if let Some((tag, order)) = driving_tag(q) {
             return self.select_by_tag(kind, q, tag, &order);
         }
         let mut sql = Sql::new("SELECT ");
@@ -496,7 +497,8 @@ impl Store {
         q.scope.push_condition(&mut record, self.db().backend(), "owner_id");
         let tags_walk = record.bind_count() == 0;
         let mut sql = Sql::new("SELECT ");
-        if tags_walk && self.db().backend() == Backend::Postgres {
+        // The conditions left for the statement's own WHERE: none when the lookup holds them.
+        let record_in_where = if tags_walk && self.db().backend() == Backend::Postgres {
             // Each entry's record looked up by itself, which PostgreSQL cannot turn into another
             // join: it estimates a join of the tags to the records from the distinct record ids
             // of all the tags, so for companies (10,000 beside 1M people) it expected 19 of the
@@ -504,10 +506,11 @@ impl Store {
             // company to hash them (6–12 ms; the walk takes 0.5).
             sql.push("r.* FROM tags t CROSS JOIN LATERAL (SELECT ").push(COLUMNS).push(" FROM ");
             sql.push(table(kind)).push(" r WHERE r.id = t.record_id").push_sql(record).push(" OFFSET 0) r");
-            record = Sql::new("");
+            None
         } else {
             sql.push(COLUMNS).push(" FROM tags t JOIN ").push(table(kind)).push(" r ON r.id = t.record_id");
-        }
+            Some(record)
+        };
         sql.push(" WHERE t.record_type = ").literal(kind.record_type() as i64);
         sql.push(" AND t.tag = ").bind(tag);
         // A stage the filter requires is on the tag's entries as well, last in each order's
@@ -518,7 +521,9 @@ impl Store {
         if let Some(stage) = stage.and_then(|(_, value)| STAGE.kind.enum_number(value)) {
             sql.push(" AND t.record_stage = ").literal(stage);
         }
-        sql.push_sql(record);
+        if let Some(record) = record_in_where {
+            sql.push_sql(record);
+        }
         self.push_walk_after(&mut sql, q, order, tags_walk);
         q.page.push_order(&mut sql, order);
         q.page.push_limit(&mut sql);
